@@ -1,0 +1,17 @@
+"""kromhc_vision: hyper-connections (HC, mHC, mHC-lite, KromHC) for timm vision models."""
+from .backend import BACKENDS
+from .connections import (
+    CONNECTIONS,
+    HC,
+    MHC,
+    HyperConnection,
+    KromHC,
+    MHCLite,
+    ResidualConnection,
+    build_connection,
+    connection_num_params,
+)
+from .residual_maps import stochasticity_error
+from .streams import expand_streams, reduce_streams
+
+__version__ = "0.1.0"

@@ -1,0 +1,66 @@
+"""Choosing between the Triton kernels and the PyTorch reference for the stream-mixing steps.
+
+``KROMHC_BACKEND`` (or the ``backend`` argument of connections and models) is one of
+``auto`` (Triton on CUDA tensors, PyTorch elsewhere), ``triton`` or ``torch``. With
+``TRITON_INTERPRET=1`` and ``triton`` the kernels run on CPU in Triton's interpreter.
+"""
+import os
+
+import torch
+
+from .mixing import stream_post_reference, stream_pre_reference
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def resolve_backend(backend=None) -> str:
+    """The backend name in force: the argument, else ``$KROMHC_BACKEND``, else ``auto``."""
+    name = backend if backend is not None else os.environ.get("KROMHC_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid choices: {', '.join(BACKENDS)}")
+    return name
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unavailable_reason(device: torch.device):
+    """Why Triton cannot run on ``device``, or None when it can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "the 'triton' package is not installed"
+    if device.type == "cuda" or triton_interpreted():
+        return None
+    return f"tensors are on {device.type!r}; Triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU"
+
+
+def use_triton(backend: str, device: torch.device) -> bool:
+    """Whether the given (resolved) backend runs the Triton kernels for tensors on ``device``."""
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return device.type == "cuda" and triton_unavailable_reason(device) is None
+    reason = triton_unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"backend 'triton' was requested but cannot run: {reason}. Use backend 'auto' or 'torch'.")
+    return True
+
+
+def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float, backend: str):
+    """Dispatch of :func:`kromhc_vision.mixing.stream_pre_reference`."""
+    if use_triton(backend, X.device):
+        from .kernels import stream_pre as stream_pre_triton
+
+        return stream_pre_triton(X, norm_weight, proj_weight, scale, bias, eps)
+    return stream_pre_reference(X, norm_weight, proj_weight, scale, bias, eps)
+
+
+def stream_post(X, y, h_res, h_post, backend: str):
+    """Dispatch of :func:`kromhc_vision.mixing.stream_post_reference`."""
+    if use_triton(backend, X.device):
+        from .kernels import stream_post as stream_post_triton
+
+        return stream_post_triton(X, y, h_res, h_post)
+    return stream_post_reference(X, y, h_res, h_post)

@@ -1,0 +1,278 @@
+"""Hyper-connections: one branch ``F`` wrapped so that n residual streams are mixed by learned matrices.
+
+For a stream state ``X (..., n, C)`` every connection computes::
+
+    u = H_pre X,   y = F(u),   X_next = H_res X + H_post^T y
+
+with per-token coefficients from ``X`` (see :mod:`kromhc_vision.mixing`). The variants differ only
+in ``Phi``, the map from the residual logits ``a_res (..., m)`` to ``H_res (..., n, n)``.
+"""
+import math
+
+import torch
+from torch import nn
+
+from .backend import resolve_backend, stream_post, stream_pre
+from .permutations import check_permutation_size, kronecker_factors, permutation_matrices
+from .residual_maps import birkhoff, kronecker, sinkhorn_log, stochasticity_error
+
+INITS = ("published", "identity")
+# Off-identity logit of the published init: H_res starts close to the identity.
+OFF_IDENTITY_LOGIT = -8.0
+
+
+class ResidualConnection(nn.Module):
+    """The baseline ``x + F(x)`` in stream layout, with a single stream: ``X (..., 1, C)``."""
+
+    variant = "residual"
+
+    def __init__(self, num_streams: int = 1, dim: int = 0, layer_index: int = 0, init: str = "published", backend=None):
+        super().__init__()
+        if num_streams != 1:
+            raise ValueError(f"the 'residual' connection carries exactly 1 stream, got num_streams={num_streams}")
+        self.num_streams = 1
+        self.dim = dim
+
+    @staticmethod
+    def num_res_logits(num_streams: int) -> int:
+        return 0
+
+    @classmethod
+    def count_params(cls, num_streams: int, dim: int) -> int:
+        return 0
+
+    def coefficients(self, X):
+        ones = X.new_ones(X.shape[:-1], dtype=torch.float32)
+        return ones, ones, ones.unsqueeze(-1)
+
+    def forward(self, X, branch):
+        return X + branch(X.squeeze(-2)).unsqueeze(-2).to(X.dtype)
+
+
+class HyperConnection(nn.Module):
+    """Base of the n-stream variants. Subclasses define ``num_res_logits``, ``res_bias`` and ``res_matrix``.
+
+    Parameters: ``norm_weight (n*C)`` (RMSNorm gain), ``proj_weight (n*C, 2n+m)`` (``[W_pre|W_post|W_res]``,
+    zero at init), ``scale (3)`` (``s_pre, s_post, s_res``, 0.01 at init), ``bias (2n+m)``.
+
+    ``init='published'``: ``b_pre``, ``b_post`` are +1 on stream ``layer_index mod n`` and -1 elsewhere.
+    ``init='identity'``: ``H_pre = 1/n``, ``H_post = 1``, ``H_res ~ I``, so that a network of these
+    computes what its residual counterpart computes (upcycling of pretrained residual weights).
+    """
+
+    variant = None
+
+    def __init__(self, num_streams: int, dim: int, layer_index: int = 0, init: str = "published", eps: float = 1e-6, backend=None):
+        super().__init__()
+        if num_streams < 2:
+            raise ValueError(f"'{self.variant}' needs num_streams >= 2, got {num_streams}; use 'residual' for one stream")
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; valid choices: {', '.join(INITS)}")
+        self.num_streams, self.dim, self.layer_index, self.init, self.eps = num_streams, dim, layer_index, init, eps
+        self.backend = resolve_backend(backend)
+        n, m = num_streams, self.num_res_logits(num_streams)
+        self.norm_weight = nn.Parameter(torch.empty(n * dim))
+        self.proj_weight = nn.Parameter(torch.empty(n * dim, 2 * n + m))
+        self.scale = nn.Parameter(torch.empty(3))
+        self.bias = nn.Parameter(torch.empty(2 * n + m))
+        self.register_buffer("scale_index", torch.tensor([0] * n + [1] * n + [2] * m), persistent=False)
+        self.reset_parameters()
+
+    @staticmethod
+    def num_res_logits(num_streams: int) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def count_params(cls, num_streams: int, dim: int) -> int:
+        """Parameters of one connection: ``nC + nC(2n+m) + 3 + (2n+m)``."""
+        k = 2 * num_streams + cls.num_res_logits(num_streams)
+        return num_streams * dim * (1 + k) + 3 + k
+
+    def res_bias(self) -> torch.Tensor:
+        """Initial ``b_res``, favouring ``H_res = I``."""
+        raise NotImplementedError
+
+    def res_matrix(self, a_res: torch.Tensor) -> torch.Tensor:
+        """``Phi``: ``(..., m) -> (..., n, n)``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        n = self.num_streams
+        self.norm_weight.fill_(1.0)
+        self.proj_weight.zero_()
+        self.scale.fill_(0.01)
+        if self.init == "identity":
+            pre = torch.full((n,), -math.log(n - 1))  # sigmoid(-log(n-1)) = 1/n
+            post = torch.zeros(n)  # 2 sigmoid(0) = 1
+        else:
+            pre = torch.full((n,), -1.0)
+            pre[self.layer_index % n] = 1.0
+            post = pre.clone()
+        self.bias.copy_(torch.cat([pre, post, self.res_bias()]))
+
+    def _pre(self, X):
+        self._check_input(X)
+        scale = self.scale[self.scale_index]
+        return stream_pre(X, self.norm_weight, self.proj_weight, scale, self.bias, self.eps, self.backend)
+
+    def coefficients(self, X):
+        """``X (..., n, C)`` -> ``H_pre (..., n)``, ``H_post (..., n)``, ``H_res (..., n, n)``, float32."""
+        _, h_pre, h_post, a_res = self._pre(X)
+        return h_pre, h_post, self.res_matrix(a_res)
+
+    def stochasticity_error(self, X) -> torch.Tensor:
+        """Largest deviation of any row or column sum of ``H_res`` from 1 over the tokens of ``X``."""
+        return stochasticity_error(self.coefficients(X)[2])
+
+    def forward(self, X, branch):
+        """``X (..., n, C)`` and ``branch: (..., C) -> (..., C)`` -> ``X_next (..., n, C)``."""
+        u, _, h_post, a_res = self._pre(X)
+        y = branch(u)
+        return stream_post(X, y, self.res_matrix(a_res), h_post, self.backend)
+
+    def _check_input(self, X):
+        if X.shape[-2:] != (self.num_streams, self.dim):
+            raise ValueError(
+                f"{type(self).__name__} expects streams of shape (..., {self.num_streams}, {self.dim}), got {tuple(X.shape)}"
+            )
+
+    def extra_repr(self) -> str:
+        return f"num_streams={self.num_streams}, dim={self.dim}, layer_index={self.layer_index}, init={self.init!r}"
+
+
+class HC(HyperConnection):
+    """Hyper-Connections (Zhu et al. 2024): ``H_res = reshape(a_res, n, n)``, unconstrained."""
+
+    variant = "hc"
+
+    @staticmethod
+    def num_res_logits(num_streams: int) -> int:
+        return num_streams * num_streams
+
+    def res_bias(self):
+        return torch.eye(self.num_streams).flatten()
+
+    def res_matrix(self, a_res):
+        return a_res.unflatten(-1, (self.num_streams, self.num_streams))
+
+
+class MHC(HyperConnection):
+    """mHC (DeepSeek 2025): ``H_res = Sinkhorn(exp(reshape(a_res, n, n)))``, approximately doubly stochastic."""
+
+    variant = "mhc"
+
+    def __init__(self, num_streams: int, dim: int, layer_index: int = 0, init: str = "published", eps: float = 1e-6,
+                 backend=None, sinkhorn_iters: int = 20):
+        if sinkhorn_iters < 1:
+            raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
+        self.sinkhorn_iters = sinkhorn_iters
+        super().__init__(num_streams, dim, layer_index, init, eps, backend)
+
+    @staticmethod
+    def num_res_logits(num_streams: int) -> int:
+        return num_streams * num_streams
+
+    def res_bias(self):
+        n = self.num_streams
+        return (OFF_IDENTITY_LOGIT * (1 - torch.eye(n))).flatten()
+
+    def res_matrix(self, a_res):
+        logits = a_res.unflatten(-1, (self.num_streams, self.num_streams))
+        return sinkhorn_log(logits, self.sinkhorn_iters)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", sinkhorn_iters={self.sinkhorn_iters}"
+
+
+def _permutation_bias(k: int) -> torch.Tensor:
+    """Logits over the k! permutations: 0 for the identity (index 0), the off-identity logit elsewhere."""
+    bias = torch.full((math.factorial(k),), OFF_IDENTITY_LOGIT)
+    bias[0] = 0.0
+    return bias
+
+
+class MHCLite(HyperConnection):
+    """mHC-lite: ``H_res = sum_k softmax(a_res)_k P_k`` over all n! permutations; exactly doubly stochastic."""
+
+    variant = "mhclite"
+
+    def __init__(self, num_streams: int, dim: int, *args, **kwargs):
+        check_permutation_size(num_streams, f"mHC-lite with num_streams={num_streams}")
+        super().__init__(num_streams, dim, *args, **kwargs)
+        self.register_buffer("perms", permutation_matrices(num_streams), persistent=False)
+
+    @staticmethod
+    def num_res_logits(num_streams: int) -> int:
+        return math.factorial(num_streams)
+
+    def res_bias(self):
+        return _permutation_bias(self.num_streams)
+
+    def res_matrix(self, a_res):
+        return birkhoff(a_res, self.perms)
+
+
+class KromHC(HyperConnection):
+    """KromHC: ``H_res = U_1 (x) ... (x) U_K`` with ``n = i_1 ... i_K`` and each ``U_k`` a Birkhoff mix of size ``i_k``.
+
+    ``factors`` holds ``(i_1, ..., i_K)``: the prime factorisation of n, which minimises ``m = sum_k i_k!``.
+    """
+
+    variant = "kromhc"
+
+    def __init__(self, num_streams: int, dim: int, *args, **kwargs):
+        self.factors = kronecker_factors(num_streams)
+        for k in self.factors:
+            check_permutation_size(k, f"KromHC with num_streams={num_streams} (factors {self.factors})")
+        super().__init__(num_streams, dim, *args, **kwargs)
+        for k in sorted(set(self.factors)):
+            self.register_buffer(f"perms{k}", permutation_matrices(k), persistent=False)
+
+    @staticmethod
+    def num_res_logits(num_streams: int) -> int:
+        return sum(math.factorial(k) for k in kronecker_factors(num_streams))
+
+    def res_bias(self):
+        return torch.cat([_permutation_bias(k) for k in self.factors])
+
+    def res_matrix(self, a_res):
+        chunks = a_res.split([math.factorial(k) for k in self.factors], dim=-1)
+        return kronecker([birkhoff(a, getattr(self, f"perms{k}")) for a, k in zip(chunks, self.factors)])
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", factors={self.factors}"
+
+
+CONNECTIONS = {cls.variant: cls for cls in (ResidualConnection, HC, MHC, MHCLite, KromHC)}
+
+
+def _connection_class(variant: str):
+    try:
+        return CONNECTIONS[variant]
+    except KeyError:
+        raise ValueError(f"unknown connection {variant!r}; valid choices: {', '.join(CONNECTIONS)}") from None
+
+
+def build_connection(variant: str, num_streams: int, dim: int, layer_index: int = 0, **kwargs) -> nn.Module:
+    """Build the connection named ``variant`` (one of :data:`CONNECTIONS`) for n streams of width ``dim``."""
+    return _connection_class(variant)(num_streams, dim, layer_index, **kwargs)
+
+
+def connection_num_params(variant: str, num_streams: int, dim: int) -> int:
+    """Parameters of one connection of ``variant`` without building it (validates like the constructor)."""
+    cls = _connection_class(variant)
+    if cls is ResidualConnection:
+        if num_streams != 1:
+            raise ValueError(f"the 'residual' connection carries exactly 1 stream, got num_streams={num_streams}")
+        return 0
+    if num_streams < 2:
+        raise ValueError(f"'{variant}' needs num_streams >= 2, got {num_streams}")
+    if cls is MHCLite:
+        check_permutation_size(num_streams, f"mHC-lite with num_streams={num_streams}")
+    if cls is KromHC:
+        for k in kronecker_factors(num_streams):
+            check_permutation_size(k, f"KromHC with num_streams={num_streams}")
+    return cls.count_params(num_streams, dim)

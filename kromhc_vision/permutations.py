@@ -1,0 +1,59 @@
+"""Permutation matrices and the factorisation of a stream count for KromHC."""
+import itertools
+import math
+from functools import lru_cache
+
+import torch
+
+# Largest permutation size whose k! coefficient vector we are willing to build (6! = 720).
+MAX_PERMUTATION_SIZE = 6
+
+
+@lru_cache(maxsize=None)
+def _permutation_table(k: int) -> tuple:
+    return tuple(itertools.permutations(range(k)))
+
+
+def permutation_matrices(k: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """All ``k!`` permutation matrices of size k, shape ``(k!, k, k)``; index 0 is the identity.
+
+    Matrix ``p`` maps row ``i`` to column ``perm_p[i]``: ``P[p, i, perm_p[i]] = 1``.
+    """
+    perms = torch.tensor(_permutation_table(k), dtype=torch.long, device=device)
+    out = torch.zeros(len(perms), k, k, dtype=dtype, device=device)
+    out.scatter_(2, perms.unsqueeze(-1), 1.0)
+    return out
+
+
+def check_permutation_size(k: int, what: str) -> None:
+    """Raise a clear error when ``k!`` coefficients would be unreasonable."""
+    if k > MAX_PERMUTATION_SIZE:
+        raise ValueError(
+            f"{what} needs all {k}! = {math.factorial(k)} permutations of size {k}, more than "
+            f"the limit of size {MAX_PERMUTATION_SIZE}. Use 'kromhc' with a stream count whose "
+            f"prime factors are all <= {MAX_PERMUTATION_SIZE} (e.g. 4, 6, 8, 12, 16), or 'mhc'."
+        )
+
+
+def prime_factors(n: int) -> tuple:
+    """Prime factorisation of ``n >= 2``, ascending: ``12 -> (2, 2, 3)``."""
+    out, p = [], 2
+    while p * p <= n:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    if n > 1:
+        out.append(n)
+    return tuple(out)
+
+
+def kronecker_factors(n: int) -> tuple:
+    """Factor sizes ``(i_1, ..., i_K)`` with ``prod i_k = n`` minimising ``sum i_k!``.
+
+    Splitting a factor ``ab`` (a, b >= 2) into ``a`` and ``b`` never adds logits
+    (``a! + b! <= (ab)!``), so the prime factorisation is the minimiser.
+    """
+    if n < 2:
+        raise ValueError(f"KromHC needs num_streams >= 2, got {n}")
+    return prime_factors(n)
