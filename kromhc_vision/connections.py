@@ -118,10 +118,14 @@ class HyperConnection(nn.Module):
         scale = self.scale[self.scale_index]
         return stream_pre(X, self.norm_weight, self.proj_weight, scale, self.bias, self.eps, self.backend)
 
+    def _h_res(self, a_res):
+        with torch.autocast(a_res.device.type, enabled=False):  # coefficients stay float32 under autocast
+            return self.res_matrix(a_res)
+
     def coefficients(self, X):
         """``X (..., n, C)`` -> ``H_pre (..., n)``, ``H_post (..., n)``, ``H_res (..., n, n)``, float32."""
         _, h_pre, h_post, a_res = self._pre(X)
-        return h_pre, h_post, self.res_matrix(a_res)
+        return h_pre, h_post, self._h_res(a_res)
 
     def stochasticity_error(self, X) -> torch.Tensor:
         """Largest deviation of any row or column sum of ``H_res`` from 1 over the tokens of ``X``."""
@@ -131,7 +135,7 @@ class HyperConnection(nn.Module):
         """``X (..., n, C)`` and ``branch: (..., C) -> (..., C)`` -> ``X_next (..., n, C)``."""
         u, _, h_post, a_res = self._pre(X)
         y = branch(u)
-        return stream_post(X, y, self.res_matrix(a_res), h_post, self.backend)
+        return stream_post(X, y, self._h_res(a_res), h_post, self.backend)
 
     def _check_input(self, X):
         if X.shape[-2:] != (self.num_streams, self.dim):

@@ -1,0 +1,282 @@
+"""The connection library: shapes, exact double stochasticity, inits, gradients, dtypes, compile."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import kromhc_vision as kv
+from kromhc_vision.permutations import kronecker_factors, permutation_matrices
+from kromhc_vision.residual_maps import birkhoff, kronecker, sinkhorn_log
+
+VARIANTS = ["hc", "mhc", "mhclite", "kromhc"]
+EXACT = ["mhclite", "kromhc"]
+
+
+def randomize(conn, std=0.5):
+    """Move a connection away from its init so that coefficients depend on the input."""
+    with torch.no_grad():
+        for p in conn.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return conn
+
+
+def row_col_error(h):
+    return max((h.sum(-1) - 1).abs().max().item(), (h.sum(-2) - 1).abs().max().item())
+
+
+def test_variant_listing_and_unknown_name():
+    assert set(kv.CONNECTIONS) == {"residual", "hc", "mhc", "mhclite", "kromhc"}
+    with pytest.raises(ValueError, match="'kromhcc'.*residual, hc, mhc, mhclite, kromhc"):
+        kv.build_connection("kromhcc", num_streams=4, dim=8)
+    with pytest.raises(ValueError, match="'kromhcc'"):
+        kv.connection_num_params("kromhcc", 4, 8)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(init="zeros"), "init 'zeros'.*published, identity"),
+    (dict(backend="cuda"), "backend 'cuda'.*auto, triton, torch"),
+    (dict(num_streams=1), "num_streams >= 2"),
+])
+def test_bad_arguments_name_value_and_choices(bad, match):
+    args = dict(num_streams=4, dim=8) | bad
+    with pytest.raises(ValueError, match=match):
+        kv.build_connection("kromhc", **args)
+
+
+def test_wrong_stream_shape_is_rejected():
+    conn = kv.build_connection("kromhc", num_streams=4, dim=8)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 4, 8\).*\(2, 3, 8\)"):
+        conn(torch.randn(2, 3, 8), lambda u: u)
+
+
+def test_expand_reduce_layout():
+    x = torch.randn(2, 5, 7)
+    X = kv.expand_streams(x, 3)
+    assert X.shape == (2, 5, 3, 7) and X.is_contiguous()
+    assert torch.equal(X[..., 1, :], x)
+    torch.testing.assert_close(kv.reduce_streams(X), x)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_agrees_with_coefficients(variant):
+    conn = randomize(kv.build_connection(variant, num_streams=4, dim=16, layer_index=3))
+    X = torch.randn(2, 5, 4, 16)
+    lin = torch.nn.Linear(16, 16)
+    h_pre, h_post, h_res = conn.coefficients(X)
+    assert h_pre.shape == h_post.shape == (2, 5, 4) and h_res.shape == (2, 5, 4, 4)
+    expected = h_res @ X + h_post.unsqueeze(-1) * lin((h_pre.unsqueeze(-2) @ X).squeeze(-2)).unsqueeze(-2)
+    torch.testing.assert_close(conn(X, lin), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", EXACT)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_exact_double_stochasticity(variant, dtype, tol):
+    conn = randomize(kv.build_connection(variant, num_streams=6, dim=8), std=3.0).to(dtype)
+    h_res = conn.coefficients(torch.randn(64, 6, 8, dtype=dtype) * 10)[2]
+    assert h_res.dtype == dtype and (h_res >= 0).all()
+    assert row_col_error(h_res) <= tol
+
+
+@pytest.mark.parametrize("variant", EXACT)
+def test_exact_under_extreme_logits(variant):
+    conn = kv.build_connection(variant, num_streams=4, dim=4)
+    a_res = (torch.randint(0, 2, (256, conn.num_res_logits(4))) * 2 - 1) * 1e4
+    h_res = conn.res_matrix(a_res.float())
+    assert torch.isfinite(h_res).all() and row_col_error(h_res) <= 1e-6
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_coefficients_float32_under_bf16_autocast(variant):
+    conn = randomize(kv.build_connection(variant, num_streams=4, dim=16))
+    X = torch.randn(3, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h_pre, h_post, h_res = conn.coefficients(X.bfloat16())
+        out = conn(X, torch.nn.Linear(16, 16))
+    assert h_pre.dtype == h_post.dtype == h_res.dtype == torch.float32
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    if variant in EXACT:
+        assert row_col_error(h_res) <= 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    variant=st.sampled_from(EXACT),
+    n=st.sampled_from([2, 3, 4, 5, 6, 8, 9, 10, 12, 16]),
+    dim=st.integers(1, 24),
+    lead=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    scale=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_property_shapes_and_double_stochasticity(variant, n, dim, lead, scale, seed):
+    if variant == "mhclite" and n > 6:
+        return
+    torch.manual_seed(seed)
+    conn = randomize(kv.build_connection(variant, num_streams=n, dim=dim), std=2.0)
+    X = torch.randn(*lead, n, dim) * scale
+    out = conn(X, torch.tanh)
+    h_pre, h_post, h_res = conn.coefficients(X)
+    assert out.shape == X.shape and h_res.shape == (*lead, n, n)
+    assert ((h_pre >= 0) & (h_pre <= 1)).all() and ((h_post >= 0) & (h_post <= 2)).all()
+    assert (h_res >= 0).all() and row_col_error(h_res) <= 1e-6
+
+
+@pytest.mark.parametrize("n, factors", [(2, (2,)), (4, (2, 2)), (6, (2, 3)), (8, (2, 2, 2)), (12, (2, 2, 3)), (5, (5,))])
+def test_kromhc_factorisation(n, factors):
+    conn = kv.build_connection("kromhc", num_streams=n, dim=4)
+    assert conn.factors == factors == kronecker_factors(n)
+    assert conn.num_res_logits(n) == sum(math.factorial(k) for k in factors)
+    assert "factors=" in repr(conn)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_kromhc_of_prime_n_equals_mhclite(n):
+    a_res = torch.randn(7, math.factorial(n))
+    krom = kv.build_connection("kromhc", num_streams=n, dim=4)
+    lite = kv.build_connection("mhclite", num_streams=n, dim=4)
+    torch.testing.assert_close(krom.res_matrix(a_res), lite.res_matrix(a_res))
+
+
+def test_kronecker_applies_factors_axis_by_axis():
+    """(U (x) V) X equals applying U along the first and V along the second stream axis of X (i1, i2, C)."""
+    U = birkhoff(torch.randn(5, 2), permutation_matrices(2))
+    V = birkhoff(torch.randn(5, 6), permutation_matrices(3))
+    X = torch.randn(5, 6, 7)
+    axis_by_axis = torch.einsum("tac,tbd,tcdk->tabk", U, V, X.view(5, 2, 3, 7)).reshape(5, 6, 7)
+    torch.testing.assert_close(kronecker([U, V]) @ X, axis_by_axis)
+
+
+def test_permutation_limit_points_to_kromhc():
+    with pytest.raises(ValueError, match=r"7! = 5040.*'kromhc'"):
+        kv.build_connection("mhclite", num_streams=7, dim=8)
+    with pytest.raises(ValueError, match=r"7! = 5040"):
+        kv.build_connection("kromhc", num_streams=14, dim=8)
+    with pytest.raises(ValueError, match=r"7! = 5040"):
+        kv.connection_num_params("mhclite", 7, 8)
+
+
+def test_mhc_sinkhorn_is_approximate_and_stable():
+    logits = torch.randn(512, 4, 4) * 4
+    errors = [row_col_error(sinkhorn_log(logits, t)) for t in (1, 5, 20)]
+    assert errors[0] > errors[1] > errors[2] > 0
+    extreme = (torch.randint(0, 2, (512, 4, 4)) * 2 - 1).float() * 1e4
+    assert torch.isfinite(sinkhorn_log(extreme, 20)).all()
+    conn = randomize(kv.build_connection("mhc", num_streams=4, dim=8, sinkhorn_iters=3), std=3.0)
+    assert conn.sinkhorn_iters == 3 and "sinkhorn_iters=3" in repr(conn)
+    X = torch.randn(64, 4, 8)
+    few = conn.stochasticity_error(X).item()
+    conn.sinkhorn_iters = 50
+    assert 0 < conn.stochasticity_error(X).item() < few
+    with pytest.raises(ValueError, match="sinkhorn_iters must be >= 1, got 0"):
+        kv.build_connection("mhc", num_streams=4, dim=8, sinkhorn_iters=0)
+
+
+@pytest.mark.parametrize("variant", ["residual", *VARIANTS])
+@pytest.mark.parametrize("n", [2, 3, 4, 6])
+def test_parameter_counts(variant, n):
+    n = 1 if variant == "residual" else n
+    dim = 24
+    conn = kv.build_connection(variant, num_streams=n, dim=dim)
+    assert sum(p.numel() for p in conn.parameters()) == kv.connection_num_params(variant, n, dim)
+
+
+def test_parameter_complexity_matches_spec():
+    C = 768
+    count = kv.connection_num_params
+    for n in (4, 8, 16):  # HC and mHC: Theta(n^3 C)
+        assert n**3 * C <= count("hc", n, C) == count("mhc", n, C) <= 2 * (n**3 + 3 * n**2) * C
+    for n in (4, 8, 16):  # KromHC: O(n^2 C), 2 log2(n) residual logits for powers of two
+        assert kv.KromHC.num_res_logits(n) == 2 * int(math.log2(n))
+        assert count("kromhc", n, C) <= 4 * n**2 * C
+    for n in (3, 4, 5, 6):  # mHC-lite: Theta(n! n C)
+        assert math.factorial(n) * n * C <= count("mhclite", n, C) <= (math.factorial(n) + 2 * n + 1) * n * C + 1000
+    assert count("mhclite", 6, C) > 10 * count("kromhc", 6, C)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_published_init(variant):
+    n, conn = 4, kv.build_connection(variant, num_streams=4, dim=8, layer_index=6)
+    h_pre, h_post, h_res = conn.coefficients(torch.randn(3, n, 8))
+    favoured = 6 % n
+    assert torch.allclose(h_pre[..., favoured], torch.sigmoid(torch.tensor(1.0)))
+    assert torch.allclose(h_post[..., 1 - favoured if favoured else 1], 2 * torch.sigmoid(torch.tensor(-1.0)))
+    assert (h_res.diagonal(dim1=-2, dim2=-1) > 0.95).all()
+    assert (conn.proj_weight == 0).all() and torch.allclose(conn.scale, torch.full((3,), 0.01))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n", [2, 4])
+def test_identity_init_stack_equals_residual_network(variant, n):
+    """H_pre = 1/n, H_post = 1, H_res ~ I: a stack computes exactly x <- x + F(x)."""
+    dim, depth = 32, 6
+    branches = torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, dim), torch.nn.GELU(), torch.nn.Linear(dim, dim))
+        for _ in range(2 * depth)
+    )
+    conns = [kv.build_connection(variant, num_streams=n, dim=dim, layer_index=i, init="identity") for i in range(2 * depth)]
+    x = torch.randn(4, 9, dim)
+    ref = x
+    for f in branches:
+        ref = ref + f(ref)
+    X = kv.expand_streams(x, n)
+    for conn, f in zip(conns, branches):
+        X = conn(X, f)
+    out = kv.reduce_streams(X)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-3
+    h_pre, h_post, _ = conns[0].coefficients(X)
+    torch.testing.assert_close(h_pre, torch.full_like(h_pre, 1 / n))
+    torch.testing.assert_close(h_post, torch.ones_like(h_post))
+
+
+def test_residual_connection():
+    x = torch.randn(2, 3, 8)
+    conn = kv.build_connection("residual", num_streams=1, dim=8)
+    lin = torch.nn.Linear(8, 8)
+    torch.testing.assert_close(kv.reduce_streams(conn(kv.expand_streams(x, 1), lin)), x + lin(x))
+    assert kv.connection_num_params("residual", 1, 8) == 0
+    with pytest.raises(ValueError, match="exactly 1 stream, got num_streams=4"):
+        kv.build_connection("residual", num_streams=4, dim=8)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_parameter_gets_a_finite_gradient(variant):
+    conn = randomize(kv.build_connection(variant, num_streams=4, dim=16), std=0.1)
+    lin = torch.nn.Linear(16, 16)
+    conn(torch.randn(2, 5, 4, 16), lin).square().mean().backward()
+    for name, p in conn.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("variant, n", [("hc", 3), ("mhc", 3), ("mhclite", 3), ("kromhc", 4), ("kromhc", 6)])
+def test_gradcheck_float64(variant, n):
+    kwargs = {"sinkhorn_iters": 4} if variant == "mhc" else {}
+    conn = randomize(kv.build_connection(variant, num_streams=n, dim=3, **kwargs), std=0.3).double()
+    names = [name for name, _ in conn.named_parameters()]
+    W = torch.randn(3, 3, dtype=torch.float64)
+
+    def fn(X, *params):
+        return torch.func.functional_call(conn, dict(zip(names, params)), (X, lambda u: torch.tanh(u @ W)))
+
+    X = torch.randn(2, n, 3, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in conn.parameters()]
+    assert torch.autograd.gradcheck(fn, (X, *params))
+
+
+def test_float64_and_bf16_streams():
+    conn = randomize(kv.build_connection("kromhc", num_streams=4, dim=8))
+    X = torch.randn(2, 4, 8)
+    out64 = conn.double()(X.double(), torch.sin)
+    out32 = conn.float()(X, torch.sin)
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64.float(), out32, rtol=1e-5, atol=1e-5)
+    out16 = conn(X.bfloat16(), torch.sin)
+    assert out16.dtype == torch.bfloat16
+    torch.testing.assert_close(out16.float(), out32, rtol=2e-2, atol=2e-2)
+
+
+def test_torch_compile_matches_eager():
+    conn = randomize(kv.build_connection("kromhc", num_streams=4, dim=16))
+    lin = torch.nn.Linear(16, 16)
+    X = torch.randn(2, 5, 4, 16)
+    compiled = torch.compile(conn, fullgraph=True)
+    torch.testing.assert_close(compiled(X, lin), conn(X, lin), rtol=1e-5, atol=1e-5)
