@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .mixing import stream_post_reference, stream_pre_reference
+from .mixing import stream_post_torch, stream_pre_torch
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -49,18 +49,18 @@ def use_triton(backend: str, device: torch.device) -> bool:
 
 
 def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float, backend: str):
-    """Dispatch of :func:`kromhc_vision.mixing.stream_pre_reference`."""
+    """``u, h_pre, h_post, a_res`` of :func:`kromhc_vision.mixing.stream_pre_reference`, by backend."""
     if use_triton(backend, X.device):
         from .kernels import stream_pre as stream_pre_triton
 
         return stream_pre_triton(X, norm_weight, proj_weight, scale, bias, eps)
-    return stream_pre_reference(X, norm_weight, proj_weight, scale, bias, eps)
+    return stream_pre_torch(X, norm_weight, proj_weight, scale, bias, eps)
 
 
 def stream_post(X, y, h_res, h_post, backend: str):
-    """Dispatch of :func:`kromhc_vision.mixing.stream_post_reference`."""
+    """``X_next`` of :func:`kromhc_vision.mixing.stream_post_reference`, by backend."""
     if use_triton(backend, X.device):
         from .kernels import stream_post as stream_post_triton
 
         return stream_post_triton(X, y, h_res, h_post)
-    return stream_post_reference(X, y, h_res, h_post)
+    return stream_post_torch(X, y, h_res, h_post)

@@ -48,3 +48,106 @@ def stream_post_reference(X, y, h_res, h_post):
     with torch.autocast(X.device.type, enabled=False):
         out = torch.addcmul(h_res.to(dtype) @ X.to(dtype), h_post.to(dtype).unsqueeze(-1), y.to(dtype).unsqueeze(-2))
     return out.to(X.dtype)
+
+
+class StreamPre(torch.autograd.Function):
+    """:func:`stream_pre_reference` with a hand-written backward that makes fewer passes over X.
+
+    Tokens are flattened to ``T``; with ``r = x W_g`` (``W_g = g * W``) and ``rho = (|x|^2/nC + eps)^-1/2``::
+
+        a = b + s * r * rho,   u = H_pre X
+        dr = s * da * rho,     drho = sum_k s_k da_k r_k
+        dx = dr W_g^T - drho rho^3 x / (nC) + H_pre^T du
+    """
+
+    @staticmethod
+    def forward(ctx, X, norm_weight, proj_weight, scale, bias, eps):
+        n, C = X.shape[-2:]
+        dtype = compute_dtype(X, proj_weight)
+        with torch.autocast(X.device.type, enabled=False):
+            x = X.reshape(-1, n * C).to(dtype)
+            inv_rms = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(n * C).add_(eps))
+            weight = norm_weight.to(dtype).unsqueeze(-1) * proj_weight.to(dtype)
+            raw = x @ weight
+            a = torch.addcmul(bias.to(dtype), raw * inv_rms, scale.to(dtype))
+            h_pre = torch.sigmoid(a[:, :n])
+            h_post = 2 * torch.sigmoid(a[:, n:2 * n])
+            u = torch.bmm(h_pre.unsqueeze(1), x.view(-1, n, C)).view(*X.shape[:-2], C)
+        ctx.save_for_backward(X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post)
+        lead = X.shape[:-2]
+        return u.to(X.dtype), h_pre.view(*lead, n), h_post.view(*lead, n), a[:, 2 * n:].reshape(*lead, -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, du, dh_pre, dh_post, da_res):
+        X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post = ctx.saved_tensors
+        n, C = X.shape[-2:]
+        dtype = raw.dtype
+        x = X.reshape(-1, n * C).to(dtype)
+        du = du.reshape(-1, C).to(dtype)
+        dh_pre = dh_pre.reshape(-1, n) + torch.bmm(x.view(-1, n, C), du.unsqueeze(-1)).squeeze(-1)
+        da = torch.cat([
+            dh_pre * h_pre * (1 - h_pre),
+            dh_post.reshape(-1, n) * h_post * (1 - 0.5 * h_post),
+            da_res.reshape(raw.shape[0], -1),
+        ], dim=-1)
+        dnormed = da * scale.to(dtype)
+        draw = dnormed * inv_rms
+        coef = (dnormed * raw).sum(-1, keepdim=True).mul_(inv_rms.pow(3)).div_(-n * C)
+        weight = norm_weight.to(dtype).unsqueeze(-1) * proj_weight.to(dtype)
+        dx = draw @ weight.t()
+        dx.addcmul_(x, coef)
+        dx.view(-1, n, C).baddbmm_(h_pre.unsqueeze(-1), du.unsqueeze(1))
+        dweight = x.t() @ draw
+        return (
+            dx.view(X.shape).to(X.dtype),
+            (dweight * proj_weight).sum(-1).to(norm_weight.dtype),
+            (dweight * norm_weight.unsqueeze(-1)).to(proj_weight.dtype),
+            (da * raw * inv_rms).sum(0).to(scale.dtype),
+            da.sum(0).to(scale.dtype),
+            None,
+        )
+
+
+class StreamPost(torch.autograd.Function):
+    """:func:`stream_post_reference` as batched products over tokens ``T``::
+
+        X_next = H_res X + H_post^T y
+        dX = H_res^T dZ,  dy = H_post dZ,  dH_res = dZ X^T,  dH_post = dZ y^T
+    """
+
+    @staticmethod
+    def forward(ctx, X, y, h_res, h_post):
+        n, C = X.shape[-2:]
+        dtype = compute_dtype(X, h_res)
+        with torch.autocast(X.device.type, enabled=False):
+            out = torch.bmm(h_res.reshape(-1, n, n).to(dtype), X.reshape(-1, n, C).to(dtype))
+            out.baddbmm_(h_post.reshape(-1, n, 1).to(dtype), y.reshape(-1, 1, C).to(dtype))
+        ctx.save_for_backward(X, y, h_res, h_post)
+        return out.view(X.shape).to(X.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        X, y, h_res, h_post = ctx.saved_tensors
+        n, C = X.shape[-2:]
+        dtype = compute_dtype(X, h_res)
+        d = dout.reshape(-1, n, C).to(dtype)
+        x = X.reshape(-1, n, C).to(dtype)
+        h = h_res.reshape(-1, n, n).to(dtype)
+        return (
+            torch.bmm(h.transpose(1, 2), d).view(X.shape).to(X.dtype),
+            torch.bmm(h_post.reshape(-1, 1, n).to(dtype), d).view(y.shape).to(y.dtype),
+            torch.bmm(d, x.transpose(1, 2)).view(h_res.shape).to(h_res.dtype),
+            torch.bmm(d, y.reshape(-1, C, 1).to(dtype)).view(h_post.shape).to(h_post.dtype),
+        )
+
+
+def stream_pre_torch(X, norm_weight, proj_weight, scale, bias, eps: float):
+    """The CPU / PyTorch path of ``stream_pre`` (same signature as the reference)."""
+    return StreamPre.apply(X, norm_weight, proj_weight, scale, bias, eps)
+
+
+def stream_post_torch(X, y, h_res, h_post):
+    """The CPU / PyTorch path of ``stream_post`` (same signature as the reference)."""
+    return StreamPost.apply(X, y, h_res, h_post)

@@ -1,0 +1,75 @@
+"""Forward+backward step time of a ViT-Tiny trunk for every connection variant against residual.
+
+12 blocks of timm's Attention and Mlp (two branches per block), C = 192, 3 heads, 197 tokens,
+batch 16, float32. Runs are interleaved (one step of each variant per round) and the median per
+variant is reported with its ratio to the residual trunk measured in the same run.
+
+    python benchmarks/bench_trunk_cpu.py [--streams 4] [--rounds 7] [--threads 2]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+from timm.layers import Mlp
+from timm.models.vision_transformer import Attention
+
+import kromhc_vision as kv
+
+
+class Trunk(nn.Module):
+    """``depth`` blocks; each block's attention and MLP branch wrapped by a connection."""
+
+    def __init__(self, variant, num_streams, dim=192, depth=12, heads=3, backend=None):
+        super().__init__()
+        self.num_streams = num_streams
+        self.branches = nn.ModuleList()
+        self.conns = nn.ModuleList()
+        for i in range(2 * depth):
+            body = Attention(dim, heads, qkv_bias=True) if i % 2 == 0 else Mlp(dim, 4 * dim)
+            self.branches.append(nn.Sequential(nn.LayerNorm(dim), body))
+            self.conns.append(kv.build_connection(variant, num_streams, dim, layer_index=i, backend=backend))
+
+    def forward(self, x):
+        X = kv.expand_streams(x, self.num_streams)
+        for conn, branch in zip(self.conns, self.branches):
+            X = conn(X, branch)
+        return kv.reduce_streams(X)
+
+
+def step_time(model, x):
+    start = time.perf_counter()
+    model(x).square().mean().backward()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    variants = {v: Trunk(v, 1 if v == "residual" else args.streams, backend="torch") for v in kv.CONNECTIONS}
+    x = torch.randn(args.batch, 197, 192)
+    times = {v: [] for v in variants}
+    for round_ in range(args.rounds + 1):  # the first round warms up
+        for v, model in variants.items():
+            model.zero_grad(set_to_none=True)
+            t = step_time(model, x)
+            if round_:
+                times[v].append(t)
+    base = statistics.median(times["residual"])
+    print(f"ViT-Tiny trunk fwd+bwd, batch {args.batch}, n = {args.streams}, {args.threads} threads, "
+          f"median of {args.rounds} interleaved rounds")
+    print(f"{'variant':<10}{'ms/step':>10}{'x residual':>12}")
+    for v, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{v:<10}{med * 1e3:>10.1f}{med / base:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The PyTorch path of the shared mixing steps against the autograd reference."""
+import pytest
+import torch
+
+from kromhc_vision.mixing import stream_post_reference, stream_post_torch, stream_pre_reference, stream_pre_torch
+
+
+def pre_inputs(n, C, m, lead=(2, 3), dtype=torch.float64):
+    k = 2 * n + m
+    return [
+        torch.randn(*lead, n, C, dtype=dtype, requires_grad=True),
+        (1 + 0.3 * torch.randn(n * C, dtype=dtype)).requires_grad_(),
+        (0.5 * torch.randn(n * C, k, dtype=dtype)).requires_grad_(),
+        torch.randn(k, dtype=dtype, requires_grad=True),
+        torch.randn(k, dtype=dtype, requires_grad=True),
+    ]
+
+
+def post_inputs(n, C, lead=(2, 3), dtype=torch.float64):
+    return [
+        torch.randn(*lead, n, C, dtype=dtype, requires_grad=True),
+        torch.randn(*lead, C, dtype=dtype, requires_grad=True),
+        torch.randn(*lead, n, n, dtype=dtype, requires_grad=True),
+        torch.randn(*lead, n, dtype=dtype, requires_grad=True),
+    ]
+
+
+@pytest.mark.parametrize("n, C, m", [(2, 3, 2), (3, 5, 6), (4, 7, 4)])
+def test_stream_pre_gradcheck(n, C, m):
+    assert torch.autograd.gradcheck(lambda *a: stream_pre_torch(*a, 1e-6), pre_inputs(n, C, m))
+
+
+@pytest.mark.parametrize("n, C", [(2, 3), (4, 7)])
+def test_stream_post_gradcheck(n, C):
+    assert torch.autograd.gradcheck(stream_post_torch, post_inputs(n, C))
+
+
+def grads_of(fn, inputs, seed=1):
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    return outs, torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 3, 4)])
+def test_stream_pre_matches_reference_float32(lead):
+    inputs = pre_inputs(4, 40, 4, lead, torch.float32)
+    outs, grads = grads_of(lambda *a: stream_pre_torch(*a, 1e-6), inputs)
+    ref_outs, ref_grads = grads_of(lambda *a: stream_pre_reference(*a, 1e-6), inputs)
+    for a, b in zip(outs + grads, ref_outs + ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_stream_post_matches_reference_float32():
+    inputs = post_inputs(6, 40, (3, 5), torch.float32)
+    outs, grads = grads_of(stream_post_torch, inputs)
+    ref_outs, ref_grads = grads_of(stream_post_reference, inputs)
+    for a, b in zip(outs + grads, ref_outs + ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_streams_keep_dtype_and_fp32_coefficients():
+    X, g, W, s, b = pre_inputs(4, 16, 4, (3,), torch.float32)
+    Xb = X.detach().bfloat16().requires_grad_()
+    u, h_pre, h_post, a_res = stream_pre_torch(Xb, g, W, s, b, 1e-6)
+    assert u.dtype == torch.bfloat16 and h_pre.dtype == h_post.dtype == a_res.dtype == torch.float32
+    y = torch.randn(3, 16, dtype=torch.bfloat16)
+    h_res = torch.rand(3, 4, 4)
+    out = stream_post_torch(Xb, y, h_res, h_post)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert Xb.grad.dtype == torch.bfloat16 and torch.isfinite(Xb.grad.float()).all()
+    torch.testing.assert_close(out.float(), stream_post_reference(Xb, y, h_res, h_post).float(), rtol=1e-2, atol=1e-2)
