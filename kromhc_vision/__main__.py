@@ -1,0 +1,44 @@
+"""``python -m kromhc_vision table``: the variants, their guarantees and parameter counts (markdown)."""
+import argparse
+import math
+
+from .connections import CONNECTIONS, connection_num_params
+
+GUARANTEES = {
+    "residual": ("1 stream", "trivially"),
+    "hc": ("reshape(a_res), unconstrained", "no"),
+    "mhc": ("Sinkhorn-Knopp, log domain, T iterations", "approximately (error after T steps)"),
+    "mhclite": ("softmax over all n! permutations", "exactly"),
+    "kromhc": ("Kronecker product of small Birkhoff factors", "exactly"),
+}
+
+
+def parameter_table(dim: int, streams: list) -> str:
+    """Markdown table: per variant, H_res map, double stochasticity, parameters per connection at each n."""
+    head = "| variant | H_res | doubly stochastic | " + " | ".join(f"params, n={n}" for n in streams) + " |"
+    rows = [head, "|" + "---|" * (3 + len(streams))]
+    for variant in CONNECTIONS:
+        cells = []
+        for n in (1,) * len(streams) if variant == "residual" else streams:
+            try:
+                cells.append(f"{connection_num_params(variant, n, dim):,}")
+            except ValueError:
+                cells.append(f"refused ({n}! = {math.factorial(n):,} logits)")
+        how, exact = GUARANTEES[variant]
+        rows.append(f"| {variant} | {how} | {exact} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m kromhc_vision", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    table = sub.add_parser("table", help="parameter counts per connection, as a markdown table")
+    table.add_argument("--dim", type=int, default=768, help="channels per stream C (default 768)")
+    table.add_argument("--streams", type=int, nargs="+", default=[4, 8, 16], help="stream counts n")
+    args = parser.parse_args(argv)
+    print(f"Parameters of one connection at C = {args.dim} (`python -m kromhc_vision table --dim {args.dim}`):\n")
+    print(parameter_table(args.dim, args.streams))
+
+
+if __name__ == "__main__":
+    main()

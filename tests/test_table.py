@@ -1,0 +1,20 @@
+import subprocess
+import sys
+
+import kromhc_vision as kv
+from kromhc_vision.__main__ import parameter_table
+
+
+def test_parameter_table_rows_come_from_the_counts():
+    table = parameter_table(768, [4, 8])
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert set(rows) == set(kv.CONNECTIONS)
+    assert f"{kv.connection_num_params('kromhc', 8, 768):,}" in rows["kromhc"]
+    assert f"{kv.connection_num_params('mhclite', 4, 768):,}" in rows["mhclite"]
+    assert "refused (8! = 40,320 logits)" in rows["mhclite"]
+
+
+def test_table_command_runs():
+    out = subprocess.run([sys.executable, "-m", "kromhc_vision", "table", "--dim", "64", "--streams", "2", "4"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "params, n=4" in out and f"{kv.connection_num_params('hc', 2, 64):,}" in out
