@@ -1,0 +1,7 @@
+"""Triton kernels for the stream-mixing steps, each a ``torch.library`` custom op with an exact backward.
+
+Run on CUDA tensors, or on CPU with ``TRITON_INTERPRET=1`` (set before triton is imported).
+"""
+from .stream_pre import stream_pre
+
+__all__ = ["stream_pre"]
