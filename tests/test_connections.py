@@ -277,6 +277,11 @@ def test_float64_and_bf16_streams():
 def test_torch_compile_matches_eager():
     conn = randomize(kv.build_connection("kromhc", num_streams=4, dim=16))
     lin = torch.nn.Linear(16, 16)
-    X = torch.randn(2, 5, 4, 16)
+    X = torch.randn(2, 5, 4, 16, requires_grad=True)
     compiled = torch.compile(conn, fullgraph=True)
-    torch.testing.assert_close(compiled(X, lin), conn(X, lin), rtol=1e-5, atol=1e-5)
+    out, ref = compiled(X, lin), conn(X, lin)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [X, *conn.parameters()])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [X, *conn.parameters()])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
