@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .backend import resolve_backend, stream_post, stream_pre
+from .backend import resolve_backend, stream_post, stream_pre, use_triton
 from .permutations import check_permutation_size, kronecker_factors, permutation_matrices
 from .residual_maps import birkhoff, kronecker, sinkhorn_log, stochasticity_error
 
@@ -185,6 +185,10 @@ class MHC(HyperConnection):
 
     def res_matrix(self, a_res):
         logits = a_res.unflatten(-1, (self.num_streams, self.num_streams))
+        if use_triton(self.backend, a_res.device):
+            from .kernels import sinkhorn
+
+            return sinkhorn(logits, self.sinkhorn_iters)
         return sinkhorn_log(logits, self.sinkhorn_iters)
 
     def extra_repr(self) -> str:

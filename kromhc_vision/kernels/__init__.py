@@ -2,6 +2,8 @@
 
 Run on CUDA tensors, or on CPU with ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
+from .sinkhorn import sinkhorn
+from .stream_post import stream_post
 from .stream_pre import stream_pre
 
-__all__ = ["stream_pre"]
+__all__ = ["stream_pre", "stream_post", "sinkhorn"]

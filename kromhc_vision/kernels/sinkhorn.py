@@ -1,0 +1,131 @@
+"""Log-domain Sinkhorn-Knopp for mHC, batched over tokens: ``(..., n, n) -> (..., n, n)``, n <= 16.
+
+Each of ``T`` iterations normalises rows then columns, ``L <- L - lse_row(L)``,
+``L <- L - lse_col(L)``, and ``P = exp(L_T)``. A step ``L' = L - lse(L)`` has the exact adjoint
+``dL = dL' - exp(L') * sum(dL')`` (sum along the normalised axis), so the backward needs only
+each step's output. It recomputes them from the logits instead of storing them: iteration ``t``
+is recomputed in ``t + 1`` iterations, ``O(T^2)`` work on ``n^2`` values per token, no extra
+memory. Reference: :func:`kromhc_vision.residual_maps.sinkhorn_log` (differentiated by autograd).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import configs
+
+MAX_N = 16
+
+_CONFIGS = configs([(dict(), 1), (dict(), 2), (dict(), 4)], dict())
+
+
+@triton.jit
+def _normalize(L, valid, AXIS: tl.constexpr):
+    """``L - logsumexp(L, AXIS)`` on the valid entries, ``-inf`` on the padding."""
+    m = tl.max(L, AXIS)
+    m = tl.where(m == float("-inf"), 0, m)
+    s = tl.sum(tl.exp(L - tl.expand_dims(m, AXIS)), AXIS)
+    lse = m + tl.log(tl.where(s > 0, s, 1))
+    return tl.where(valid, L - tl.expand_dims(lse, AXIS), float("-inf"))
+
+
+@triton.jit
+def _iterate(L, valid, num_iters):
+    for _ in range(num_iters):
+        L = _normalize(L, valid, 2)
+        L = _normalize(L, valid, 1)
+    return L
+
+
+@triton.jit
+def _block(T, n: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    i = tl.arange(0, NP)
+    offs = rows.to(tl.int64)[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :]
+    valid = (rows[:, None, None] < T) & (i[None, :, None] < n) & (i[None, None, :] < n)
+    return offs, valid
+
+
+@triton.autotune(_CONFIGS, key=["n"])
+@triton.jit
+def _sinkhorn_fwd_kernel(LOGITS, OUT, T, num_iters, n: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr):
+    offs, valid = _block(T, n, NP, BLOCK_T)
+    L = tl.load(LOGITS + offs, mask=valid, other=float("-inf"))
+    tl.store(OUT + offs, tl.exp(_iterate(L, valid, num_iters)), mask=valid)
+
+
+@triton.autotune(_CONFIGS, key=["n"])
+@triton.jit
+def _sinkhorn_bwd_kernel(LOGITS, DOUT, DLOGITS, T, num_iters, n: tl.constexpr, NP: tl.constexpr,
+                         BLOCK_T: tl.constexpr):
+    offs, valid = _block(T, n, NP, BLOCK_T)
+    L0 = tl.load(LOGITS + offs, mask=valid, other=float("-inf"))
+    dL = tl.load(DOUT + offs, mask=valid, other=0) * tl.exp(_iterate(L0, valid, num_iters))
+    for k in range(num_iters):
+        rows = _normalize(_iterate(L0, valid, num_iters - 1 - k), valid, 2)
+        cols = _normalize(rows, valid, 1)
+        dL -= tl.exp(cols) * tl.expand_dims(tl.sum(dL, 1), 1)
+        dL -= tl.exp(rows) * tl.expand_dims(tl.sum(dL, 2), 2)
+    tl.store(DLOGITS + offs, dL, mask=valid)
+
+
+def _launch(kernel, logits, *tensors, num_iters):
+    n = logits.shape[-1]
+    NP = triton.next_power_of_2(n)
+    T = logits.numel() // (n * n)
+    block_t = max(1, 1024 // (NP * NP))
+    kernel[(triton.cdiv(T, block_t),)](*tensors, T, num_iters, n=n, NP=NP, BLOCK_T=block_t)
+
+
+def _check(logits):
+    n = logits.shape[-1]
+    if logits.shape[-2] != n or not 1 <= n <= MAX_N:
+        raise ValueError(f"sinkhorn expects (..., n, n) logits with n <= {MAX_N}, got {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"sinkhorn runs in float32 or float64, got {logits.dtype}")
+
+
+@torch.library.custom_op("kromhc_vision::sinkhorn_fwd", mutates_args=())
+def _sinkhorn_fwd(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
+    logits = logits.contiguous()
+    out = torch.empty_like(logits)
+    _launch(_sinkhorn_fwd_kernel, logits, logits, out, num_iters=num_iters)
+    return out
+
+
+@_sinkhorn_fwd.register_fake
+def _(logits, num_iters):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("kromhc_vision::sinkhorn_bwd", mutates_args=())
+def _sinkhorn_bwd(logits: torch.Tensor, dout: torch.Tensor, num_iters: int) -> torch.Tensor:
+    logits = logits.contiguous()
+    dlogits = torch.empty_like(logits)
+    _launch(_sinkhorn_bwd_kernel, logits, logits, dout.contiguous(), dlogits, num_iters=num_iters)
+    return dlogits
+
+
+@_sinkhorn_bwd.register_fake
+def _(logits, dout, num_iters):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.num_iters = inputs[1]
+
+
+def _backward(ctx, dout):
+    return _sinkhorn_bwd(ctx.saved_tensors[0], dout, ctx.num_iters), None
+
+
+_sinkhorn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
+    """``(..., n, n)`` float32/float64 logits -> ``exp`` of ``num_iters`` row-then-column log normalisations.
+
+    Same values as :func:`kromhc_vision.residual_maps.sinkhorn_log`; the gradient is that of the iterations.
+    """
+    _check(logits)
+    return _sinkhorn_fwd(logits, num_iters)
