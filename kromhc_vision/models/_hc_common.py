@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Set, Union
 
 import torch
 from torch import nn
-from timm.models import build_model_with_cfg, load_state_dict
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, load_state_dict
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._input import update_model_args
 
@@ -23,7 +23,7 @@ from ..streams import expand_streams, reduce_streams
 __all__ = [
     'VARIANTS', 'DEFAULT_NUM_STREAMS', 'PAPER_IDS', 'HcSpec', 'HcModelMixin', 'TorchScriptUnsupportedError',
     'CheckpointMismatchError', 'hc_model_args', 'upcycle_residual_state_dict', 'load_residual_weights',
-    'create_hc_model', 'expand_streams', 'reduce_streams',
+    'create_hc_model', 'upcycled_cfg', 'hc_default_cfgs', 'expand_streams', 'reduce_streams',
 ]
 
 VARIANTS = tuple(CONNECTIONS)  # ('residual', 'hc', 'mhc', 'mhclite', 'kromhc')
@@ -111,7 +111,8 @@ class HcModelMixin:
         """timm's set plus every hyper-connection parameter (full names)."""
         prefixes = _connection_prefixes(self)
         hc_params = {n for n, _ in self.named_parameters() if _under(n, prefixes)}
-        return set(super().no_weight_decay()) | hc_params
+        base = getattr(super(), 'no_weight_decay', None)  # ConvNeXt has none
+        return (set(base()) if base else set()) | hc_params
 
     def __prepare_scriptable__(self):
         raise TorchScriptUnsupportedError(
@@ -200,6 +201,28 @@ def _hc_filter_fn(state_dict, model, base_filter: Callable):
         return upcycle_residual_state_dict(state_dict, model, ignore_classifier=True)
     _mismatch_report(state_dict, model, ignore=_classifier_keys(model))
     return state_dict
+
+
+def upcycled_cfg(timm_name_tag: str) -> Dict[str, Dict[str, Any]]:
+    """``{'base.upcycled_tag': cfg}``: timm's cfg for ``timm_name_tag`` loading its residual Hub weights."""
+    cfg = get_pretrained_cfg(timm_name_tag).to_dict(remove_source=True)
+    base, tag = cfg.pop('architecture'), cfg.pop('tag')
+    cfg.update(hf_hub_id=f'timm/{timm_name_tag}', custom_load=False)
+    return {f'{base}.{UPCYCLED_TAG_PREFIX}_{tag}': cfg}
+
+
+def hc_default_cfgs(base_cfgs: Dict[str, Dict[str, Any]], paper_id: str):
+    """``generate_default_cfgs`` for ``{base}_{variant}[.tag]`` of every ``base[.tag]`` key and variant.
+
+    ``paper_ids`` of each cfg: the family's ``paper_id`` and the variant's (see :data:`PAPER_IDS`).
+    """
+    out = {}
+    for key, cfg in base_cfgs.items():
+        base, _, tag = key.partition('.')
+        for variant in VARIANTS:
+            out[f'{base}_{variant}' + (f'.{tag}' if tag else '')] = dict(
+                cfg, paper_ids=(paper_id, *PAPER_IDS[variant]))
+    return generate_default_cfgs(out)
 
 
 def create_hc_model(model_cls, base: str, variant: str, pretrained: bool, base_filter: Callable,

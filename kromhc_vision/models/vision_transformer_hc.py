@@ -14,13 +14,13 @@ from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
-from timm.models.vision_transformer import Block, VisionTransformer, _cfg as _vit_cfg, checkpoint_filter_fn
+from timm.models.vision_transformer import Block, VisionTransformer, _cfg, checkpoint_filter_fn
 
-from ._hc_common import PAPER_IDS, UPCYCLED_TAG_PREFIX, VARIANTS, HcModelMixin, HcSpec, create_hc_model, \
-    expand_streams, reduce_streams
+from ._hc_common import HcModelMixin, HcSpec, create_hc_model, expand_streams, hc_default_cfgs, reduce_streams, \
+    upcycled_cfg
 
 __all__ = ['VisionTransformerHC', 'BlockHC']
 
@@ -137,55 +137,28 @@ class VisionTransformerHC(HcModelMixin, VisionTransformer):
         return self.norm(reduce_streams(x)), intermediates
 
 
-def _cfg(**kwargs) -> Dict[str, Any]:
-    """timm's ViT cfg with the ViT paper id (variant paper ids are added per model name)."""
-    return _vit_cfg(paper_ids='arXiv:2010.11929', **kwargs)
-
-
-def _upcycled(timm_name_tag: str, **kwargs) -> Dict[str, Any]:
-    """cfg loading timm's own Hub weights ``timm_name_tag`` (residual) by upcycling."""
-    return _cfg(hf_hub_id=f'timm/{timm_name_tag}', **kwargs)
-
-
-_BASES = {
-    # name: (model args, {tag: cfg})
-    'vit_micro_patch4_32': (
-        dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=4, mlp_ratio=4.),
-        {'': _cfg(input_size=(3, 32, 32), crop_pct=1.0)}),
-    'vit_tiny_patch16_224': (
-        dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
-        {'augreg_in21k_ft_in1k': _upcycled('vit_tiny_patch16_224.augreg_in21k_ft_in1k')}),
-    'vit_small_patch16_224': (
-        dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-        {'augreg_in21k_ft_in1k': _upcycled('vit_small_patch16_224.augreg_in21k_ft_in1k')}),
-    'vit_base_patch16_224': (
-        dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-        {'augreg2_in21k_ft_in1k': _upcycled('vit_base_patch16_224.augreg2_in21k_ft_in1k'),
-         'augreg_in21k_ft_in1k': _upcycled('vit_base_patch16_224.augreg_in21k_ft_in1k')}),
-    'vit_large_patch16_224': (
-        dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
-        {'augreg_in21k_ft_in1k': _upcycled('vit_large_patch16_224.augreg_in21k_ft_in1k')}),
+_BASE_ARGS = {
+    'vit_micro_patch4_32': dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=4, mlp_ratio=4.),
+    'vit_tiny_patch16_224': dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    'vit_small_patch16_224': dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    'vit_base_patch16_224': dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    'vit_large_patch16_224': dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
 }
 
-
-def _variant_cfgs(bases) -> Dict[str, Dict[str, Any]]:
-    """``{base}_{variant}[.upcycled_{tag}]`` cfgs for every base and variant, variant paper ids appended."""
-    out = {}
-    for base, (_, tags) in bases.items():
-        for variant in VARIANTS:
-            for tag, cfg in tags.items():
-                key = f'{base}_{variant}' + (f'.{UPCYCLED_TAG_PREFIX}_{tag}' if tag else '')
-                out[key] = dict(cfg, paper_ids=(cfg['paper_ids'], *PAPER_IDS[variant]))
-    return out
-
-
-default_cfgs = generate_default_cfgs(_variant_cfgs(_BASES))
+default_cfgs = hc_default_cfgs({
+    'vit_micro_patch4_32': _cfg(input_size=(3, 32, 32), crop_pct=1.0),
+    **upcycled_cfg('vit_tiny_patch16_224.augreg_in21k_ft_in1k'),
+    **upcycled_cfg('vit_small_patch16_224.augreg_in21k_ft_in1k'),
+    **upcycled_cfg('vit_base_patch16_224.augreg2_in21k_ft_in1k'),
+    **upcycled_cfg('vit_base_patch16_224.augreg_in21k_ft_in1k'),
+    **upcycled_cfg('vit_large_patch16_224.augreg_in21k_ft_in1k'),
+}, paper_id='arXiv:2010.11929')
 
 
 def _create(base: str, variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerHC:
     feature_cfg = dict(out_indices=kwargs.pop('out_indices', 3))
     return create_hc_model(VisionTransformerHC, base, variant, pretrained, checkpoint_filter_fn, feature_cfg,
-                           _BASES[base][0], **kwargs)
+                           _BASE_ARGS[base], **kwargs)
 
 
 @register_model
