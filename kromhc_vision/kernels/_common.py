@@ -1,4 +1,5 @@
-"""Helpers shared by the kernels: dtypes, dot precision, autotune config lists, token flattening."""
+"""Helpers shared by the kernels: dtypes, dot precision, autotune config lists and pruning."""
+import functools
 import os
 
 import torch
@@ -38,6 +39,7 @@ def prune_by_size(limit: int, size):
     return {"early_config_prune": prune}
 
 
+@functools.lru_cache(maxsize=None)
 def num_programs_hint(device: torch.device) -> int:
     """A few waves of programs: 4 per SM on CUDA, 2 otherwise."""
     if device.type == "cuda":

@@ -1,0 +1,33 @@
+"""Benchmark of the log-domain Sinkhorn kernel (mHC) against ``sinkhorn_log`` (eager and compiled).
+
+Floor per token: forward reads the logits and writes H_res, ``2 n^2`` fp32 values; backward
+reads logits and dH_res and writes dlogits, ``3 n^2``. The op is compute-bound (``T`` iterations
+forward, ``O(T^2)`` recomputation backward), so ``x floor`` is large by construction.
+
+    python benchmarks/bench_sinkhorn.py [-n 4 8] [--iters 20]
+"""
+import _timing
+import torch
+
+from kromhc_vision.kernels import sinkhorn
+from kromhc_vision.residual_maps import sinkhorn_log
+
+
+def cases(n, iters, kind):
+    for family, T, _ in _timing.shapes(kind):
+        logits = (-8 * (1 - torch.eye(n, device=_timing.DEVICE)) + torch.randn(T, n, n, device=_timing.DEVICE))
+        yield f"{family} T={T} n={n} iters={iters}", [logits.requires_grad_()], (iters,), T * 2 * n * n * 4, T * 3 * n * n * 4
+
+
+def main():
+    parser = _timing.base_parser(__doc__)
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    bandwidth = _timing.copy_bandwidth()
+    for n in args.streams:
+        _timing.run(f"sinkhorn (n={n}, {args.iters} iterations, fp32)", cases(n, args.iters, args.shapes),
+                    sinkhorn, sinkhorn_log, bandwidth)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Benchmark of the fused ``stream_pre`` kernel against the PyTorch reference (eager and compiled).
+
+Floor per token: forward reads X and writes u, ``(n+1) C`` values; backward reads X and du and
+writes dX, ``(2n+1) C``. (The coefficients, ``2n+m`` fp32 per token, are left out.)
+
+    python benchmarks/bench_stream_pre.py [-n 4] [--variant mhc] [--dtype bf16] [--shapes all]
+"""
+import _timing
+import torch
+
+import kromhc_vision as kv
+from kromhc_vision.kernels import stream_pre
+from kromhc_vision.mixing import stream_pre_reference
+
+
+def cases(n, m, dtype, kind):
+    for family, T, C in _timing.shapes(kind):
+        K, size = 2 * n + m, dtype.itemsize
+        inputs = [torch.randn(T, n, C, dtype=dtype, device=_timing.DEVICE),
+                  1 + 0.1 * torch.randn(n * C, device=_timing.DEVICE), 0.02 * torch.randn(n * C, K, device=_timing.DEVICE),
+                  torch.randn(K, device=_timing.DEVICE), torch.randn(K, device=_timing.DEVICE)]
+        yield (f"{family} T={T} n={n} C={C} K={K}", [t.requires_grad_() for t in inputs], (1e-6,),
+               T * (n + 1) * C * size, T * (2 * n + 1) * C * size)
+
+
+def main():
+    parser = _timing.base_parser(__doc__)
+    parser.add_argument("--variant", choices=("hc", "mhc", "mhclite", "kromhc"), default="mhc", help="sets m")
+    args = parser.parse_args()
+    bandwidth = _timing.copy_bandwidth()
+    for n in args.streams:
+        m = kv.CONNECTIONS[args.variant].num_res_logits(n)
+        _timing.run(f"stream_pre ({args.variant}, n={n}, {args.dtype})", cases(n, m, _timing.DTYPES[args.dtype], args.shapes),
+                    stream_pre, stream_pre_reference, bandwidth)
+
+
+if __name__ == "__main__":
+    main()
