@@ -157,8 +157,8 @@ def upcycle_residual_state_dict(state_dict: Mapping[str, torch.Tensor], model: n
     """Map a timm residual checkpoint onto a hyper-connected ``model`` built with ``hc_init='identity'``.
 
     Every checkpoint key maps by name; the connection parameters keep the model's identity init, so the
-    result computes what the residual network computes. ``ignore_classifier`` skips the head keys (a head of
-    another class count stays at its init). Raises :class:`CheckpointMismatchError` listing missing,
+    result computes what the residual network computes. ``ignore_classifier``: head keys of another shape
+    (class count) are not errors; the model keeps its own head for them. Raises :class:`CheckpointMismatchError` listing missing,
     unexpected and mis-shaped keys.
     """
     prefixes = _connection_prefixes(model)
@@ -171,7 +171,7 @@ def upcycle_residual_state_dict(state_dict: Mapping[str, torch.Tensor], model: n
     ignore = _classifier_keys(model) if ignore_classifier else ()
     _mismatch_report(state_dict, model, optional={k for k in own if _under(k, prefixes)}, ignore=ignore)
     out = {k: v for k, v in own.items() if _under(k, prefixes) or k in ignore}
-    out.update({k: v for k, v in state_dict.items() if k not in ignore})
+    out.update({k: v for k, v in state_dict.items() if k not in ignore or (k in own and v.shape == own[k].shape)})
     return out
 
 

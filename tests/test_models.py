@@ -1,0 +1,350 @@
+"""The timm model zoo: registration, timm's model contract, upcycling of residual weights, Hub save/load.
+
+Default tests cover the smallest bases (vit_micro_patch4_32, convnext_atto; vit_tiny at 64px for upcycling),
+every variant; the ``slow`` test runs the contract on every registered name. Nothing is downloaded: Hub
+loading reads a pre-filled cache in tmp_path with ``HF_HUB_OFFLINE=1``.
+"""
+import hashlib
+import json
+
+import huggingface_hub.constants
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models import get_pretrained_cfg, save_for_hf
+from timm.optim import create_optimizer_v2
+
+import kromhc_vision as kv
+from kromhc_vision.models._hc_common import VARIANTS
+
+BASES = ['vit_micro_patch4_32', 'vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_base_patch16_224',
+         'vit_large_patch16_224', 'convnext_micro', 'convnext_atto', 'convnext_nano', 'convnext_tiny',
+         'convnext_small', 'convnext_base']
+ALL_NAMES = [f'{b}_{v}' for b in BASES for v in VARIANTS]
+FAST_NAMES = [f'{b}_{v}' for b in ('vit_micro_patch4_32', 'convnext_atto') for v in VARIANTS]
+SMALL_VIT = dict(img_size=64)  # ViTs other than micro run at 64px (16 patches) in these tests
+
+
+def model_kwargs(name):
+    return SMALL_VIT if name.startswith('vit_') and 'micro' not in name else {}
+
+
+def input_size(name):
+    """(C, H, W) the tests feed: 32px for the micro bases, else 64px (the ViTs are built for it)."""
+    return (3, 32, 32) if 'micro' in name else (3, 64, 64)
+
+
+def create(name, **kwargs):
+    return timm.create_model(name, **{**model_kwargs(name), **kwargs})
+
+
+def randomize(model, std=0.02):
+    """Move every parameter off its init (connections included), so that comparisons are meaningful."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return model
+
+
+def connection_params(model):
+    prefixes = [n for n, m in model.named_modules() if isinstance(m, kv.HyperConnection)]
+    return [n for n, _ in model.named_parameters() if any(n.startswith(p + '.') for p in prefixes)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timm's model contract, one check per function so that the fast tests name the failing one
+
+
+def check_forward_backward(name):
+    model = create(name, num_classes=42).eval()
+    x = torch.randn(1, *input_size(name))
+    out = model(x)
+    assert out.shape == (1, 42) and not out.isnan().any()
+    model.train()
+    model(torch.randn(2, *input_size(name))).mean().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not no_grad, f'parameters without grad: {no_grad}'
+    assert all(p.grad.isfinite().all() for p in model.parameters())
+
+
+def check_features_and_head(name):
+    model = create(name).eval()
+    cfg = model.pretrained_cfg
+    size = input_size(name) if name.startswith('vit_') else cfg['input_size']
+    x = torch.randn(1, *size)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        if cfg.get('pool_size'):  # ConvNeXt at its cfg input size: NCHW with the cfg's pool size
+            assert feats.shape[1] == model.num_features and tuple(feats.shape[-2:]) == cfg['pool_size']
+        else:
+            assert feats.shape[-1] == model.num_features
+        assert model.forward_head(feats, pre_logits=True).shape == (1, model.head_hidden_size)
+        assert model.forward_head(feats).shape == (1, model.num_classes)
+        model.reset_classifier(0)
+        assert model(x).shape == (1, model.num_features)
+        model.reset_classifier(0, '')
+        assert model(x).shape == feats.shape
+        bare = create(name, num_classes=0, global_pool='').eval()
+        bare.load_state_dict(model.state_dict())
+        assert bare(x).shape == feats.shape
+    state = create(name).state_dict()
+    classifier, first_conv = cfg['classifier'], cfg['first_conv']
+    assert f'{classifier}.weight' in state and f'{first_conv}.weight' in state
+
+
+def check_features_only(name):
+    out_indices = (1, 3) if name.startswith('vit_') else (0, 2, 3)
+    model = create(name, features_only=True, out_indices=out_indices).eval()
+    with torch.no_grad():
+        feats = model(torch.randn(1, *input_size(name)))
+    assert len(feats) == len(out_indices) == len(model.feature_info.channels())
+    for f, chs, red in zip(feats, model.feature_info.channels(), model.feature_info.reduction()):
+        assert f.shape[1] == chs and f.shape[-1] == input_size(name)[-1] // red
+
+
+def check_intermediates_and_checkpointing(name):
+    model = randomize(create(name)).eval()
+    x = torch.randn(2, *input_size(name))
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        final, inter = model.forward_intermediates(x)
+        assert torch.allclose(final, feats, atol=1e-6) and len(inter) == len(model.feature_info)
+        model.set_grad_checkpointing()
+        assert torch.allclose(model.forward_features(x), feats, atol=1e-6)
+        assert torch.allclose(model.forward_intermediates(x)[0], feats, atol=1e-6)
+    model.train()
+    model(x).sum().backward()  # checkpointed backward runs
+
+
+def check_torchscript_raises(name):
+    model = create(name)
+    with pytest.raises(kv.TorchScriptUnsupportedError, match='torch.compile or torch.export'):
+        torch.jit.script(model)
+
+
+def check_weight_decay_and_layer_decay(name):
+    model = create(name)
+    hc = connection_params(model)
+    assert set(hc) <= model.no_weight_decay()
+    assert bool(hc) == (not name.endswith('_residual'))
+    optimizer = create_optimizer_v2(model, 'adamw', weight_decay=0.05, layer_decay=0.75)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g['params']}
+    params = dict(model.named_parameters())
+    for n in hc:  # with its block: blocks.i.hc_* / stages.i.blocks.j.hc.* share the block's layer scale
+        block = n.split('.hc')[0]
+        sibling = next(k for k in params if k.startswith(block + '.') and k not in hc)
+        assert group_of[id(params[n])]['weight_decay'] == 0.0
+        assert group_of[id(params[n])]['lr_scale'] == group_of[id(params[sibling])]['lr_scale']
+    assert len({g['lr_scale'] for g in optimizer.param_groups}) > 2
+
+
+CHECKS = [check_forward_backward, check_features_and_head, check_features_only,
+          check_intermediates_and_checkpointing, check_torchscript_raises, check_weight_decay_and_layer_decay]
+
+
+@pytest.mark.parametrize('check', CHECKS, ids=lambda c: c.__name__[6:])
+@pytest.mark.parametrize('name', FAST_NAMES)
+def test_contract(name, check):
+    check(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ALL_NAMES)
+def test_contract_all_registered(name):
+    for check in CHECKS:
+        check(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registration, arguments, init
+
+
+def test_registration():
+    assert set(timm.list_models('*_kromhc')) == {f'{b}_kromhc' for b in BASES}
+    assert set(ALL_NAMES) <= set(timm.list_models())
+    assert 'vit_small_patch16_224_kromhc.upcycled_augreg_in21k_ft_in1k' in timm.list_pretrained('*_kromhc*')
+    cfg = get_pretrained_cfg('vit_small_patch16_224_kromhc.upcycled_augreg_in21k_ft_in1k').to_dict()
+    src = get_pretrained_cfg('vit_small_patch16_224.augreg_in21k_ft_in1k').to_dict()
+    assert cfg['hf_hub_id'] == 'timm/vit_small_patch16_224.augreg_in21k_ft_in1k'
+    assert all(cfg[k] == src[k] for k in ('input_size', 'mean', 'std', 'crop_pct', 'classifier', 'first_conv'))
+    assert cfg['paper_ids'] == ('arXiv:2010.11929', 'arXiv:2601.21579')
+    assert get_pretrained_cfg('convnext_atto_mhc').paper_ids == ('arXiv:2201.03545', 'arXiv:2512.24880')
+    micro = timm.create_model('vit_micro_patch4_32_kromhc')
+    assert micro.num_classes == 1000 and micro.embed_dim == 64 and len(micro.blocks) == 6 and micro.num_streams == 4
+
+
+@pytest.mark.parametrize('variant, kwargs, match', [
+    ('residual', dict(num_streams=4), "'residual' cannot take num_streams=4"),
+    ('hc', dict(num_streams=1), "'hc' cannot take num_streams=1"),
+    ('mhclite', dict(num_streams=8), "'mhclite' cannot take num_streams=8"),
+    ('kromhc', dict(num_streams=7), "'kromhc' cannot take num_streams=7"),
+    ('kromhc', dict(hc_init='zeros'), "hc_init 'zeros'"),
+    ('kromhc', dict(hc_kwargs={'sinkhorn_iters': 3}), 'hc_kwargs .* not accepted'),
+    ('mhc', dict(hc_backend='cuda'), "backend 'cuda'"),
+])
+def test_bad_arguments(variant, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model(f'vit_micro_patch4_32_{variant}', **kwargs)
+
+
+def test_arguments_reach_connections():
+    model = timm.create_model('vit_micro_patch4_32_mhc', num_streams=3, hc_init='identity',
+                              hc_backend='torch', hc_kwargs={'sinkhorn_iters': 7})
+    conn = model.blocks[5].hc_mlp
+    assert (conn.num_streams, conn.init, conn.backend, conn.sinkhorn_iters, conn.layer_index) == (3, 'identity',
+                                                                                                  'torch', 7, 11)
+    assert timm.create_model('convnext_atto_kromhc', num_streams=8).stages[3].blocks[1].hc.factors == (2, 2, 2)
+    assert timm.create_model('convnext_atto_kromhc').stages[1].blocks[0].hc.layer_index == 2
+
+
+@pytest.mark.parametrize('name', ['vit_micro_patch4_32_kromhc', 'convnext_atto_mhclite'])
+def test_timm_init_leaves_connections_alone(name):
+    model = create(name)
+    if hasattr(model, 'init_weights'):
+        model.init_weights()
+    for module in (m for m in model.modules() if isinstance(m, kv.HyperConnection)):
+        fresh = kv.build_connection(module.variant, module.num_streams, module.dim, module.layer_index)
+        assert all(torch.equal(a, b) for a, b in zip(module.parameters(), fresh.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hub cache and upcycling
+
+
+def fill_hf_cache(cache, repo_id, files):
+    """Lay out ``files`` ({name: path}) for ``repo_id`` the way huggingface_hub caches a download."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / 'refs').mkdir(parents=True, exist_ok=True)
+    (repo / 'refs' / 'main').write_text(commit)
+    for fname, src in files.items():
+        data = src.read_bytes()
+        blob = repo / 'blobs' / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / 'snapshots' / commit / fname
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(f'../../blobs/{blob.name}')
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An offline Hugging Face cache in tmp_path (HF_HUB_CACHE, HF_HUB_OFFLINE=1)."""
+    cache = tmp_path / 'hf_cache'
+    cache.mkdir()
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
+    return cache
+
+
+def residual_timm_model(base, **kwargs):
+    """timm's residual model with random weights; ConvNeXt layer scales raised so the blocks matter."""
+    model = timm.create_model(base, **kwargs)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith('gamma'):
+                p.uniform_(0.2, 1.0)
+    return randomize(model).eval()
+
+
+def assert_close_rel(out, ref, rtol=1e-3):
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err < rtol, f'relative error {err:.2e}'
+
+
+UPCYCLE_CASES = [('vit_tiny_patch16_224', 'augreg_in21k_ft_in1k', dict(img_size=64), 64),
+                 ('convnext_atto', 'd2_in1k', {}, 64)]
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+@pytest.mark.parametrize('base, tag, kwargs, size', UPCYCLE_CASES, ids=[c[0] for c in UPCYCLE_CASES])
+def test_upcycled_pretrained_reproduces_residual(hf_cache, tmp_path, base, tag, kwargs, size, variant):
+    ref = residual_timm_model(base, **kwargs)
+    save_file(ref.state_dict(), tmp_path / 'model.safetensors')
+    fill_hf_cache(hf_cache, f'timm/{base}.{tag}', {'model.safetensors': tmp_path / 'model.safetensors'})
+    model = timm.create_model(f'{base}_{variant}.upcycled_{tag}', pretrained=True, **kwargs).eval()
+    assert all(getattr(m, 'init', 'identity') == 'identity' for m in model.modules()
+               if isinstance(m, kv.HyperConnection))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert_close_rel(model(x), ref(x))
+    if variant != 'residual':
+        with pytest.raises(ValueError, match="needs hc_init='identity'"):
+            timm.create_model(f'{base}_{variant}.upcycled_{tag}', pretrained=True, hc_init='published', **kwargs)
+
+
+def test_load_residual_weights_and_errors():
+    micro_args = dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=4, num_classes=10)
+    ref = randomize(timm.models.VisionTransformer(**micro_args)).eval()
+    model = timm.create_model('vit_micro_patch4_32_kromhc', hc_init='identity', num_classes=10).eval()
+    kv.load_residual_weights(model, ref)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close_rel(model(x), ref(x))
+    with pytest.raises(ValueError, match="needs a model built with hc_init='identity'"):
+        kv.load_residual_weights(timm.create_model('vit_micro_patch4_32_kromhc', num_classes=10), ref)
+    other = timm.models.VisionTransformer(**dict(micro_args, embed_dim=32, depth=7))
+    with pytest.raises(kv.CheckpointMismatchError) as err:
+        kv.load_residual_weights(model, other)
+    msg = str(err.value)
+    assert 'unexpected keys (' in msg and 'blocks.6.attn.qkv.weight' in msg
+    assert 'shape mismatches' in msg and 'cls_token: checkpoint (1, 1, 32) vs model (1, 1, 64)' in msg
+    # another head: ignore_classifier keeps the model's own head
+    model_1k = timm.create_model('vit_micro_patch4_32_hc', hc_init='identity')
+    with pytest.raises(kv.CheckpointMismatchError, match='head.weight: checkpoint'):
+        kv.load_residual_weights(model_1k, ref)
+    kv.load_residual_weights(model_1k, ref, ignore_classifier=True)
+    assert torch.equal(model_1k.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# our own weights: save_for_hf, local-dir:, hf-hub:
+
+
+SAVE_CASES = [('vit_micro_patch4_32_mhc', dict(num_streams=2, hc_kwargs={'sinkhorn_iters': 5}, num_classes=7), 32),
+              ('convnext_micro_kromhc', dict(num_classes=7), 32)]
+
+
+@pytest.mark.parametrize('name, kwargs, size', SAVE_CASES, ids=[c[0] for c in SAVE_CASES])
+def test_save_and_reload(hf_cache, tmp_path, name, kwargs, size):
+    model = randomize(timm.create_model(name, **kwargs)).eval()
+    out_dir = tmp_path / 'export'
+    save_for_hf(model, out_dir, model_args=kv.hc_model_args(model), safe_serialization=True)
+    assert (out_dir / 'model.safetensors').is_file()
+    config = json.loads((out_dir / 'config.json').read_text())
+    assert config['architecture'] == name and 'pretrained_cfg' in config
+    assert config['model_args']['num_streams'] == model.num_streams
+    assert config['model_args']['hc_init'] == 'published'
+    assert config['model_args'].get('hc_kwargs') == kwargs.get('hc_kwargs')
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ref = model(x)
+        local = timm.create_model(f'local-dir:{out_dir}', pretrained=True).eval()
+        assert torch.equal(local(x), ref)
+        fill_hf_cache(hf_cache, 'kromhc/test-model', {f: out_dir / f for f in ('config.json', 'model.safetensors')})
+        hub = timm.create_model('hf-hub:kromhc/test-model', pretrained=True).eval()
+        assert torch.equal(hub(x), ref)
+    assert hub.hc == model.hc and hub.num_classes == 7
+    # plain timm export records the hc settings too (the constructor records them)
+    save_for_hf(model, tmp_path / 'plain')
+    assert json.loads((tmp_path / 'plain' / 'config.json').read_text())['model_args']['num_streams'] == model.num_streams
+
+
+def test_wrong_checkpoint_errors(tmp_path):
+    model = timm.create_model('vit_micro_patch4_32_mhc', num_streams=2)
+    save_for_hf(model, tmp_path, safe_serialization=True)
+    weights = dict(file=str(tmp_path / 'model.safetensors'))
+    with pytest.raises(kv.CheckpointMismatchError,
+                       match=r"variant 'kromhc'.*shape mismatches.*blocks.0.hc_attn.proj_weight: checkpoint \(128, 8\)"
+                             r" vs model \(128, 6\)"):
+        timm.create_model('vit_micro_patch4_32_kromhc', num_streams=2, pretrained=True, pretrained_cfg_overlay=weights)
+    with pytest.raises(kv.CheckpointMismatchError, match=r'num_streams=4.*hc_attn.norm_weight: checkpoint \(128,\)'):
+        timm.create_model(f'local-dir:{tmp_path}', pretrained=True, num_streams=4)
+    with pytest.raises(kv.CheckpointMismatchError, match=r"variant 'residual'.*unexpected keys.*blocks.0.hc_attn.bias"):
+        timm.create_model('vit_micro_patch4_32_residual', pretrained=True, pretrained_cfg_overlay=weights)
+    with pytest.raises(kv.CheckpointMismatchError, match=r'missing keys.*blocks.11.*shape mismatches.*pos_embed'):
+        timm.create_model('vit_tiny_patch16_224_mhc', num_streams=2, img_size=64, pretrained=True,
+                          pretrained_cfg_overlay=weights)
