@@ -43,7 +43,8 @@ def bench_ms(fn) -> float:
 def copy_bandwidth() -> float:
     """Bytes/s of a device-to-device copy (read + write), the practical memory-bandwidth ceiling."""
     numel = (1 << 28) if GPU else (1 << 24)
-    src, dst = torch.empty(numel, dtype=torch.float32, device=DEVICE), torch.empty(numel, dtype=torch.float32, device=DEVICE)
+    src = torch.empty(numel, dtype=torch.float32, device=DEVICE)
+    dst = torch.empty_like(src)
     return 2 * src.nbytes / (bench_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
@@ -81,9 +82,10 @@ def run(title: str, cases, op, reference, bandwidth: float):
         comp_fwd, comp_bwd, *_ = _forward_backward(compiled, inputs, args, cot)
         _check(outputs, ref_outputs, f"{label}: output")
         _check(grads, ref_grads, f"{label}: gradient")
-        for name, floor, impls in (("fwd", floor_fwd, (fwd, ref_fwd, comp_fwd)), ("bwd", floor_bwd, (bwd, ref_bwd, comp_bwd))):
+        for name, floor, impls in (("fwd", floor_fwd, (fwd, ref_fwd, comp_fwd)),
+                                   ("bwd", floor_bwd, (bwd, ref_bwd, comp_bwd))):
             ms, ref_ms, comp_ms = (bench_ms(f) for f in impls)
-            print(f"{label:<36}{name:<5}{ms:>11.4f}{floor / ms / 1e6:>9.1f}{ms / (1e3 * floor / bandwidth):>11.2f}"
+            print(f"{label:<36}{name:<5}{ms:>11.4f}{floor / ms / 1e6:>9.1f}{ms / (1e3 * floor / bandwidth):>11.3g}"
                   f"{ref_ms / ms:>10.2f}{comp_ms / ms:>11.2f}")
 
 

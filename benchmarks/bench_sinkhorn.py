@@ -15,8 +15,9 @@ from kromhc_vision.residual_maps import sinkhorn_log
 
 def cases(n, iters, kind):
     for family, T, _ in _timing.shapes(kind):
-        logits = (-8 * (1 - torch.eye(n, device=_timing.DEVICE)) + torch.randn(T, n, n, device=_timing.DEVICE))
-        yield f"{family} T={T} n={n} iters={iters}", [logits.requires_grad_()], (iters,), T * 2 * n * n * 4, T * 3 * n * n * 4
+        logits = -8 * (1 - torch.eye(n, device=_timing.DEVICE)) + torch.randn(T, n, n, device=_timing.DEVICE)
+        yield (f"{family} T={T} n={n} iters={iters}", [logits.requires_grad_()], (iters,),
+               T * 2 * n * n * 4, T * 3 * n * n * 4)
 
 
 def main():

@@ -16,9 +16,9 @@ from kromhc_vision.mixing import stream_pre_reference
 def cases(n, m, dtype, kind):
     for family, T, C in _timing.shapes(kind):
         K, size = 2 * n + m, dtype.itemsize
-        inputs = [torch.randn(T, n, C, dtype=dtype, device=_timing.DEVICE),
-                  1 + 0.1 * torch.randn(n * C, device=_timing.DEVICE), 0.02 * torch.randn(n * C, K, device=_timing.DEVICE),
-                  torch.randn(K, device=_timing.DEVICE), torch.randn(K, device=_timing.DEVICE)]
+        dev = _timing.DEVICE
+        inputs = [torch.randn(T, n, C, dtype=dtype, device=dev), 1 + 0.1 * torch.randn(n * C, device=dev),
+                  0.02 * torch.randn(n * C, K, device=dev), torch.randn(K, device=dev), torch.randn(K, device=dev)]
         yield (f"{family} T={T} n={n} C={C} K={K}", [t.requires_grad_() for t in inputs], (1e-6,),
                T * (n + 1) * C * size, T * (2 * n + 1) * C * size)
 
@@ -30,8 +30,8 @@ def main():
     bandwidth = _timing.copy_bandwidth()
     for n in args.streams:
         m = kv.CONNECTIONS[args.variant].num_res_logits(n)
-        _timing.run(f"stream_pre ({args.variant}, n={n}, {args.dtype})", cases(n, m, _timing.DTYPES[args.dtype], args.shapes),
-                    stream_pre, stream_pre_reference, bandwidth)
+        _timing.run(f"stream_pre ({args.variant}, n={n}, {args.dtype})",
+                    cases(n, m, _timing.DTYPES[args.dtype], args.shapes), stream_pre, stream_pre_reference, bandwidth)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from ._common import configs, prune_by_size, tl_dtype
 
 _CONFIGS = configs(
     [(dict(BLOCK_T=4, BLOCK_C=256), 4), (dict(BLOCK_T=8, BLOCK_C=128), 4), (dict(BLOCK_T=16, BLOCK_C=128), 8),
-     (dict(BLOCK_T=32, BLOCK_C=64), 4), (dict(BLOCK_T=8, BLOCK_C=256), 8)],
+     (dict(BLOCK_T=32, BLOCK_C=64), 4), (dict(BLOCK_T=8, BLOCK_C=256), 8), (dict(BLOCK_T=2, BLOCK_C=128), 4)],
     dict(BLOCK_T=4, BLOCK_C=32),
 )
 _PRUNE = prune_by_size(8192, lambda a: a["BLOCK_T"] * a["NP"] * a["BLOCK_C"])

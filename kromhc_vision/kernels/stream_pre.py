@@ -27,7 +27,7 @@ MIN_BLOCK_T = 16  # tl.dot needs M >= 16; the per-program partial buffers are si
 
 _CONFIGS = configs(
     [(dict(BLOCK_T=16, BLOCK_C=64), 4), (dict(BLOCK_T=32, BLOCK_C=64), 4), (dict(BLOCK_T=32, BLOCK_C=128), 8),
-     (dict(BLOCK_T=64, BLOCK_C=64), 8), (dict(BLOCK_T=16, BLOCK_C=128), 4)],
+     (dict(BLOCK_T=64, BLOCK_C=64), 8), (dict(BLOCK_T=16, BLOCK_C=128), 4), (dict(BLOCK_T=16, BLOCK_C=16), 8)],
     dict(BLOCK_T=MIN_BLOCK_T, BLOCK_C=32),
 )
 _PRUNE = prune_by_size(16384, lambda a: (a["BLOCK_T"] + a["BLOCK_C"]) * a["KP"] + a["BLOCK_T"] * a["BLOCK_C"])
@@ -133,8 +133,9 @@ def _stream_pre_bwd_kernel(X, G, W, S, B, DU, DCOEF, DX, DR, PART, T, eps, n: tl
 
 
 @triton.autotune(configs([(dict(BLOCK_T=32, BLOCK_D=64), 4), (dict(BLOCK_T=64, BLOCK_D=64), 4),
-                          (dict(BLOCK_T=64, BLOCK_D=128), 8)], dict(BLOCK_T=MIN_BLOCK_T, BLOCK_D=32)),
-                 key=["D", "KP"])
+                          (dict(BLOCK_T=64, BLOCK_D=128), 8), (dict(BLOCK_T=32, BLOCK_D=16), 8)],
+                         dict(BLOCK_T=MIN_BLOCK_T, BLOCK_D=32)),
+                 key=["D", "KP"], prune_configs_by=prune_by_size(16384, lambda a: a["BLOCK_D"] * a["KP"]))
 @triton.jit
 def _stream_pre_dw_kernel(X, DR, PART, T, D: tl.constexpr, KP: tl.constexpr, CD: tl.constexpr,
                           PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):

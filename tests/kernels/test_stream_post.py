@@ -21,9 +21,13 @@ def test_matches_reference(n, C, lead, dtype, compare):
     compare(stream_post, stream_post_reference, make_inputs(n, C, lead, dtype))
 
 
-def test_bfloat16_streams_float32_coefficients(compare):
-    inputs = make_inputs(4, 72, (2, 5), torch.bfloat16, torch.float32)
-    assert stream_post(*inputs).dtype == torch.bfloat16
+@pytest.mark.parametrize("stream_dtype, branch_dtype",
+                         [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+def test_bfloat16_with_float32_coefficients(stream_dtype, branch_dtype, compare):
+    """bf16 streams, or fp32 streams with a bf16 branch output (autocast); coefficients fp32."""
+    inputs = make_inputs(4, 72, (2, 5), stream_dtype, torch.float32)
+    inputs[1] = inputs[1].detach().to(branch_dtype).requires_grad_()
+    assert stream_post(*inputs).dtype == stream_dtype
     compare(stream_post, stream_post_reference, inputs)
 
 
