@@ -5,8 +5,10 @@ import torch
 from kromhc_vision.kernels import stream_pre
 from kromhc_vision.mixing import stream_pre_reference
 
-# (n, C, m, leading dims): C not a multiple of the block, token counts not a multiple of BLOCK_T.
-SHAPES = [(2, 40, 2, (3, 7)), (3, 72, 6, (5,)), (4, 40, 16, (2, 3, 3)), (6, 72, 3, (9,)), (8, 40, 64, (17,))]
+# (n, C, m, leading dims): C not a multiple of the block, token counts not a multiple of BLOCK_T;
+# the last has enough tokens for the weight-gradient GEMM to split over tokens.
+SHAPES = [(2, 40, 2, (3, 7)), (3, 72, 6, (5,)), (4, 40, 16, (2, 3, 3)), (6, 72, 3, (9,)), (8, 40, 64, (17,)),
+          (2, 24, 2, (130,))]
 
 
 def make_inputs(n, C, m, lead, dtype=torch.float64, param_dtype=None):
