@@ -1,0 +1,439 @@
+"""Plumbing of ``train.py`` / ``eval.py``: timm's train.py arguments, YAML configs, up-front validation, loop state.
+
+Config keys are timm train.py's argument names with underscores (``batch_size``, ``model_kwargs``, ...), with
+timm's meanings, so a config runs unchanged under timm's own train.py given ``device_modules: [kromhc_vision]``.
+"""
+import argparse
+import csv
+import difflib
+import importlib
+import json
+import logging
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from timm.task import ClassificationTask
+from timm.utils import ParseKwargs
+
+_logger = logging.getLogger('train')
+
+# timm train.py options this train.py does not implement; named as such instead of "unknown key".
+TIMM_UNSUPPORTED = (
+    'data', 'torchscript', 'fuser', 'fast_norm', 'amp_impl', 'model_dtype', 'no_ddp_bb', 'synchronize_step',
+    'local_rank', 'aug_splits', 'jsd_loss', 'split_bn', 'drop_connect', 'recovery_interval', 'save_images', 'tta',
+    'use_multi_epochs_loader', 'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id',
+)
+
+
+class ConfigError(ValueError):
+    """A config or command line that cannot run; raised before any work starts."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """timm train.py's arguments (the supported subset), same names, meanings and defaults unless noted."""
+    p = argparse.ArgumentParser(
+        description='Train a timm model (hyper-connected or not). Config keys = these options with underscores.',
+        allow_abbrev=False)
+    flag = dict(action=argparse.BooleanOptionalAction, default=False)
+    kw = dict(nargs='*', default={}, action=ParseKwargs)
+    g = p.add_argument_group('Dataset')
+    g.add_argument('--data-dir', default=None,
+                   help='dataset root; ImageNet-style folder with train/validation subfolders for the folder '
+                        'dataset (default here: the embedded digits dataset, see kromhc_vision.data)')
+    g.add_argument('--dataset', default='', help='"<type>/<name>", e.g. hfds/..., torch/cifar10; empty = folder')
+    g.add_argument('--train-split', default='train')
+    g.add_argument('--val-split', default='validation')
+    g.add_argument('--train-num-samples', type=int, default=None)
+    g.add_argument('--val-num-samples', type=int, default=None)
+    g.add_argument('--dataset-download', **flag)
+    g.add_argument('--class-map', default='')
+    g.add_argument('--input-img-mode', default=None)
+    g.add_argument('--input-key', default=None)
+    g.add_argument('--target-key', default=None)
+    g.add_argument('--dataset-trust-remote-code', **flag)
+    g = p.add_argument_group('Model')
+    g.add_argument('--model', default='vit_micro_patch4_32_kromhc', help='timm model name (default differs: timm '
+                   'uses resnet50)')
+    g.add_argument('--pretrained', **flag)
+    g.add_argument('--pretrained-path', default=None)
+    g.add_argument('--initial-checkpoint', default='')
+    g.add_argument('--resume', default='', help='checkpoint to continue from (model, EMA, optimizer, scheduler, '
+                   'scaler, epoch, step)')
+    g.add_argument('--no-resume-opt', **flag)
+    g.add_argument('--num-classes', type=int, default=None)
+    g.add_argument('--gp', default=None)
+    g.add_argument('--img-size', type=int, default=None)
+    g.add_argument('--in-chans', type=int, default=None)
+    g.add_argument('--input-size', type=int, nargs=3, default=None)
+    g.add_argument('--crop-pct', type=float, default=None)
+    g.add_argument('--mean', type=float, nargs='+', default=None)
+    g.add_argument('--std', type=float, nargs='+', default=None)
+    g.add_argument('--interpolation', default='')
+    g.add_argument('-b', '--batch-size', type=int, default=128)
+    g.add_argument('-vb', '--validation-batch-size', type=int, default=None)
+    g.add_argument('--channels-last', **flag)
+    g.add_argument('--grad-accum-steps', type=int, default=1)
+    g.add_argument('--grad-checkpointing', **flag)
+    g.add_argument('--model-kwargs', **kw)
+    g.add_argument('--head-init-scale', type=float, default=None)
+    g.add_argument('--head-init-bias', type=float, default=None)
+    g.add_argument('--torchcompile', nargs='?', default=None, const='inductor')
+    g.add_argument('--torchcompile-mode', default=None)
+    g = p.add_argument_group('Device & distributed (launch with torchrun for DDP)')
+    g.add_argument('--device', default=None, help="default: 'cuda' when available, else 'cpu' (timm: 'cuda')")
+    g.add_argument('--amp', **flag)
+    g.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
+    g.add_argument('--device-modules', nargs='+', default=None, help='modules to import first, e.g. kromhc_vision')
+    g = p.add_argument_group('Optimizer')
+    g.add_argument('--opt', default='sgd')
+    g.add_argument('--opt-eps', type=float, default=None)
+    g.add_argument('--opt-betas', type=float, nargs='+', default=None)
+    g.add_argument('--momentum', type=float, default=0.9)
+    g.add_argument('--weight-decay', type=float, default=2e-5)
+    g.add_argument('--clip-grad', type=float, default=None)
+    g.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'))
+    g.add_argument('--layer-decay', type=float, default=None)
+    g.add_argument('--layer-decay-min-scale', type=float, default=0.)
+    g.add_argument('--layer-decay-no-opt-scale', type=float, default=None)
+    g.add_argument('--opt-kwargs', **kw)
+    g = p.add_argument_group('Learning rate schedule')
+    g.add_argument('--sched', default='cosine')
+    g.add_argument('--sched-on-updates', **flag)
+    g.add_argument('--lr', type=float, default=None)
+    g.add_argument('--lr-base', type=float, default=0.1)
+    g.add_argument('--lr-base-size', type=int, default=256)
+    g.add_argument('--lr-base-scale', default='', choices=('', 'linear', 'sqrt'))
+    g.add_argument('--lr-noise', type=float, nargs='+', default=None)
+    g.add_argument('--lr-noise-pct', type=float, default=0.67)
+    g.add_argument('--lr-noise-std', type=float, default=1.0)
+    g.add_argument('--lr-cycle-mul', type=float, default=1.0)
+    g.add_argument('--lr-cycle-decay', type=float, default=0.5)
+    g.add_argument('--lr-cycle-limit', type=int, default=1)
+    g.add_argument('--lr-k-decay', type=float, default=1.0)
+    g.add_argument('--warmup-lr', type=float, default=1e-5)
+    g.add_argument('--min-lr', type=float, default=0.)
+    g.add_argument('--epochs', type=int, default=300)
+    g.add_argument('--epoch-repeats', type=float, default=0.)
+    g.add_argument('--start-epoch', type=int, default=None)
+    g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270])
+    g.add_argument('--decay-epochs', type=float, default=90)
+    g.add_argument('--warmup-epochs', type=int, default=5)
+    g.add_argument('--warmup-prefix', **flag)
+    g.add_argument('--cooldown-epochs', type=int, default=0)
+    g.add_argument('--patience-epochs', type=int, default=10)
+    g.add_argument('--decay-rate', type=float, default=0.1)
+    g = p.add_argument_group('Augmentation & regularization')
+    g.add_argument('--no-aug', **flag)
+    g.add_argument('--train-crop-mode', default=None)
+    g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0])
+    g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.])
+    g.add_argument('--hflip', type=float, default=0.5)
+    g.add_argument('--vflip', type=float, default=0.)
+    g.add_argument('--color-jitter', type=float, default=0.4)
+    g.add_argument('--color-jitter-prob', type=float, default=None)
+    g.add_argument('--grayscale-prob', type=float, default=None)
+    g.add_argument('--gaussian-blur-prob', type=float, default=None)
+    g.add_argument('--aa', default=None, help='auto augment policy, e.g. rand-m9-mstd0.5-inc1')
+    g.add_argument('--aug-repeats', type=float, default=0)
+    g.add_argument('--bce-loss', **flag)
+    g.add_argument('--bce-sum', **flag)
+    g.add_argument('--bce-target-thresh', type=float, default=None)
+    g.add_argument('--bce-pos-weight', type=float, default=None)
+    g.add_argument('--reprob', type=float, default=0.)
+    g.add_argument('--remode', default='pixel')
+    g.add_argument('--recount', type=int, default=1)
+    g.add_argument('--resplit', **flag)
+    g.add_argument('--mixup', type=float, default=0.0)
+    g.add_argument('--cutmix', type=float, default=0.0)
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
+    g.add_argument('--mixup-prob', type=float, default=1.0)
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'))
+    g.add_argument('--mixup-off-epoch', type=int, default=0)
+    g.add_argument('--smoothing', type=float, default=0.1)
+    g.add_argument('--train-interpolation', default='random')
+    g.add_argument('--drop', type=float, default=0.0)
+    g.add_argument('--drop-path', type=float, default=None)
+    g.add_argument('--drop-block', type=float, default=None)
+    g = p.add_argument_group('Batch norm')
+    g.add_argument('--bn-momentum', type=float, default=None)
+    g.add_argument('--bn-eps', type=float, default=None)
+    g.add_argument('--sync-bn', **flag)
+    g.add_argument('--dist-bn', default='reduce', choices=('broadcast', 'reduce', ''))
+    g = p.add_argument_group('Model EMA')
+    g.add_argument('--model-ema', **flag)
+    g.add_argument('--model-ema-force-cpu', **flag)
+    g.add_argument('--model-ema-decay', type=float, default=0.9998)
+    g.add_argument('--model-ema-warmup', **flag)
+    g = p.add_argument_group('Misc')
+    g.add_argument('--seed', type=int, default=42)
+    g.add_argument('--worker-seeding', default='all', choices=('all', 'part'))
+    g.add_argument('--log-interval', type=int, default=50)
+    g.add_argument('--checkpoint-hist', type=int, default=10)
+    g.add_argument('-j', '--workers', type=int, default=4)
+    g.add_argument('--pin-mem', **flag)
+    g.add_argument('--no-prefetcher', **flag)
+    g.add_argument('--output', default='', help='output root (default ./output/train)')
+    g.add_argument('--experiment', default='', help='run folder name under output (default: time-model-size)')
+    g.add_argument('--eval-metric', default='top1', choices=('top1', 'top5', 'loss'))
+    return p
+
+
+def _close(key, known):
+    matches = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(repr(m) for m in matches)}?)" if matches else ''
+
+
+def _unknown(key: str, known, where: str) -> ConfigError:
+    if key in TIMM_UNSUPPORTED:
+        return ConfigError(f"{where}: timm train.py option {key!r} is not supported by this train.py")
+    return ConfigError(f"{where}: unknown key {key!r}{_close(key, known)}")
+
+
+def _check_value(action: argparse.Action, key: str, value, where: str):
+    """YAML values must already have the option's type (as timm's train.py uses them unconverted)."""
+    def bad(expected):
+        return ConfigError(f"{where}: {key}: expected {expected}, got {value!r} ({type(value).__name__})"
+                           + (" (YAML reads exponents without a dot, like 5e-4, as strings; write 5.0e-4)"
+                              if isinstance(value, str) else ''))
+
+    if value is None:
+        return
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise bad('true or false')
+        return
+    if isinstance(action, ParseKwargs):
+        if not isinstance(value, dict):
+            raise bad('a mapping')
+        return
+    items = value
+    if action.nargs is not None and action.nargs != '?':
+        if not isinstance(value, list):
+            raise bad('a list')
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            raise bad(f'a list of {action.nargs} values')
+    else:
+        items = [value]
+    types = {int: (int,), float: (int, float), None: (str,)}[action.type]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, types):
+            raise bad({int: 'an integer', float: 'a number', None: 'a string'}[action.type])
+        if action.choices is not None and item not in action.choices:
+            raise ConfigError(f"{where}: {key}: {item!r} is not one of {list(action.choices)}")
+
+
+def load_config(path, parser: argparse.ArgumentParser) -> dict:
+    """Read a YAML config and check every key and value against ``parser``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values")
+    actions = {a.dest: a for a in parser._actions if a.dest != 'help'}
+    for key, value in cfg.items():
+        if key not in actions:
+            raise _unknown(key, list(actions), str(path))
+        _check_value(actions[key], key, value, str(path))
+    return cfg
+
+
+def parse_args(argv=None):
+    """``-c config.yaml`` then options; the command line overrides the config. Returns ``(args, args_text)``."""
+    config_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    config_parser.add_argument('-c', '--config', default='', help='YAML config (keys: the options below)')
+    cfg_args, remaining = config_parser.parse_known_args(argv)
+    parser = build_parser()
+    parser.add_argument('-c', '--config', default='', help='YAML config; keys are the options, underscored')
+    if cfg_args.config:
+        parser.set_defaults(**load_config(cfg_args.config, parser))
+    args, unknown = parser.parse_known_args(remaining)
+    for item in unknown:
+        if item.startswith('-'):
+            key = item.lstrip('-').split('=')[0].replace('-', '_')
+            raise _unknown(key, [a.dest for a in parser._actions], 'command line')
+        raise ConfigError(f"command line: unexpected argument {item!r}")
+    del args.config
+    return args, yaml.safe_dump(vars(args), default_flow_style=False)
+
+
+def import_device_modules(args):
+    for name in args.device_modules or ():
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"device_modules: cannot import {name!r}: {e}") from None
+
+
+def model_kwargs(args) -> dict:
+    """``create_model`` keyword arguments, as timm's train.py builds them."""
+    in_chans = args.in_chans if args.in_chans is not None else (args.input_size[0] if args.input_size else 3)
+    kwargs = dict(in_chans=in_chans, num_classes=args.num_classes, drop_rate=args.drop,
+                  drop_path_rate=args.drop_path, drop_block_rate=args.drop_block, global_pool=args.gp,
+                  bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, **args.model_kwargs)
+    if args.pretrained_path:
+        kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
+    return kwargs
+
+
+def is_folder_dataset(args) -> bool:
+    return '/' not in (args.dataset or '')
+
+
+def validate(args):
+    """Fail with a :class:`ConfigError` naming the problem before any work starts.
+
+    Builds the model and its optimizer on the ``meta`` device (no memory, no download), which runs the
+    connections' own checks (e.g. a stream count the variant cannot take).
+    """
+    import timm
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+
+    import_device_modules(args)
+    if not timm.is_model(args.model):
+        base = args.model.split('.')[0]
+        raise ConfigError(f"model: unknown model {args.model!r}{_close(base, timm.list_models())}")
+    for key in ('batch_size', 'epochs', 'grad_accum_steps', 'log_interval', 'checkpoint_hist'):
+        if getattr(args, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(args, key)}")
+    for key in ('resume', 'initial_checkpoint', 'pretrained_path'):
+        if getattr(args, key) and not os.path.isfile(getattr(args, key)):
+            raise ConfigError(f"{key}: checkpoint file not found: {getattr(args, key)}")
+    try:
+        with torch.device('meta'):
+            model = timm.create_model(args.model, pretrained=False, **model_kwargs(args))
+            create_optimizer_v2(model, **dict(optimizer_kwargs(cfg=args), lr=args.lr or 0.), **args.opt_kwargs)
+    except (ValueError, TypeError, RuntimeError, AssertionError) as e:
+        raise ConfigError(f"model {args.model!r} with these settings cannot be built: {e}") from None
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        raise ConfigError(f"data_dir: folder not found: {args.data_dir}")
+    if args.data_dir is not None and is_folder_dataset(args):
+        for split in (args.train_split, args.val_split):
+            if not os.path.isdir(os.path.join(args.data_dir, split)):
+                raise ConfigError(f"data_dir: no {split!r} subfolder in {args.data_dir} (train_split / val_split)")
+        classes = [d for d in os.scandir(os.path.join(args.data_dir, args.train_split)) if d.is_dir()]
+        if len(classes) > model.num_classes:
+            raise ConfigError(f"num_classes: {args.data_dir} has {len(classes)} classes but the model has "
+                              f"{model.num_classes} outputs")
+
+
+class TrainTask(ClassificationTask):
+    """timm's ClassificationTask whose checkpoint ``task_state`` also holds the loop state.
+
+    That is: scheduler state, update count ``step``, RNG states and the data config the model was trained with.
+    Each epoch also reseeds every RNG from (seed, epoch, rank), which is what makes a resumed run replay the
+    uninterrupted one under DDP too (the RNG states saved are rank 0's).
+    """
+    scheduler = None
+    step = 0
+    data_config = None
+
+    def get_task_state(self, module=None, ema=False):
+        if ema:
+            return {}
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        return dict(
+            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+            step=self.step,
+            data_config=self.data_config,
+            rng=dict(torch=torch.get_rng_state(), numpy=(kind, keys.tolist(), pos, has_gauss, gauss),
+                     python=random.getstate(),
+                     cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+        )
+
+    def load_task_state(self, state, strict=True, module=None, ema=False):
+        if ema or not state:
+            return
+        if self.scheduler is not None and state.get('scheduler') is not None:
+            self.scheduler.load_state_dict(state['scheduler'])
+        self.step = state['step']
+        rng = state['rng']
+        torch.set_rng_state(rng['torch'])
+        kind, keys, pos, has_gauss, gauss = rng['numpy']
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        random.setstate(rng['python'])
+        if rng['cuda'] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng['cuda'])
+
+
+def seed_epoch(seed: int, epoch: int, rank: int, world_size: int):
+    """Seed python, numpy and torch for one epoch (loader order, worker seeds, augmentation, mixup, drop path)."""
+    from timm.utils import random_seed
+    random_seed(seed + epoch * world_size, rank)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated since the last reset, else the process's peak RSS."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def progress(iterable, total: int, desc: str, enabled: bool):
+    """A tqdm bar on a terminal, else the iterable itself (callers log plain lines)."""
+    if enabled and sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return iterable
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast, evaluator, distributed=False, desc='Eval', log=True,
+             channels_last=False) -> dict:
+    """loss / top1 / top5 (timm's ClassificationEvaluator) and images/s over ``loader``."""
+    model.eval()
+    evaluator.reset()
+    start, count = time.perf_counter(), 0
+    bar = progress(loader, len(loader), desc, log)
+    for input, target in bar:
+        input, target = input.to(device), target.to(device)
+        if channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            output = model(input)
+        evaluator.update(output, target)
+        count += input.shape[0]
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    metrics = evaluator.compute(distributed=distributed)
+    metrics['img_per_sec'] = count * (torch.distributed.get_world_size() if distributed else 1) / max(
+        time.perf_counter() - start, 1e-9)
+    return dict(metrics)
+
+
+def write_json(path, obj):
+    """Write JSON atomically."""
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+class StepLog:
+    """``steps.csv``: epoch, update step, loss and lr of every optimizer update; rows of resumed epochs dropped."""
+
+    def __init__(self, path, start_epoch: int):
+        from timm.utils import trim_summary
+        self.path = path
+        trim_summary(path, start_epoch)
+        self.rows = []
+
+    def add(self, epoch, step, loss, lr):
+        self.rows.append((epoch, step, repr(loss), repr(lr)))
+
+    def flush(self):
+        new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+        with open(self.path, 'a', newline='') as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(('epoch', 'step', 'loss', 'lr'))
+            w.writerows(self.rows)
+        self.rows = []

@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""Train a timm image classifier (hyper-connected or plain); timm's train.py options, as a YAML config or flags.
+
+    python train.py -c configs/digits_kromhc.yaml [--key value ...]   # the command line overrides the config
+
+Without ``data_dir`` (and with the folder dataset) it trains on the embedded digits dataset
+(:mod:`kromhc_vision.data`). ``batch_size`` is per process: the global batch is
+batch_size x processes x grad_accum_steps, and when ``lr`` is not given it is ``lr_base`` scaled by
+global batch / ``lr_base_size`` (``lr_base_scale`` linear or sqrt), as in timm.
+
+Distributed data parallel through torchrun (NCCL on GPUs, gloo on CPU)::
+
+    torchrun --nproc_per_node=8 train.py -c configs/imagenet/vit_small_kromhc.yaml --data-dir /data/imagenet
+    # several nodes: the same command on every node, meeting at a rendezvous endpoint
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29400 --rdzv_id=JOB \\
+        train.py -c configs/imagenet/vit_small_kromhc.yaml --data-dir /data/imagenet
+
+Outputs in ``<output>/<experiment>/``: ``args.yaml``; per epoch ``summary.csv`` and ``summary.json`` (train loss,
+eval loss / top-1 / top-5, lr, images/s, peak memory); per optimizer update ``steps.csv`` (loss, lr); timm's
+``CheckpointSaver`` files (``last.pth.tar``, ``checkpoint-<epoch>.pth.tar``, written to a temporary file and
+renamed) holding model, EMA, optimizer, scaler, epoch and, in ``task_state``, scheduler, update step, RNG states
+and the data config. ``--resume <dir>/last.pth.tar`` continues a stopped run with the same per-update losses as an
+uninterrupted one: each epoch reseeds from (seed, epoch, rank) and loader workers start afresh every epoch.
+A non-finite loss stops the run with exit status 1 before the update, naming the step; the last checkpoint is
+then the last good one. Invalid configs stop with exit status 2 before any work.
+"""
+import json
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from functools import partial
+
+import torch
+from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config
+from timm.layers import convert_sync_batchnorm
+from timm.models import create_model, safe_model_name
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.task import evaluation_sample_limit, load_task_ema_checkpoint, resume_task_checkpoint
+from timm.utils import (CheckpointSaver, NativeScaler, dispatch_clip_grad, distribute_bn, get_outdir,
+                        init_distributed_device, is_primary, random_seed, reduce_tensor, setup_default_logging,
+                        trim_summary, update_summary)
+
+from kromhc_vision.data import digits_folder
+from kromhc_vision.training import (ConfigError, StepLog, TrainTask, evaluate, is_folder_dataset, model_kwargs,
+                                    parse_args, peak_memory_mb, progress, seed_epoch, validate, write_json)
+
+_logger = logging.getLogger('train')
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def train_one_epoch(epoch, task, loader, optimizer, args, device, autocast, loss_scaler, scheduler, mixup_fn,
+                    step_log, primary):
+    """One pass over ``loader``; returns the mean update loss, images/s and peak memory."""
+    task.train()
+    accum, num_batches = args.grad_accum_steps, len(loader)
+    full_updates = num_batches // accum
+    losses, update_loss, samples = [], 0., 0
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    optimizer.zero_grad()
+    bar = progress(loader, num_batches, f'Train {epoch}', primary)
+    for i, (input, target) in enumerate(bar):
+        in_update = accum if i // accum < full_updates else num_batches - full_updates * accum
+        last = (i + 1) % accum == 0 or i + 1 == num_batches
+        input, target = input.to(device), target.to(device)  # no-op with the prefetcher
+        if mixup_fn is not None:
+            input, target = mixup_fn(input, target)
+        if args.channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+        with nullcontext() if last else task.no_sync():
+            with autocast():
+                loss = task(input, target)['loss']
+            value = (reduce_tensor(loss.detach(), args.world_size) if args.distributed else loss.detach()).item()
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f'non-finite loss ({value}) at epoch {epoch}, batch {i}, update step '
+                                    f'{task.step + 1}: stopping before that update')
+            loss = loss / in_update
+            if loss_scaler is not None:
+                loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                            parameters=task.get_clip_parameters(exclude_head='agc' in args.clip_mode),
+                            need_update=last)
+            else:
+                loss.backward()
+                if last:
+                    if args.clip_grad is not None:
+                        dispatch_clip_grad(task.get_clip_parameters(exclude_head='agc' in args.clip_mode),
+                                           args.clip_grad, mode=args.clip_mode)
+                    optimizer.step()
+        update_loss += value / in_update
+        samples += input.shape[0] * args.world_size
+        if not last:
+            continue
+        optimizer.zero_grad()
+        task.step += 1
+        task.update_ema(step=task.step)
+        lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
+        losses.append(update_loss)
+        if primary:
+            step_log.add(epoch, task.step, update_loss, lr)
+            if hasattr(bar, 'set_postfix'):
+                bar.set_postfix(loss=f'{update_loss:.4f}', lr=f'{lr:.3g}')
+            elif len(losses) % args.log_interval == 0 or i + 1 == num_batches:
+                _logger.info(f'Train {epoch} [{i + 1:>4d}/{num_batches}] loss {update_loss:.4f} lr {lr:.3g} '
+                             f'{samples / (time.perf_counter() - start):.0f} img/s')
+        update_loss = 0.
+        if scheduler is not None and args.sched_on_updates:
+            scheduler.step_update(num_updates=task.step)
+    elapsed = time.perf_counter() - start
+    return dict(loss=sum(losses) / max(len(losses), 1), img_per_sec=samples / elapsed,
+                peak_memory_mb=peak_memory_mb(device))
+
+
+def train(args, args_text):
+    if args.device is None:
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = init_distributed_device(args)
+    primary = is_primary(args)
+    if args.distributed:
+        _logger.info(f'Process {args.rank} of {args.world_size} on {device}')
+    if args.data_dir is None and is_folder_dataset(args):
+        args.data_dir = str(digits_folder())
+
+    random_seed(args.seed, args.rank)
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.initial_checkpoint,
+                         **model_kwargs(args))
+    if args.head_init_scale is not None:
+        with torch.no_grad():
+            model.get_classifier().weight.mul_(args.head_init_scale)
+            model.get_classifier().bias.mul_(args.head_init_scale)
+    if args.head_init_bias is not None:
+        torch.nn.init.constant_(model.get_classifier().bias, args.head_init_bias)
+    if args.num_classes is None:
+        args.num_classes = model.num_classes
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
+    if primary:
+        _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters')
+    data_config = resolve_data_config(vars(args), model=model, verbose=primary)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        model = convert_sync_batchnorm(model)
+
+    if args.lr is None:
+        batch_ratio = args.batch_size * args.world_size * args.grad_accum_steps / args.lr_base_size
+        if not args.lr_base_scale:
+            args.lr_base_scale = 'sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear'
+        args.lr = args.lr_base * (batch_ratio ** 0.5 if args.lr_base_scale == 'sqrt' else batch_ratio)
+        if primary:
+            _logger.info(f'lr {args.lr:.3g} = lr_base {args.lr_base} x {args.lr_base_scale}(global batch / '
+                         f'{args.lr_base_size})')
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
+    loss_scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
+
+    prefetcher = not args.no_prefetcher
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    collate_fn = mixup_fn = None
+    if mixup_active:
+        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                          label_smoothing=args.smoothing, num_classes=args.num_classes)
+        if prefetcher:
+            collate_fn = FastCollateMixup(**mixup_args)
+        else:
+            mixup_fn = Mixup(**mixup_args)
+
+    img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
+    dataset_kwargs = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
+                          seed=args.seed, input_img_mode=img_mode, input_key=args.input_key,
+                          target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
+    dataset_train = create_dataset(args.dataset, split=args.train_split, is_training=True,
+                                   batch_size=args.batch_size, repeats=args.epoch_repeats,
+                                   num_samples=args.train_num_samples, **dataset_kwargs)
+    eval_batch_size = args.validation_batch_size or args.batch_size
+    dataset_eval = create_dataset(args.dataset, split=args.val_split, is_training=False, batch_size=eval_batch_size,
+                                  num_samples=args.val_num_samples, **dataset_kwargs)
+    train_interpolation = args.train_interpolation
+    if args.no_aug or not train_interpolation:
+        train_interpolation = data_config['interpolation']
+    common = dict(input_size=data_config['input_size'], mean=data_config['mean'], std=data_config['std'],
+                  num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,
+                  use_prefetcher=prefetcher, worker_seeding=args.worker_seeding)
+    loader_train = create_loader(
+        dataset_train, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
+        re_mode=args.remode, re_count=args.recount, re_split=args.resplit, train_crop_mode=args.train_crop_mode,
+        scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
+        gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, num_aug_repeats=int(args.aug_repeats),
+        interpolation=train_interpolation, collate_fn=collate_fn,
+        persistent_workers=False,  # fresh workers each epoch, seeded from the epoch's seed: reproducible resume
+        **common)
+    loader_eval = create_loader(dataset_eval, batch_size=eval_batch_size, is_training=False,
+                                interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+                                crop_mode=data_config['crop_mode'], **common)
+
+    criterion_kwargs = dict(smoothing=args.smoothing, soft_targets=mixup_active)
+    if args.bce_loss:
+        criterion_kwargs.update(loss_type='bce', bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum,
+                                pos_weight=args.bce_pos_weight)
+    task = TrainTask(model, criterion_kwargs=criterion_kwargs, device=device, verbose=primary)
+    task.data_config = data_config
+    if args.model_ema:
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                       device='cpu' if args.model_ema_force_cpu else None)
+
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+        updates_per_epoch=updates_per_epoch)
+    task.scheduler = scheduler
+    start_epoch = 0
+    if args.resume:
+        start_epoch = resume_task_checkpoint(
+            task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
+            loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=primary)
+        if task.has_ema():
+            load_task_ema_checkpoint(task, args.resume)
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+    if scheduler is not None and start_epoch > 0:
+        if args.sched_on_updates:
+            scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            scheduler.step(start_epoch)
+
+    if args.torchcompile:
+        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+        task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
+    if args.distributed:
+        task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
+
+    saver = step_log = output_dir = None
+    if primary:
+        exp_name = args.experiment or '-'.join([
+            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])])
+        output_dir = get_outdir(args.output or './output/train', exp_name)
+        saver = CheckpointSaver(model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler,
+                                checkpoint_dir=output_dir, recovery_dir=output_dir,
+                                decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist, task=task)
+        if args.resume and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), output_dir):
+            saver.load_state_dict_from_checkpoint(args.resume)
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            f.write(args_text)
+        trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
+        step_log = StepLog(os.path.join(output_dir, 'steps.csv'), start_epoch)
+        _logger.info(f'Output: {output_dir}; {num_epochs - start_epoch} epochs of {updates_per_epoch} updates, '
+                     f'{len(dataset_train)} train / {len(dataset_eval)} eval images')
+
+    def run_eval(ema):
+        model_eval = task.get_eval_model(ema=ema)
+        evaluator = task.create_evaluator(max_samples=evaluation_sample_limit(loader_eval))
+        return evaluate(model_eval, loader_eval, device, autocast, evaluator, distributed=args.distributed,
+                        desc='EMA eval' if ema else 'Eval', log=primary, channels_last=args.channels_last)
+
+    summary_json = os.path.join(output_dir, 'summary.json') if primary else None
+    rows = []
+    if primary and start_epoch > 0 and os.path.exists(summary_json):
+        rows = [r for r in json.load(open(summary_json)) if r['epoch'] < start_epoch]
+    eval_metrics = None
+    for epoch in range(start_epoch, num_epochs):
+        seed_epoch(args.seed, epoch, args.rank, args.world_size)
+        if hasattr(dataset_train, 'set_epoch'):
+            dataset_train.set_epoch(epoch)
+        elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
+            loader_train.sampler.set_epoch(epoch)
+        if mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            if prefetcher:
+                loader_train.mixup_enabled = False
+            else:
+                mixup_fn.mixup_enabled = False
+        start = time.perf_counter()
+        lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
+        try:
+            train_metrics = train_one_epoch(epoch, task, loader_train, optimizer, args, device, autocast,
+                                            loss_scaler, scheduler, mixup_fn, step_log, primary)
+        except NonFiniteLoss as e:
+            last = os.path.join(output_dir, 'last.pth.tar') if primary else None
+            good = last if last and os.path.exists(last) else 'none (no epoch finished)'
+            raise NonFiniteLoss(f'{e}; last good checkpoint: {good}') from None
+        finally:
+            if step_log is not None:
+                step_log.flush()
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+        eval_metrics = run_eval(ema=False)
+        ema_metrics = run_eval(ema=True) if task.has_ema() else None
+        metric = (ema_metrics or eval_metrics)[args.eval_metric]
+        if scheduler is not None:
+            scheduler.step(epoch + 1, metric)
+        if primary:
+            saver.save_checkpoint(epoch, metric=metric)
+            evals = dict(eval_metrics, **{f'ema_{k}': v for k, v in (ema_metrics or {}).items()})
+            update_summary(epoch, train_metrics, evals, os.path.join(output_dir, 'summary.csv'), lr=lr)
+            rows.append(dict(epoch=epoch, lr=lr, epoch_time_s=time.perf_counter() - start,
+                             **{f'train_{k}': v for k, v in train_metrics.items()},
+                             **{f'eval_{k}': v for k, v in evals.items()}))
+            write_json(summary_json, rows)
+            ema_text = f", EMA top-1 {ema_metrics['top1']:.2f}%" if ema_metrics else ''
+            _logger.info(f"Epoch {epoch}: train loss {train_metrics['loss']:.4f}, eval loss "
+                         f"{eval_metrics['loss']:.4f}, top-1 {eval_metrics['top1']:.2f}%, top-5 "
+                         f"{eval_metrics['top5']:.2f}%{ema_text}, lr {lr:.3g}, "
+                         f"{train_metrics['img_per_sec']:.0f} img/s, peak memory "
+                         f"{train_metrics['peak_memory_mb']:.0f} MiB, {time.perf_counter() - start:.1f} s")
+    if primary and eval_metrics is not None:
+        print(f"final validation top-1 {eval_metrics['top1']:.2f}% (top-5 {eval_metrics['top5']:.2f}%, "
+              f"loss {eval_metrics['loss']:.4f}); outputs in {output_dir}", flush=True)
+
+
+def main(argv=None):
+    setup_default_logging()
+    logging.getLogger('timm.utils.checkpoint_saver').setLevel(logging.WARNING)  # lists every file each epoch
+    try:
+        args, args_text = parse_args(argv)
+        validate(args)
+    except ConfigError as e:
+        sys.stderr.write(f'train.py: error: {e}\n')
+        sys.exit(2)
+    try:
+        train(args, args_text)
+    except NonFiniteLoss as e:
+        _logger.error(str(e))
+        sys.exit(1)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
