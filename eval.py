@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Evaluate a timm classifier: loss, top-1, top-5, images/s; with ``--diagnostics`` what its stream mixing does.
+
+    python eval.py --model vit_micro_patch4_32_kromhc --checkpoint output/train/RUN/last.pth.tar --diagnostics
+    python eval.py --model vit_small_patch16_224_kromhc.upcycled_augreg_in21k_ft_in1k --pretrained \\
+        --data-dir /data/imagenet
+
+A training checkpoint of train.py supplies the model settings (num_classes, model_kwargs) and the data config it
+was trained with (image size, interpolation, crop, mean / std). Without ``--data-dir``: the validation split of
+the embedded digits dataset. Writes ``results.json`` to ``--output``; ``--diagnostics`` adds
+``diagnostics.json``, ``h_res_mean.png`` and ``composite_gain.png`` for one batch of real images
+(see :mod:`kromhc_vision.diagnostics`).
+"""
+import argparse
+import logging
+import os
+import sys
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.models import create_model, load_checkpoint, safe_model_name
+from timm.task import ClassificationEvaluator
+from timm.utils import load_checkpoint_metadata, setup_default_logging
+
+from kromhc_vision.data import digits_folder
+from kromhc_vision.diagnostics import connection_diagnostics, plot_composite_gain, plot_h_res
+from kromhc_vision.training import evaluate, model_kwargs, write_json
+
+_logger = logging.getLogger('eval')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False)
+    p.add_argument('--model', required=True, help='timm model name (a pretrained tag may follow a dot)')
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument('--checkpoint', help='train.py checkpoint (or a plain state dict)')
+    weights.add_argument('--pretrained', action='store_true', help="the model's pretrained weights (timm / Hub)")
+    p.add_argument('--use-ema', action='store_true', help="the checkpoint's EMA weights")
+    p.add_argument('--data-dir', default=None, help='ImageNet-style folder (default: the embedded digits)')
+    p.add_argument('--dataset', default='', help="timm dataset spec, e.g. hfds/NAME (default: folder)")
+    p.add_argument('--split', default='validation')
+    p.add_argument('--num-classes', type=int, default=None, help='for checkpoints without train.py args')
+    p.add_argument('--output', default=None, help='results folder (default ./output/eval/<model>)')
+    p.add_argument('-b', '--batch-size', type=int, default=128)
+    p.add_argument('-j', '--workers', type=int, default=2)
+    p.add_argument('--device', default=None, help="default: 'cuda' when available, else 'cpu'")
+    p.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'), help='autocast in this dtype')
+    p.add_argument('--diagnostics', action='store_true', help='hyper-connection diagnostics on one batch')
+    return p.parse_args(argv)
+
+
+def build_model(args):
+    """The model with its weights and the data config it expects."""
+    if args.checkpoint is None:
+        model = create_model(args.model, pretrained=True, num_classes=args.num_classes)
+        return model, resolve_data_config({}, model=model)
+    if not os.path.isfile(args.checkpoint):
+        raise SystemExit(f'eval.py: error: checkpoint not found: {args.checkpoint}')
+    meta = load_checkpoint_metadata(args.checkpoint)
+    train_args = meta.get('args') if isinstance(meta, dict) else None
+    if train_args is None:
+        model = create_model(args.model, num_classes=args.num_classes)
+        data_config = None
+    else:
+        if train_args.model.split('.')[0] != args.model.split('.')[0]:
+            raise SystemExit(f'eval.py: error: {args.checkpoint} was trained as {train_args.model!r}, '
+                             f'not {args.model!r}')
+        model = create_model(args.model, **model_kwargs(train_args))
+        data_config = (meta.get('task_state') or {}).get('data_config')
+    load_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
+    return model, data_config or resolve_data_config({}, model=model)
+
+
+def main(argv=None):
+    setup_default_logging()
+    args = parse_args(argv)
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    model, data_config = build_model(args)
+    model.to(device).eval()
+    data_dir = args.data_dir or str(digits_folder())
+    if not os.path.isdir(data_dir) and '/' not in args.dataset:
+        raise SystemExit(f'eval.py: error: data folder not found: {data_dir}')
+    dataset = create_dataset(args.dataset, root=data_dir, split=args.split)
+    loader = create_loader(dataset, input_size=data_config['input_size'], batch_size=args.batch_size,
+                           interpolation=data_config['interpolation'], mean=data_config['mean'],
+                           std=data_config['std'], crop_pct=data_config['crop_pct'],
+                           crop_mode=data_config['crop_mode'], num_workers=args.workers, device=device)
+    autocast = partial(torch.autocast, device_type=device.type,
+                       dtype=getattr(torch, args.amp_dtype)) if args.amp_dtype else nullcontext
+    metrics = evaluate(model, loader, device, autocast, ClassificationEvaluator(device))
+    output = args.output or os.path.join('output', 'eval', safe_model_name(args.model))
+    os.makedirs(output, exist_ok=True)
+    results = dict(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                   weights='ema' if args.use_ema else 'model', data_dir=data_dir, dataset=args.dataset,
+                   split=args.split, num_images=len(dataset), data_config=dict(data_config),
+                   param_count=sum(p.numel() for p in model.parameters()), device=str(device), **metrics)
+    write_json(os.path.join(output, 'results.json'), results)
+    print(f"{args.model}: top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, loss {metrics['loss']:.4f}, "
+          f"{metrics['img_per_sec']:.0f} img/s on {len(dataset)} images ({args.split} of {data_dir})")
+    if args.diagnostics:
+        images, _ = next(iter(loader))
+        diag = connection_diagnostics(model, images)
+        write_json(os.path.join(output, 'diagnostics.json'), diag)
+        plot_h_res(diag, os.path.join(output, 'h_res_mean.png'))
+        plot_composite_gain({args.model: diag}, os.path.join(output, 'composite_gain.png'))
+        s = diag['summary']
+        print(f"diagnostics ({diag['variant']}, n={diag['num_streams']}, {diag['num_connections']} connections, "
+              f"{diag['num_images']} images): max |row sum - 1| {s['max_row_error']:.2e}, max |col sum - 1| "
+              f"{s['max_col_error']:.2e}; composite gain after the last layer - 1: rows {s['final_gain_row'] - 1:.2e}, "
+              f"columns {s['final_gain_col'] - 1:.2e}")
+    print(f'results in {output}')
+
+
+if __name__ == '__main__':
+    sys.exit(main())
