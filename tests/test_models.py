@@ -156,6 +156,16 @@ def test_contract_all_registered(name):
         check(name)
 
 
+@pytest.mark.parametrize('name', ['vit_micro_patch4_32_kromhc', 'convnext_micro_mhc'])
+def test_torch_export(name):
+    """torch.export, the alternative the TorchScript error names, traces the closures."""
+    model = randomize(create(name)).eval()
+    x = torch.randn(2, *input_size(name))
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert torch.allclose(exported.module()(x), model(x), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # registration, arguments, init
 
@@ -268,9 +278,11 @@ def test_upcycled_pretrained_reproduces_residual(hf_cache, tmp_path, base, tag, 
     model = timm.create_model(f'{base}_{variant}.upcycled_{tag}', pretrained=True, **kwargs).eval()
     assert all(getattr(m, 'init', 'identity') == 'identity' for m in model.modules()
                if isinstance(m, kv.HyperConnection))
+    default = timm.create_model(f'{base}_{variant}', pretrained=True, **kwargs).eval()  # default tag: upcycled
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert_close_rel(model(x), ref(x))
+        assert torch.equal(default(x), model(x))
     if variant != 'residual':
         with pytest.raises(ValueError, match="needs hc_init='identity'"):
             timm.create_model(f'{base}_{variant}.upcycled_{tag}', pretrained=True, hc_init='published', **kwargs)

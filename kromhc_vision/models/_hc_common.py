@@ -18,12 +18,11 @@ from timm.models._input import update_model_args
 
 from ..connections import CONNECTIONS, INITS, HyperConnection, ResidualConnection, build_connection, \
     connection_num_params
-from ..streams import expand_streams, reduce_streams
 
 __all__ = [
     'VARIANTS', 'DEFAULT_NUM_STREAMS', 'PAPER_IDS', 'HcSpec', 'HcModelMixin', 'TorchScriptUnsupportedError',
     'CheckpointMismatchError', 'hc_model_args', 'upcycle_residual_state_dict', 'load_residual_weights',
-    'create_hc_model', 'upcycled_cfg', 'hc_default_cfgs', 'expand_streams', 'reduce_streams',
+    'create_hc_model', 'upcycled_cfg', 'hc_default_cfgs',
 ]
 
 VARIANTS = tuple(CONNECTIONS)  # ('residual', 'hc', 'mhc', 'mhclite', 'kromhc')

@@ -14,8 +14,9 @@ connections could only mix within a stage (2 blocks in three of convnext_atto's 
 expands once before the first block and reduces once after the last. Both choices upcycle residual weights
 exactly. Cost of the fold: n times the downsample work. The downsamples are 3.9 % of convnext_tiny's MACs at
 224px (5.5 % of convnext_atto's), so at n = 4 the backbone does +11.7 % (+16.5 %) MACs over reduce/re-expand.
-Measured (CPU, 2 threads, forward + backward, n = 4, median of 15): convnext_atto_kromhc +15 % time at 64px
-batch 8 and +5 % at 128px batch 4; convnext_micro_kromhc +9 % at 32px batch 16.
+Measured on a shared 2-core CPU (forward + backward, n = 4, median of 15, over reduce/re-expand): +5 to +15 %
+for convnext_atto_kromhc (128px batch 4, 64px batch 8) and +9 % for convnext_micro_kromhc (32px batch 16) in
+the quietest run; repeated runs under load ranged from -13 % to +32 %, so the MAC count is the firmer number.
 
 Parameter names are timm's (``stages.i.blocks.j.conv_dw``, ``head.fc``) plus ``stages.i.blocks.j.hc.*``.
 """
@@ -28,8 +29,8 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock, _cfg, checkpoint_filter_fn
 
-from ._hc_common import HcModelMixin, HcSpec, create_hc_model, expand_streams, hc_default_cfgs, reduce_streams, \
-    upcycled_cfg
+from ..streams import expand_streams, reduce_streams
+from ._hc_common import HcModelMixin, HcSpec, create_hc_model, hc_default_cfgs, upcycled_cfg
 
 __all__ = ['ConvNeXtHC', 'ConvNeXtBlockHC']
 

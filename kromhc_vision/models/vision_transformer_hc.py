@@ -19,8 +19,8 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer, _cfg, checkpoint_filter_fn
 
-from ._hc_common import HcModelMixin, HcSpec, create_hc_model, expand_streams, hc_default_cfgs, reduce_streams, \
-    upcycled_cfg
+from ..streams import expand_streams, reduce_streams
+from ._hc_common import HcModelMixin, HcSpec, create_hc_model, hc_default_cfgs, upcycled_cfg
 
 __all__ = ['VisionTransformerHC', 'BlockHC']
 
