@@ -74,7 +74,8 @@ def build_model(args):
 
 
 def main(argv=None):
-    setup_default_logging()
+    if not logging.root.handlers:
+        setup_default_logging()
     args = parse_args(argv)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model, data_config = build_model(args)

@@ -320,7 +320,8 @@ def train(args, args_text):
 
 
 def main(argv=None):
-    setup_default_logging()
+    if not logging.root.handlers:  # not yet configured (e.g. by a test runner)
+        setup_default_logging()
     logging.getLogger('timm.utils.checkpoint_saver').setLevel(logging.WARNING)  # lists every file each epoch
     try:
         args, args_text = parse_args(argv)
@@ -331,8 +332,7 @@ def main(argv=None):
     try:
         train(args, args_text)
     except NonFiniteLoss as e:
-        _logger.error(str(e))
-        sys.exit(1)
+        raise SystemExit(f'train.py: error: {e}') from None  # exit status 1
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description='Train a timm model (hyper-connected or not). Config keys = these options with underscores.',
         allow_abbrev=False)
-    flag = dict(action=argparse.BooleanOptionalAction, default=False)
+    flag = dict(action=argparse.BooleanOptionalAction, default=False)  # --x / --no-x
+    neg = dict(action='store_true', default=False)  # options named no-*
     kw = dict(nargs='*', default={}, action=ParseKwargs)
     g = p.add_argument_group('Dataset')
     g.add_argument('--data-dir', default=None,
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--initial-checkpoint', default='')
     g.add_argument('--resume', default='', help='checkpoint to continue from (model, EMA, optimizer, scheduler, '
                    'scaler, epoch, step)')
-    g.add_argument('--no-resume-opt', **flag)
+    g.add_argument('--no-resume-opt', **neg)
     g.add_argument('--num-classes', type=int, default=None)
     g.add_argument('--gp', default=None)
     g.add_argument('--img-size', type=int, default=None)
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--patience-epochs', type=int, default=10)
     g.add_argument('--decay-rate', type=float, default=0.1)
     g = p.add_argument_group('Augmentation & regularization')
-    g.add_argument('--no-aug', **flag)
+    g.add_argument('--no-aug', **neg)
     g.add_argument('--train-crop-mode', default=None)
     g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0])
     g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.])
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--checkpoint-hist', type=int, default=10)
     g.add_argument('-j', '--workers', type=int, default=4)
     g.add_argument('--pin-mem', **flag)
-    g.add_argument('--no-prefetcher', **flag)
+    g.add_argument('--no-prefetcher', **neg)
     g.add_argument('--output', default='', help='output root (default ./output/train)')
     g.add_argument('--experiment', default='', help='run folder name under output (default: time-model-size)')
     g.add_argument('--eval-metric', default='top1', choices=('top1', 'top5', 'loss'))
@@ -206,7 +207,7 @@ def _check_value(action: argparse.Action, key: str, value, where: str):
 
     if value is None:
         return
-    if isinstance(action, argparse.BooleanOptionalAction):
+    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
         if not isinstance(value, bool):
             raise bad('true or false')
         return

@@ -1,0 +1,197 @@
+"""train.py: configs and their validation, resume after SIGKILL, non-finite loss, DDP (gloo) = one process."""
+import csv
+import difflib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kromhc_vision.data import write_digits_folder
+from kromhc_vision.training import ConfigError, parse_args, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / 'configs').rglob('*.yaml'))
+_spec = importlib.util.spec_from_file_location('train_script', ROOT / 'train.py')
+train_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_script)
+
+# A one-block ViT-Micro on 16px digits: a few hundred milliseconds per epoch on a CPU.
+TINY = ['--model', 'vit_micro_patch4_32_kromhc', '--model-kwargs', 'depth=1', 'img_size=16', '--img-size', '16',
+        '--num-classes', '10', '--batch-size', '8', '--opt', 'adamw', '--lr', '1e-3', '--warmup-epochs', '0',
+        '--workers', '0', '--log-interval', '1', '--seed', '3']
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """30 train / 30 validation images (3 per class)."""
+    return str(write_digits_folder(tmp_path_factory.mktemp('data') / 'digits', per_class=3))
+
+
+def read_steps(run_dir):
+    with open(Path(run_dir) / 'steps.csv') as f:
+        return [(int(r['epoch']), int(r['step']), float(r['loss'])) for r in csv.DictReader(f)]
+
+
+def run(*argv):
+    train_script.main([str(a) for a in argv])
+
+
+def test_command_line_overrides_config(tmp_path):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('model: vit_micro_patch4_32_hc\nlr: 1.0e-3\nmodel_kwargs: {depth: 2}\nno_aug: true\n')
+    args, text = parse_args(['-c', str(cfg), '--lr', '0.5', '--model-kwargs', 'depth=3'])
+    assert (args.model, args.lr, args.model_kwargs, args.no_aug) == ('vit_micro_patch4_32_hc', 0.5, {'depth': 3}, True)
+    assert yaml.safe_load(text)['lr'] == 0.5 and 'config' not in yaml.safe_load(text)
+
+
+@pytest.mark.parametrize('yaml_text, argv, message', [
+    ('learning_rate: 1.0\n', [], "unknown key 'learning_rate'"),
+    ('lr: 5e-4\n', [], 'write 5.0e-4'),
+    ('device_modules: kromhc_vision\n', [], 'device_modules: expected a list'),
+    ('torchscript: true\n', [], "option 'torchscript' is not supported"),
+    ('', ['--bach-size', '4'], "did you mean 'batch_size'"),
+    ('', ['--model', 'vit_micro_patch4_32_kromhcc'], "unknown model 'vit_micro_patch4_32_kromhcc' (did you mean "
+                                                     "'vit_micro_patch4_32_kromhc'"),
+    ('', ['--model', 'vit_micro_patch4_32_mhclite', '--model-kwargs', 'num_streams=8'],
+     "variant 'mhclite' cannot take num_streams=8"),
+    ('', ['--model', 'vit_small_patch16_224_kromhc.nope'], 'Invalid pretrained tag (nope)'),
+    ('', ['--data-dir', '/nonexistent/imagenet'], 'data_dir: folder not found: /nonexistent/imagenet'),
+    ('', ['--val-split', 'val'], "no 'val' subfolder"),
+    ('', ['--num-classes', '5'], 'has 10 classes but the model has 5 outputs'),
+    ('', ['--batch-size', '0'], 'batch_size must be >= 1'),
+    ('', ['--resume', '/nonexistent.pth.tar'], 'resume: checkpoint file not found'),
+])
+def test_invalid_settings_are_named_before_any_work(tmp_path, data, yaml_text, argv, message):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError) as e:
+        args, _ = parse_args(['-c', str(cfg), '--data-dir', data, '--num-classes', '10', *argv])
+        validate(args)
+    assert message in str(e.value)
+
+
+def test_main_refuses_an_invalid_config_before_creating_outputs(tmp_path, data, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(*TINY, '--data-dir', data, '--model', 'vit_micro_patch4_32_mhclite', '--model-kwargs', 'num_streams=8',
+            '--output', tmp_path / 'out')
+    assert e.value.code == 2
+    assert "cannot take num_streams=8" in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_every_config_validates_and_families_differ_only_in_model(tmp_path):
+    fake = tmp_path / 'imagenet'
+    for split in ('train', 'validation'):
+        (fake / split / 'n01440764').mkdir(parents=True)
+    families = {}
+    for path in CONFIGS:
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg['device_modules'] == ['kromhc_vision'], path
+        args, _ = parse_args(['-c', str(path), '--data-dir', str(fake)])
+        validate(args)
+        family = path.parent / path.stem.replace(cfg['model'].split('.')[0].rsplit('_', 1)[1], '<variant>')
+        lines = [line for line in path.read_text().splitlines() if not line.startswith('model:')]
+        families.setdefault(family, []).append((path.name, lines))
+    assert len(families) == 7 and all(len(members) == 5 for members in families.values()), families.keys()
+    for members in families.values():
+        (first, ref), *others = members
+        for name, lines in others:
+            assert lines == ref, f'{name} vs {first}:\n' + '\n'.join(difflib.unified_diff(ref, lines, lineterm=''))
+
+
+def test_resume_after_sigkill_replays_the_uninterrupted_run(tmp_path, data):
+    # random crops, mixup, drop path, EMA and a loader worker: every RNG path a resumed run has to replay
+    argv = [*TINY, '--data-dir', data, '--epochs', 4, '--mixup', 0.5, '--drop-path', 0.1, '--model-ema',
+            '--model-ema-decay', 0.9, '--workers', 1, '--output', tmp_path]
+    run(*argv, '--experiment', 'whole')
+
+    killed = tmp_path / 'killed'
+    proc = subprocess.Popen([sys.executable, ROOT / 'train.py', *map(str, argv), '--experiment', 'killed'],
+                            cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not (killed / 'last.pth.tar').exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed_from = torch.load(killed / 'last.pth.tar', weights_only=False)['epoch']
+    assert resumed_from < 3, 'the run finished before it was killed'
+
+    run(*argv, '--experiment', 'killed', '--resume', killed / 'last.pth.tar')
+    whole, continued = read_steps(tmp_path / 'whole'), read_steps(killed)
+    assert len(whole) == 4 * 3 and [r[:2] for r in continued] == [r[:2] for r in whole]
+    assert [r[2] for r in continued] == pytest.approx([r[2] for r in whole], rel=1e-6, abs=1e-7)
+    a, b = (torch.load(d / 'last.pth.tar', weights_only=False) for d in (tmp_path / 'whole', killed))
+    for key in ('state_dict', 'state_dict_ema'):
+        for name, tensor in a[key].items():
+            torch.testing.assert_close(b[key][name], tensor, rtol=1e-6, atol=1e-7, msg=f'{key}.{name}')
+    assert a['task_state']['step'] == b['task_state']['step'] == 12
+    summary = json.loads((killed / 'summary.json').read_text())
+    assert [r['epoch'] for r in summary] == [0, 1, 2, 3]
+    assert {'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'eval_ema_top1', 'lr', 'train_img_per_sec',
+            'train_peak_memory_mb'} <= set(summary[-1])
+    with open(killed / 'summary.csv') as f:
+        assert [int(r['epoch']) for r in csv.DictReader(f)] == [0, 1, 2, 3]
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data):
+    # epoch 0 warms up at lr 1e-4, epoch 1 runs at lr ~1e10: its second update sees a NaN loss
+    with pytest.raises(SystemExit) as e:
+        run(*TINY, '--data-dir', data, '--epochs', 3, '--lr', 1e10, '--warmup-epochs', 1, '--warmup-lr', 1e-4,
+            '--output', tmp_path, '--experiment', 'nan')
+    message = str(e.value.code)
+    assert 'non-finite loss' in message and 'epoch 1' in message and 'update step' in message
+    last = tmp_path / 'nan' / 'last.pth.tar'
+    assert f'last good checkpoint: {last}' in message
+    checkpoint = torch.load(last, weights_only=False)
+    assert checkpoint['epoch'] == 0
+    assert all(torch.isfinite(t).all() for t in checkpoint['state_dict'].values())
+    assert not (tmp_path / 'nan' / 'checkpoint-1.pth.tar').exists()
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, data):
+    # full-batch steps (30 images: 2 x 15 vs 1 x 30), no augmentation: the sample order cannot matter
+    argv = [*TINY, '--data-dir', data, '--epochs', 3, '--no-aug', '--output', tmp_path]
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                    ROOT / 'train.py', *map(str, argv), '--batch-size', '15', '--experiment', 'ddp'],
+                   cwd=ROOT, check=True, capture_output=True)
+    run(*argv, '--batch-size', 30, '--experiment', 'single')
+    ddp, single = read_steps(tmp_path / 'ddp'), read_steps(tmp_path / 'single')
+    assert len(ddp) == len(single) == 3
+    assert [r[2] for r in ddp] == pytest.approx([r[2] for r in single], rel=1e-5)
+    a, b = (torch.load(tmp_path / d / 'last.pth.tar', weights_only=False) for d in ('ddp', 'single'))
+    assert a['args'].world_size == 2 and b['args'].world_size == 1
+    for name, tensor in b['state_dict'].items():
+        torch.testing.assert_close(a['state_dict'][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bf16_amp_grad_checkpointing_accumulation_and_clipping_run(tmp_path, data):
+    run(*TINY, '--data-dir', data, '--epochs', 1, '--amp', '--amp-dtype', 'bfloat16', '--grad-checkpointing',
+        '--grad-accum-steps', 2, '--clip-grad', 1.0, '--output', tmp_path, '--experiment', 'amp')
+    steps = read_steps(tmp_path / 'amp')
+    assert [s[1] for s in steps] == [1, 2]  # 3 batches of 8: updates of 2 and 1 batches
+    assert torch.load(tmp_path / 'amp' / 'last.pth.tar', weights_only=False)['args'].grad_checkpointing
+
+
+@pytest.mark.slow
+def test_torchcompile_run(tmp_path, data):
+    run(*TINY, '--data-dir', data, '--epochs', 1, '--torchcompile', '--output', tmp_path, '--experiment', 'c')
+    assert len(read_steps(tmp_path / 'c')) == 3
+
+
+@pytest.mark.slow
+def test_digits_demo_reaches_high_accuracy(tmp_path):
+    out = subprocess.run([sys.executable, 'train.py', '-c', 'configs/digits_kromhc.yaml', '--output', tmp_path,
+                          '--experiment', 'demo'], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    top1 = json.loads((tmp_path / 'demo' / 'summary.json').read_text())[-1]['eval_top1']
+    assert 'final validation top-1' in out and top1 > 90
