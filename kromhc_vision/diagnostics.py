@@ -122,7 +122,7 @@ def plot_h_res(diag: Dict, path) -> None:
     for ax in axes.flat:
         ax.axis('off')
     for ax, layer, mat in zip(axes.flat, layers, mats):
-        im = ax.imshow(mat, vmin=lo, vmax=hi, cmap='viridis' if lo >= 0 else 'RdBu_r')
+        im = ax.imshow(mat.numpy(), vmin=lo, vmax=hi, cmap='viridis' if lo >= 0 else 'RdBu_r')
         ax.set_title(f"{_short(layer['name'])}\nerr {max(layer['row_error'], layer['col_error']):.0e}", fontsize=7)
         ax.axis('off')
         if mat.shape[0] <= 4:

@@ -1,0 +1,122 @@
+"""eval.py and kromhc_vision.diagnostics: metrics of a trained checkpoint, H_res exactness per variant."""
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from kromhc_vision.data import write_digits_folder
+from kromhc_vision.diagnostics import connection_diagnostics, plot_composite_gain
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f'{name}_script', ROOT / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_script, eval_script = _script('train'), _script('eval')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A 2-epoch mHC-lite run on 30 digits at 16px: (data folder, run folder)."""
+    root = tmp_path_factory.mktemp('run')
+    data = write_digits_folder(root / 'digits', per_class=3)
+    train_script.main([
+        '--data-dir', str(data), '--model', 'vit_micro_patch4_32_mhclite', '--model-kwargs', 'depth=1',
+        'img_size=16', '--img-size', '16', '--mean', '0.5', '--std', '0.25', '--num-classes', '10',
+        '--batch-size', '8', '--epochs', '2', '--opt', 'adamw', '--lr', '2e-3', '--warmup-epochs', '0',
+        '--workers', '0', '--model-ema', '--output', str(root), '--experiment', 'run'])
+    return data, root / 'run'
+
+
+def test_checkpoint_eval_reproduces_the_training_eval_with_the_stored_data_config(trained, tmp_path, capsys):
+    data, run = trained
+    eval_script.main(['--model', 'vit_micro_patch4_32_mhclite', '--checkpoint', str(run / 'last.pth.tar'),
+                      '--data-dir', str(data), '--output', str(tmp_path), '--diagnostics', '--workers', '0'])
+    results = json.loads((tmp_path / 'results.json').read_text())
+    last = json.loads((run / 'summary.json').read_text())[-1]
+    assert results['top1'] == last['eval_top1'] and results['top5'] == last['eval_top5']
+    assert results['loss'] == pytest.approx(last['eval_loss'], rel=1e-5)
+    assert results['num_images'] == 30 and results['img_per_sec'] > 0
+    assert tuple(results['data_config']['input_size']) == (3, 16, 16)
+    assert tuple(results['data_config']['mean']) == (0.5, 0.5, 0.5)  # from the checkpoint, not the model default
+    diag = json.loads((tmp_path / 'diagnostics.json').read_text())
+    assert diag['variant'] == 'mhclite' and diag['num_connections'] == 2
+    assert diag['summary']['max_row_error'] < 1e-5 and diag['summary']['max_gain_deviation'] < 1e-5
+    assert (tmp_path / 'h_res_mean.png').stat().st_size > 0 and (tmp_path / 'composite_gain.png').stat().st_size > 0
+    assert 'diagnostics (mhclite, n=4' in capsys.readouterr().out
+
+
+def test_ema_weights_and_default_data_is_the_digits_validation_split(trained, tmp_path, monkeypatch):
+    data, run = trained
+    monkeypatch.setenv('KROMHC_CACHE', str(tmp_path / 'cache'))
+    shutil.copytree(data, tmp_path / 'cache' / 'digits')  # stands in for the cached full digits folder
+    eval_script.main(['--model', 'vit_micro_patch4_32_mhclite', '--checkpoint', str(run / 'last.pth.tar'),
+                      '--use-ema', '--output', str(tmp_path / 'out'), '--workers', '0'])
+    results = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    assert results['data_dir'] == str(tmp_path / 'cache' / 'digits') and results['split'] == 'validation'
+    assert results['weights'] == 'ema'
+    assert results['top1'] == json.loads((run / 'summary.json').read_text())[-1]['eval_ema_top1']
+
+
+def test_a_checkpoint_of_another_model_is_refused(trained, tmp_path):
+    _, run = trained
+    with pytest.raises(SystemExit, match="trained as 'vit_micro_patch4_32_mhclite', not 'vit_micro_patch4_32_hc'"):
+        eval_script.main(['--model', 'vit_micro_patch4_32_hc', '--checkpoint', str(run / 'last.pth.tar')])
+
+
+def _perturbed(name, **kwargs):
+    """A model whose connections mix streams strongly (as after training), from fixed random parameters."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **kwargs)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if any(part.startswith('hc') for part in key.split('.')[:-1]):
+                if key.endswith('proj_weight'):
+                    p.normal_(0, 0.05)
+                elif key.endswith('bias'):
+                    p.add_(2 * torch.randn_like(p))
+                elif key.endswith('scale'):
+                    p.fill_(1.0)
+    return model
+
+
+def test_diagnostics_show_mhclite_and_kromhc_exact_mhc_not_and_hc_unbounded(tmp_path):
+    images = torch.randn(4, 3, 16, 16)
+    runs = {v: connection_diagnostics(_perturbed(f'vit_micro_patch4_32_{v}', img_size=16, depth=3), images)
+            for v in ('hc', 'mhc', 'mhclite', 'kromhc', 'residual')}
+    for v in ('mhclite', 'kromhc'):
+        assert runs[v]['summary']['max_row_error'] < 1e-6 and runs[v]['summary']['max_col_error'] < 1e-6
+        assert runs[v]['summary']['max_gain_deviation'] < 1e-5
+    mhc = runs['mhc']['summary']
+    assert mhc['max_row_error'] > 1e-3 and mhc['max_col_error'] < 1e-5  # Sinkhorn ends on a column step
+    assert mhc['max_gain_deviation'] > 1e-2
+    assert runs['hc']['summary']['final_gain_row'] > 10
+    assert runs['residual']['summary']['max_gain_deviation'] == 0
+    layer = runs['kromhc']['layers'][0]
+    assert len(layer['h_pre_mean']) == 4 and len(layer['h_res_mean']) == 4 and 0 <= layer['entropy'] <= layer[
+        'max_entropy']
+    gains = [layer['gain_row'] for layer in runs['hc']['layers']]
+    assert gains[-1] > gains[0]  # compounds with depth
+    plot_composite_gain(runs, tmp_path / 'gain.png')
+    assert (tmp_path / 'gain.png').stat().st_size > 0
+
+
+def test_diagnostics_carry_the_composite_over_convnext_downsamples():
+    diag = connection_diagnostics(_perturbed('convnext_micro_kromhc'), torch.randn(2, 3, 32, 32))
+    shapes = {layer['name'].split('.blocks')[0] for layer in diag['layers']}
+    assert len(shapes) == 4 and not any(layer['composite_restart'] for layer in diag['layers'])
+    assert diag['summary']['max_gain_deviation'] < 1e-5
+
+
+def test_diagnostics_need_connections():
+    with pytest.raises(ValueError, match='no hyper-connections'):
+        connection_diagnostics(torch.nn.Linear(3, 3), torch.randn(1, 3))
