@@ -233,7 +233,8 @@ def create_hc_model(model_cls, base: str, variant: str, pretrained: bool, base_f
     name = f'{base}_{variant}'
     if pretrained:
         cfg = resolve_pretrained_cfg(name, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
-        if (cfg.tag or '').startswith(UPCYCLED_TAG_PREFIX) and cfg.source not in ('hf-hub', 'local-dir'):
+        from_timm_hub = not (cfg.file or cfg.state_dict or cfg.source)  # no local file / own Hub repo override
+        if (cfg.tag or '').startswith(UPCYCLED_TAG_PREFIX) and from_timm_hub:
             if kwargs.get('hc_init', 'identity') != 'identity':
                 raise ValueError(f"{name}.{cfg.tag} upcycles residual weights and needs hc_init='identity', "
                                  f"got {kwargs['hc_init']!r}")
