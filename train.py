@@ -19,8 +19,9 @@ Outputs in ``<output>/<experiment>/``: ``args.yaml``; per epoch ``summary.csv`` 
 eval loss / top-1 / top-5, lr, images/s, peak memory); per optimizer update ``steps.csv`` (loss, lr); timm's
 ``CheckpointSaver`` files (``last.pth.tar``, ``checkpoint-<epoch>.pth.tar``, written to a temporary file and
 renamed) holding model, EMA, optimizer, scaler, epoch and, in ``task_state``, scheduler, update step, RNG states
-and the data config. ``--resume <dir>/last.pth.tar`` continues a stopped run with the same per-update losses as an
-uninterrupted one: each epoch reseeds from (seed, epoch, rank) and loader workers start afresh every epoch.
+and the data config. ``--resume <run>/last.pth.tar`` continues a stopped run (in ``<run>`` unless ``output`` or
+``experiment`` is given) with the same per-update losses as an uninterrupted one: each epoch reseeds from
+(seed, epoch, rank) and loader workers start afresh every epoch.
 A non-finite loss stops the run with exit status 1 before the update, naming the step; the last checkpoint is
 then the last good one. Invalid configs stop with exit status 2 before any work.
 """
@@ -244,13 +245,18 @@ def train(args, args_text):
 
     saver = step_log = output_dir = None
     if primary:
-        exp_name = args.experiment or '-'.join([
-            datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])])
-        output_dir = get_outdir(args.output or './output/train', exp_name)
+        resume_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
+        in_place = resume_dir and not (args.output or args.experiment)
+        if in_place and os.path.isfile(os.path.join(resume_dir, 'args.yaml')):
+            output_dir = resume_dir  # continue a train.py run in its own folder
+        else:
+            exp_name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'),
+                                                    safe_model_name(args.model), str(data_config['input_size'][-1])])
+            output_dir = get_outdir(args.output or './output/train', exp_name)
         saver = CheckpointSaver(model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler,
                                 checkpoint_dir=output_dir, recovery_dir=output_dir,
                                 decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist, task=task)
-        if args.resume and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), output_dir):
+        if resume_dir and os.path.samefile(resume_dir, output_dir):
             saver.load_state_dict_from_checkpoint(args.resume)
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
             f.write(args_text)

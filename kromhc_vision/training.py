@@ -201,9 +201,14 @@ def _unknown(key: str, known, where: str) -> ConfigError:
 def _check_value(action: argparse.Action, key: str, value, where: str):
     """YAML values must already have the option's type (as timm's train.py uses them unconverted)."""
     def bad(expected):
-        return ConfigError(f"{where}: {key}: expected {expected}, got {value!r} ({type(value).__name__})"
-                           + (" (YAML reads exponents without a dot, like 5e-4, as strings; write 5.0e-4)"
-                              if isinstance(value, str) else ''))
+        hint = ''
+        if action.type in (int, float) and isinstance(value, str):
+            try:
+                float(value)
+                hint = ' (YAML reads numbers like 5e-4 as strings; write 5.0e-4)'
+            except ValueError:
+                pass
+        return ConfigError(f"{where}: {key}: expected {expected}, got {value!r} ({type(value).__name__}){hint}")
 
     if value is None:
         return
@@ -250,10 +255,11 @@ def load_config(path, parser: argparse.ArgumentParser) -> dict:
 def parse_args(argv=None):
     """``-c config.yaml`` then options; the command line overrides the config. Returns ``(args, args_text)``."""
     config_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    config_parser.add_argument('-c', '--config', default='', help='YAML config (keys: the options below)')
+    config_help = 'YAML config; its keys are the options below, underscored'
+    config_parser.add_argument('-c', '--config', default='', help=config_help)
     cfg_args, remaining = config_parser.parse_known_args(argv)
     parser = build_parser()
-    parser.add_argument('-c', '--config', default='', help='YAML config; keys are the options, underscored')
+    parser.add_argument('-c', '--config', default='', help=config_help)
     if cfg_args.config:
         parser.set_defaults(**load_config(cfg_args.config, parser))
     args, unknown = parser.parse_known_args(remaining)
@@ -267,6 +273,7 @@ def parse_args(argv=None):
 
 
 def import_device_modules(args):
+    """Import ``device_modules`` (e.g. kromhc_vision, which registers its models with timm)."""
     for name in args.device_modules or ():
         try:
             importlib.import_module(name)

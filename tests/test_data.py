@@ -10,7 +10,8 @@ def test_digits_folder_is_a_stratified_image_folder_written_once(tmp_path, monke
     monkeypatch.setenv('KROMHC_CACHE', str(tmp_path))
     root = data.digits_folder()
     assert root == tmp_path / 'digits' and sorted(p.name for p in tmp_path.iterdir()) == ['digits']  # no temp dirs
-    counts = {split: Counter(p.parent.name for p in (root / split).glob('*/*.png')) for split in ('train', 'validation')}
+    counts = {split: Counter(p.parent.name for p in (root / split).glob('*/*.png'))
+              for split in ('train', 'validation')}
     assert sum(counts['train'].values()) == 1437 and sum(counts['validation'].values()) == 360
     assert sorted(counts['train']) == [str(i) for i in range(10)]
     assert all(abs(counts['validation'][c] / counts['train'][c] - 0.25) < 0.02 for c in counts['train'])  # stratified

@@ -110,11 +110,12 @@ def test_every_config_validates_and_families_differ_only_in_model(tmp_path):
 def test_resume_after_sigkill_replays_the_uninterrupted_run(tmp_path, data):
     # random crops, mixup, drop path, EMA and a loader worker: every RNG path a resumed run has to replay
     argv = [*TINY, '--data-dir', data, '--epochs', 4, '--mixup', 0.5, '--drop-path', 0.1, '--model-ema',
-            '--model-ema-decay', 0.9, '--workers', 1, '--output', tmp_path]
-    run(*argv, '--experiment', 'whole')
+            '--model-ema-decay', 0.9, '--workers', 1]
+    run(*argv, '--output', tmp_path, '--experiment', 'whole')
 
     killed = tmp_path / 'killed'
-    proc = subprocess.Popen([sys.executable, ROOT / 'train.py', *map(str, argv), '--experiment', 'killed'],
+    proc = subprocess.Popen([sys.executable, ROOT / 'train.py', *map(str, argv), '--output', str(tmp_path),
+                             '--experiment', 'killed'],
                             cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         while not (killed / 'last.pth.tar').exists():
@@ -127,7 +128,7 @@ def test_resume_after_sigkill_replays_the_uninterrupted_run(tmp_path, data):
     resumed_from = torch.load(killed / 'last.pth.tar', weights_only=False)['epoch']
     assert resumed_from < 3, 'the run finished before it was killed'
 
-    run(*argv, '--experiment', 'killed', '--resume', killed / 'last.pth.tar')
+    run(*argv, '--resume', killed / 'last.pth.tar')  # continues in the run's folder
     whole, continued = read_steps(tmp_path / 'whole'), read_steps(killed)
     assert len(whole) == 4 * 3 and [r[:2] for r in continued] == [r[:2] for r in whole]
     assert [r[2] for r in continued] == pytest.approx([r[2] for r in whole], rel=1e-6, abs=1e-7)
