@@ -3,7 +3,7 @@ VENV ?= .venv
 # The versions this project is developed and tested with; pyproject.toml keeps ranges.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-all table bench
+.PHONY: demo test test-all table bench results
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,3 +26,7 @@ table: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/bench_trunk_cpu.py
+
+# Regenerate RESULTS.md, results/*.png and BENCHMARKS.md: every variant, n = 2, 4, 8, 3 seeds (CPU: ~30 min).
+results: $(VENV)/.installed
+	$(VENV)/bin/python compare.py

@@ -19,14 +19,13 @@ from contextlib import nullcontext
 from functools import partial
 
 import torch
-from timm.data import create_dataset, create_loader, resolve_data_config
-from timm.models import create_model, load_checkpoint, safe_model_name
+from timm.models import safe_model_name
 from timm.task import ClassificationEvaluator
-from timm.utils import load_checkpoint_metadata, setup_default_logging
+from timm.utils import setup_default_logging
 
 from kromhc_vision.data import digits_folder
 from kromhc_vision.diagnostics import connection_diagnostics, plot_composite_gain, plot_h_res
-from kromhc_vision.training import evaluate, model_kwargs, write_json
+from kromhc_vision.training import ConfigError, eval_loader, evaluate, load_trained_model, write_json
 
 _logger = logging.getLogger('eval')
 
@@ -51,43 +50,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_model(args):
-    """The model with its weights and the data config it expects."""
-    if args.checkpoint is None:
-        model = create_model(args.model, pretrained=True, num_classes=args.num_classes)
-        return model, resolve_data_config({}, model=model)
-    if not os.path.isfile(args.checkpoint):
-        raise SystemExit(f'eval.py: error: checkpoint not found: {args.checkpoint}')
-    meta = load_checkpoint_metadata(args.checkpoint)
-    train_args = meta.get('args') if isinstance(meta, dict) else None
-    if train_args is None:
-        model = create_model(args.model, num_classes=args.num_classes)
-        data_config = None
-    else:
-        if train_args.model.split('.')[0] != args.model.split('.')[0]:
-            raise SystemExit(f'eval.py: error: {args.checkpoint} was trained as {train_args.model!r}, '
-                             f'not {args.model!r}')
-        model = create_model(args.model, **model_kwargs(train_args))
-        data_config = (meta.get('task_state') or {}).get('data_config')
-    load_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
-    return model, data_config or resolve_data_config({}, model=model)
-
-
 def main(argv=None):
     if not logging.root.handlers:
         setup_default_logging()
     args = parse_args(argv)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    model, data_config = build_model(args)
+    try:
+        model, data_config = load_trained_model(args.model, args.checkpoint, args.use_ema, args.num_classes)
+        loader = eval_loader(data_config, args.data_dir, args.dataset, args.split, args.batch_size, args.workers,
+                             device)
+    except ConfigError as e:
+        raise SystemExit(f'eval.py: error: {e}') from None
     model.to(device).eval()
-    data_dir = args.data_dir or str(digits_folder())
-    if not os.path.isdir(data_dir) and '/' not in args.dataset:
-        raise SystemExit(f'eval.py: error: data folder not found: {data_dir}')
-    dataset = create_dataset(args.dataset, root=data_dir, split=args.split)
-    loader = create_loader(dataset, input_size=data_config['input_size'], batch_size=args.batch_size,
-                           interpolation=data_config['interpolation'], mean=data_config['mean'],
-                           std=data_config['std'], crop_pct=data_config['crop_pct'],
-                           crop_mode=data_config['crop_mode'], num_workers=args.workers, device=device)
+    dataset, data_dir = loader.dataset, args.data_dir or str(digits_folder())
     autocast = partial(torch.autocast, device_type=device.type,
                        dtype=getattr(torch, args.amp_dtype)) if args.amp_dtype else nullcontext
     metrics = evaluate(model, loader, device, autocast, ClassificationEvaluator(device))

@@ -2,7 +2,8 @@
 
 12 blocks of timm's Attention and Mlp (two branches per block), C = 192, 3 heads, 197 tokens,
 batch 16, float32. Runs are interleaved (one step of each variant per round) and the median per
-variant is reported with its ratio to the residual trunk measured in the same run.
+variant is reported with its ratio to the residual trunk measured in the same run, with the activation
+memory of a step (bytes autograd saves for backward, see ``kromhc_vision.memory``) and its ratio.
 
     python benchmarks/bench_trunk_cpu.py [--streams 4] [--rounds 7] [--threads 2]
 """
@@ -16,6 +17,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 
 import kromhc_vision as kv
+from kromhc_vision.memory import saved_activation_bytes
 
 
 class Trunk(nn.Module):
@@ -62,13 +64,15 @@ def main():
             t = step_time(model, x)
             if round_:
                 times[v].append(t)
+    saved = {v: saved_activation_bytes(model, x) for v, model in variants.items()}
     base = statistics.median(times["residual"])
     print(f"ViT-Tiny trunk fwd+bwd, batch {args.batch}, n = {args.streams}, {args.threads} threads, "
           f"median of {args.rounds} interleaved rounds")
-    print(f"{'variant':<10}{'ms/step':>10}{'x residual':>12}")
+    print(f"{'variant':<10}{'ms/step':>10}{'x residual':>12}{'saved MiB':>11}{'x residual':>12}")
     for v, ts in times.items():
         med = statistics.median(ts)
-        print(f"{v:<10}{med * 1e3:>10.1f}{med / base:>12.2f}")
+        print(f"{v:<10}{med * 1e3:>10.1f}{med / base:>12.2f}{saved[v] / 2**20:>11.1f}"
+              f"{saved[v] / saved['residual']:>12.2f}")
 
 
 if __name__ == "__main__":

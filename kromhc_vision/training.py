@@ -417,6 +417,52 @@ def evaluate(model, loader, device, autocast, evaluator, distributed=False, desc
     return dict(metrics)
 
 
+def load_trained_model(model_name: str, checkpoint=None, use_ema=False, num_classes=None):
+    """``(model, data_config)``: ``model_name`` with a train.py checkpoint's weights, or its pretrained weights.
+
+    A train.py checkpoint supplies the model settings it was trained with (num_classes, model_kwargs) and its data
+    config (image size, interpolation, crop, mean / std); a plain state dict needs ``num_classes``.
+    Raises :class:`ConfigError` for a missing file or a checkpoint of another model.
+    """
+    from timm.data import resolve_data_config
+    from timm.models import create_model, load_checkpoint
+    from timm.utils import load_checkpoint_metadata
+
+    if checkpoint is None:
+        model = create_model(model_name, pretrained=True, num_classes=num_classes)
+        return model, resolve_data_config({}, model=model)
+    if not os.path.isfile(checkpoint):
+        raise ConfigError(f'checkpoint not found: {checkpoint}')
+    meta = load_checkpoint_metadata(checkpoint)
+    train_args = meta.get('args') if isinstance(meta, dict) else None
+    data_config = None
+    if train_args is None:
+        model = create_model(model_name, num_classes=num_classes)
+    else:
+        if train_args.model.split('.')[0] != model_name.split('.')[0]:
+            raise ConfigError(f'{checkpoint} was trained as {train_args.model!r}, not {model_name!r}')
+        model = create_model(model_name, **model_kwargs(train_args))
+        data_config = (meta.get('task_state') or {}).get('data_config')
+    load_checkpoint(model, checkpoint, use_ema=use_ema)
+    return model, data_config or resolve_data_config({}, model=model)
+
+
+def eval_loader(data_config, data_dir=None, dataset='', split='validation', batch_size=128, workers=2,
+                device=torch.device('cpu')):
+    """timm's eval loader over ``split`` of ``data_dir`` (default: the embedded digits) with ``data_config``."""
+    from timm.data import create_dataset, create_loader
+    from .data import digits_folder
+
+    data_dir = data_dir or str(digits_folder())
+    if not os.path.isdir(data_dir) and '/' not in dataset:
+        raise ConfigError(f'data folder not found: {data_dir}')
+    ds = create_dataset(dataset, root=data_dir, split=split)
+    return create_loader(ds, input_size=data_config['input_size'], batch_size=batch_size,
+                         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
+                         crop_pct=data_config['crop_pct'], crop_mode=data_config['crop_mode'], num_workers=workers,
+                         device=device)
+
+
 def write_json(path, obj):
     """Write JSON atomically."""
     tmp = f'{path}.tmp'

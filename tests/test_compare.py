@@ -1,0 +1,57 @@
+"""compare.py regenerates RESULTS.md, its figures and BENCHMARKS.md from its own runs, and reuses finished runs."""
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location('compare_script', Path(__file__).resolve().parents[1] / 'compare.py')
+compare = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare)
+
+
+def test_configurations_keep_refused_stream_counts():
+    args = compare.parse_args(['--variants', 'residual', 'mhclite', 'kromhc', '--streams', '2', '8'])
+    configs = list(compare.configurations(args))
+    assert [(v, n) for _, v, n, why in configs if not why] == [
+        ('residual', 1), ('mhclite', 2), ('kromhc', 2), ('kromhc', 8)]
+    refused = [(v, n, why) for _, v, n, why in configs if why]
+    assert len(refused) == 1 and refused[0][:2] == ('mhclite', 8) and '8!' in refused[0][2]
+
+
+@pytest.mark.parametrize('bad', [['--streams', '1'], ['--seeds', '0'], ['--variants', 'resnet']])
+def test_bad_arguments_are_refused(bad, capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_args(bad)
+    assert 'error' in capsys.readouterr().err
+
+
+def test_compare_writes_results_from_its_runs(tmp_path):
+    out = tmp_path / 'runs'
+    argv = ['--variants', 'residual', 'kromhc', '--streams', '2', '--seeds', '2', '--epochs', '1',
+            '--bench-rounds', '1', '--bench-streams', '2', '--bench-batch', '2', '--diag-images', '32', '--output', str(out),
+            '--results', str(tmp_path / 'RESULTS.md'), '--benchmarks', str(tmp_path / 'BENCHMARKS.md')]
+    compare.main(argv)
+    results = (tmp_path / 'RESULTS.md').read_text()
+    for figure in ('curves_micro.png', 'composite_gain_micro.png', 'params.png'):
+        path = tmp_path / 'results' / figure
+        assert path.read_bytes()[:4] == b'\x89PNG' and f'results/{figure}' in results
+
+    # the table's top-1 is the mean over the seeds' last-epoch validation top-1 that train.py wrote
+    for variant, n in (('residual', 1), ('kromhc', 2)):
+        top1 = [json.loads((out / f'micro_{variant}_n{n}_s{s}' / 'summary.json').read_text())[-1]['eval_top1']
+                for s in (0, 1)]
+        row = next(line for line in results.splitlines() if line.startswith(f'| {variant} | {n} |'))
+        assert f'{statistics.fmean(top1):.2f} ± {statistics.stdev(top1):.2f}' in row
+    record = json.loads((out / 'micro_kromhc_n2_s0' / 'run.json').read_text())
+    assert len(record['diagnostics']) == 1 and record['diagnostics'][0]['max_row_error'] < 1e-5
+    assert not list((out / 'micro_kromhc_n2_s0').glob('checkpoint-*'))
+    benchmarks = (tmp_path / 'BENCHMARKS.md').read_text()
+    assert 'bench_trunk_cpu.py --streams 2 --rounds 1 --batch 2' in benchmarks and 'ms/step' in benchmarks
+    assert '| kromhc | 2 |' in benchmarks
+
+    # a second call with the same settings reuses every run; other settings retrain
+    logs = {p: p.stat().st_mtime_ns for p in out.glob('*.log')}
+    compare.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in out.glob('*.log')} == logs
