@@ -10,9 +10,13 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install $(TORCH_PINS) -e ".[test]"
 	touch $@
 
-# Train and evaluate KromHC on the embedded digits dataset (CPU, a few minutes).
+# Train KromHC on the embedded digits dataset (CPU, a few minutes), then evaluate it with the stream diagnostics.
+# Retrains from scratch each time, in output/demo_kromhc.
 demo: $(VENV)/.installed
-	$(VENV)/bin/python train.py -c configs/digits_kromhc.yaml
+	rm -rf output/demo_kromhc
+	$(VENV)/bin/python train.py -c configs/digits_kromhc.yaml --output output --experiment demo_kromhc
+	$(VENV)/bin/python eval.py --model vit_micro_patch4_32_kromhc --checkpoint output/demo_kromhc/last.pth.tar \
+		--diagnostics --output output/demo_kromhc/eval
 
 # The test suite CI runs (slow tests excluded; `make test-all` includes them).
 test: $(VENV)/.installed

@@ -108,7 +108,7 @@ def provenance(argv) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- the runs
 def configurations(args):
-    """``(size, variant, n)`` in table order; mHC-lite's refused n kept as ``None`` entries."""
+    """``(size, variant, n, refusal)`` in table order; ``refusal``: None, or why the variant refuses n."""
     for size in args.sizes:
         for variant in args.variants:
             for n in [1] if variant == 'residual' else args.streams:

@@ -30,8 +30,8 @@ def test_bad_arguments_are_refused(bad, capsys):
 def test_compare_writes_results_from_its_runs(tmp_path):
     out = tmp_path / 'runs'
     argv = ['--variants', 'residual', 'kromhc', '--streams', '2', '--seeds', '2', '--epochs', '1',
-            '--bench-rounds', '1', '--bench-streams', '2', '--bench-batch', '2', '--diag-images', '32', '--output', str(out),
-            '--results', str(tmp_path / 'RESULTS.md'), '--benchmarks', str(tmp_path / 'BENCHMARKS.md')]
+            '--bench-rounds', '1', '--bench-streams', '8', '--bench-batch', '2', '--diag-images', '32',
+            '--output', str(out), '--results', str(tmp_path / 'RESULTS.md'), '--benchmarks', str(tmp_path / 'BENCHMARKS.md')]
     compare.main(argv)
     results = (tmp_path / 'RESULTS.md').read_text()
     for figure in ('curves_micro.png', 'composite_gain_micro.png', 'params.png'):
@@ -48,7 +48,8 @@ def test_compare_writes_results_from_its_runs(tmp_path):
     assert len(record['diagnostics']) == 1 and record['diagnostics'][0]['max_row_error'] < 1e-5
     assert not list((out / 'micro_kromhc_n2_s0').glob('checkpoint-*'))
     benchmarks = (tmp_path / 'BENCHMARKS.md').read_text()
-    assert 'bench_trunk_cpu.py --streams 2 --rounds 1 --batch 2' in benchmarks and 'ms/step' in benchmarks
+    assert 'bench_trunk_cpu.py --streams 8 --rounds 1 --batch 2' in benchmarks and 'ms/step' in benchmarks
+    assert 'mhclite   refused' in benchmarks  # mHC-lite refuses n = 8; the others are timed
     assert '| kromhc | 2 |' in benchmarks
 
     # a second call with the same settings reuses every run; other settings retrain
