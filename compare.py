@@ -17,6 +17,7 @@ BENCHMARKS.md gets the output of the benchmark scripts (the ViT-Tiny trunk on CP
 on CUDA) and the training throughput of the runs, each with the device, date, command and commit.
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -45,8 +46,10 @@ GENERATED = ('RESULTS.md', 'BENCHMARKS.md', 'results')
 
 # Model sizes: the digits configs' ViT-Micro/4 everywhere; ViT-Tiny at 4px patches where a GPU is present.
 SIZES = {
-    'micro': dict(model='vit_micro_patch4_32_{variant}', model_kwargs=dict(img_size=16), train_args=[]),
-    'tiny': dict(model='vit_tiny_patch16_224_{variant}', model_kwargs=dict(img_size=32, patch_size=4),
+    'micro': dict(model='vit_micro_patch4_32_{variant}', about='6 blocks, 64 wide, 16×16 input, 4×4 patches',
+                  model_kwargs=dict(img_size=16), train_args=[]),
+    'tiny': dict(model='vit_tiny_patch16_224_{variant}', about='12 blocks, 192 wide, 32×32 input, 4×4 patches',
+                 model_kwargs=dict(img_size=32, patch_size=4),
                  train_args=['--img-size', '32', '--batch-size', '128', '--workers', '4', '--amp',
                              '--amp-dtype', 'bfloat16']),
 }
@@ -147,8 +150,8 @@ def run_diagnostics(run_dir: Path, model_name: str, epochs: int, num_images: int
     return per_epoch, final
 
 
-def train_run(args, size, variant, n, seed) -> dict:
-    """One training run (or the stored one when its settings match), with its diagnostics."""
+def train_run(args, size, variant, n, seed, commit) -> dict:
+    """One training run (or the stored one when its settings match), with its diagnostics; ``reused`` says which."""
     name = f'{size}_{variant}_n{n}_s{seed}'
     out = Path(args.output)
     run_dir = out / name
@@ -159,7 +162,7 @@ def train_run(args, size, variant, n, seed) -> dict:
     if record_path.exists():
         record = json.loads(record_path.read_text())
         if record['settings'] == settings:
-            return record
+            return dict(record, reused=True)
     shutil.rmtree(run_dir, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     log = out / f'{name}.log'
@@ -176,10 +179,11 @@ def train_run(args, size, variant, n, seed) -> dict:
         run_dir, model_name, args.epochs, args.diag_images)
     for path in [*run_dir.glob('checkpoint-*.pth.tar'), run_dir / 'model_best.pth.tar']:
         path.unlink(missing_ok=True)  # keep last.pth.tar only
-    record = dict(settings=settings, size=size, variant=variant, n=n, seed=seed, wall_s=wall, epochs=rows,
+    record = dict(settings=settings, commit=commit, size=size, variant=variant, n=n, seed=seed, wall_s=wall,
+                  epochs=rows,
                   diagnostics=per_epoch, final_diagnostics=final)
     write_json(record_path, record)
-    return record
+    return dict(record, reused=False)
 
 
 def model_facts(size, variant, n, batch_size) -> dict:
@@ -223,7 +227,8 @@ def summarize(records, facts, size) -> list:
                                top1=[statistics.fmean(r['epochs'][e]['eval_top1'] for r in runs)
                                      for e in range(len(runs[0]['epochs']))]))
         if variant != 'residual':
-            row['max_ds_error'] = max(max(d['max_row_error'], d['max_col_error']) for r in runs for d in r['diagnostics'])
+            row['max_ds_error'] = max(max(d['max_row_error'], d['max_col_error'])
+                                      for r in runs for d in r['diagnostics'])
             row['final_gain'] = max(max(layer['gain_row'], layer['gain_col']) for r in runs
                                     for layer in r['final_diagnostics']['layers'])
         rows.append(row)
@@ -324,57 +329,79 @@ def table(rows, refused):
     return '\n'.join(lines)
 
 
-def reading(rows, args, counts) -> list:
+def reading(rows, args, counts, size) -> list:
     """Sentences computed from the numbers: what differs, what is within noise, what cannot be shown."""
     out = []
     val_images = counts['validation']
     by = {(r['variant'], r['n']): r for r in rows}
     base = by.get(('residual', 1))
     others = [r for r in rows if r['variant'] != 'residual']
+    label = lambda r: f"{r['variant']} n={r['n']}"  # noqa: E731
     if base and others and args.seeds > 1:
-        beyond = [r for r in others if abs(r['top1_diff']) > 2 * r['top1_se']]
-        within = len(others) - len(beyond)
+        above = [r for r in others if r['top1_diff'] > 2 * r['top1_se']]
+        below = [r for r in others if -r['top1_diff'] > 2 * r['top1_se']]
+        widest = max(rows, key=lambda r: r['top1'][1])
         text = (f'**Accuracy.** Residual reaches {fmt_top1(base)} % top-1 after {args.epochs} epoch(s). '
-                f'{within} of {len(others)} hyper-connected configurations are within two standard errors of it')
-        if beyond:
-            text += '; beyond that: ' + ', '.join(f"{r['variant']} n={r['n']} ({r['top1_diff']:+.2f})" for r in beyond)
-        out.append(text + f'. One validation image is {100 / val_images:.2f} points of top-1 '
-                          f'({val_images} images), and the seed-to-seed spread is of the same order.')
+                f'{len(others) - len(above) - len(below)} of {len(others)} hyper-connected configurations are '
+                'within two standard errors of it')
+        for word, group in (('above', above), ('below', below)):
+            if group:
+                text += f'; {word}: ' + ', '.join(f"{label(r)} ({r['top1_diff']:+.2f})" for r in group)
+        text += (f". Seed-to-seed standard deviations range from {min(r['top1'][1] for r in rows):.2f} to "
+                 f"{widest['top1'][1]:.2f} points (widest: {label(widest)}, seeds at "
+                 + ', '.join(f'{t:.2f}' for t in widest['top1_all'])
+                 + f' %); one validation image is {100 / val_images:.2f} points.')
+        out.append(text)
     elif base and others:
         out.append('**Accuracy.** One seed only: no noise estimate, so no difference in top-1 can be called real.')
+    pair = by.get(('mhclite', 2)), by.get(('kromhc', 2))
+    if all(pair) and pair[0]['top1_all'] == pair[1]['top1_all']:
+        out.append('mHC-lite and KromHC at n = 2 are the same map (KromHC with one factor of size 2); they give '
+                   'the same top-1 seed by seed, as a deterministic pipeline must.')
     exact = [r for r in others if r['variant'] in ('mhclite', 'kromhc')]
     if exact:
         worst = max(r['max_ds_error'] for r in exact)
         out.append(f'**Double stochasticity.** mHC-lite and KromHC never left the doubly stochastic matrices: the '
                    f'largest |row or column sum − 1| over every epoch, layer and token is {worst:.1e}, float32 '
                    f'rounding, and their composite gain across depth stays at '
-                   f'{max(r["final_gain"] for r in exact):.7f}.')
+                   f'{max(r["final_gain"] for r in exact):.7f} (a product of doubly stochastic matrices has '
+                   'gain exactly 1).')
     mhc = [r for r in others if r['variant'] == 'mhc']
     if mhc:
-        out.append('mHC, with its Sinkhorn iterations stopped after a fixed count, deviates by up to '
+        iters = inspect.signature(kv.MHC.__init__).parameters['sinkhorn_iters'].default
+        out.append(f'mHC, whose Sinkhorn-Knopp stops after {iters} iterations, deviates by up to '
                    + ', '.join(f"{r['max_ds_error']:.1e} (n={r['n']})" for r in mhc)
                    + '; its composite gain at the end is ' + ', '.join(f"{r['final_gain']:.4f}" for r in mhc) + '.')
     hc = [r for r in others if r['variant'] == 'hc']
     if hc:
+        worst = max(hc, key=lambda r: r['final_gain'])
         out.append('HC is unconstrained: row/column sums differ from 1 by up to '
                    + ', '.join(f"{r['max_ds_error']:.2g} (n={r['n']})" for r in hc)
                    + ' and the composite gain across depth reaches ' + ', '.join(f"{r['final_gain']:.3g}" for r in hc)
-                   + '. Whether that gain grows into the instability reported for HC at scale depends on depth '
-                     'and training length that this model does not have.')
+                   + f". Where the gain is largest ({label(worst)}), the seeds end at "
+                   + ', '.join(f'{t:.2f}' for t in worst['top1_all']) + ' % top-1.')
     if base and others:
         speed = {v: [r['speed_ratio'] for r in others if r['variant'] == v] for v in kv.CONNECTIONS}
-        out.append('**Cost.** Training throughput relative to residual, measured in this run on this device: '
+        out.append('**Cost.** Training throughput relative to residual (the PyTorch path on this device, '
+                   'measured in this run): '
                    + '; '.join(f"{v} {min(s):.2f}–{max(s):.2f}×" if len(s) > 1 else f"{v} {s[0]:.2f}×"
                                for v, s in speed.items() if s)
-                   + f". Residual trains at {base['img_per_sec']:.0f} img/s. Activation memory grows with n, "
-                     'because each connection keeps the n-stream state for its backward pass: '
-                   + ', '.join(f"{r['variant']} n={r['n']} {r['activation_ratio']:.2f}×" for r in others) + '.')
-    out.append(f"**What this dataset cannot show.** {counts['train'] + val_images:,} 8×8 digits, a small ViT and "
-               f'{args.epochs} epoch(s): the published gains of hyper-connections and the instability of '
-               'unconstrained HC were shown on deep models trained long on large data, where a few tenths of a '
-               f'point matter; on {val_images} validation images that is about one image. What this comparison '
-               'does show is the exactness of the constrained variants and what each variant costs.')
+                   + f". Residual trains at {base['img_per_sec']:.0f} img/s. Activation memory relative to "
+                     'residual: ' + ', '.join(f"{label(r)} {r['activation_ratio']:.2f}×" for r in others) + '.')
+    out.append(f"**What this cannot show.** {counts['train'] + val_images:,} 8×8 digits, a ViT of "
+               f"{SIZES[size]['about'].split(',')[0]} and {args.epochs} epoch(s): whether the ordering holds at "
+               'ImageNet scale, where the published comparisons were made, and any difference smaller than about '
+               'two standard errors in the table. What it shows exactly is the exactness of the constrained '
+               'variants and what each costs.')
     return out
+
+
+def runs_provenance(records) -> str:
+    commits = sorted({r.get('commit', 'unknown') for r in records})
+    reused = sum(r['reused'] for r in records)
+    minutes = sum(r['wall_s'] for r in records) / 60
+    return (f"The {len(records)} training runs took {minutes:.1f} min, made at commit "
+            + ', '.join(f'`{c}`' for c in commits) + (f' ({reused} reused from an earlier call).' if reused else '.'))
 
 
 def write_results(path: Path, args, prov, records, facts, refused, counts, wall):
@@ -386,11 +413,12 @@ def write_results(path: Path, args, prov, records, facts, refused, counts, wall)
     lines = ['# Results', '',
              f"Generated by `{prov['command']}` at commit `{prov['commit']}` on {prov['date']}; device: "
              f"{prov['device']}; torch {prov['torch']}, timm {prov['timm']}, Python {prov['python']}; "
-             f'wall time {wall / 60:.1f} min. Every number and figure below comes from that run.', '',
+             f'wall time {wall / 60:.1f} min. {runs_provenance(records)} Every number and figure below comes from '
+             'that command.', '',
              '## Setup', '',
              '- Data: scikit-learn\'s handwritten digits (the embedded default): '
              f"{counts['train']:,} training and {val_images} validation images of 8×8 pixels, 10 classes, "
-             f"resized to {cfg['img_size']}×{cfg['img_size']} (`kromhc_vision.data`).",
+             "resized to each model's input size (`kromhc_vision.data`).",
              f"- Recipe: `configs/digits_<variant>.yaml` ({cfg['opt']}, lr {cfg['lr']}, {cfg['sched']} schedule, "
              f"label smoothing {cfg['smoothing']}, batch {cfg['batch_size']}), "
              f'with `--epochs {args.epochs}`, `--seed` 0 … {args.seeds - 1} and `--model-kwargs num_streams=n`; '
@@ -407,7 +435,7 @@ def write_results(path: Path, args, prov, records, facts, refused, counts, wall)
         rows = summarize(records, facts, size)
         size_refused = [(v, n, why) for s, v, n, why in refused if s == size]
         model = SIZES[size]['model'].format(variant='<variant>')
-        lines += [f'## {model} ({size})', '', table(rows, size_refused), '']
+        lines += [f"## {model} ({SIZES[size]['about']})", '', table(rows, size_refused), '']
         n_plot = 4 if 4 in args.streams else args.streams[0]
         plot_curves(rows, n_plot, figures / f'curves_{size}.png', f'{model}, n = {n_plot}')
         diags = {f"{r['variant']} n={r['n']}": r['final_diagnostics'] for r in records
@@ -419,10 +447,11 @@ def write_results(path: Path, args, prov, records, facts, refused, counts, wall)
                       f'training (n = {n_plot}, seed 0):', '', f'![composite gain](results/composite_gain_{size}.png)',
                       '']
         if size == args.sizes[0]:
-            lines += ['## Reading', '', *[f'- {s}' for s in reading(rows, args, counts)], '']
+            lines += ['## Reading', '', *[f'- {s}' for s in reading(rows, args, counts, size)], '']
     lines += ['## Parameters against n', '',
               'Per connection at C = 768 (`python -m kromhc_vision table` prints the same counts): mHC-lite grows '
-              'as n·C·n! (n! + 2n logits projected from the n·C stream state), HC and mHC as n·C·(n² + 2n) ≈ n³·C, '
+              'as n·C·n! (n! + 2n logits projected from the n·C stream state), HC and mHC as '
+              'n·C·(n² + 2n) ≈ n³·C, '
               'KromHC as n·C·(2n + the logits of its small factors) = O(n²·C).', '',
               '![parameters](results/params.png)', '']
     path.write_text('\n'.join(lines))
@@ -467,7 +496,8 @@ def write_benchmarks(path: Path, prov, outputs, records, facts, args):
         rows = summarize(records, facts, size)
         lines += [f"## Training throughput, {SIZES[size]['model'].format(variant='<variant>')}", '',
                   'From the runs of RESULTS.md (same command): median images/s over the epochs after the first, '
-                  'mean over seeds.', '', '| variant | n | train img/s | ×residual | peak memory MiB | activations MiB |',
+                  'mean over seeds.', '',
+                  '| variant | n | train img/s | ×residual | peak memory MiB | activations MiB |',
                   '|---|---|---|---|---|---|']
         for row in rows:
             lines.append(f"| {row['variant']} | {row['n']} | {row['img_per_sec']:.0f} | "
@@ -495,7 +525,7 @@ def main(argv=None):
     total = len(runnable) * args.seeds
     for seed in range(args.seeds):
         for size, variant, n in runnable:
-            record = train_run(args, size, variant, n, seed)
+            record = train_run(args, size, variant, n, seed, prov['commit'])
             records.append(record)
             print(f"[{len(records)}/{total}] {size} {variant} n={n} seed {seed}: top-1 "
                   f"{record['epochs'][-1]['eval_top1']:.2f}%, {throughput(record):.0f} img/s", flush=True)

@@ -31,9 +31,11 @@ def test_compare_writes_results_from_its_runs(tmp_path):
     out = tmp_path / 'runs'
     argv = ['--variants', 'residual', 'kromhc', '--streams', '2', '--seeds', '2', '--epochs', '1',
             '--bench-rounds', '1', '--bench-streams', '8', '--bench-batch', '2', '--diag-images', '32',
-            '--output', str(out), '--results', str(tmp_path / 'RESULTS.md'), '--benchmarks', str(tmp_path / 'BENCHMARKS.md')]
+            '--output', str(out), '--results', str(tmp_path / 'RESULTS.md'),
+            '--benchmarks', str(tmp_path / 'BENCHMARKS.md')]
     compare.main(argv)
     results = (tmp_path / 'RESULTS.md').read_text()
+    assert 'The 4 training runs took' in results and 'reused' not in results
     for figure in ('curves_micro.png', 'composite_gain_micro.png', 'params.png'):
         path = tmp_path / 'results' / figure
         assert path.read_bytes()[:4] == b'\x89PNG' and f'results/{figure}' in results
@@ -56,3 +58,4 @@ def test_compare_writes_results_from_its_runs(tmp_path):
     logs = {p: p.stat().st_mtime_ns for p in out.glob('*.log')}
     compare.main(argv)
     assert {p: p.stat().st_mtime_ns for p in out.glob('*.log')} == logs
+    assert '(4 reused from an earlier call)' in (tmp_path / 'RESULTS.md').read_text()
