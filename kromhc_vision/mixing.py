@@ -85,7 +85,7 @@ class StreamPre(torch.autograd.Function):
         dtype = raw.dtype
         x = X.reshape(-1, n * C).to(dtype)
         du = du.reshape(-1, C).to(dtype)
-        dh_pre = dh_pre.reshape(-1, n) + torch.bmm(x.view(-1, n, C), du.unsqueeze(-1)).squeeze(-1)
+        dh_pre = dh_pre.reshape(-1, n) + torch.bmm(du.unsqueeze(1), x.view(-1, n, C).transpose(1, 2)).squeeze(1)
         da = torch.cat([
             dh_pre * h_pre * (1 - h_pre),
             dh_post.reshape(-1, n) * h_post * (1 - 0.5 * h_post),
@@ -139,7 +139,7 @@ class StreamPost(torch.autograd.Function):
             torch.bmm(h.transpose(1, 2), d).view(X.shape).to(X.dtype),
             torch.bmm(h_post.reshape(-1, 1, n).to(dtype), d).view(y.shape).to(y.dtype),
             torch.bmm(d, x.transpose(1, 2)).view(h_res.shape).to(h_res.dtype),
-            torch.bmm(d, y.reshape(-1, C, 1).to(dtype)).view(h_post.shape).to(h_post.dtype),
+            torch.bmm(y.reshape(-1, 1, C).to(dtype), d.transpose(1, 2)).view(h_post.shape).to(h_post.dtype),
         )
 
 
