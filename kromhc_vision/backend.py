@@ -49,11 +49,14 @@ def use_triton(backend: str, device: torch.device) -> bool:
 
 
 def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float, backend: str):
-    """``u, h_pre, h_post, a_res`` of :func:`kromhc_vision.mixing.stream_pre_reference`, by backend."""
+    """``u, h_pre, h_post, a_res`` of :func:`kromhc_vision.mixing.stream_pre_reference`, by backend, then
+    the stream state to hand to :func:`stream_post` (on the PyTorch path an alias of ``X`` that routes
+    the post step's ``dX`` through pre's backward, see :func:`kromhc_vision.mixing.stream_pre_torch`).
+    """
     if use_triton(backend, X.device):
         from .kernels import stream_pre as stream_pre_triton
 
-        return stream_pre_triton(X, norm_weight, proj_weight, scale, bias, eps)
+        return (*stream_pre_triton(X, norm_weight, proj_weight, scale, bias, eps), X)
     return stream_pre_torch(X, norm_weight, proj_weight, scale, bias, eps)
 
 

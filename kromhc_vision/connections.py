@@ -124,7 +124,7 @@ class HyperConnection(nn.Module):
 
     def coefficients(self, X):
         """``X (..., n, C)`` -> ``H_pre (..., n)``, ``H_post (..., n)``, ``H_res (..., n, n)``, float32."""
-        _, h_pre, h_post, a_res = self._pre(X)
+        _, h_pre, h_post, a_res, _ = self._pre(X)
         return h_pre, h_post, self._h_res(a_res)
 
     def stochasticity_error(self, X) -> torch.Tensor:
@@ -133,7 +133,7 @@ class HyperConnection(nn.Module):
 
     def forward(self, X, branch):
         """``X (..., n, C)`` and ``branch: (..., C) -> (..., C)`` -> ``X_next (..., n, C)``."""
-        u, _, h_post, a_res = self._pre(X)
+        u, _, h_post, a_res, X = self._pre(X)
         y = branch(u)
         return stream_post(X, y, self._h_res(a_res), h_post, self.backend)
 

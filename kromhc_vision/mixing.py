@@ -57,11 +57,16 @@ class StreamPre(torch.autograd.Function):
 
         a = b + s * r * rho,   u = H_pre X
         dr = s * da * rho,     drho = sum_k s_k da_k r_k
-        dx = dr W_g^T - drho rho^3 x / (nC) + H_pre^T du
+        dx = dr W_g^T - drho rho^3 x / (nC) + H_pre^T du (+ dX_post)
+
+    A fifth output is ``X`` itself, for the post step: the gradient the post step sends to ``X``
+    then arrives here as ``dX_post`` and is added inside the GEMM that forms ``dx``, instead of
+    autograd summing the two ``dX`` in a separate pass over the stream state.
     """
 
     @staticmethod
     def forward(ctx, X, norm_weight, proj_weight, scale, bias, eps):
+        ctx.set_materialize_grads(False)
         n, C = X.shape[-2:]
         dtype = compute_dtype(X, proj_weight)
         with torch.autocast(X.device.type, enabled=False):
@@ -75,29 +80,35 @@ class StreamPre(torch.autograd.Function):
             u = torch.bmm(h_pre.unsqueeze(1), x.view(-1, n, C)).view(*X.shape[:-2], C)
         ctx.save_for_backward(X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post)
         lead = X.shape[:-2]
-        return u.to(X.dtype), h_pre.view(*lead, n), h_post.view(*lead, n), a[:, 2 * n:].reshape(*lead, -1)
+        return u.to(X.dtype), h_pre.view(*lead, n), h_post.view(*lead, n), a[:, 2 * n:].reshape(*lead, -1), X
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, du, dh_pre, dh_post, da_res):
+    def backward(ctx, du, dh_pre, dh_post, da_res, dX_post):
         X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post = ctx.saved_tensors
         n, C = X.shape[-2:]
-        dtype = raw.dtype
+        T, dtype = raw.shape[0], raw.dtype
         x = X.reshape(-1, n * C).to(dtype)
-        du = du.reshape(-1, C).to(dtype)
-        dh_pre = dh_pre.reshape(-1, n) + torch.bmm(du.unsqueeze(1), x.view(-1, n, C).transpose(1, 2)).squeeze(1)
+        dh_pre = h_pre.new_zeros(T, n) if dh_pre is None else dh_pre.reshape(T, n).to(dtype)
+        if du is not None:
+            du = du.reshape(T, C).to(dtype)
+            dh_pre = dh_pre + torch.bmm(du.unsqueeze(1), x.view(T, n, C).transpose(1, 2)).squeeze(1)
         da = torch.cat([
             dh_pre * h_pre * (1 - h_pre),
-            dh_post.reshape(-1, n) * h_post * (1 - 0.5 * h_post),
-            da_res.reshape(raw.shape[0], -1),
+            h_post.new_zeros(T, n) if dh_post is None else dh_post.reshape(T, n) * h_post * (1 - 0.5 * h_post),
+            raw.new_zeros(T, raw.shape[1] - 2 * n) if da_res is None else da_res.reshape(T, -1),
         ], dim=-1)
         dnormed = da * scale.to(dtype)
         draw = dnormed * inv_rms
         coef = (dnormed * raw).sum(-1, keepdim=True).mul_(inv_rms.pow(3)).div_(-n * C)
         weight = norm_weight.to(dtype).unsqueeze(-1) * proj_weight.to(dtype)
-        dx = draw @ weight.t()
+        if dX_post is None:
+            dx = draw @ weight.t()
+        else:
+            dx = torch.addmm(dX_post.reshape(T, n * C).to(dtype), draw, weight.t())
         dx.addcmul_(x, coef)
-        dx.view(-1, n, C).baddbmm_(h_pre.unsqueeze(-1), du.unsqueeze(1))
+        if du is not None:
+            dx.view(T, n, C).baddbmm_(h_pre.unsqueeze(-1), du.unsqueeze(1))
         dweight = x.t() @ draw
         return (
             dx.view(X.shape).to(X.dtype),
@@ -144,7 +155,11 @@ class StreamPost(torch.autograd.Function):
 
 
 def stream_pre_torch(X, norm_weight, proj_weight, scale, bias, eps: float):
-    """The CPU / PyTorch path of ``stream_pre`` (same signature as the reference)."""
+    """The CPU / PyTorch path of ``stream_pre``: the reference's four outputs, then ``X`` for the post step.
+
+    Pass that last output (not ``X``) to the post step, so that its gradient joins ``dX`` inside
+    ``StreamPre``'s backward (see :class:`StreamPre`).
+    """
     return StreamPre.apply(X, norm_weight, proj_weight, scale, bias, eps)
 
 

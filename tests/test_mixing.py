@@ -25,9 +25,31 @@ def post_inputs(n, C, lead=(2, 3), dtype=torch.float64):
     ]
 
 
+def pre_reference_with_stream(X, *params):
+    """The reference's outputs plus ``X`` itself, the fifth output of ``stream_pre_torch``."""
+    return (*stream_pre_reference(X, *params, 1e-6), X)
+
+
 @pytest.mark.parametrize("n, C, m", [(2, 3, 2), (3, 5, 6), (4, 7, 4)])
 def test_stream_pre_gradcheck(n, C, m):
     assert torch.autograd.gradcheck(lambda *a: stream_pre_torch(*a, 1e-6), pre_inputs(n, C, m))
+
+
+@pytest.mark.parametrize("used", [(0,), (1,), (2,), (3,), (4,), (0, 4), (2, 3, 4)])
+def test_stream_pre_gradient_of_any_subset_of_outputs(used):
+    """Outputs that do not reach the loss get no gradient (None) and must count as zero, whichever they are."""
+    inputs = pre_inputs(3, 5, 6)
+
+    def grads(fn):
+        outs = fn(*inputs)
+        g = torch.Generator()
+        loss = sum((outs[i] * torch.randn(outs[i].shape, generator=g.manual_seed(i), dtype=outs[i].dtype)).sum()
+                   for i in used)
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        return [torch.zeros_like(x) if d is None else d for x, d in zip(inputs, grads)]
+
+    for a, b in zip(grads(lambda *a: stream_pre_torch(*a, 1e-6)), grads(pre_reference_with_stream)):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("n, C", [(2, 3), (4, 7)])
@@ -47,7 +69,7 @@ def grads_of(fn, inputs, seed=1):
 def test_stream_pre_matches_reference_float32(lead):
     inputs = pre_inputs(4, 40, 4, lead, torch.float32)
     outs, grads = grads_of(lambda *a: stream_pre_torch(*a, 1e-6), inputs)
-    ref_outs, ref_grads = grads_of(lambda *a: stream_pre_reference(*a, 1e-6), inputs)
+    ref_outs, ref_grads = grads_of(pre_reference_with_stream, inputs)
     for a, b in zip(outs + grads, ref_outs + ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -63,11 +85,11 @@ def test_stream_post_matches_reference_float32():
 def test_bf16_streams_keep_dtype_and_fp32_coefficients():
     X, g, W, s, b = pre_inputs(4, 16, 4, (3,), torch.float32)
     Xb = X.detach().bfloat16().requires_grad_()
-    u, h_pre, h_post, a_res = stream_pre_torch(Xb, g, W, s, b, 1e-6)
+    u, h_pre, h_post, a_res, Xb_post = stream_pre_torch(Xb, g, W, s, b, 1e-6)
     assert u.dtype == torch.bfloat16 and h_pre.dtype == h_post.dtype == a_res.dtype == torch.float32
     y = torch.randn(3, 16, dtype=torch.bfloat16)
     h_res = torch.rand(3, 4, 4)
-    out = stream_post_torch(Xb, y, h_res, h_post)
+    out = stream_post_torch(Xb_post, y, h_res, h_post)
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert Xb.grad.dtype == torch.bfloat16 and torch.isfinite(Xb.grad.float()).all()
