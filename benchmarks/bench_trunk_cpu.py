@@ -5,7 +5,7 @@ batch 16, float32. Runs are interleaved (one step of each variant per round) and
 variant is reported with its ratio to the residual trunk measured in the same run, with the activation
 memory of a step (bytes autograd saves for backward, see ``kromhc_vision.memory``) and its ratio.
 
-    python benchmarks/bench_trunk_cpu.py [--streams 4] [--rounds 7] [--threads 2]
+    python benchmarks/bench_trunk_cpu.py [--streams 4] [--rounds 7] [--threads 2] [--variants hc kromhc]
 """
 import argparse
 import statistics
@@ -52,11 +52,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--variants", nargs="+", choices=[v for v in kv.CONNECTIONS if v != "residual"],
+                        default=[v for v in kv.CONNECTIONS if v != "residual"], help="timed against residual")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     variants, refused = {}, {}
-    for v in kv.CONNECTIONS:
+    for v in ["residual", *args.variants]:
         try:
             variants[v] = Trunk(v, 1 if v == "residual" else args.streams, backend="torch")
         except ValueError as e:  # mHC-lite beyond n = 6
