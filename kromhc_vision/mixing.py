@@ -50,6 +50,16 @@ def stream_post_reference(X, y, h_res, h_post):
     return out.to(X.dtype)
 
 
+def _gained_weight(norm_weight, proj_weight, dtype):
+    """``W_g = g * W`` as ``(n*C, k')`` with zero columns after the ``k`` real ones: ``k' = max(16, 8 ceil(k/8))``.
+
+    Skinny GEMMs with such widths run 1.3-4x faster on CPU (oneDNN/MKL) than with k = 6, 12 or 22.
+    """
+    k = proj_weight.shape[1]
+    weight = norm_weight.to(dtype).unsqueeze(-1) * proj_weight.to(dtype)
+    return torch.nn.functional.pad(weight, (0, max(16, -(-k // 8) * 8) - k))
+
+
 class StreamPre(torch.autograd.Function):
     """:func:`stream_pre_reference` with a hand-written backward that makes fewer passes over X.
 
@@ -72,9 +82,8 @@ class StreamPre(torch.autograd.Function):
         with torch.autocast(X.device.type, enabled=False):
             x = X.reshape(-1, n * C).to(dtype)
             inv_rms = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(n * C).add_(eps))
-            weight = norm_weight.to(dtype).unsqueeze(-1) * proj_weight.to(dtype)
-            raw = x @ weight
-            a = torch.addcmul(bias.to(dtype), raw * inv_rms, scale.to(dtype))
+            raw = x @ _gained_weight(norm_weight, proj_weight, dtype)  # (T, padded k)
+            a = torch.addcmul(bias.to(dtype), raw[:, :bias.shape[0]] * inv_rms, scale.to(dtype))
             h_pre = torch.sigmoid(a[:, :n])
             h_post = 2 * torch.sigmoid(a[:, n:2 * n])
             u = torch.bmm(h_pre.unsqueeze(1), x.view(-1, n, C)).view(*X.shape[:-2], C)
@@ -88,6 +97,7 @@ class StreamPre(torch.autograd.Function):
         X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post = ctx.saved_tensors
         n, C = X.shape[-2:]
         T, dtype = raw.shape[0], raw.dtype
+        k = proj_weight.shape[1]
         x = X.reshape(-1, n * C).to(dtype)
         dh_pre = h_pre.new_zeros(T, n) if dh_pre is None else dh_pre.reshape(T, n).to(dtype)
         if du is not None:
@@ -96,12 +106,12 @@ class StreamPre(torch.autograd.Function):
         da = torch.cat([
             dh_pre * h_pre * (1 - h_pre),
             h_post.new_zeros(T, n) if dh_post is None else dh_post.reshape(T, n) * h_post * (1 - 0.5 * h_post),
-            raw.new_zeros(T, raw.shape[1] - 2 * n) if da_res is None else da_res.reshape(T, -1),
+            raw.new_zeros(T, k - 2 * n) if da_res is None else da_res.reshape(T, -1),
         ], dim=-1)
         dnormed = da * scale.to(dtype)
-        draw = dnormed * inv_rms
-        coef = (dnormed * raw).sum(-1, keepdim=True).mul_(inv_rms.pow(3)).div_(-n * C)
-        weight = norm_weight.to(dtype).unsqueeze(-1) * proj_weight.to(dtype)
+        draw = torch.nn.functional.pad(dnormed * inv_rms, (0, raw.shape[1] - k))
+        coef = (dnormed * raw[:, :k]).sum(-1, keepdim=True).mul_(inv_rms.pow(3)).div_(-n * C)
+        weight = _gained_weight(norm_weight, proj_weight, dtype)
         if dX_post is None:
             dx = draw @ weight.t()
         else:
@@ -109,12 +119,12 @@ class StreamPre(torch.autograd.Function):
         dx.addcmul_(x, coef)
         if du is not None:
             dx.view(T, n, C).baddbmm_(h_pre.unsqueeze(-1), du.unsqueeze(1))
-        dweight = x.t() @ draw
+        dweight = (x.t() @ draw)[:, :k]
         return (
             dx.view(X.shape).to(X.dtype),
             (dweight * proj_weight).sum(-1).to(norm_weight.dtype),
             (dweight * norm_weight.unsqueeze(-1)).to(proj_weight.dtype),
-            (da * raw * inv_rms).sum(0).to(scale.dtype),
+            (da * raw[:, :k] * inv_rms).sum(0).to(scale.dtype),
             da.sum(0).to(scale.dtype),
             None,
         )
