@@ -14,7 +14,7 @@ from torch import nn
 
 from .backend import resolve_backend, stream_post, stream_pre, use_triton
 from .permutations import check_permutation_size, kronecker_factors, permutation_matrices
-from .residual_maps import birkhoff, kronecker, sinkhorn_log, stochasticity_error
+from .residual_maps import birkhoff, kronecker_birkhoff, sinkhorn_log, stochasticity_error
 
 INITS = ("published", "identity")
 # Off-identity logit of the published init: H_res starts close to the identity.
@@ -247,8 +247,7 @@ class KromHC(HyperConnection):
         return torch.cat([_permutation_bias(k) for k in self.factors])
 
     def res_matrix(self, a_res):
-        chunks = a_res.split([math.factorial(k) for k in self.factors], dim=-1)
-        return kronecker([birkhoff(a, getattr(self, f"perms{k}")) for a, k in zip(chunks, self.factors)])
+        return kronecker_birkhoff(a_res, [getattr(self, f"perms{k}") for k in self.factors])
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", factors={self.factors}"
