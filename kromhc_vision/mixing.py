@@ -112,13 +112,11 @@ class StreamPre(torch.autograd.Function):
         draw = torch.nn.functional.pad(dnormed * inv_rms, (0, raw.shape[1] - k))
         coef = (dnormed * raw[:, :k]).sum(-1, keepdim=True).mul_(inv_rms.pow(3)).div_(-n * C)
         weight = _gained_weight(norm_weight, proj_weight, dtype)
-        if dX_post is None:
-            dx = draw @ weight.t()
-        else:
-            dx = torch.addmm(dX_post.reshape(T, n * C).to(dtype), draw, weight.t())
-        dx.addcmul_(x, coef)
+        # three passes over dx: the first also reads dX_post, the GEMM accumulates in place
+        dx = x * coef if dX_post is None else torch.addcmul(dX_post.reshape(T, n * C).to(dtype), x, coef)
         if du is not None:
             dx.view(T, n, C).baddbmm_(h_pre.unsqueeze(-1), du.unsqueeze(1))
+        dx.addmm_(draw, weight.t())
         dweight = (x.t() @ draw)[:, :k]
         return (
             dx.view(X.shape).to(X.dtype),
