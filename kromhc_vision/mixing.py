@@ -70,7 +70,7 @@ class StreamPre(torch.autograd.Function):
         dx = dr W_g^T - drho rho^3 x / (nC) + H_pre^T du (+ dX_post)
 
     A fifth output is ``X`` itself, for the post step: the gradient the post step sends to ``X``
-    then arrives here as ``dX_post`` and is added inside the GEMM that forms ``dx``, instead of
+    then arrives here as ``dX_post`` and is added in the first pass that forms ``dx``, instead of
     autograd summing the two ``dX`` in a separate pass over the stream state.
     """
 
