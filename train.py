@@ -306,14 +306,14 @@ def train(args, args_text):
         metric = (ema_metrics or eval_metrics)[args.eval_metric]
         if scheduler is not None:
             scheduler.step(epoch + 1, metric)
-        if primary:
-            saver.save_checkpoint(epoch, metric=metric)
+        if primary:  # summaries first: a kill before the checkpoint resumes this epoch and rewrites its rows
             evals = dict(eval_metrics, **{f'ema_{k}': v for k, v in (ema_metrics or {}).items()})
             update_summary(epoch, train_metrics, evals, os.path.join(output_dir, 'summary.csv'), lr=lr)
             rows.append(dict(epoch=epoch, lr=lr, epoch_time_s=time.perf_counter() - start,
                              **{f'train_{k}': v for k, v in train_metrics.items()},
                              **{f'eval_{k}': v for k, v in evals.items()}))
             write_json(summary_json, rows)
+            saver.save_checkpoint(epoch, metric=metric)
             ema_text = f", EMA top-1 {ema_metrics['top1']:.2f}%" if ema_metrics else ''
             _logger.info(f"Epoch {epoch}: train loss {train_metrics['loss']:.4f}, eval loss "
                          f"{eval_metrics['loss']:.4f}, top-1 {eval_metrics['top1']:.2f}%, top-5 "

@@ -107,6 +107,29 @@ def test_every_config_validates_and_families_differ_only_in_model(tmp_path):
             assert lines == ref, f'{name} vs {first}:\n' + '\n'.join(difflib.unified_diff(ref, lines, lineterm=''))
 
 
+def test_kill_between_summary_and_checkpoint_keeps_every_epoch_once(tmp_path, data, monkeypatch):
+    """An epoch's summary rows are written before its checkpoint: dying in between resumes that epoch."""
+    save = train_script.CheckpointSaver.save_checkpoint
+
+    def die_at_epoch_1(self, epoch, metric=None):
+        if epoch == 1:
+            raise KeyboardInterrupt('killed after the summaries of epoch 1')
+        return save(self, epoch, metric=metric)
+
+    argv = [*TINY, '--data-dir', data, '--epochs', 3, '--output', tmp_path, '--experiment', 'run']
+    monkeypatch.setattr(train_script.CheckpointSaver, 'save_checkpoint', die_at_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(*argv)
+    assert [r['epoch'] for r in json.loads((tmp_path / 'run' / 'summary.json').read_text())] == [0, 1]
+    monkeypatch.setattr(train_script.CheckpointSaver, 'save_checkpoint', save)
+    run(*argv, '--resume', tmp_path / 'run' / 'last.pth.tar')
+    assert [r['epoch'] for r in json.loads((tmp_path / 'run' / 'summary.json').read_text())] == [0, 1, 2]
+    with open(tmp_path / 'run' / 'summary.csv') as f:
+        assert [int(r['epoch']) for r in csv.DictReader(f)] == [0, 1, 2]
+    steps = [r[:2] for r in read_steps(tmp_path / 'run')]
+    assert sorted(set(steps)) == steps and sorted({e for e, _ in steps}) == [0, 1, 2]  # each update once
+
+
 def test_resume_after_sigkill_replays_the_uninterrupted_run(tmp_path, data):
     # random crops, mixup, drop path, EMA and a loader worker: every RNG path a resumed run has to replay
     argv = [*TINY, '--data-dir', data, '--epochs', 4, '--mixup', 0.5, '--drop-path', 0.1, '--model-ema',
