@@ -55,14 +55,14 @@ def main(argv=None):
         setup_default_logging()
     args = parse_args(argv)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    data_dir = args.data_dir or str(digits_folder())
     try:
         model, data_config = load_trained_model(args.model, args.checkpoint, args.use_ema, args.num_classes)
-        loader = eval_loader(data_config, args.data_dir, args.dataset, args.split, args.batch_size, args.workers,
-                             device)
+        loader = eval_loader(data_config, data_dir, args.dataset, args.split, args.batch_size, args.workers, device)
     except ConfigError as e:
         raise SystemExit(f'eval.py: error: {e}') from None
     model.to(device).eval()
-    dataset, data_dir = loader.dataset, args.data_dir or str(digits_folder())
+    dataset = loader.dataset
     autocast = partial(torch.autocast, device_type=device.type,
                        dtype=getattr(torch, args.amp_dtype)) if args.amp_dtype else nullcontext
     metrics = evaluate(model, loader, device, autocast, ClassificationEvaluator(device))

@@ -52,8 +52,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--variants", nargs="+", choices=[v for v in kv.CONNECTIONS if v != "residual"],
-                        default=[v for v in kv.CONNECTIONS if v != "residual"], help="timed against residual")
+    hyper = [v for v in kv.CONNECTIONS if v != "residual"]
+    parser.add_argument("--variants", nargs="+", choices=hyper, default=hyper, help="timed against residual")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
