@@ -1,15 +1,18 @@
 """Timing and reporting shared by the kernel benchmarks (``bench_stream_pre.py`` etc.).
 
-Each benchmark times one op's forward and backward for three implementations: the Triton kernel,
-the PyTorch reference (eager) and ``torch.compile`` of the reference. It reports the Triton time,
-the achieved bandwidth against the op's memory-traffic floor (the bytes it must move at least),
-``x floor`` = Triton time / (floor bytes / measured device-copy bandwidth), and the speedups.
-Before timing, the Triton values and gradients are checked against the reference.
+Each benchmark times one op's forward and backward for three implementations: the kernel (Triton,
+or with ``--backend numba`` the CPU kernel), the PyTorch reference (eager) and ``torch.compile`` of
+the reference. It reports the kernel time, the achieved bandwidth against the op's memory-traffic
+floor (the bytes it must move at least), ``x floor`` = kernel time / (floor bytes / measured
+device-copy bandwidth), and the speedups. Before timing, the kernel's values and gradients are
+checked against the reference.
 
-On CUDA timings use ``triton.testing.do_bench`` (median). Without a GPU the kernels run in
+Triton on CUDA: timings by ``triton.testing.do_bench`` (median). Triton without a GPU runs in
 Triton's interpreter (imported after ``TRITON_INTERPRET=1`` is set here), on tiny shapes, as a
-correctness smoke run: those timings are meaningless.
+correctness smoke run: those timings are meaningless. numba: CPU tensors of the ViT-Tiny trunk's
+size (batch 16), median of 15 calls after a warm-up.
 """
+import importlib
 import os
 import time
 
@@ -19,30 +22,47 @@ GPU = torch.cuda.is_available()
 if not GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (by kromhc_vision.kernels)
 DEVICE = torch.device("cuda" if GPU else "cpu")
+BACKEND = "triton"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 torch._dynamo.config.recompile_limit = 256  # one compiled graph per benchmarked shape
 torch._functorch.config.donated_buffer = False  # the compiled reference's backward is timed with retain_graph
 
 
+def configure(backend: str):
+    """Time the ``backend`` kernels (``triton`` or ``numba``); call before building the cases."""
+    global BACKEND, DEVICE
+    BACKEND = backend
+    DEVICE = torch.device("cpu") if backend == "numba" else DEVICE
+
+
+def kernel(name: str):
+    """The op ``name`` of the configured backend."""
+    return getattr(importlib.import_module("kromhc_vision.cpu" if BACKEND == "numba" else "kromhc_vision.kernels"), name)
+
+
+def _triton_on_gpu() -> bool:
+    return BACKEND == "triton" and GPU
+
+
 def bench_ms(fn) -> float:
-    """Median milliseconds of ``fn()``: ``do_bench`` on CUDA, three timed calls after a warm-up on CPU."""
-    if GPU:
+    """Median milliseconds of ``fn()``: ``do_bench`` for Triton on CUDA, else timed calls after a warm-up."""
+    if _triton_on_gpu():
         import triton.testing
 
         return triton.testing.do_bench(fn, return_mode="median")
     fn()
     times = []
-    for _ in range(3):
+    for _ in range(15 if BACKEND == "numba" else 3):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[1]
+    return 1e3 * sorted(times)[len(times) // 2]
 
 
 def copy_bandwidth() -> float:
     """Bytes/s of a device-to-device copy (read + write), the practical memory-bandwidth ceiling."""
-    numel = (1 << 28) if GPU else (1 << 24)
+    numel = (1 << 28) if DEVICE.type == "cuda" else (1 << 24)
     src = torch.empty(numel, dtype=torch.float32, device=DEVICE)
     dst = torch.empty_like(src)
     return 2 * src.nbytes / (bench_ms(lambda: dst.copy_(src)) * 1e-3)
@@ -73,9 +93,9 @@ def run(title: str, cases, op, reference, bandwidth: float):
     """Time and print each case: ``(label, inputs, args, floor_fwd_bytes, floor_bwd_bytes)``."""
     compiled = torch.compile(reference)
     print(f"\n{title}  (device {DEVICE}, copy bandwidth {bandwidth / 1e9:.0f} GB/s)")
-    if not GPU:
+    if BACKEND == "triton" and not GPU:
         print("NOTE: no GPU, kernels run in Triton's CPU interpreter: timings below are meaningless (smoke run).")
-    print(f"{'shape':<36}{'pass':<5}{'triton ms':>11}{'GB/s':>9}{'x floor':>11}{'vs eager':>10}{'vs compile':>11}")
+    print(f"{'shape':<36}{'pass':<5}{BACKEND + ' ms':>11}{'GB/s':>9}{'x floor':>11}{'vs eager':>10}{'vs compile':>11}")
     for label, inputs, args, floor_fwd, floor_bwd in cases:
         fwd, bwd, outputs, grads, cot = _forward_backward(op, inputs, args)
         ref_fwd, ref_bwd, ref_outputs, ref_grads, _ = _forward_backward(reference, inputs, args, cot)
@@ -90,7 +110,10 @@ def run(title: str, cases, op, reference, bandwidth: float):
 
 
 def shapes(kind: str):
-    """``(family, tokens, C)``: ViT-S/B/L-ish (197 tokens per image) and the four ConvNeXt stages at 224 px."""
+    """``(family, tokens, C)``: ViT-S/B/L-ish (197 tokens per image) and the four ConvNeXt stages at 224 px
+    (batch 64) on CUDA; ViT-Tiny/Small and a ConvNeXt-T stage at batch 16 for numba; tiny ones in the interpreter."""
+    if BACKEND == "numba":
+        return [("vit", 16 * 197, 192), ("vit", 16 * 197, 384), ("convnext", 16 * 28 * 28, 192)]
     if not GPU:
         return [("tiny", 6, 40), ("tiny", 17, 72)]
     vit = [("vit", 64 * 197, c) for c in (192, 384, 768, 1024)]
@@ -98,11 +121,13 @@ def shapes(kind: str):
     return {"vit": vit, "convnext": convnext, "all": vit + convnext}[kind]
 
 
-def base_parser(description: str):
+def base_parser(description: str, backends=("triton", "numba")):
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--backend", choices=backends, default="triton", help="whose kernels to time")
     parser.add_argument("--streams", "-n", type=int, nargs="+", default=[4])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="stream dtype (coefficients fp32)")
-    parser.add_argument("--shapes", choices=("vit", "convnext", "all"), default="all", help="ignored without a GPU")
+    parser.add_argument("--shapes", choices=("vit", "convnext", "all"), default="all",
+                        help="Triton on CUDA only")
     return parser

@@ -1,15 +1,16 @@
-"""Benchmark of the log-domain Sinkhorn kernel (mHC) against ``sinkhorn_log`` (eager and compiled).
+"""Benchmark of the Sinkhorn kernel of mHC (Triton, or numba on CPU) against ``sinkhorn_log`` (eager and
+compiled).
 
 Floor per token: forward reads the logits and writes H_res, ``2 n^2`` fp32 values; backward
 reads logits and dH_res and writes dlogits, ``3 n^2``. The op is compute-bound (``T`` iterations
-forward, ``O(T^2)`` recomputation backward), so ``x floor`` is large by construction.
+forward; backward recomputes, ``O(T^2)`` in the Triton kernel, one replay in the numba one), so
+``x floor`` is large by construction.
 
-    python benchmarks/bench_sinkhorn.py [-n 4 8] [--iters 20]
+    python benchmarks/bench_sinkhorn.py [-n 4 8] [--iters 20] [--backend triton|numba]
 """
 import _timing
 import torch
 
-from kromhc_vision.kernels import sinkhorn
 from kromhc_vision.residual_maps import sinkhorn_log
 
 
@@ -24,10 +25,11 @@ def main():
     parser = _timing.base_parser(__doc__)
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
+    _timing.configure(args.backend)
     bandwidth = _timing.copy_bandwidth()
     for n in args.streams:
         _timing.run(f"sinkhorn (n={n}, {args.iters} iterations, fp32)", cases(n, args.iters, args.shapes),
-                    sinkhorn, sinkhorn_log, bandwidth)
+                    _timing.kernel("sinkhorn"), sinkhorn_log, bandwidth)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,16 @@
-"""Benchmark of the fused ``stream_post`` kernel against the PyTorch reference (eager and compiled).
+"""Benchmark of the fused ``stream_post`` kernel (Triton, or numba on CPU) against the PyTorch reference
+(eager and compiled).
 
 Floor per token: forward reads X, y and writes X_next, ``(2n+1) C`` values; backward reads
 dX_next, X, y and writes dX, dy, ``(3n+2) C``. Together with ``stream_pre`` a layer's forward
 floor is ``(3n+2) C``; the spec's ``(2n+2) C`` needs the post of layer l fused with the pre of
 layer l+1 (X_next consumed on-chip), which these separate ops do not do.
 
-    python benchmarks/bench_stream_post.py [-n 4] [--dtype bf16] [--shapes all]
+    python benchmarks/bench_stream_post.py [-n 4] [--dtype bf16] [--shapes all] [--backend triton|numba]
 """
 import _timing
 import torch
 
-from kromhc_vision.kernels import stream_post
 from kromhc_vision.mixing import stream_post_reference
 
 
@@ -25,10 +25,11 @@ def cases(n, dtype, kind):
 
 def main():
     args = _timing.base_parser(__doc__).parse_args()
+    _timing.configure(args.backend)
     bandwidth = _timing.copy_bandwidth()
     for n in args.streams:
         _timing.run(f"stream_post (n={n}, {args.dtype})", cases(n, _timing.DTYPES[args.dtype], args.shapes),
-                    stream_post, stream_post_reference, bandwidth)
+                    _timing.kernel("stream_post"), stream_post_reference, bandwidth)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,13 @@ batch 16, float32. Runs are interleaved (one step of each variant per round) and
 variant is reported with its ratio to the residual trunk measured in the same run, with the activation
 memory of a step (bytes autograd saves for backward, see ``kromhc_vision.memory``) and its ratio.
 
+The row ``streams`` is a yardstick, not a variant: n streams carried with no coefficients at all
+(``u = mean(X)``, ``X_next = X + y`` on every stream), i.e. the memory traffic of an unfused
+n-stream connection with none of its maths. What a variant costs above that row is its projection,
+its ``H_res`` and its mixing; what ``streams`` costs above residual is the price of n streams in eager PyTorch.
+
     python benchmarks/bench_trunk_cpu.py [--streams 4] [--rounds 7] [--threads 2] [--variants hc kromhc]
+                                         [--backend auto|numba|torch]
 """
 import argparse
 import statistics
@@ -20,6 +26,13 @@ import kromhc_vision as kv
 from kromhc_vision.memory import saved_activation_bytes
 
 
+class StreamsOnly(nn.Module):
+    """n streams, no coefficients: ``u = mean_i X_i``, ``X_next = X + y`` on every stream."""
+
+    def forward(self, X, branch):
+        return X + branch(X.mean(-2)).unsqueeze(-2)
+
+
 class Trunk(nn.Module):
     """``depth`` blocks; each block's attention and MLP branch wrapped by a connection."""
 
@@ -31,7 +44,8 @@ class Trunk(nn.Module):
         for i in range(2 * depth):
             body = Attention(dim, heads, qkv_bias=True) if i % 2 == 0 else Mlp(dim, 4 * dim)
             self.branches.append(nn.Sequential(nn.LayerNorm(dim), body))
-            self.conns.append(kv.build_connection(variant, num_streams, dim, layer_index=i, backend=backend))
+            self.conns.append(StreamsOnly() if variant == "streams" else
+                              kv.build_connection(variant, num_streams, dim, layer_index=i, backend=backend))
 
     def forward(self, x):
         X = kv.expand_streams(x, self.num_streams)
@@ -54,13 +68,15 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     hyper = [v for v in kv.CONNECTIONS if v != "residual"]
     parser.add_argument("--variants", nargs="+", choices=hyper, default=hyper, help="timed against residual")
+    parser.add_argument("--backend", choices=["auto", "numba", "torch"], default="auto",
+                        help="the connections' CPU path (auto: the numba kernels where numba imports)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     variants, refused = {}, {}
-    for v in ["residual", *args.variants]:
+    for v in ["residual", "streams", *args.variants]:
         try:
-            variants[v] = Trunk(v, 1 if v == "residual" else args.streams, backend="torch")
+            variants[v] = Trunk(v, 1 if v == "residual" else args.streams, backend=args.backend)
         except ValueError as e:  # mHC-lite beyond n = 6
             refused[v] = str(e).split(".")[0]
     x = torch.randn(args.batch, 197, 192)
@@ -74,7 +90,7 @@ def main():
     saved = {v: saved_activation_bytes(model, x) for v, model in variants.items()}
     base = statistics.median(times["residual"])
     print(f"ViT-Tiny trunk fwd+bwd, batch {args.batch}, n = {args.streams}, {args.threads} threads, "
-          f"median of {args.rounds} interleaved rounds")
+          f"median of {args.rounds} interleaved rounds, backend {args.backend}")
     print(f"{'variant':<10}{'ms/step':>10}{'x residual':>12}{'saved MiB':>11}{'x residual':>12}")
     for v, ts in times.items():
         med = statistics.median(ts)

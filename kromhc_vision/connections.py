@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .backend import resolve_backend, stream_post, stream_pre, use_triton
+from .backend import resolve_backend, stream_post, stream_pre, use_numba, use_triton
 from .permutations import check_permutation_size, kronecker_factors, permutation_matrices
 from .residual_maps import birkhoff, kronecker_birkhoff, sinkhorn_log, stochasticity_error
 
@@ -187,6 +187,10 @@ class MHC(HyperConnection):
         logits = a_res.unflatten(-1, (self.num_streams, self.num_streams))
         if use_triton(self.backend, a_res.device):
             from .kernels import sinkhorn
+
+            return sinkhorn(logits, self.sinkhorn_iters)
+        if use_numba(self.backend, a_res.device):
+            from .cpu import sinkhorn
 
             return sinkhorn(logits, self.sinkhorn_iters)
         return sinkhorn_log(logits, self.sinkhorn_iters)

@@ -35,7 +35,7 @@ def test_variant_listing_and_unknown_name():
 
 @pytest.mark.parametrize("bad, match", [
     (dict(init="zeros"), "init 'zeros'.*published, identity"),
-    (dict(backend="cuda"), "backend 'cuda'.*auto, triton, torch"),
+    (dict(backend="cuda"), "backend 'cuda'.*auto, triton, numba, torch"),
     (dict(num_streams=1), "num_streams >= 2"),
 ])
 def test_bad_arguments_name_value_and_choices(bad, match):

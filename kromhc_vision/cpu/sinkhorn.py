@@ -1,0 +1,213 @@
+"""mHC's Sinkhorn-Knopp on CPU, ``(..., n, n) -> (..., n, n)``, in float64.
+
+The iterates are those of :func:`kromhc_vision.residual_maps.sinkhorn_log`: rows, then columns,
+normalised in turn, ``2 * num_iters`` half-steps in all. Tokens are taken 128 at a time with the
+token on the innermost (vectorised) axis. The half-steps run in the linear domain, ``P <- P / sum(P)``
+from ``P = exp(L - max L)`` (no exponentials after the first), which is exact in float64 when every
+token's logits span at most ``SPAN_LIMIT``: each iterate ``D_1 exp(L) D_2`` then keeps every entry
+above ``exp(-2 SPAN_LIMIT) / n^3`` (the ratios of its scalings are bounded by the span), far from
+underflow. A group of tokens holding a wider span (or non-finite logits) runs the same half-steps
+in the log domain, ``L <- L - logsumexp(L)``. The backward replays a group's half-steps, keeping
+only their sums (or log-sum-exps), and walks them back; nothing per iteration is saved between
+forward and backward. Reference: :func:`kromhc_vision.residual_maps.sinkhorn_log`.
+"""
+import math
+
+import numba
+import numpy as np
+import torch
+
+from ._common import match_torch_threads, numpy_view
+
+SPAN_LIMIT = 200.0
+_CHUNK = 128  # tokens per parallel task; the loops over a task's tokens are the vectorised ones
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _entry(k, a, b, n):
+    """Row of entry (a, b) of a row (k even) or entry (b, a) of a column (k odd) in an ``(n*n, m)`` block."""
+    return a * n + b if k % 2 == 0 else b * n + a
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _half_step(P, n, k, sums, log_domain, acc):
+    """Half-step ``k`` on a task's tokens, ``P (n*n, m)`` (entry ``i*n + j`` of each token on a row):
+    rows (k even) or columns (k odd) to sum 1. Their sums (log-sum-exps in the log domain) go to
+    ``sums[k*n : (k+1)*n]``.
+    """
+    m = P.shape[1]
+    for a in range(n):
+        out = k * n + a
+        if log_domain:
+            for t in range(m):
+                hi = -math.inf
+                for b in range(n):
+                    hi = max(hi, P[_entry(k, a, b, n), t])
+                s = 0.0
+                for b in range(n):
+                    s += math.exp(P[_entry(k, a, b, n), t] - hi)
+                sums[out, t] = hi + math.log(s)
+            for b in range(n):
+                e = _entry(k, a, b, n)
+                for t in range(m):
+                    P[e, t] -= sums[out, t]
+        else:
+            e = _entry(k, a, 0, n)
+            for t in range(m):
+                sums[out, t] = P[e, t]
+            for b in range(1, n):
+                e = _entry(k, a, b, n)
+                for t in range(m):
+                    sums[out, t] += P[e, t]
+            for t in range(m):
+                acc[t] = 1.0 / sums[out, t]
+            for b in range(n):
+                e = _entry(k, a, b, n)
+                for t in range(m):
+                    P[e, t] *= acc[t]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _task_forward(logits, t0, num_iters, P, sums, acc):
+    """``P (n*n, m)`` <- the last iterate of tokens ``t0 .. t0+m`` (log values on the log-domain
+    path). Returns whether the task ran in the log domain (some token's logits span more than
+    ``SPAN_LIMIT``, or are not finite).
+    """
+    n, m = logits.shape[1], P.shape[1]
+    log_domain = False
+    for t in range(m):
+        lo, hi = math.inf, -math.inf
+        for i in range(n):
+            for j in range(n):
+                v = logits[t0 + t, i, j]
+                P[i * n + j, t] = v
+                lo = min(lo, v)
+                hi = max(hi, v)
+        acc[t] = hi
+        log_domain = log_domain or not (hi - lo <= SPAN_LIMIT)
+    if not log_domain:
+        for e in range(n * n):
+            for t in range(m):
+                P[e, t] = math.exp(P[e, t] - acc[t])
+    for k in range(2 * num_iters):
+        _half_step(P, n, k, sums, log_domain, acc)
+    return log_domain
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def _forward_kernel(logits, num_iters, out):
+    T, n, _ = logits.shape
+    for task in numba.prange((T + _CHUNK - 1) // _CHUNK):
+        t0 = task * _CHUNK
+        m = min(T - t0, _CHUNK)
+        P, acc, sums = np.empty((n * n, m)), np.empty(m), np.empty((2 * num_iters * n, m))
+        log_domain = _task_forward(logits, t0, num_iters, P, sums, acc)
+        for t in range(m):
+            for i in range(n):
+                for j in range(n):
+                    v = P[i * n + j, t]
+                    out[t0 + t, i, j] = math.exp(v) if log_domain else v
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def _backward_kernel(logits, num_iters, dout, dlogits):
+    """Per task: replay the forward, then walk the half-steps back.
+
+    Linear domain, half-step ``Q = P / s`` along an axis: ``dP = (dQ - sum(dQ * Q)) / s``, then ``P = Q * s``;
+    the walk ends at ``P_0 = exp(L - max L)``, whose gradient is ``dL = P_0 * dP_0``. Log domain,
+    ``L' = L - lse(L)``: ``dL = dL' - exp(L') sum(dL')``, then ``L = L' + lse``.
+    """
+    T, n, _ = logits.shape
+    for task in numba.prange((T + _CHUNK - 1) // _CHUNK):
+        t0 = task * _CHUNK
+        m = min(T - t0, _CHUNK)
+        P, G, acc = np.empty((n * n, m)), np.empty((n * n, m)), np.empty(m)
+        sums = np.empty((2 * num_iters * n, m))
+        log_domain = _task_forward(logits, t0, num_iters, P, sums, acc)
+        for t in range(m):
+            for i in range(n):
+                for j in range(n):
+                    e = i * n + j
+                    G[e, t] = dout[t0 + t, i, j] * (math.exp(P[e, t]) if log_domain else 1.0)
+        for k in range(2 * num_iters - 1, -1, -1):
+            for a in range(n):
+                s = k * n + a
+                for t in range(m):
+                    acc[t] = 0.0
+                for b in range(n):
+                    e = _entry(k, a, b, n)
+                    if log_domain:
+                        for t in range(m):
+                            acc[t] += G[e, t]
+                    else:
+                        for t in range(m):
+                            acc[t] += G[e, t] * P[e, t]
+                for b in range(n):
+                    e = _entry(k, a, b, n)
+                    if log_domain:
+                        for t in range(m):
+                            G[e, t] -= math.exp(P[e, t]) * acc[t]
+                            P[e, t] += sums[s, t]
+                    else:
+                        for t in range(m):
+                            G[e, t] = (G[e, t] - acc[t]) / sums[s, t]
+                            P[e, t] *= sums[s, t]
+        for t in range(m):
+            for i in range(n):
+                for j in range(n):
+                    e = i * n + j
+                    dlogits[t0 + t, i, j] = G[e, t] if log_domain else G[e, t] * P[e, t]
+
+
+def _float64_tokens(logits):
+    n = logits.shape[-1]
+    return logits.reshape(-1, n, n).to(torch.float64).contiguous()
+
+
+@torch.library.custom_op("kromhc_vision::cpu_sinkhorn_fwd", mutates_args=(), device_types="cpu")
+def _sinkhorn_fwd(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
+    flat = _float64_tokens(logits)
+    out = torch.empty_like(flat)
+    match_torch_threads()
+    _forward_kernel(numpy_view(flat), num_iters, out.numpy())
+    return out.view(logits.shape).to(logits.dtype)
+
+
+@_sinkhorn_fwd.register_fake
+def _(logits, num_iters):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("kromhc_vision::cpu_sinkhorn_bwd", mutates_args=(), device_types="cpu")
+def _sinkhorn_bwd(logits: torch.Tensor, num_iters: int, dout: torch.Tensor) -> torch.Tensor:
+    flat = _float64_tokens(logits)
+    grad = torch.empty_like(flat)
+    match_torch_threads()
+    _backward_kernel(numpy_view(flat), num_iters, numpy_view(_float64_tokens(dout)), grad.numpy())
+    return grad.view(logits.shape).to(logits.dtype)
+
+
+@_sinkhorn_bwd.register_fake
+def _(logits, num_iters, dout):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.num_iters = inputs[1]
+
+
+def _backward(ctx, dout):
+    return _sinkhorn_bwd(ctx.saved_tensors[0], ctx.num_iters, dout), None
+
+
+_sinkhorn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
+    """``(..., n, n)`` logits -> ``(..., n, n)``; same values as :func:`kromhc_vision.residual_maps.sinkhorn_log`."""
+    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
+        raise ValueError(f"sinkhorn expects logits of shape (..., n, n), got {tuple(logits.shape)}")
+    if num_iters < 1:
+        raise ValueError(f"num_iters must be >= 1, got {num_iters}")
+    return _sinkhorn_fwd(logits, num_iters)

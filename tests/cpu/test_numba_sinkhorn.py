@@ -1,0 +1,60 @@
+"""numba Sinkhorn against :func:`sinkhorn_log` differentiated by autograd through the iterations,
+on both of its paths: linear domain (logit span <= SPAN_LIMIT) and log domain (wider spans)."""
+import sys
+
+import pytest
+import torch
+
+from kromhc_vision.cpu import sinkhorn
+from kromhc_vision.residual_maps import sinkhorn_log
+
+SPAN_LIMIT = sys.modules["kromhc_vision.cpu.sinkhorn"].SPAN_LIMIT
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n, iters, lead", [(2, 1, (33,)), (3, 5, (2, 4)), (4, 20, (3, 5)), (6, 7, (5,)),
+                                            (8, 20, (2, 2)), (16, 3, (3,)), (4, 20, (300,))])
+def test_matches_reference(n, iters, lead, dtype, compare):
+    logits = (2 * torch.randn(*lead, n, n, dtype=dtype)).requires_grad_()
+    compare(sinkhorn, sinkhorn_log, [logits], (iters,))
+
+
+@pytest.mark.parametrize("span", [SPAN_LIMIT - 1, SPAN_LIMIT + 1, 2e4])
+def test_wide_spans(span, compare):
+    """Near the limit the linear path is still exact; beyond it (the ±1e4 logits of the spec
+    included) a group of tokens holding one wide token runs in the log domain. Both match the
+    reference and stay finite; the columns sum to 1."""
+    logits = torch.randn(200, 4, 4, dtype=torch.float64)
+    logits[7, 0, 1] = logits[7, 0, 0] - span
+    logits[150] = torch.tensor([[1, -1, 0, 0.5], [0, -1, 1, 0], [0, 0, 0, 0], [-1, -1, -1, 1]]) * span / 2
+    logits.requires_grad_()
+    compare(sinkhorn, sinkhorn_log, [logits], (20,))
+    out = sinkhorn(logits, 20)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out.sum(-2), torch.ones(200, 4, dtype=torch.float64))
+
+
+def test_saturated_logits(compare):
+    """The published init (0 on the diagonal, -8 elsewhere) plus large logits."""
+    logits = -8.0 * (1 - torch.eye(4, dtype=torch.float64)) + torch.randn(6, 4, 4, dtype=torch.float64)
+    logits[0] *= 10
+    logits.requires_grad_()
+    compare(sinkhorn, sinkhorn_log, [logits], (20,))
+
+
+def test_gradcheck():
+    logits = torch.randn(3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: sinkhorn(x, 5), (logits,))
+
+
+def test_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\(\.\.\., n, n\)"):
+        sinkhorn(torch.randn(2, 3, 4), 3)
+    with pytest.raises(ValueError, match="num_iters must be >= 1, got 0"):
+        sinkhorn(torch.randn(2, 3, 3), 0)
+
+
+def test_opcheck():
+    logits = torch.randn(5, 3, 3, requires_grad=True)
+    torch.library.opcheck(torch.ops.kromhc_vision.cpu_sinkhorn_fwd.default, (logits, 4))
+    torch.library.opcheck(torch.ops.kromhc_vision.cpu_sinkhorn_bwd.default, (logits.detach(), 4, torch.randn(5, 3, 3)))

@@ -1,0 +1,47 @@
+"""numba ``stream_post`` against :func:`stream_post_reference`: values and all four gradients."""
+import pytest
+import torch
+
+from kromhc_vision.cpu import stream_post
+from kromhc_vision.mixing import stream_post_reference
+
+SHAPES = [(2, 40, (3, 7)), (3, 72, (5,)), (4, 40, (2, 3, 3)), (6, 72, (9,)), (8, 40, (17,)), (4, 1, (2,))]
+
+
+def make_inputs(n, C, lead, dtype=torch.float64, coef_dtype=None):
+    coef_dtype = coef_dtype or dtype
+    tensors = (torch.randn(*lead, n, C, dtype=dtype), torch.randn(*lead, C, dtype=dtype),
+               torch.randn(*lead, n, n, dtype=coef_dtype), torch.randn(*lead, n, dtype=coef_dtype))
+    return [t.requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n, C, lead", SHAPES)
+def test_matches_reference(n, C, lead, dtype, compare):
+    compare(stream_post, stream_post_reference, make_inputs(n, C, lead, dtype))
+
+
+def test_non_contiguous_inputs(compare):
+    """Strided views (a transposed token grid) give the reference's values and gradients."""
+    inputs = make_inputs(4, 40, (6, 5))
+    views = [t.transpose(0, 1) for t in inputs]
+    assert not views[0].is_contiguous()
+    compare(stream_post, stream_post_reference, views)
+
+
+@pytest.mark.parametrize("stream_dtype, branch_dtype",
+                         [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+def test_bfloat16_with_float32_coefficients(stream_dtype, branch_dtype, compare):
+    """bf16 streams, or fp32 streams with a bf16 branch output (autocast); coefficients fp32."""
+    inputs = make_inputs(4, 72, (2, 5), stream_dtype, torch.float32)
+    inputs[1] = inputs[1].detach().to(branch_dtype).requires_grad_()
+    assert stream_post(*inputs).dtype == stream_dtype
+    compare(stream_post, stream_post_reference, inputs)
+
+
+def test_opcheck():
+    inputs = make_inputs(3, 40, (5,))
+    torch.library.opcheck(torch.ops.kromhc_vision.cpu_stream_post_fwd.default, inputs)
+    detached = [t.detach() for t in inputs]
+    torch.library.opcheck(torch.ops.kromhc_vision.cpu_stream_post_bwd.default,
+                          (*detached, torch.randn_like(detached[0])))
