@@ -71,12 +71,15 @@ class StreamPre(torch.autograd.Function):
 
     A fifth output is ``X`` itself, for the post step: the gradient the post step sends to ``X``
     then arrives here as ``dX_post`` and is added in the first pass that forms ``dx``, instead of
-    autograd summing the two ``dX`` in a separate pass over the stream state.
+    autograd summing the two ``dX`` in a separate pass over the stream state. ``dx_op``, if given,
+    forms ``dX_post + coef x + H_pre^T du`` in one pass (``dx_op(dX_post, x, coef, h_pre, du)``, all
+    ``(T, ...)``; see :mod:`kromhc_vision.cpu.stream_pre_dx`) where PyTorch makes two.
     """
 
     @staticmethod
-    def forward(ctx, X, norm_weight, proj_weight, scale, bias, eps):
+    def forward(ctx, X, norm_weight, proj_weight, scale, bias, eps, dx_op=None):
         ctx.set_materialize_grads(False)
+        ctx.dx_op = dx_op
         n, C = X.shape[-2:]
         dtype = compute_dtype(X, proj_weight)
         with torch.autocast(X.device.type, enabled=False):
@@ -113,10 +116,14 @@ class StreamPre(torch.autograd.Function):
         draw = torch.nn.functional.pad(dnormed * inv_rms, (0, raw.shape[1] - k))
         coef = (dnormed * raw[:, :k]).sum(-1, keepdim=True).mul_(inv_rms.pow(3)).div_(-n * C)
         weight = _gained_weight(norm_weight, proj_weight, dtype)
-        # three passes over dx: the first also reads dX_post, the GEMM accumulates in place
-        dx = x * coef if dX_post is None else torch.addcmul(dX_post.reshape(T, n * C).to(dtype), x, coef)
-        if du is not None:
-            dx.view(T, n, C).baddbmm_(h_pre.unsqueeze(-1), du.unsqueeze(1))
+        # passes over dx: one reading dX_post and x, one adding H_pre^T du (fused with the first by
+        # dx_op), and the GEMM accumulating in place
+        if ctx.dx_op is not None and dX_post is not None and du is not None:
+            dx = ctx.dx_op(dX_post.reshape(T, n, C).to(dtype), x.view(T, n, C), coef.view(T), h_pre, du).view(T, n * C)
+        else:
+            dx = x * coef if dX_post is None else torch.addcmul(dX_post.reshape(T, n * C).to(dtype), x, coef)
+            if du is not None:
+                dx.view(T, n, C).baddbmm_(h_pre.unsqueeze(-1), du.unsqueeze(1))
         dx.addmm_(draw, weight.t())
         dweight = (x.t() @ draw)[:, :k]
         return (
@@ -125,6 +132,7 @@ class StreamPre(torch.autograd.Function):
             (dweight * norm_weight.unsqueeze(-1)).to(proj_weight.dtype),
             (da * raw[:, :k] * inv_rms).sum(0).to(scale.dtype),
             da.sum(0).to(scale.dtype),
+            None,
             None,
         )
 
@@ -163,13 +171,13 @@ class StreamPost(torch.autograd.Function):
         )
 
 
-def stream_pre_torch(X, norm_weight, proj_weight, scale, bias, eps: float):
+def stream_pre_torch(X, norm_weight, proj_weight, scale, bias, eps: float, dx_op=None):
     """The CPU / PyTorch path of ``stream_pre``: the reference's four outputs, then ``X`` for the post step.
 
     Pass that last output (not ``X``) to the post step, so that its gradient joins ``dX`` inside
-    ``StreamPre``'s backward (see :class:`StreamPre`).
+    ``StreamPre``'s backward (see :class:`StreamPre`, also for ``dx_op``).
     """
-    return StreamPre.apply(X, norm_weight, proj_weight, scale, bias, eps)
+    return StreamPre.apply(X, norm_weight, proj_weight, scale, bias, eps, dx_op)
 
 
 def stream_post_torch(X, y, h_res, h_post):

@@ -5,5 +5,6 @@ writable).
 """
 from .sinkhorn import sinkhorn
 from .stream_post import stream_post
+from .stream_pre_dx import stream_pre_dx
 
-__all__ = ["stream_post", "sinkhorn"]
+__all__ = ["stream_post", "stream_pre_dx", "sinkhorn"]

@@ -121,7 +121,7 @@ def _backward_kernel(logits, num_iters, dout, dlogits):
     for task in numba.prange((T + _CHUNK - 1) // _CHUNK):
         t0 = task * _CHUNK
         m = min(T - t0, _CHUNK)
-        P, G, acc = np.empty((n * n, m)), np.empty((n * n, m)), np.empty(m)
+        P, G, acc, inv = np.empty((n * n, m)), np.empty((n * n, m)), np.empty(m), np.empty(m)
         sums = np.empty((2 * num_iters * n, m))
         log_domain = _task_forward(logits, t0, num_iters, P, sums, acc)
         for t in range(m):
@@ -134,6 +134,7 @@ def _backward_kernel(logits, num_iters, dout, dlogits):
                 s = k * n + a
                 for t in range(m):
                     acc[t] = 0.0
+                    inv[t] = 1.0 / sums[s, t]
                 for b in range(n):
                     e = _entry(k, a, b, n)
                     if log_domain:
@@ -150,7 +151,7 @@ def _backward_kernel(logits, num_iters, dout, dlogits):
                             P[e, t] += sums[s, t]
                     else:
                         for t in range(m):
-                            G[e, t] = (G[e, t] - acc[t]) / sums[s, t]
+                            G[e, t] = (G[e, t] - acc[t]) * inv[t]
                             P[e, t] *= sums[s, t]
         for t in range(m):
             for i in range(n):
