@@ -7,9 +7,9 @@ from ``P = exp(L - max L)`` (no exponentials after the first), which is exact in
 token's logits span at most ``SPAN_LIMIT``: each iterate ``D_1 exp(L) D_2`` then keeps every entry
 above ``exp(-2 SPAN_LIMIT) / n^3`` (the ratios of its scalings are bounded by the span), far from
 underflow. A group of tokens holding a wider span (or non-finite logits) runs the same half-steps
-in the log domain, ``L <- L - logsumexp(L)``. The backward replays a group's half-steps, keeping
-only their sums (or log-sum-exps), and walks them back; nothing per iteration is saved between
-forward and backward. Reference: :func:`kromhc_vision.residual_maps.sinkhorn_log`.
+in the log domain, ``L <- L - logsumexp(L)``. For the backward the forward keeps the last iterate and
+each half-step's n sums (log-sum-exps), ``2 * num_iters * n`` float64 per token; the backward walks
+the half-steps back, rebuilding each earlier iterate from the later one and its sums. Reference: :func:`kromhc_vision.residual_maps.sinkhorn_log`.
 """
 import math
 
@@ -95,13 +95,22 @@ def _task_forward(logits, t0, num_iters, P, sums, acc):
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def _forward_kernel(logits, num_iters, out):
+def _forward_kernel(logits, num_iters, out, last, saved_sums, log_domains):
+    """``out`` <- H_res; per task, for the backward: the last iterate ``last[task]``, the half-steps'
+    sums ``saved_sums[task]`` and whether it ran in the log domain."""
     T, n, _ = logits.shape
     for task in numba.prange((T + _CHUNK - 1) // _CHUNK):
         t0 = task * _CHUNK
         m = min(T - t0, _CHUNK)
         P, acc, sums = np.empty((n * n, m)), np.empty(m), np.empty((2 * num_iters * n, m))
         log_domain = _task_forward(logits, t0, num_iters, P, sums, acc)
+        log_domains[task] = log_domain
+        for e in range(n * n):
+            for t in range(_CHUNK):
+                last[task, e, t] = P[e, t] if t < m else 0.0
+        for s in range(2 * num_iters * n):
+            for t in range(_CHUNK):
+                saved_sums[task, s, t] = sums[s, t] if t < m else 0.0
         for t in range(m):
             for i in range(n):
                 for j in range(n):
@@ -110,24 +119,24 @@ def _forward_kernel(logits, num_iters, out):
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def _backward_kernel(logits, num_iters, dout, dlogits):
-    """Per task: replay the forward, then walk the half-steps back.
+def _backward_kernel(num_iters, last, saved_sums, log_domains, dout, dlogits):
+    """Per task: walk the half-steps back from the saved last iterate and sums.
 
     Linear domain, half-step ``Q = P / s`` along an axis: ``dP = (dQ - sum(dQ * Q)) / s``, then ``P = Q * s``;
     the walk ends at ``P_0 = exp(L - max L)``, whose gradient is ``dL = P_0 * dP_0``. Log domain,
     ``L' = L - lse(L)``: ``dL = dL' - exp(L') sum(dL')``, then ``L = L' + lse``.
     """
-    T, n, _ = logits.shape
+    T, n, _ = dout.shape
     for task in numba.prange((T + _CHUNK - 1) // _CHUNK):
         t0 = task * _CHUNK
         m = min(T - t0, _CHUNK)
         P, G, acc, inv = np.empty((n * n, m)), np.empty((n * n, m)), np.empty(m), np.empty(m)
-        sums = np.empty((2 * num_iters * n, m))
-        log_domain = _task_forward(logits, t0, num_iters, P, sums, acc)
+        sums, log_domain = saved_sums[task], log_domains[task]
         for t in range(m):
             for i in range(n):
                 for j in range(n):
                     e = i * n + j
+                    P[e, t] = last[task, e, t]
                     G[e, t] = dout[t0 + t, i, j] * (math.exp(P[e, t]) if log_domain else 1.0)
         for k in range(2 * num_iters - 1, -1, -1):
             for a in range(n):
@@ -160,46 +169,62 @@ def _backward_kernel(logits, num_iters, dout, dlogits):
                     dlogits[t0 + t, i, j] = G[e, t] if log_domain else G[e, t] * P[e, t]
 
 
+def _saved_shapes(logits, num_iters):
+    """Shapes of what the forward keeps for the backward: last iterate, sums, log-domain flags (per task)."""
+    n = logits.shape[-1]
+    tasks = -(-(logits.numel() // (n * n)) // _CHUNK)
+    return (tasks, n * n, _CHUNK), (tasks, 2 * num_iters * n, _CHUNK), (tasks,)
+
+
 def _float64_tokens(logits):
     n = logits.shape[-1]
     return logits.reshape(-1, n, n).to(torch.float64).contiguous()
 
 
 @torch.library.custom_op("kromhc_vision::cpu_sinkhorn_fwd", mutates_args=(), device_types="cpu")
-def _sinkhorn_fwd(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
+def _sinkhorn_fwd(logits: torch.Tensor, num_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     flat = _float64_tokens(logits)
     out = torch.empty_like(flat)
+    last_shape, sums_shape, flags_shape = _saved_shapes(logits, num_iters)
+    last, sums = flat.new_empty(last_shape), flat.new_empty(sums_shape)
+    log_domains = torch.empty(flags_shape, dtype=torch.bool)
     match_torch_threads()
-    _forward_kernel(numpy_view(flat), num_iters, out.numpy())
-    return out.view(logits.shape).to(logits.dtype)
+    _forward_kernel(numpy_view(flat), num_iters, out.numpy(), last.numpy(), sums.numpy(), log_domains.numpy())
+    return out.view(logits.shape).to(logits.dtype), last, sums, log_domains
 
 
 @_sinkhorn_fwd.register_fake
 def _(logits, num_iters):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+    last_shape, sums_shape, flags_shape = _saved_shapes(logits, num_iters)
+    return (torch.empty_like(logits, memory_format=torch.contiguous_format),
+            logits.new_empty(last_shape, dtype=torch.float64), logits.new_empty(sums_shape, dtype=torch.float64),
+            logits.new_empty(flags_shape, dtype=torch.bool))
 
 
 @torch.library.custom_op("kromhc_vision::cpu_sinkhorn_bwd", mutates_args=(), device_types="cpu")
-def _sinkhorn_bwd(logits: torch.Tensor, num_iters: int, dout: torch.Tensor) -> torch.Tensor:
-    flat = _float64_tokens(logits)
-    grad = torch.empty_like(flat)
+def _sinkhorn_bwd(last: torch.Tensor, sums: torch.Tensor, log_domains: torch.Tensor, num_iters: int,
+                  dout: torch.Tensor) -> torch.Tensor:
+    grad = torch.empty(dout.shape, dtype=torch.float64)
     match_torch_threads()
-    _backward_kernel(numpy_view(flat), num_iters, numpy_view(_float64_tokens(dout)), grad.numpy())
-    return grad.view(logits.shape).to(logits.dtype)
+    _backward_kernel(num_iters, numpy_view(last), numpy_view(sums), numpy_view(log_domains),
+                     numpy_view(_float64_tokens(dout)), grad.view(-1, *dout.shape[-2:]).numpy())
+    return grad.to(dout.dtype)
 
 
 @_sinkhorn_bwd.register_fake
-def _(logits, num_iters, dout):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+def _(last, sums, log_domains, num_iters, dout):
+    return torch.empty_like(dout, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
+    _, last, sums, log_domains = output
+    ctx.mark_non_differentiable(last, sums, log_domains)
+    ctx.save_for_backward(last, sums, log_domains)
     ctx.num_iters = inputs[1]
 
 
-def _backward(ctx, dout):
-    return _sinkhorn_bwd(ctx.saved_tensors[0], ctx.num_iters, dout), None
+def _backward(ctx, dout, *_):
+    return _sinkhorn_bwd(*ctx.saved_tensors, ctx.num_iters, dout), None
 
 
 _sinkhorn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -211,4 +236,4 @@ def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
         raise ValueError(f"sinkhorn expects logits of shape (..., n, n), got {tuple(logits.shape)}")
     if num_iters < 1:
         raise ValueError(f"num_iters must be >= 1, got {num_iters}")
-    return _sinkhorn_fwd(logits, num_iters)
+    return _sinkhorn_fwd(logits, num_iters)[0]
