@@ -13,8 +13,9 @@ activation memory of a training step is counted with :func:`kromhc_vision.memory
 Finished runs are kept in ``--output`` and reused when run again with the same settings, so an interrupted
 comparison continues where it stopped. With CUDA, a larger size (ViT-Tiny, 12 blocks, 192 wide) runs as well.
 
-BENCHMARKS.md gets the output of the benchmark scripts (the ViT-Tiny trunk on CPU; the Triton kernel benchmarks
-on CUDA) and the training throughput of the runs, each with the device, date, command and commit.
+BENCHMARKS.md gets the output of the benchmark scripts (the ViT-Tiny trunk on CPU, on the default backend and on
+plain PyTorch; the kernel benchmarks: numba on CPU, Triton on CUDA) and the training throughput of the runs, each
+with the device, date, command and commit.
 """
 import argparse
 import inspect
@@ -36,6 +37,7 @@ from timm.data import create_dataset
 from timm.models import create_model
 
 import kromhc_vision as kv
+from kromhc_vision.backend import numba_unavailable_reason
 from kromhc_vision.data import digits_folder
 from kromhc_vision.diagnostics import connection_diagnostics, plot_composite_gain
 from kromhc_vision.memory import saved_activation_bytes
@@ -70,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument('--bench-rounds', type=int, default=15, help='rounds of the trunk benchmark (ratios move by about 5 %% with 7)')
     p.add_argument('--bench-batch', type=int, default=16, help='batch of the trunk benchmark')
     p.add_argument('--bench-streams', nargs='+', type=int, default=[2, 4, 8], help='n of the trunk benchmark')
+    p.add_argument('--kernel-benchmarks', action=argparse.BooleanOptionalAction, default=True,
+                   help='also time the kernel ops: Triton with CUDA, numba on CPU')
     p.add_argument('--diag-images', type=int, default=128, help='validation images for the diagnostics')
     args = p.parse_args(argv)
     if args.sizes is None:
@@ -468,14 +472,20 @@ def run_benchmarks(args) -> list:
     """``(command, output)`` of every benchmark script this device can time."""
     bench = ROOT / 'benchmarks'
     outputs = []
-    for n in args.bench_streams:
-        cmd = ['--streams', str(n), '--rounds', str(args.bench_rounds), '--batch', str(args.bench_batch)]
-        outputs.append((f"python benchmarks/bench_trunk_cpu.py {' '.join(cmd)}",
-                        run_script(bench / 'bench_trunk_cpu.py', *cmd)))
-    if torch.cuda.is_available():
-        for name in KERNEL_BENCHMARKS:
-            outputs.append((f'python benchmarks/{name}', run_script(bench / name)))
-    return outputs
+    trunk = [['--streams', str(n), '--rounds', str(args.bench_rounds), '--batch', str(args.bench_batch)]
+             for n in args.bench_streams]
+    numba = numba_unavailable_reason(torch.device('cpu')) is None
+    if numba:  # the plain PyTorch path at n = 4 too, beside the default (numba) one
+        trunk.append(['--streams', '4', '--rounds', str(args.bench_rounds), '--batch', str(args.bench_batch),
+                      '--backend', 'torch'])
+    commands = [('bench_trunk_cpu.py', cmd) for cmd in trunk]
+    if args.kernel_benchmarks and torch.cuda.is_available():
+        commands += [(name, []) for name in KERNEL_BENCHMARKS]
+    if args.kernel_benchmarks and numba:
+        commands += [('bench_stream_post.py', ['--backend', 'numba', '--dtype', 'fp32']),
+                     ('bench_sinkhorn.py', ['--backend', 'numba'])]
+    return [(' '.join(['python', f'benchmarks/{name}', *cmd]), run_script(bench / name, *cmd))
+            for name, cmd in commands]
 
 
 def write_benchmarks(path: Path, prov, outputs, tables, args):

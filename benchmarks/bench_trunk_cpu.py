@@ -1,9 +1,11 @@
 """Forward+backward step time of a ViT-Tiny trunk for every connection variant against residual.
 
 12 blocks of timm's Attention and Mlp (two branches per block), C = 192, 3 heads, 197 tokens,
-batch 16, float32. Runs are interleaved (one step of each variant per round) and the median per
-variant is reported with its ratio to the residual trunk measured in the same run, with the activation
-memory of a step (bytes autograd saves for backward, see ``kromhc_vision.memory``) and its ratio.
+batch 16, float32. Runs are interleaved (one step of each variant per round). Reported per variant:
+the median step time; ``x residual``, the median over rounds of the step time divided by the residual
+trunk's step in the same round (paired, so that the machine's slow drifts cancel), with its
+quartiles; and the activation memory of a step (bytes autograd saves for backward, see
+``kromhc_vision.memory``) with its ratio.
 
 The row ``streams`` is a yardstick, not a variant: n streams carried with no coefficients at all
 (``u = mean(X)``, ``X_next = X + y`` on every stream), i.e. the memory traffic of an unfused
@@ -88,14 +90,14 @@ def main():
             if round_:
                 times[v].append(t)
     saved = {v: saved_activation_bytes(model, x) for v, model in variants.items()}
-    base = statistics.median(times["residual"])
     print(f"ViT-Tiny trunk fwd+bwd, batch {args.batch}, n = {args.streams}, {args.threads} threads, "
-          f"median of {args.rounds} interleaved rounds, backend {args.backend}")
-    print(f"{'variant':<10}{'ms/step':>10}{'x residual':>12}{'saved MiB':>11}{'x residual':>12}")
+          f"{args.rounds} interleaved rounds, backend {args.backend}")
+    print(f"{'variant':<10}{'ms/step':>10}{'x residual':>12}{'quartiles':>13}{'saved MiB':>11}{'x residual':>12}")
     for v, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{v:<10}{med * 1e3:>10.1f}{med / base:>12.2f}{saved[v] / 2**20:>11.1f}"
-              f"{saved[v] / saved['residual']:>12.2f}")
+        ratios = sorted(t / r for t, r in zip(ts, times["residual"]))  # paired: same round, so slow drifts cancel
+        quartiles = f"{ratios[len(ratios) // 4]:.2f}-{ratios[(3 * len(ratios)) // 4]:.2f}"
+        print(f"{v:<10}{statistics.median(ts) * 1e3:>10.1f}{statistics.median(ratios):>12.2f}{quartiles:>13}"
+              f"{saved[v] / 2**20:>11.1f}{saved[v] / saved['residual']:>12.2f}")
     for v, why in refused.items():
         print(f"{v:<10}refused: {why}")
 

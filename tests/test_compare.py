@@ -30,7 +30,8 @@ def test_bad_arguments_are_refused(bad, capsys):
 def test_compare_writes_results_from_its_runs(tmp_path):
     out = tmp_path / 'runs'
     argv = ['--variants', 'residual', 'kromhc', '--streams', '2', '--seeds', '2', '--epochs', '1',
-            '--bench-rounds', '1', '--bench-streams', '8', '--bench-batch', '2', '--diag-images', '32',
+            '--bench-rounds', '1', '--bench-streams', '8', '--bench-batch', '2', '--no-kernel-benchmarks',
+            '--diag-images', '32',
             '--output', str(out), '--results', str(tmp_path / 'RESULTS.md'),
             '--benchmarks', str(tmp_path / 'BENCHMARKS.md')]
     compare.main(argv)
@@ -51,6 +52,7 @@ def test_compare_writes_results_from_its_runs(tmp_path):
     assert not list((out / 'micro_kromhc_n2_s0').glob('checkpoint-*'))
     benchmarks = (tmp_path / 'BENCHMARKS.md').read_text()
     assert 'bench_trunk_cpu.py --streams 8 --rounds 1 --batch 2' in benchmarks and 'ms/step' in benchmarks
+    assert 'bench_trunk_cpu.py --streams 4 --rounds 1 --batch 2 --backend torch' in benchmarks
     assert 'mhclite   refused' in benchmarks  # mHC-lite refuses n = 8; the others are timed
     assert '| kromhc | 2 |' in benchmarks
 
