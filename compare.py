@@ -333,6 +333,13 @@ def table(rows, refused):
     return '\n'.join(lines)
 
 
+def default_backend() -> str:
+    """The backend the training runs get from ``auto`` on this machine."""
+    if torch.cuda.is_available():
+        return 'triton'
+    return 'numba' if numba_unavailable_reason(torch.device('cpu')) is None else 'torch'
+
+
 def reading(rows, args, counts, size) -> list:
     """Sentences computed from the numbers: what differs, what is within noise, what cannot be shown."""
     out = []
@@ -386,7 +393,7 @@ def reading(rows, args, counts, size) -> list:
                    + ', '.join(f'{t:.2f}' for t in worst['top1_all']) + ' % top-1.')
     if base and others:
         speed = {v: [r['speed_ratio'] for r in others if r['variant'] == v] for v in kv.CONNECTIONS}
-        out.append('**Cost.** Training throughput relative to residual (the PyTorch path on this device, '
+        out.append(f'**Cost.** Training throughput relative to residual ({default_backend()} backend on this device, '
                    'measured in this run): '
                    + '; '.join(f"{v} {min(s):.2f}–{max(s):.2f}×" if len(s) > 1 else f"{v} {s[0]:.2f}×"
                                for v, s in speed.items() if s)
@@ -471,11 +478,10 @@ def run_script(script: Path, *script_args) -> str:
 def run_benchmarks(args) -> list:
     """``(command, output)`` of every benchmark script this device can time."""
     bench = ROOT / 'benchmarks'
-    outputs = []
     trunk = [['--streams', str(n), '--rounds', str(args.bench_rounds), '--batch', str(args.bench_batch)]
              for n in args.bench_streams]
     numba = numba_unavailable_reason(torch.device('cpu')) is None
-    if numba:  # the plain PyTorch path at n = 4 too, beside the default (numba) one
+    if numba:  # the plain PyTorch path at n = 4 too, beside the numba one
         trunk.append(['--streams', '4', '--rounds', str(args.bench_rounds), '--batch', str(args.bench_batch),
                       '--backend', 'torch'])
     commands = [('bench_trunk_cpu.py', cmd) for cmd in trunk]
