@@ -10,6 +10,7 @@ is in the coefficients' compute dtype. Reference: :func:`kromhc_vision.mixing.st
 import numba
 import torch
 
+from .._custom_ops import register_stream_post
 from ..mixing import compute_dtype
 from ._common import match_torch_threads, numpy_view
 
@@ -75,11 +76,6 @@ def _stream_post_fwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_po
     return out.view(X.shape).to(X.dtype)
 
 
-@_stream_post_fwd.register_fake
-def _(X, y, h_res, h_post):
-    return torch.empty_like(X, memory_format=torch.contiguous_format)
-
-
 @torch.library.custom_op("kromhc_vision::cpu_stream_post_bwd", mutates_args=(), device_types="cpu")
 def _stream_post_bwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor,
                      dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,20 +87,7 @@ def _stream_post_bwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_po
     return tuple(g.view(t.shape).to(t.dtype) for g, t in zip(grads, (X, y, h_res, h_post)))
 
 
-@_stream_post_bwd.register_fake
-def _(X, y, h_res, h_post, dout):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (X, y, h_res, h_post))
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, dout):
-    return _stream_post_bwd(*ctx.saved_tensors, dout)
-
-
-_stream_post_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_stream_post(_stream_post_fwd, _stream_post_bwd)
 
 
 def stream_post(X, y, h_res, h_post):

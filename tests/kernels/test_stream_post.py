@@ -1,11 +1,18 @@
-"""Triton ``stream_post`` against :func:`stream_post_reference`: values and all four gradients."""
+"""Both ``stream_post`` kernels (Triton, numba) against :func:`stream_post_reference`: values and all four gradients."""
 import pytest
 import torch
 
-from kromhc_vision.kernels import stream_post
+from kromhc_vision import cpu, kernels
 from kromhc_vision.mixing import stream_post_reference
 
-SHAPES = [(2, 40, (3, 7)), (3, 72, (5,)), (4, 40, (2, 3, 3)), (6, 72, (9,)), (8, 40, (17,))]
+SHAPES = [(2, 40, (3, 7)), (3, 72, (5,)), (4, 40, (2, 3, 3)), (6, 72, (9,)), (8, 40, (17,)), (4, 1, (2,))]
+OPS = {"triton": (kernels.stream_post, "stream_post"), "numba": (cpu.stream_post, "cpu_stream_post")}
+
+
+@pytest.fixture(params=sorted(OPS))
+def kernel(request):
+    """``(op, name of its custom ops without the _fwd / _bwd suffix)``."""
+    return OPS[request.param]
 
 
 def make_inputs(n, C, lead, dtype=torch.float64, coef_dtype=None):
@@ -17,22 +24,30 @@ def make_inputs(n, C, lead, dtype=torch.float64, coef_dtype=None):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n, C, lead", SHAPES)
-def test_matches_reference(n, C, lead, dtype, compare):
-    compare(stream_post, stream_post_reference, make_inputs(n, C, lead, dtype))
+def test_matches_reference(n, C, lead, dtype, compare, kernel):
+    compare(kernel[0], stream_post_reference, make_inputs(n, C, lead, dtype))
+
+
+def test_non_contiguous_inputs(compare, kernel):
+    """Strided views (a transposed token grid) give the reference's values and gradients."""
+    views = [t.transpose(0, 1) for t in make_inputs(4, 40, (6, 5))]
+    assert not views[0].is_contiguous()
+    compare(kernel[0], stream_post_reference, views)
 
 
 @pytest.mark.parametrize("stream_dtype, branch_dtype",
                          [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
-def test_bfloat16_with_float32_coefficients(stream_dtype, branch_dtype, compare):
+def test_bfloat16_with_float32_coefficients(stream_dtype, branch_dtype, compare, kernel):
     """bf16 streams, or fp32 streams with a bf16 branch output (autocast); coefficients fp32."""
     inputs = make_inputs(4, 72, (2, 5), stream_dtype, torch.float32)
     inputs[1] = inputs[1].detach().to(branch_dtype).requires_grad_()
-    assert stream_post(*inputs).dtype == stream_dtype
-    compare(stream_post, stream_post_reference, inputs)
+    assert kernel[0](*inputs).dtype == stream_dtype
+    compare(kernel[0], stream_post_reference, inputs)
 
 
-def test_opcheck():
+def test_opcheck(kernel):
+    ops = getattr(torch.ops.kromhc_vision, f"{kernel[1]}_fwd"), getattr(torch.ops.kromhc_vision, f"{kernel[1]}_bwd")
     inputs = make_inputs(3, 40, (5,))
-    torch.library.opcheck(torch.ops.kromhc_vision.stream_post_fwd.default, inputs)
+    torch.library.opcheck(ops[0].default, inputs)
     detached = [t.detach() for t in inputs]
-    torch.library.opcheck(torch.ops.kromhc_vision.stream_post_bwd.default, (*detached, torch.randn_like(detached[0])))
+    torch.library.opcheck(ops[1].default, (*detached, torch.randn_like(detached[0])))

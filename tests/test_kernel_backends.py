@@ -1,4 +1,5 @@
-"""Whole connections on the Triton backend against the PyTorch backend, eager and under torch.compile."""
+"""Whole connections on each kernel backend (Triton, in its interpreter here; numba) against the PyTorch
+backend, eager and under torch.compile."""
 import pytest
 import torch
 
@@ -7,14 +8,17 @@ import kromhc_vision as kv
 VARIANTS = ["hc", "mhc", "mhclite", "kromhc"]
 
 
-def connection_pair(variant, n, C, dtype=torch.float64):
+BACKENDS = ["triton", "numba"]
+
+
+def connection_pair(variant, n, C, backend, dtype=torch.float64):
     torch_conn = kv.build_connection(variant, n, C, backend="torch").to(dtype)
     with torch.no_grad():
         for p in torch_conn.parameters():
             p.add_(0.5 * torch.randn_like(p))
-    triton_conn = kv.build_connection(variant, n, C, backend="triton").to(dtype)
-    triton_conn.load_state_dict(torch_conn.state_dict())
-    return torch_conn, triton_conn
+    kernel_conn = kv.build_connection(variant, n, C, backend=backend).to(dtype)
+    kernel_conn.load_state_dict(torch_conn.state_dict())
+    return torch_conn, kernel_conn
 
 
 def values_and_grads(conn, X, branch):
@@ -23,21 +27,23 @@ def values_and_grads(conn, X, branch):
     return (out, *torch.autograd.grad(out, [X, *conn.parameters(), *branch.parameters()], cotangent))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [3, 4])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_connection_matches_torch_backend(variant, n):
-    torch_conn, triton_conn = connection_pair(variant, n, 40)
+def test_connection_matches_torch_backend(variant, n, backend):
+    torch_conn, kernel_conn = connection_pair(variant, n, 40, backend)
     branch = torch.nn.Linear(40, 40).double()
     X = torch.randn(2, 3, n, 40, dtype=torch.float64, requires_grad=True)
     expected = values_and_grads(torch_conn, X, branch)
-    torch.testing.assert_close(values_and_grads(triton_conn, X, branch), expected, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(values_and_grads(kernel_conn, X, branch), expected, rtol=1e-9, atol=1e-10)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
     """The custom ops are opaque to Dynamo: no graph break, and the compiled connection matches eager."""
-    torch_conn, triton_conn = connection_pair("mhc", 4, 40, torch.float32)
+    torch_conn, kernel_conn = connection_pair("mhc", 4, 40, backend, torch.float32)
     branch = torch.nn.Linear(40, 40)
     X = torch.randn(2, 3, 4, 40, requires_grad=True)
-    compiled = torch.compile(triton_conn, fullgraph=True)
+    compiled = torch.compile(kernel_conn, fullgraph=True)
     torch.testing.assert_close(values_and_grads(compiled, X, branch), values_and_grads(torch_conn, X, branch),
                                rtol=1e-5, atol=2e-5)
