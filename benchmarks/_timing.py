@@ -38,7 +38,8 @@ def configure(backend: str):
 
 def kernel(name: str):
     """The op ``name`` of the configured backend."""
-    return getattr(importlib.import_module("kromhc_vision.cpu" if BACKEND == "numba" else "kromhc_vision.kernels"), name)
+    module = importlib.import_module("kromhc_vision.cpu" if BACKEND == "numba" else "kromhc_vision.kernels")
+    return getattr(module, name)
 
 
 def _triton_on_gpu() -> bool:

@@ -1,4 +1,4 @@
-"""Choosing between the Triton kernels and the PyTorch reference for the stream-mixing steps.
+"""Choosing between the Triton kernels, the numba kernels and the PyTorch reference for the stream-mixing steps.
 
 ``KROMHC_BACKEND`` (or the ``backend`` argument of connections and models) is one of
 ``auto`` (Triton on CUDA tensors, the numba kernels on CPU tensors, PyTorch where either is

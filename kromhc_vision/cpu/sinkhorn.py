@@ -3,13 +3,14 @@
 The iterates are those of :func:`kromhc_vision.residual_maps.sinkhorn_log`: rows, then columns,
 normalised in turn, ``2 * num_iters`` half-steps in all. Tokens are taken 128 at a time with the
 token on the innermost (vectorised) axis. The half-steps run in the linear domain, ``P <- P / sum(P)``
-from ``P = exp(L - max L)`` (no exponentials after the first), which is exact in float64 when every
+from ``P = exp(L - max L)`` (no exponentials after the first), which is safe in float64 when every
 token's logits span at most ``SPAN_LIMIT``: each iterate ``D_1 exp(L) D_2`` then keeps every entry
 above ``exp(-2 SPAN_LIMIT) / n^3`` (the ratios of its scalings are bounded by the span), far from
 underflow. A group of tokens holding a wider span (or non-finite logits) runs the same half-steps
 in the log domain, ``L <- L - logsumexp(L)``. For the backward the forward keeps the last iterate and
 each half-step's n sums (log-sum-exps), ``2 * num_iters * n`` float64 per token; the backward walks
-the half-steps back, rebuilding each earlier iterate from the later one and its sums. Reference: :func:`kromhc_vision.residual_maps.sinkhorn_log`.
+the half-steps back, rebuilding each earlier iterate from the later one and its sums.
+Reference: :func:`kromhc_vision.residual_maps.sinkhorn_log`.
 """
 import math
 
@@ -182,7 +183,8 @@ def _float64_tokens(logits):
 
 
 @torch.library.custom_op("kromhc_vision::cpu_sinkhorn_fwd", mutates_args=(), device_types="cpu")
-def _sinkhorn_fwd(logits: torch.Tensor, num_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sinkhorn_fwd(logits: torch.Tensor,
+                  num_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     flat = _float64_tokens(logits)
     out = torch.empty_like(flat)
     last_shape, sums_shape, flags_shape = _saved_shapes(logits, num_iters)
