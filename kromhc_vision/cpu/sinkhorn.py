@@ -6,7 +6,7 @@ token on the innermost (vectorised) axis. The half-steps run in the linear domai
 from ``P = exp(L - max L)`` (no exponentials after the first), which is safe in float64 when every
 token's logits span at most ``SPAN_LIMIT``: each iterate ``D_1 exp(L) D_2`` then keeps every entry
 above ``exp(-2 SPAN_LIMIT) / n^3`` (the ratios of its scalings are bounded by the span), far from
-underflow. A group of tokens holding a wider span (or non-finite logits) runs the same half-steps
+underflow. A group of tokens holding a wider span (or infinite logits) runs the same half-steps
 in the log domain, ``L <- L - logsumexp(L)``. For the backward the forward keeps the last iterate and
 each half-step's n sums (log-sum-exps), ``2 * num_iters * n`` float64 per token; the backward walks
 the half-steps back, rebuilding each earlier iterate from the later one and its sums.
@@ -72,7 +72,7 @@ def _half_step(P, n, k, sums, log_domain, acc):
 def _task_forward(logits, t0, num_iters, P, sums, acc):
     """``P (n*n, m)`` <- the last iterate of tokens ``t0 .. t0+m`` (log values on the log-domain
     path). Returns whether the task ran in the log domain (some token's logits span more than
-    ``SPAN_LIMIT``, or are not finite).
+    ``SPAN_LIMIT``, or reach +-inf; NaN logits give NaN on either path, as in the reference).
     """
     n, m = logits.shape[1], P.shape[1]
     log_domain = False
@@ -85,7 +85,7 @@ def _task_forward(logits, t0, num_iters, P, sums, acc):
                 lo = min(lo, v)
                 hi = max(hi, v)
         acc[t] = hi
-        log_domain = log_domain or not (hi - lo <= SPAN_LIMIT)
+        log_domain = log_domain or hi - lo > SPAN_LIMIT
     if not log_domain:
         for e in range(n * n):
             for t in range(m):
