@@ -92,7 +92,8 @@ class StreamPre(torch.autograd.Function):
             u = torch.bmm(h_pre.unsqueeze(1), x.view(-1, n, C)).view(*X.shape[:-2], C)
         ctx.save_for_backward(X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post)
         lead = X.shape[:-2]
-        return u.to(X.dtype), h_pre.view(*lead, n), h_post.view(*lead, n), a[:, 2 * n:].reshape(*lead, -1), X
+        a_res = a[:, 2 * n:].reshape(*lead, a.shape[1] - 2 * n)  # sizes spelled out: T may be 0
+        return u.to(X.dtype), h_pre.view(*lead, n), h_post.view(*lead, n), a_res, X
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -110,7 +111,7 @@ class StreamPre(torch.autograd.Function):
         da = torch.cat([
             dh_pre * h_pre * (1 - h_pre),
             h_post.new_zeros(T, n) if dh_post is None else dh_post.reshape(T, n) * h_post * (1 - 0.5 * h_post),
-            raw.new_zeros(T, k - 2 * n) if da_res is None else da_res.reshape(T, -1),
+            raw.new_zeros(T, k - 2 * n) if da_res is None else da_res.reshape(T, k - 2 * n),
         ], dim=-1)
         dnormed = da * scale.to(dtype)
         draw = torch.nn.functional.pad(dnormed * inv_rms, (0, raw.shape[1] - k))

@@ -69,6 +69,17 @@ def test_forward_agrees_with_coefficients(variant):
     torch.testing.assert_close(conn(X, lin), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_empty_batch(variant, backend):
+    """No tokens: empty outputs, coefficients and gradients of the right shapes (reshapes spell out sizes)."""
+    conn = kv.build_connection(variant, num_streams=4, dim=16, backend=backend)
+    X = torch.randn(0, 5, 4, 16, requires_grad=True)
+    conn(X, torch.nn.Linear(16, 16)).sum().backward()
+    assert X.grad.shape == X.shape and all(p.grad is not None for p in conn.parameters())
+    assert [tuple(c.shape) for c in conn.coefficients(X)] == [(0, 5, 4), (0, 5, 4), (0, 5, 4, 4)]
+
+
 @pytest.mark.parametrize("variant", EXACT)
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
 def test_exact_double_stochasticity(variant, dtype, tol):
