@@ -69,7 +69,7 @@ def test_forward_agrees_with_coefficients(variant):
     torch.testing.assert_close(conn(X, lin), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("backend", ["torch", "numba", "triton"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_empty_batch(variant, backend):
     """No tokens: empty outputs, coefficients and gradients of the right shapes (reshapes spell out sizes)."""
