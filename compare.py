@@ -69,7 +69,8 @@ def parse_args(argv=None):
     p.add_argument('--output', default='output/compare', help='run folders (reused when the settings match)')
     p.add_argument('--results', default='RESULTS.md', help='its figures go to results/ beside it')
     p.add_argument('--benchmarks', default='BENCHMARKS.md')
-    p.add_argument('--bench-rounds', type=int, default=15, help='rounds of the trunk benchmark (ratios move by about 5 %% with 7)')
+    p.add_argument('--bench-rounds', type=int, default=15,
+                   help='rounds of the trunk benchmark (ratios move by about 5 %% with 7)')
     p.add_argument('--bench-batch', type=int, default=16, help='batch of the trunk benchmark')
     p.add_argument('--bench-streams', nargs='+', type=int, default=[2, 4, 8], help='n of the trunk benchmark')
     p.add_argument('--kernel-benchmarks', action=argparse.BooleanOptionalAction, default=True,

@@ -64,7 +64,8 @@ def _birkhoff(logits: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
 
 
 def _kronecker(factors: list) -> torch.Tensor:
-    """``(i_k, i_k, T)`` factors -> ``(n, n, T)``; row ``(a, b)``, column ``(c, d)`` of ``U (x) V`` is ``U[a, c] V[b, d]``."""
+    """``(i_k, i_k, T)`` factors -> ``(n, n, T)``; row ``(a, b)``, column ``(c, d)`` of ``U (x) V`` is
+    ``U[a, c] V[b, d]``."""
     out = factors[0]
     for f in factors[1:]:
         out = (out[:, None, :, None] * f[None, :, None, :]).flatten(2, 3).flatten(0, 1)
