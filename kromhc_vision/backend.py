@@ -86,17 +86,17 @@ def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float, backend: st
     """``u, h_pre, h_post, a_res`` of :func:`kromhc_vision.mixing.stream_pre_reference`, by backend, then
     the stream state to hand to :func:`stream_post` (on CPU an alias of ``X`` that routes the post
     step's ``dX`` through pre's backward, see :func:`kromhc_vision.mixing.stream_pre_torch`). The
-    numba backend runs the PyTorch ``stream_pre`` (GEMMs and products PyTorch runs well) with one
-    numba kernel in its backward, :mod:`kromhc_vision.cpu.stream_pre_dx`.
+    numba backend runs the same ``StreamPre`` (its GEMMs in BLAS) with the per-token rest in numba
+    kernels, :mod:`kromhc_vision.cpu.stream_pre`.
     """
     if use_triton(backend, X.device):
         from .kernels import stream_pre as stream_pre_triton
 
         return (*stream_pre_triton(X, norm_weight, proj_weight, scale, bias, eps), X)
     if use_numba(backend, X.device):
-        from .cpu import stream_pre_dx
+        from .cpu import STREAM_PRE_TOKEN_OPS
 
-        return stream_pre_torch(X, norm_weight, proj_weight, scale, bias, eps, stream_pre_dx)
+        return stream_pre_torch(X, norm_weight, proj_weight, scale, bias, eps, STREAM_PRE_TOKEN_OPS)
     return stream_pre_torch(X, norm_weight, proj_weight, scale, bias, eps)
 
 

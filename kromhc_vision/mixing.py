@@ -60,40 +60,81 @@ def _gained_weight(norm_weight, proj_weight, dtype):
     return torch.nn.functional.pad(weight, (0, max(16, -(-k // 8) * 8) - k))
 
 
+def pre_tokens_forward(x, raw, scale, bias, eps: float):
+    """The per-token part of ``stream_pre``'s forward around the GEMM ``raw = vec(x) W_g``::
+
+        rho = (|x|^2 / nC + eps)^-1/2,   a = b + s * raw * rho,   u = H_pre x
+
+    ``x (T, n, C)``, ``raw (T, k')`` (``k' >= k`` columns, see :func:`_gained_weight`), ``scale``,
+    ``bias (k,)`` -> ``u (T, C)``, ``h_pre``, ``h_post (T, n)``, ``a_res (T, m)``, ``inv_rms (T, 1)``.
+    """
+    T, n, C = x.shape
+    inv_rms = torch.rsqrt(torch.linalg.vector_norm(x.view(T, n * C), dim=-1, keepdim=True).square_().div_(n * C).add_(eps))
+    a = torch.addcmul(bias, raw[:, :bias.shape[0]] * inv_rms, scale)
+    h_pre = torch.sigmoid(a[:, :n])
+    h_post = 2 * torch.sigmoid(a[:, n:2 * n])
+    u = torch.bmm(h_pre.unsqueeze(1), x).view(T, C)
+    return u, h_pre, h_post, a[:, 2 * n:], inv_rms
+
+
+def pre_tokens_backward(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale):
+    """The backward of :func:`pre_tokens_forward`, and the state gradient from the post step::
+
+        da = [(dH_pre + <du, x_j>) H_pre (1 - H_pre) | dH_post H_post (1 - H_post / 2) | da_res]
+        dr = s * da * rho (zero on the padding),   coef = -rho^3 / (nC) * sum_k s_k da_k r_k
+        dx = dX_post + coef * x + H_pre^T du
+
+    -> ``dx (T, n, C)`` (the GEMM term ``dr W_g^T`` is the caller's), ``da (T, k)``, ``draw (T, k')``.
+    ``dX_post`` and ``du`` may be None (no gradient); the other gradients are tensors.
+    """
+    T, n, C = x.shape
+    if du is not None:
+        # per-token dot products as (1, C) @ (C, n): on CPU 8x faster than (n, C) @ (C, 1)
+        dh_pre = dh_pre + torch.bmm(du.unsqueeze(1), x.transpose(1, 2)).squeeze(1)
+    da = torch.cat([dh_pre * h_pre * (1 - h_pre), dh_post * h_post * (1 - 0.5 * h_post), da_res], dim=-1)
+    k = da.shape[1]
+    dnormed = da * scale
+    draw = torch.nn.functional.pad(dnormed * inv_rms, (0, raw.shape[1] - k))
+    coef = (dnormed * raw[:, :k]).sum(-1, keepdim=True).mul_(inv_rms.pow(3)).div_(-n * C).unsqueeze(-1)
+    dx = x * coef if dX_post is None else torch.addcmul(dX_post, x, coef)
+    if du is not None:
+        dx.baddbmm_(h_pre.unsqueeze(-1), du.unsqueeze(1))
+    return dx, da, draw
+
+
+TORCH_TOKEN_OPS = (pre_tokens_forward, pre_tokens_backward)
+
+
 class StreamPre(torch.autograd.Function):
     """:func:`stream_pre_reference` with a hand-written backward that makes fewer passes over X.
 
-    Tokens are flattened to ``T``; with ``r = x W_g`` (``W_g = g * W``) and ``rho = (|x|^2/nC + eps)^-1/2``::
+    Tokens are flattened to ``T``. The projection ``raw = vec(x) W_g`` (``W_g = g * W``) and its two
+    gradient GEMMs run in BLAS; the per-token rest runs in ``token_ops``, a pair of functions with the
+    signatures of :func:`pre_tokens_forward` and :func:`pre_tokens_backward` (these, or the numba
+    kernels of :mod:`kromhc_vision.cpu.stream_pre`)::
 
-        a = b + s * r * rho,   u = H_pre X
-        dr = s * da * rho,     drho = sum_k s_k da_k r_k
-        dx = dr W_g^T - drho rho^3 x / (nC) + H_pre^T du (+ dX_post)
+        dx = (dX_post + coef x + H_pre^T du) + dr W_g^T,   dW_g = x^T dr
 
     A fifth output is ``X`` itself, for the post step: the gradient the post step sends to ``X``
     then arrives here as ``dX_post`` and is added in the first pass that forms ``dx``, instead of
-    autograd summing the two ``dX`` in a separate pass over the stream state. ``dx_op``, if given,
-    forms ``dX_post + coef x + H_pre^T du`` in one pass (``dx_op(dX_post, x, coef, h_pre, du)``, all
-    ``(T, ...)``; see :mod:`kromhc_vision.cpu.stream_pre_dx`) where PyTorch makes two.
+    autograd summing the two ``dX`` in a separate pass over the stream state.
     """
 
     @staticmethod
-    def forward(ctx, X, norm_weight, proj_weight, scale, bias, eps, dx_op=None):
+    def forward(ctx, X, norm_weight, proj_weight, scale, bias, eps, token_ops=TORCH_TOKEN_OPS):
         ctx.set_materialize_grads(False)
-        ctx.dx_op = dx_op
+        ctx.token_ops = token_ops
         n, C = X.shape[-2:]
+        lead = X.shape[:-2]
         dtype = compute_dtype(X, proj_weight)
         with torch.autocast(X.device.type, enabled=False):
-            x = X.reshape(-1, n * C).to(dtype)
-            inv_rms = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(n * C).add_(eps))
-            raw = x @ _gained_weight(norm_weight, proj_weight, dtype)  # (T, padded k)
-            a = torch.addcmul(bias.to(dtype), raw[:, :bias.shape[0]] * inv_rms, scale.to(dtype))
-            h_pre = torch.sigmoid(a[:, :n])
-            h_post = 2 * torch.sigmoid(a[:, n:2 * n])
-            u = torch.bmm(h_pre.unsqueeze(1), x.view(-1, n, C)).view(*X.shape[:-2], C)
+            x = X.reshape(-1, n, C).to(dtype)
+            raw = x.view(-1, n * C) @ _gained_weight(norm_weight, proj_weight, dtype)  # (T, padded k)
+            u, h_pre, h_post, a_res, inv_rms = token_ops[0](x, raw, scale.to(dtype), bias.to(dtype), eps)
         ctx.save_for_backward(X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post)
-        lead = X.shape[:-2]
-        a_res = a[:, 2 * n:].reshape(*lead, a.shape[1] - 2 * n)  # sizes spelled out: T may be 0
-        return u.to(X.dtype), h_pre.view(*lead, n), h_post.view(*lead, n), a_res, X
+        # sizes spelled out: T may be 0
+        return (u.view(*lead, C).to(X.dtype), h_pre.view(*lead, n), h_post.view(*lead, n),
+                a_res.reshape(*lead, a_res.shape[1]), X)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -102,31 +143,20 @@ class StreamPre(torch.autograd.Function):
         n, C = X.shape[-2:]
         T, dtype = raw.shape[0], raw.dtype
         k = proj_weight.shape[1]
-        x = X.reshape(-1, n * C).to(dtype)
-        dh_pre = h_pre.new_zeros(T, n) if dh_pre is None else dh_pre.reshape(T, n).to(dtype)
-        if du is not None:
-            du = du.reshape(T, C).to(dtype)
-            # per-token dot products as (1, C) @ (C, n): on CPU 8x faster than (n, C) @ (C, 1)
-            dh_pre = dh_pre + torch.bmm(du.unsqueeze(1), x.view(T, n, C).transpose(1, 2)).squeeze(1)
-        da = torch.cat([
-            dh_pre * h_pre * (1 - h_pre),
-            h_post.new_zeros(T, n) if dh_post is None else dh_post.reshape(T, n) * h_post * (1 - 0.5 * h_post),
-            raw.new_zeros(T, k - 2 * n) if da_res is None else da_res.reshape(T, k - 2 * n),
-        ], dim=-1)
-        dnormed = da * scale.to(dtype)
-        draw = torch.nn.functional.pad(dnormed * inv_rms, (0, raw.shape[1] - k))
-        coef = (dnormed * raw[:, :k]).sum(-1, keepdim=True).mul_(inv_rms.pow(3)).div_(-n * C)
+        x = X.reshape(T, n, C).to(dtype)
+
+        def grad(g, *shape):
+            return None if g is None else g.reshape(T, *shape).to(dtype)
+
+        dx, da, draw = ctx.token_ops[1](
+            x, grad(dX_post, n, C), grad(du, C),
+            h_pre.new_zeros(T, n) if dh_pre is None else grad(dh_pre, n),
+            h_post.new_zeros(T, n) if dh_post is None else grad(dh_post, n),
+            raw.new_zeros(T, k - 2 * n) if da_res is None else grad(da_res, k - 2 * n),
+            h_pre, h_post, raw, inv_rms, scale.to(dtype))
         weight = _gained_weight(norm_weight, proj_weight, dtype)
-        # passes over dx: one reading dX_post and x, one adding H_pre^T du (fused with the first by
-        # dx_op), and the GEMM accumulating in place
-        if ctx.dx_op is not None and dX_post is not None and du is not None:
-            dx = ctx.dx_op(dX_post.reshape(T, n, C).to(dtype), x.view(T, n, C), coef.view(T), h_pre, du).view(T, n * C)
-        else:
-            dx = x * coef if dX_post is None else torch.addcmul(dX_post.reshape(T, n * C).to(dtype), x, coef)
-            if du is not None:
-                dx.view(T, n, C).baddbmm_(h_pre.unsqueeze(-1), du.unsqueeze(1))
-        dx.addmm_(draw, weight.t())
-        dweight = (x.t() @ draw)[:, :k]
+        dx.view(T, n * C).addmm_(draw, weight.t())
+        dweight = (x.view(T, n * C).t() @ draw)[:, :k]
         return (
             dx.view(X.shape).to(X.dtype),
             (dweight * proj_weight).sum(-1).to(norm_weight.dtype),
@@ -172,13 +202,13 @@ class StreamPost(torch.autograd.Function):
         )
 
 
-def stream_pre_torch(X, norm_weight, proj_weight, scale, bias, eps: float, dx_op=None):
+def stream_pre_torch(X, norm_weight, proj_weight, scale, bias, eps: float, token_ops=TORCH_TOKEN_OPS):
     """The CPU / PyTorch path of ``stream_pre``: the reference's four outputs, then ``X`` for the post step.
 
     Pass that last output (not ``X``) to the post step, so that its gradient joins ``dX`` inside
-    ``StreamPre``'s backward (see :class:`StreamPre`, also for ``dx_op``).
+    ``StreamPre``'s backward (see :class:`StreamPre`, also for ``token_ops``).
     """
-    return StreamPre.apply(X, norm_weight, proj_weight, scale, bias, eps, dx_op)
+    return StreamPre.apply(X, norm_weight, proj_weight, scale, bias, eps, token_ops)
 
 
 def stream_post_torch(X, y, h_res, h_post):

@@ -5,6 +5,6 @@ writable).
 """
 from .sinkhorn import sinkhorn
 from .stream_post import stream_post
-from .stream_pre_dx import stream_pre_dx
+from .stream_pre import TOKEN_OPS as STREAM_PRE_TOKEN_OPS
 
-__all__ = ["stream_post", "stream_pre_dx", "sinkhorn"]
+__all__ = ["stream_post", "STREAM_PRE_TOKEN_OPS", "sinkhorn"]

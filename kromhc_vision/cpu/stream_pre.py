@@ -1,0 +1,138 @@
+"""The per-token part of ``stream_pre`` on CPU: everything around the projection GEMM, one pass each way.
+
+Per token, with ``x`` the stream state ``(n, C)``, ``r = x W_g`` the projection (a BLAS GEMM, padded to
+``k' >= k`` columns) and ``k = 2n + m``::
+
+    forward:   rho = (|x|^2 / nC + eps)^-1/2,   a = b + s * r * rho,
+               H_pre = sigmoid(a[:n]),  H_post = 2 sigmoid(a[n:2n]),  a_res = a[2n:],  u = H_pre x
+    backward:  dH_pre += <du, x_j>,   da = [dH_pre H_pre (1 - H_pre) | dH_post H_post (1 - H_post / 2) | da_res]
+               dr = s * da * rho (zero on the padding),   coef = -rho^3 / (nC) * sum_k s_k da_k r_k
+               dx = dX_post + coef * x + H_pre^T du
+
+``x`` is read once per direction and stays in L1 while the token's coefficients are formed; PyTorch
+reads it three times forward (norm, ``u``) and backward (``<du, x>``, ``coef x``, ``H_pre^T du``)
+and makes some ten small ops besides. The GEMM terms ``x W_g`` and ``dr W_g^T``, ``x^T dr`` stay with
+BLAS. Reference: :func:`kromhc_vision.mixing.pre_tokens_forward` / :func:`~kromhc_vision.mixing.pre_tokens_backward`.
+"""
+import math
+
+import numba
+import torch
+
+from ._common import match_torch_threads, numpy_view
+
+_FLAGS = dict(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+
+
+@numba.njit(**_FLAGS)
+def _forward_kernel(x, raw, scale, bias, eps, u, h_pre, h_post, a_res, inv_rms):
+    T, n, C = x.shape
+    k = bias.shape[0]
+    for t in numba.prange(T):
+        s = 0.0
+        for j in range(n):
+            for c in range(C):
+                s += x[t, j, c] * x[t, j, c]
+        rho = 1.0 / math.sqrt(s / (n * C) + eps)
+        inv_rms[t, 0] = rho
+        for i in range(k):
+            a = bias[i] + scale[i] * (raw[t, i] * rho)
+            if i < n:
+                h_pre[t, i] = 1.0 / (1.0 + math.exp(-a))
+            elif i < 2 * n:
+                h_post[t, i - n] = 2.0 / (1.0 + math.exp(-a))
+            else:
+                a_res[t, i - 2 * n] = a
+        h = h_pre[t, 0]
+        for c in range(C):
+            u[t, c] = h * x[t, 0, c]
+        for j in range(1, n):
+            h = h_pre[t, j]
+            for c in range(C):
+                u[t, c] += h * x[t, j, c]
+
+
+@numba.njit(**_FLAGS)
+def _backward_kernel(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale, dx, da, draw):
+    T, n, C = x.shape
+    k, padded = scale.shape[0], raw.shape[1]
+    for t in numba.prange(T):
+        for j in range(n):
+            s = dh_pre[t, j]
+            for c in range(C):
+                s += du[t, c] * x[t, j, c]
+            h = h_pre[t, j]
+            da[t, j] = s * h * (1.0 - h)
+            h = h_post[t, j]
+            da[t, n + j] = dh_post[t, j] * h * (1.0 - 0.5 * h)
+        for i in range(2 * n, k):
+            da[t, i] = da_res[t, i - 2 * n]
+        rho = inv_rms[t, 0]
+        q = 0.0
+        for i in range(k):
+            d = da[t, i] * scale[i]
+            draw[t, i] = d * rho
+            q += d * raw[t, i]
+        for i in range(k, padded):
+            draw[t, i] = 0.0
+        coef = -q * rho * rho * rho / (n * C)
+        for j in range(n):
+            h = h_pre[t, j]
+            for c in range(C):
+                dx[t, j, c] = dX_post[t, j, c] + coef * x[t, j, c] + h * du[t, c]
+
+
+@torch.library.custom_op("kromhc_vision::cpu_stream_pre_fwd", mutates_args=(), device_types="cpu")
+def _stream_pre_fwd(x: torch.Tensor, raw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    outs = _forward_outputs(x, bias)
+    match_torch_threads()
+    _forward_kernel(*map(numpy_view, (x, raw, scale, bias)), eps, *(o.numpy() for o in outs))
+    return outs
+
+
+def _forward_outputs(x, bias):
+    T, n, C = x.shape
+    shapes = [(T, C), (T, n), (T, n), (T, bias.shape[0] - 2 * n), (T, 1)]
+    return tuple(x.new_empty(s) for s in shapes)
+
+
+_stream_pre_fwd.register_fake(lambda x, raw, scale, bias, eps: _forward_outputs(x, bias))
+
+
+@torch.library.custom_op("kromhc_vision::cpu_stream_pre_bwd", mutates_args=(), device_types="cpu")
+def _stream_pre_bwd(x: torch.Tensor, dX_post: torch.Tensor, du: torch.Tensor, dh_pre: torch.Tensor,
+                    dh_post: torch.Tensor, da_res: torch.Tensor, h_pre: torch.Tensor, h_post: torch.Tensor,
+                    raw: torch.Tensor, inv_rms: torch.Tensor,
+                    scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    outs = _backward_outputs(x, raw, scale)
+    match_torch_threads()
+    inputs = (x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale)
+    _backward_kernel(*map(numpy_view, inputs), *(o.numpy() for o in outs))
+    return outs
+
+
+def _backward_outputs(x, raw, scale):
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], scale.shape[0]), torch.empty_like(raw)
+
+
+_stream_pre_bwd.register_fake(lambda x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale:
+                              _backward_outputs(x, raw, scale))
+
+
+def pre_tokens_forward(x, raw, scale, bias, eps: float):
+    """``x (T, n, C)``, ``raw (T, k')``, ``scale``, ``bias (k,)`` -> ``u (T, C)``, ``h_pre``, ``h_post (T, n)``,
+    ``a_res (T, m)``, ``inv_rms (T, 1)``; one dtype throughout. Same as :func:`kromhc_vision.mixing.pre_tokens_forward`.
+    """
+    return _stream_pre_fwd(x, raw, scale, bias, eps)
+
+
+def pre_tokens_backward(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale):
+    """``dx (T, n, C)`` without its GEMM term, ``da (T, k)``, ``draw (T, k')``; ``dX_post`` and ``du`` may be
+    None (no gradient). Same as :func:`kromhc_vision.mixing.pre_tokens_backward`."""
+    dX_post = torch.zeros_like(x) if dX_post is None else dX_post
+    du = x.new_zeros(x.shape[0], x.shape[2]) if du is None else du
+    return _stream_pre_bwd(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale)
+
+
+TOKEN_OPS = (pre_tokens_forward, pre_tokens_backward)
