@@ -31,12 +31,11 @@ def _entry(k, a, b, n):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _half_step(P, n, k, sums, log_domain, acc):
-    """Half-step ``k`` on a task's tokens, ``P (n*n, m)`` (entry ``i*n + j`` of each token on a row):
+def _half_step(P, m, n, k, sums, log_domain, acc):
+    """Half-step ``k`` on a task's ``m`` tokens, ``P (n*n, >= m)`` (entry ``i*n + j`` of each token on a row):
     rows (k even) or columns (k odd) to sum 1. Their sums (log-sum-exps in the log domain) go to
     ``sums[k*n : (k+1)*n]``.
     """
-    m = P.shape[1]
     for a in range(n):
         out = k * n + a
         if log_domain:
@@ -69,12 +68,12 @@ def _half_step(P, n, k, sums, log_domain, acc):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _task_forward(logits, t0, num_iters, P, sums, acc):
-    """``P (n*n, m)`` <- the last iterate of tokens ``t0 .. t0+m`` (log values on the log-domain
+def _task_forward(logits, t0, m, num_iters, P, sums, acc):
+    """``P (n*n, >= m)`` <- the last iterate of tokens ``t0 .. t0+m`` (log values on the log-domain
     path). Returns whether the task ran in the log domain (some token's logits span more than
     ``SPAN_LIMIT``, or reach +-inf; NaN logits give NaN on either path, as in the reference).
     """
-    n, m = logits.shape[1], P.shape[1]
+    n = logits.shape[1]
     log_domain = False
     for t in range(m):
         lo, hi = math.inf, -math.inf
@@ -91,7 +90,7 @@ def _task_forward(logits, t0, num_iters, P, sums, acc):
             for t in range(m):
                 P[e, t] = math.exp(P[e, t] - acc[t])
     for k in range(2 * num_iters):
-        _half_step(P, n, k, sums, log_domain, acc)
+        _half_step(P, m, n, k, sums, log_domain, acc)
     return log_domain
 
 
@@ -103,15 +102,12 @@ def _forward_kernel(logits, num_iters, out, last, saved_sums, log_domains):
     for task in numba.prange((T + _CHUNK - 1) // _CHUNK):
         t0 = task * _CHUNK
         m = min(T - t0, _CHUNK)
-        P, acc, sums = np.empty((n * n, m)), np.empty(m), np.empty((2 * num_iters * n, m))
-        log_domain = _task_forward(logits, t0, num_iters, P, sums, acc)
+        P, sums = last[task], saved_sums[task]  # the iterates and sums are formed where they are kept
+        log_domain = _task_forward(logits, t0, m, num_iters, P, sums, np.empty(m))
         log_domains[task] = log_domain
-        for e in range(n * n):
-            for t in range(_CHUNK):
-                last[task, e, t] = P[e, t] if t < m else 0.0
-        for s in range(2 * num_iters * n):
-            for t in range(_CHUNK):
-                saved_sums[task, s, t] = sums[s, t] if t < m else 0.0
+        for t in range(m, _CHUNK):  # a last, partial task: the columns of no token
+            P[:, t] = 0.0
+            sums[:, t] = 0.0
         for t in range(m):
             for i in range(n):
                 for j in range(n):
@@ -221,11 +217,14 @@ def _(last, sums, log_domains, num_iters, dout):
 def _setup_context(ctx, inputs, output):
     _, last, sums, log_domains = output
     ctx.mark_non_differentiable(last, sums, log_domains)
+    ctx.set_materialize_grads(False)  # autograd would zero-fill gradients for last and sums (4 MB per call)
     ctx.save_for_backward(last, sums, log_domains)
     ctx.num_iters = inputs[1]
 
 
 def _backward(ctx, dout, *_):
+    if dout is None:
+        return None, None
     return _sinkhorn_bwd(*ctx.saved_tensors, ctx.num_iters, dout), None
 
 
