@@ -8,6 +8,8 @@ def numpy_view(t: torch.Tensor):
     return t.detach().contiguous().numpy()
 
 
-def match_torch_threads():
-    """Run the parallel loops on as many threads as PyTorch's intra-op pool."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+def match_torch_threads() -> int:
+    """Run the parallel loops on as many threads as PyTorch's intra-op pool; returns that number."""
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads

@@ -7,9 +7,12 @@ from ``P = exp(L - max L)`` (no exponentials after the first), which is safe in 
 token's logits span at most ``SPAN_LIMIT``: each iterate ``D_1 exp(L) D_2`` then keeps every entry
 above ``exp(-2 SPAN_LIMIT) / n^3`` (the ratios of its scalings are bounded by the span), far from
 underflow. A group of tokens holding a wider span (or infinite logits) runs the same half-steps
-in the log domain, ``L <- L - logsumexp(L)``. For the backward the forward keeps the last iterate and
-each half-step's n sums (log-sum-exps), ``2 * num_iters * n`` float64 per token; the backward walks
-the half-steps back, rebuilding each earlier iterate from the later one and its sums.
+in the log domain, ``L <- L - logsumexp(L)``. The backward keeps only the logits: per task it runs
+the forward again, keeping each half-step's n sums (log-sum-exps) in a scratch of its worker thread
+(``2 * num_iters * n`` float64 per token, 160 kB per task at n = 4: it stays in L2), then walks the
+half-steps back, rebuilding each earlier iterate from the later one and its sums. (Keeping the sums
+from the forward instead costs 4 MB of saved activations per connection at the ViT-Tiny trunk's
+size, whose writing and reading back through DRAM costs more than the recomputation.)
 Reference: :func:`kromhc_vision.residual_maps.sinkhorn_log`.
 """
 import math
@@ -94,83 +97,87 @@ def _task_forward(logits, t0, m, num_iters, P, sums, acc):
     return log_domain
 
 
+@numba.njit(cache=True, error_model="numpy")
+def _scratch(n, num_iters):
+    """A worker's arrays for one task: iterate ``P``, gradient ``G`` ``(n*n, chunk)``, half-step sums, two rows."""
+    return (np.empty((n * n, _CHUNK)), np.empty((n * n, _CHUNK)), np.empty((2 * num_iters * n, _CHUNK)),
+            np.empty(_CHUNK), np.empty(_CHUNK))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _tasks(T, threads):
+    """``(tasks, workers)``: worker ``w`` takes tasks ``w, w + workers, ...``, with one scratch for all."""
+    tasks = (T + _CHUNK - 1) // _CHUNK
+    return tasks, max(1, min(threads, tasks))
+
+
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def _forward_kernel(logits, num_iters, out, last, saved_sums, log_domains):
-    """``out`` <- H_res; per task, for the backward: the last iterate ``last[task]``, the half-steps'
-    sums ``saved_sums[task]`` and whether it ran in the log domain."""
+def _forward_kernel(logits, num_iters, threads, out):
     T, n, _ = logits.shape
-    for task in numba.prange((T + _CHUNK - 1) // _CHUNK):
-        t0 = task * _CHUNK
-        m = min(T - t0, _CHUNK)
-        P, sums = last[task], saved_sums[task]  # the iterates and sums are formed where they are kept
-        log_domain = _task_forward(logits, t0, m, num_iters, P, sums, np.empty(m))
-        log_domains[task] = log_domain
-        for t in range(m, _CHUNK):  # a last, partial task: the columns of no token
-            P[:, t] = 0.0
-            sums[:, t] = 0.0
-        for t in range(m):
-            for i in range(n):
-                for j in range(n):
-                    v = P[i * n + j, t]
-                    out[t0 + t, i, j] = math.exp(v) if log_domain else v
+    tasks, workers = _tasks(T, threads)
+    for w in numba.prange(workers):
+        P, _, sums, acc, _ = _scratch(n, num_iters)
+        for task in range(w, tasks, workers):
+            t0 = task * _CHUNK
+            m = min(T - t0, _CHUNK)
+            log_domain = _task_forward(logits, t0, m, num_iters, P, sums, acc)
+            for t in range(m):
+                for i in range(n):
+                    for j in range(n):
+                        v = P[i * n + j, t]
+                        out[t0 + t, i, j] = math.exp(v) if log_domain else v
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def _backward_kernel(num_iters, last, saved_sums, log_domains, dout, dlogits):
-    """Per task: walk the half-steps back from the saved last iterate and sums.
+def _backward_kernel(logits, num_iters, threads, dout, dlogits):
+    """Per task: the forward again, then its half-steps walked back from the last iterate and the sums.
 
     Linear domain, half-step ``Q = P / s`` along an axis: ``dP = (dQ - sum(dQ * Q)) / s``, then ``P = Q * s``;
     the walk ends at ``P_0 = exp(L - max L)``, whose gradient is ``dL = P_0 * dP_0``. Log domain,
     ``L' = L - lse(L)``: ``dL = dL' - exp(L') sum(dL')``, then ``L = L' + lse``.
     """
     T, n, _ = dout.shape
-    for task in numba.prange((T + _CHUNK - 1) // _CHUNK):
-        t0 = task * _CHUNK
-        m = min(T - t0, _CHUNK)
-        P, G, acc, inv = np.empty((n * n, m)), np.empty((n * n, m)), np.empty(m), np.empty(m)
-        sums, log_domain = saved_sums[task], log_domains[task]
-        for t in range(m):
-            for i in range(n):
-                for j in range(n):
-                    e = i * n + j
-                    P[e, t] = last[task, e, t]
-                    G[e, t] = dout[t0 + t, i, j] * (math.exp(P[e, t]) if log_domain else 1.0)
-        for k in range(2 * num_iters - 1, -1, -1):
-            for a in range(n):
-                s = k * n + a
-                for t in range(m):
-                    acc[t] = 0.0
-                    inv[t] = 1.0 / sums[s, t]
-                for b in range(n):
-                    e = _entry(k, a, b, n)
-                    if log_domain:
-                        for t in range(m):
-                            acc[t] += G[e, t]
-                    else:
-                        for t in range(m):
-                            acc[t] += G[e, t] * P[e, t]
-                for b in range(n):
-                    e = _entry(k, a, b, n)
-                    if log_domain:
-                        for t in range(m):
-                            G[e, t] -= math.exp(P[e, t]) * acc[t]
-                            P[e, t] += sums[s, t]
-                    else:
-                        for t in range(m):
-                            G[e, t] = (G[e, t] - acc[t]) * inv[t]
-                            P[e, t] *= sums[s, t]
-        for t in range(m):
-            for i in range(n):
-                for j in range(n):
-                    e = i * n + j
-                    dlogits[t0 + t, i, j] = G[e, t] if log_domain else G[e, t] * P[e, t]
-
-
-def _saved_shapes(logits, num_iters):
-    """Shapes of what the forward keeps for the backward: last iterate, sums, log-domain flags (per task)."""
-    n = logits.shape[-1]
-    tasks = -(-(logits.numel() // (n * n)) // _CHUNK)
-    return (tasks, n * n, _CHUNK), (tasks, 2 * num_iters * n, _CHUNK), (tasks,)
+    tasks, workers = _tasks(T, threads)
+    for w in numba.prange(workers):
+        P, G, sums, acc, inv = _scratch(n, num_iters)
+        for task in range(w, tasks, workers):
+            t0 = task * _CHUNK
+            m = min(T - t0, _CHUNK)
+            log_domain = _task_forward(logits, t0, m, num_iters, P, sums, acc)
+            for t in range(m):
+                for i in range(n):
+                    for j in range(n):
+                        e = i * n + j
+                        G[e, t] = dout[t0 + t, i, j] * (math.exp(P[e, t]) if log_domain else 1.0)
+            for k in range(2 * num_iters - 1, -1, -1):
+                for a in range(n):
+                    s = k * n + a
+                    for t in range(m):
+                        acc[t] = 0.0
+                        inv[t] = 1.0 / sums[s, t]
+                    for b in range(n):
+                        e = _entry(k, a, b, n)
+                        if log_domain:
+                            for t in range(m):
+                                acc[t] += G[e, t]
+                        else:
+                            for t in range(m):
+                                acc[t] += G[e, t] * P[e, t]
+                    for b in range(n):
+                        e = _entry(k, a, b, n)
+                        if log_domain:
+                            for t in range(m):
+                                G[e, t] -= math.exp(P[e, t]) * acc[t]
+                                P[e, t] += sums[s, t]
+                        else:
+                            for t in range(m):
+                                G[e, t] = (G[e, t] - acc[t]) * inv[t]
+                                P[e, t] *= sums[s, t]
+            for t in range(m):
+                for i in range(n):
+                    for j in range(n):
+                        e = i * n + j
+                        dlogits[t0 + t, i, j] = G[e, t] if log_domain else G[e, t] * P[e, t]
 
 
 def _float64_tokens(logits):
@@ -179,52 +186,37 @@ def _float64_tokens(logits):
 
 
 @torch.library.custom_op("kromhc_vision::cpu_sinkhorn_fwd", mutates_args=(), device_types="cpu")
-def _sinkhorn_fwd(logits: torch.Tensor,
-                  num_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sinkhorn_fwd(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
     flat = _float64_tokens(logits)
     out = torch.empty_like(flat)
-    last_shape, sums_shape, flags_shape = _saved_shapes(logits, num_iters)
-    last, sums = flat.new_empty(last_shape), flat.new_empty(sums_shape)
-    log_domains = torch.empty(flags_shape, dtype=torch.bool)
-    match_torch_threads()
-    _forward_kernel(numpy_view(flat), num_iters, out.numpy(), last.numpy(), sums.numpy(), log_domains.numpy())
-    return out.view(logits.shape).to(logits.dtype), last, sums, log_domains
+    _forward_kernel(numpy_view(flat), num_iters, match_torch_threads(), out.numpy())
+    return out.view(logits.shape).to(logits.dtype)
 
 
 @_sinkhorn_fwd.register_fake
 def _(logits, num_iters):
-    last_shape, sums_shape, flags_shape = _saved_shapes(logits, num_iters)
-    return (torch.empty_like(logits, memory_format=torch.contiguous_format),
-            logits.new_empty(last_shape, dtype=torch.float64), logits.new_empty(sums_shape, dtype=torch.float64),
-            logits.new_empty(flags_shape, dtype=torch.bool))
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("kromhc_vision::cpu_sinkhorn_bwd", mutates_args=(), device_types="cpu")
-def _sinkhorn_bwd(last: torch.Tensor, sums: torch.Tensor, log_domains: torch.Tensor, num_iters: int,
-                  dout: torch.Tensor) -> torch.Tensor:
+def _sinkhorn_bwd(logits: torch.Tensor, num_iters: int, dout: torch.Tensor) -> torch.Tensor:
     grad = torch.empty(dout.shape, dtype=torch.float64)
-    match_torch_threads()
-    _backward_kernel(num_iters, numpy_view(last), numpy_view(sums), numpy_view(log_domains),
-                     numpy_view(_float64_tokens(dout)), grad.view(-1, *dout.shape[-2:]).numpy())
+    _backward_kernel(numpy_view(_float64_tokens(logits)), num_iters, match_torch_threads(), numpy_view(_float64_tokens(dout)),
+                     grad.view(-1, *dout.shape[-2:]).numpy())
     return grad.to(dout.dtype)
 
 
 @_sinkhorn_bwd.register_fake
-def _(last, sums, log_domains, num_iters, dout):
+def _(logits, num_iters, dout):
     return torch.empty_like(dout, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    _, last, sums, log_domains = output
-    ctx.mark_non_differentiable(last, sums, log_domains)
-    ctx.set_materialize_grads(False)  # autograd would zero-fill gradients for last and sums (4 MB per call)
-    ctx.save_for_backward(last, sums, log_domains)
+    ctx.save_for_backward(inputs[0])
     ctx.num_iters = inputs[1]
 
 
-def _backward(ctx, dout, *_):
-    if dout is None:
-        return None, None
+def _backward(ctx, dout):
     return _sinkhorn_bwd(*ctx.saved_tensors, ctx.num_iters, dout), None
 
 
@@ -237,4 +229,4 @@ def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
         raise ValueError(f"sinkhorn expects logits of shape (..., n, n), got {tuple(logits.shape)}")
     if num_iters < 1:
         raise ValueError(f"num_iters must be >= 1, got {num_iters}")
-    return _sinkhorn_fwd(logits, num_iters)[0]
+    return _sinkhorn_fwd(logits, num_iters)

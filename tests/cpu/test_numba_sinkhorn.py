@@ -57,5 +57,4 @@ def test_rejects_bad_input():
 def test_opcheck():
     logits = torch.randn(5, 3, 3, requires_grad=True)
     torch.library.opcheck(torch.ops.kromhc_vision.cpu_sinkhorn_fwd.default, (logits, 4))
-    _, *saved = torch.ops.kromhc_vision.cpu_sinkhorn_fwd(logits.detach(), 4)
-    torch.library.opcheck(torch.ops.kromhc_vision.cpu_sinkhorn_bwd.default, (*saved, 4, torch.randn(5, 3, 3)))
+    torch.library.opcheck(torch.ops.kromhc_vision.cpu_sinkhorn_bwd.default, (logits.detach(), 4, torch.randn(5, 3, 3)))
