@@ -19,19 +19,21 @@ def test_matches_reference(n, iters, lead, dtype, compare):
     compare(sinkhorn, sinkhorn_log, [logits], (iters,))
 
 
-@pytest.mark.parametrize("span", [SPAN_LIMIT - 1, SPAN_LIMIT + 1, 2e4])
-def test_wide_spans(span, compare):
-    """Near the limit the linear path is still exact; beyond it (the ±1e4 logits of the spec
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("offset", [-1, 1, 2e4])
+def test_wide_spans(dtype, offset, compare):
+    """Near the dtype's span limit the linear path is still exact; beyond it (the spec's ±1e4 logits
     included) a group of tokens holding one wide token runs in the log domain. Both match the
     reference and stay finite; the columns sum to 1."""
-    logits = torch.randn(200, 4, 4, dtype=torch.float64)
+    span = SPAN_LIMIT[dtype] + offset
+    logits = torch.randn(200, 4, 4, dtype=dtype)
     logits[7, 0, 1] = logits[7, 0, 0] - span
     logits[150] = torch.tensor([[1, -1, 0, 0.5], [0, -1, 1, 0], [0, 0, 0, 0], [-1, -1, -1, 1]]) * span / 2
     logits.requires_grad_()
     compare(sinkhorn, sinkhorn_log, [logits], (20,))
     out = sinkhorn(logits, 20)
     assert out.isfinite().all()
-    torch.testing.assert_close(out.sum(-2), torch.ones(200, 4, dtype=torch.float64))
+    torch.testing.assert_close(out.sum(-2), torch.ones(200, 4, dtype=dtype))
 
 
 def test_saturated_logits(compare):
