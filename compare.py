@@ -489,7 +489,8 @@ def run_benchmarks(args) -> list:
     if args.kernel_benchmarks and torch.cuda.is_available():
         commands += [(name, []) for name in KERNEL_BENCHMARKS]
     if args.kernel_benchmarks and numba:
-        commands += [('bench_stream_post.py', ['--backend', 'numba', '--dtype', 'fp32']),
+        commands += [('bench_stream_pre.py', ['--backend', 'numba', '--dtype', 'fp32']),
+                     ('bench_stream_post.py', ['--backend', 'numba', '--dtype', 'fp32']),
                      ('bench_sinkhorn.py', ['--backend', 'numba'])]
     return [(' '.join(['python', f'benchmarks/{name}', *cmd]), run_script(bench / name, *cmd))
             for name, cmd in commands]

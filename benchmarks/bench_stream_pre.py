@@ -1,16 +1,16 @@
-"""Benchmark of the fused ``stream_pre`` kernel against the PyTorch reference (eager and compiled).
+"""Benchmark of ``stream_pre`` (the fused Triton kernel, or on CPU with ``--backend numba`` the BLAS
+projection around the numba per-token kernels) against the PyTorch reference (eager and compiled).
 
 Floor per token: forward reads X and writes u, ``(n+1) C`` values; backward reads X and du and
 writes dX, ``(2n+1) C``. (The coefficients, ``2n+m`` fp32 per token, are left out.)
 
-    python benchmarks/bench_stream_pre.py [-n 4] [--variant mhc] [--dtype bf16] [--shapes all]
+    python benchmarks/bench_stream_pre.py [-n 4] [--variant mhc] [--dtype bf16] [--shapes all] [--backend triton|numba]
 """
 import _timing
 import torch
 
 import kromhc_vision as kv
-from kromhc_vision.kernels import stream_pre
-from kromhc_vision.mixing import stream_pre_reference
+from kromhc_vision.mixing import stream_pre_reference, stream_pre_torch
 
 
 def cases(n, m, dtype, kind):
@@ -24,9 +24,17 @@ def cases(n, m, dtype, kind):
 
 
 def main():
-    parser = _timing.base_parser(__doc__, backends=("triton",))  # the numba backend uses PyTorch's stream_pre
+    parser = _timing.base_parser(__doc__)
     parser.add_argument("--variant", choices=("hc", "mhc", "mhclite", "kromhc"), default="mhc", help="sets m")
     args = parser.parse_args()
+    _timing.configure(args.backend)
+    if args.backend == "numba":
+        token_ops = _timing.kernel("STREAM_PRE_TOKEN_OPS")
+
+        def stream_pre(*inputs):
+            return stream_pre_torch(*inputs, token_ops)[:4]  # the fifth output is X, for the post step
+    else:
+        stream_pre = _timing.kernel("stream_pre")
     bandwidth = _timing.copy_bandwidth()
     for n in args.streams:
         m = kv.CONNECTIONS[args.variant].num_res_logits(n)

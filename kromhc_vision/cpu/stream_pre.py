@@ -54,6 +54,7 @@ def _forward_kernel(x, raw, scale, bias, eps, u, h_pre, h_post, a_res, inv_rms):
 
 @numba.njit(**_FLAGS)
 def _backward_kernel(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale, dx, da, draw):
+    """``dX_post`` of 0 tokens stands for none (a zero gradient)."""
     T, n, C = x.shape
     k, padded = scale.shape[0], raw.shape[1]
     for t in numba.prange(T):
@@ -78,8 +79,12 @@ def _backward_kernel(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw
         coef = -q * rho * rho * rho / (n * C)
         for j in range(n):
             h = h_pre[t, j]
-            for c in range(C):
-                dx[t, j, c] = dX_post[t, j, c] + coef * x[t, j, c] + h * du[t, c]
+            if dX_post.shape[0] == 0:
+                for c in range(C):
+                    dx[t, j, c] = coef * x[t, j, c] + h * du[t, c]
+            else:
+                for c in range(C):
+                    dx[t, j, c] = dX_post[t, j, c] + coef * x[t, j, c] + h * du[t, c]
 
 
 @torch.library.custom_op("kromhc_vision::cpu_stream_pre_fwd", mutates_args=(), device_types="cpu")
@@ -130,7 +135,7 @@ def pre_tokens_forward(x, raw, scale, bias, eps: float):
 def pre_tokens_backward(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale):
     """``dx (T, n, C)`` without its GEMM term, ``da (T, k)``, ``draw (T, k')``; ``dX_post`` and ``du`` may be
     None (no gradient). Same as :func:`kromhc_vision.mixing.pre_tokens_backward`."""
-    dX_post = torch.zeros_like(x) if dX_post is None else dX_post
+    dX_post = x.new_empty(0, *x.shape[1:]) if dX_post is None else dX_post
     du = x.new_zeros(x.shape[0], x.shape[2]) if du is None else du
     return _stream_pre_bwd(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale)
 
