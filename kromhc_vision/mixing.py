@@ -69,7 +69,8 @@ def pre_tokens_forward(x, raw, scale, bias, eps: float):
     ``bias (k,)`` -> ``u (T, C)``, ``h_pre``, ``h_post (T, n)``, ``a_res (T, m)``, ``inv_rms (T, 1)``.
     """
     T, n, C = x.shape
-    inv_rms = torch.rsqrt(torch.linalg.vector_norm(x.view(T, n * C), dim=-1, keepdim=True).square_().div_(n * C).add_(eps))
+    sum_sq = torch.linalg.vector_norm(x.view(T, n * C), dim=-1, keepdim=True).square_()
+    inv_rms = torch.rsqrt(sum_sq.div_(n * C).add_(eps))
     a = torch.addcmul(bias, raw[:, :bias.shape[0]] * inv_rms, scale)
     h_pre = torch.sigmoid(a[:, :n])
     h_post = 2 * torch.sigmoid(a[:, n:2 * n])

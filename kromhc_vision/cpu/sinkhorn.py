@@ -9,12 +9,12 @@ above ``exp(-2 span) / n^3`` (the ratios of its scalings are bounded by the span
 for spans up to ~40 in float32 and ~350 in float64. A group of tokens holding a wider span (or
 infinite logits) runs the same half-steps in the log domain, ``L <- L - logsumexp(L)``. In float32
 the result is as close to the float64 answer as the float32 reference's (2.4e-7 against 2.3e-7 at
-T = 3152, n = 4, logits of std 3). The backward keeps only the logits: per task it runs
-the forward again, keeping each half-step's n sums (log-sum-exps) in a scratch of its worker thread
-(``2 * num_iters * n`` values per token, 80 kB per task at n = 4 in float32: it stays in L2), then walks the
-half-steps back, rebuilding each earlier iterate from the later one and its sums. (Keeping the sums
-from the forward instead costs 2 MB (float32) of saved activations per connection at the ViT-Tiny trunk's
-size, whose writing and reading back through DRAM costs more than the recomputation.)
+T = 3152, n = 4, logits of std 3). The backward keeps only the logits: per task it runs the forward
+again, keeping each half-step's n sums (log-sum-exps) in a scratch of its worker thread
+(``2 * num_iters * n`` values per token, 80 kB per task at n = 4 in float32: it stays in L2), then
+walks the half-steps back, rebuilding each earlier iterate from the later one and its sums. Keeping
+the sums from the forward instead would hold 2 MB (4 MB in float64) more activations per connection at the ViT-Tiny
+trunk's size; in that trunk the recomputation cost no measurable step time.
 Reference: :func:`kromhc_vision.residual_maps.sinkhorn_log`.
 """
 import math
