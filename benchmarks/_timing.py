@@ -85,9 +85,12 @@ def _forward_backward(op, inputs, args, cotangents=None):
 
 
 def _check(actual, expected, what):
+    """Elementwise within ``tol`` relative, or ``tol`` of the tensor's largest entry absolute: the parameter
+    gradients are sums over all T tokens, whose small entries carry the rounding of the large ones."""
     for i, (a, e) in enumerate(zip(actual, expected)):
         tol = 2e-2 if e.dtype == torch.bfloat16 else 1e-4
-        torch.testing.assert_close(a, e, rtol=tol, atol=tol, msg=lambda m: f"{what} {i}: {m}")
+        atol = tol * max(1.0, e.abs().max().item())
+        torch.testing.assert_close(a, e, rtol=tol, atol=atol, msg=lambda m: f"{what} {i}: {m}")
 
 
 def run(title: str, cases, op, reference, bandwidth: float):
