@@ -28,8 +28,9 @@ _FLAGS = dict(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc
 def _forward_kernel(x, raw, scale, bias, eps, u, h_pre, h_post, a_res, inv_rms):
     T, n, C = x.shape
     k = bias.shape[0]
+    zero = x.dtype.type(0)  # sums in x's dtype, as the reference
     for t in numba.prange(T):
-        s = 0.0
+        s = zero
         for j in range(n):
             for c in range(C):
                 s += x[t, j, c] * x[t, j, c]
