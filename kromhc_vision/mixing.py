@@ -129,7 +129,7 @@ class StreamPre(torch.autograd.Function):
         lead = X.shape[:-2]
         dtype = compute_dtype(X, proj_weight)
         with torch.autocast(X.device.type, enabled=False):
-            x = X.reshape(-1, n, C).to(dtype)
+            x = X.reshape(-1, n, C).to(dtype).contiguous()  # the GEMMs and token ops take (T, n*C) rows
             raw = x.view(-1, n * C) @ _gained_weight(norm_weight, proj_weight, dtype)  # (T, padded k)
             u, h_pre, h_post, a_res, inv_rms = token_ops[0](x, raw, scale.to(dtype), bias.to(dtype), eps)
         ctx.save_for_backward(X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post)
@@ -144,7 +144,7 @@ class StreamPre(torch.autograd.Function):
         n, C = X.shape[-2:]
         T, dtype = raw.shape[0], raw.dtype
         k = proj_weight.shape[1]
-        x = X.reshape(T, n, C).to(dtype)
+        x = X.reshape(T, n, C).to(dtype).contiguous()
 
         def grad(g, *shape):
             return None if g is None else g.reshape(T, *shape).to(dtype)

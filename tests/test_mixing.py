@@ -1,8 +1,13 @@
-"""The PyTorch path of the shared mixing steps against the autograd reference."""
+"""The PyTorch path of the shared mixing steps against the autograd reference; ``StreamPre`` with either
+pair of per-token functions (PyTorch's, numba's)."""
 import pytest
 import torch
 
-from kromhc_vision.mixing import stream_post_reference, stream_post_torch, stream_pre_reference, stream_pre_torch
+from kromhc_vision.cpu import STREAM_PRE_TOKEN_OPS
+from kromhc_vision.mixing import (TORCH_TOKEN_OPS, stream_post_reference, stream_post_torch, stream_pre_reference,
+                                  stream_pre_torch)
+
+TOKEN_OPS = pytest.mark.parametrize("token_ops", [TORCH_TOKEN_OPS, STREAM_PRE_TOKEN_OPS], ids=["torch", "numba"])
 
 
 def pre_inputs(n, C, m, lead=(2, 3), dtype=torch.float64):
@@ -30,13 +35,15 @@ def pre_reference_with_stream(X, *params):
     return (*stream_pre_reference(X, *params, 1e-6), X)
 
 
+@TOKEN_OPS
 @pytest.mark.parametrize("n, C, m", [(2, 3, 2), (3, 5, 6), (4, 7, 4)])
-def test_stream_pre_gradcheck(n, C, m):
-    assert torch.autograd.gradcheck(lambda *a: stream_pre_torch(*a, 1e-6), pre_inputs(n, C, m))
+def test_stream_pre_gradcheck(n, C, m, token_ops):
+    assert torch.autograd.gradcheck(lambda *a: stream_pre_torch(*a, 1e-6, token_ops), pre_inputs(n, C, m))
 
 
+@TOKEN_OPS
 @pytest.mark.parametrize("used", [(0,), (1,), (2,), (3,), (4,), (0, 4), (2, 3, 4)])
-def test_stream_pre_gradient_of_any_subset_of_outputs(used):
+def test_stream_pre_gradient_of_any_subset_of_outputs(used, token_ops):
     """Outputs that do not reach the loss get no gradient (None) and must count as zero, whichever they are."""
     inputs = pre_inputs(3, 5, 6)
 
@@ -48,7 +55,18 @@ def test_stream_pre_gradient_of_any_subset_of_outputs(used):
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
         return [torch.zeros_like(x) if d is None else d for x, d in zip(inputs, grads)]
 
-    for a, b in zip(grads(lambda *a: stream_pre_torch(*a, 1e-6)), grads(pre_reference_with_stream)):
+    for a, b in zip(grads(lambda *a: stream_pre_torch(*a, 1e-6, token_ops)), grads(pre_reference_with_stream)):
+        torch.testing.assert_close(a, b)
+
+
+@TOKEN_OPS
+def test_stream_pre_takes_a_strided_stream_state(token_ops):
+    """``X`` sliced out of a wider tensor (not viewable as ``(T, n*C)`` rows): same values and gradients."""
+    _, *params = pre_inputs(3, 5, 4)
+    wide = torch.randn(2, 3, 3, 9, dtype=torch.float64, requires_grad=True)
+    outs, grads = grads_of(lambda w, *p: stream_pre_torch(w[..., 2:7], *p, 1e-6, token_ops), [wide, *params])
+    ref_outs, ref_grads = grads_of(lambda w, *p: pre_reference_with_stream(w[..., 2:7], *p), [wide, *params])
+    for a, b in zip(outs + grads, ref_outs + ref_grads):
         torch.testing.assert_close(a, b)
 
 
