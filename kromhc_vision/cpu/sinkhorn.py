@@ -42,6 +42,7 @@ def _half_step(P, m, n, k, sums, log_domain, acc):
     rows (k even) or columns (k odd) to sum 1. Their sums (log-sum-exps in the log domain) go to
     ``sums[k*n : (k+1)*n]``.
     """
+    one = P.dtype.type(1)
     for a in range(n):
         out = k * n + a
         if log_domain:
@@ -66,7 +67,7 @@ def _half_step(P, m, n, k, sums, log_domain, acc):
                 for t in range(m):
                     sums[out, t] += P[e, t]
             for t in range(m):
-                acc[t] = 1.0 / sums[out, t]
+                acc[t] = one / sums[out, t]
             for b in range(n):
                 e = _entry(k, a, b, n)
                 for t in range(m):
@@ -77,7 +78,7 @@ def _half_step(P, m, n, k, sums, log_domain, acc):
 def _task_forward(logits, t0, m, num_iters, span_limit, P, sums, acc):
     """``P (n*n, >= m)`` <- the last iterate of tokens ``t0 .. t0+m`` (log values on the log-domain
     path). Returns whether the task ran in the log domain (some token's logits span more than
-    ``SPAN_LIMIT``, or reach +-inf; NaN logits give NaN on either path, as in the reference).
+    ``span_limit`` (``SPAN_LIMIT[dtype]``), or reach +-inf; NaN logits give NaN on either path, as in the reference).
     """
     n = logits.shape[1]
     log_domain = False
@@ -140,6 +141,7 @@ def _backward_kernel(logits, num_iters, span_limit, threads, dout, dlogits):
     ``L' = L - lse(L)``: ``dL = dL' - exp(L') sum(dL')``, then ``L = L' + lse``.
     """
     T, n, _ = dout.shape
+    one = logits.dtype.type(1)
     tasks, workers = _tasks(T, threads)
     for w in numba.prange(workers):
         P, G, sums, acc, inv = _scratch(n, num_iters, logits.dtype)
@@ -157,7 +159,7 @@ def _backward_kernel(logits, num_iters, span_limit, threads, dout, dlogits):
                     s = k * n + a
                     for t in range(m):
                         acc[t] = 0.0
-                        inv[t] = 1.0 / sums[s, t]
+                        inv[t] = one / sums[s, t]
                     for b in range(n):
                         e = _entry(k, a, b, n)
                         if log_domain:

@@ -8,7 +8,8 @@ import torch
 from kromhc_vision.cpu import sinkhorn
 from kromhc_vision.residual_maps import sinkhorn_log
 
-SPAN_LIMIT = sys.modules["kromhc_vision.cpu.sinkhorn"].SPAN_LIMIT
+KERNELS = sys.modules["kromhc_vision.cpu.sinkhorn"]
+SPAN_LIMIT = KERNELS.SPAN_LIMIT
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -27,7 +28,10 @@ def test_wide_spans(dtype, offset, compare):
     reference and stay finite; the columns sum to 1."""
     span = SPAN_LIMIT[dtype] + offset
     logits = torch.randn(200, 4, 4, dtype=dtype)
-    logits[7, 0, 1] = logits[7, 0, 0] - span
+    logits[7] = 0
+    logits[7, 0, 1] = -span  # token 7 spans exactly `span`; the others of its task (0-127) far less
+    P, _, sums, acc, _ = KERNELS._scratch(4, 20, logits.numpy().dtype)
+    assert KERNELS._task_forward(logits.numpy(), 0, 128, 20, SPAN_LIMIT[dtype], P, sums, acc) == (offset > 0)
     logits[150] = torch.tensor([[1, -1, 0, 0.5], [0, -1, 1, 0], [0, 0, 0, 0], [-1, -1, -1, 1]]) * span / 2
     logits.requires_grad_()
     compare(sinkhorn, sinkhorn_log, [logits], (20,))

@@ -44,6 +44,17 @@ def test_backward_matches_torch(T, n, m, C, padded, dtype):
     assert not draw[:, 2 * n + m:].any(), "the padding columns of draw must be zero (they meet W_g's zero columns)"
 
 
+def test_every_output_entry_is_written(monkeypatch):
+    """Outputs allocated full of NaN: the kernels must write every entry, the padding columns of draw included."""
+    for name in ("_forward_outputs", "_backward_outputs"):
+        allocate = getattr(stream_pre, name)
+        monkeypatch.setattr(stream_pre, name, lambda *a, f=allocate: tuple(t.fill_(float("nan")) for t in f(*a)))
+    inputs = forward_inputs(7, 3, 6, 40, torch.float64, 2)
+    torch.testing.assert_close(stream_pre.pre_tokens_forward(*inputs, 1e-6), mixing.pre_tokens_forward(*inputs, 1e-6))
+    inputs = backward_inputs(7, 3, 6, 40, torch.float64, 2)
+    torch.testing.assert_close(stream_pre.pre_tokens_backward(*inputs), mixing.pre_tokens_backward(*inputs))
+
+
 @pytest.mark.parametrize("missing", ["dX_post", "du", "both"])
 def test_backward_without_state_or_u_gradient(missing):
     inputs = list(backward_inputs(6, 3, 6, 20, torch.float64, 2))
