@@ -47,12 +47,14 @@ def _triton_on_gpu() -> bool:
 
 
 def bench_ms(fn) -> float:
-    """Median milliseconds of ``fn()``: ``do_bench`` for Triton on CUDA, else timed calls after a warm-up."""
+    """Median milliseconds of ``fn()``: ``do_bench`` for Triton on CUDA, else timed calls after warm-up calls
+    (one was not enough on CPU: a shape's first timings came out up to 1.8x slow)."""
     if _triton_on_gpu():
         import triton.testing
 
         return triton.testing.do_bench(fn, return_mode="median")
-    fn()
+    for _ in range(3):
+        fn()
     times = []
     for _ in range(15 if BACKEND == "numba" else 3):
         start = time.perf_counter()
