@@ -12,7 +12,6 @@ Triton's interpreter (imported after ``TRITON_INTERPRET=1`` is set here), on tin
 correctness smoke run: those timings are meaningless. numba: CPU tensors of the ViT-Tiny trunk's
 size (batch 16), median of 15 calls after a warm-up.
 """
-import importlib
 import os
 import time
 
@@ -20,7 +19,7 @@ import torch
 
 GPU = torch.cuda.is_available()
 if not GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (by kromhc_vision.kernels)
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (by kromhc_vision.ops.triton)
 DEVICE = torch.device("cuda" if GPU else "cpu")
 BACKEND = "triton"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -38,8 +37,9 @@ def configure(backend: str):
 
 def kernel(name: str):
     """The op ``name`` of the configured backend."""
-    module = importlib.import_module("kromhc_vision.cpu" if BACKEND == "numba" else "kromhc_vision.kernels")
-    return getattr(module, name)
+    from kromhc_vision.ops import dispatch
+
+    return getattr(dispatch.backend_module(BACKEND), name)
 
 
 def _triton_on_gpu() -> bool:

@@ -1,4 +1,4 @@
-"""Benchmark of the Sinkhorn kernel of mHC (Triton, or numba on CPU) against ``sinkhorn_log`` (eager and
+"""Benchmark of the Sinkhorn kernel of mHC (Triton, or numba on CPU) against the PyTorch reference (eager and
 compiled).
 
 Floor per token: forward reads the logits and writes H_res, ``2 n^2`` fp32 values; backward
@@ -11,7 +11,7 @@ forward; backward recomputes, ``O(T^2)`` in the Triton kernel, one replay in the
 import _timing
 import torch
 
-from kromhc_vision.residual_maps import sinkhorn_log
+from kromhc_vision.ops.reference import sinkhorn as sinkhorn_reference
 
 
 def cases(n, iters, kind):
@@ -29,7 +29,7 @@ def main():
     bandwidth = _timing.copy_bandwidth()
     for n in args.streams:
         _timing.run(f"sinkhorn (n={n}, {args.iters} iterations, fp32)", cases(n, args.iters, args.shapes),
-                    _timing.kernel("sinkhorn"), sinkhorn_log, bandwidth)
+                    _timing.kernel("sinkhorn"), sinkhorn_reference, bandwidth)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ layer l+1 (X_next consumed on-chip), which these separate ops do not do.
 import _timing
 import torch
 
-from kromhc_vision.mixing import stream_post_reference
+from kromhc_vision.ops.reference import stream_post as stream_post_reference
 
 
 def cases(n, dtype, kind):

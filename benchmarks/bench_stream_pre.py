@@ -10,7 +10,7 @@ import _timing
 import torch
 
 import kromhc_vision as kv
-from kromhc_vision.mixing import stream_pre_reference, stream_pre_torch
+from kromhc_vision.ops import reference
 
 
 def cases(n, m, dtype, kind):
@@ -28,13 +28,14 @@ def main():
     parser.add_argument("--variant", choices=("hc", "mhc", "mhclite", "kromhc"), default="mhc", help="sets m")
     args = parser.parse_args()
     _timing.configure(args.backend)
-    if args.backend == "numba":
-        token_ops = _timing.kernel("STREAM_PRE_TOKEN_OPS")
+    kernel = _timing.kernel("stream_pre")
 
-        def stream_pre(*inputs):
-            return stream_pre_torch(*inputs, token_ops)[:4]  # the fifth output is X, for the post step
-    else:
-        stream_pre = _timing.kernel("stream_pre")
+    def stream_pre(*inputs):
+        return kernel(*inputs)[:4]  # the fifth output is X, for the post step
+
+    def stream_pre_reference(*inputs):
+        return reference.stream_pre(*inputs)[:4]
+
     bandwidth = _timing.copy_bandwidth()
     for n in args.streams:
         m = kv.CONNECTIONS[args.variant].num_res_logits(n)

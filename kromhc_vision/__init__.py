@@ -1,5 +1,5 @@
 """kromhc_vision: hyper-connections (HC, mHC, mHC-lite, KromHC) for timm vision models."""
-from .backend import BACKENDS
+from .ops import BACKENDS
 from .connections import (
     CONNECTIONS,
     HC,

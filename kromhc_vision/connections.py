@@ -4,21 +4,46 @@ For a stream state ``X (..., n, C)`` every connection computes::
 
     u = H_pre X,   y = F(u),   X_next = H_res X + H_post^T y
 
-with per-token coefficients from ``X`` (see :mod:`kromhc_vision.mixing`). The variants differ only
+with per-token coefficients from ``X`` (see :mod:`kromhc_vision.ops.reference`). The variants differ only
 in ``Phi``, the map from the residual logits ``a_res (..., m)`` to ``H_res (..., n, n)``.
 """
 import math
+import numbers
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
-from .backend import resolve_backend, stream_post, stream_pre, use_numba, use_triton
+from .ops import dispatch
 from .permutations import check_permutation_size, kronecker_factors, permutation_matrices
-from .residual_maps import birkhoff, kronecker_birkhoff, sinkhorn_log, stochasticity_error
+from .residual_maps import birkhoff, kronecker_birkhoff, stochasticity_error
 
 INITS = ("published", "identity")
 # Off-identity logit of the published init: H_res starts close to the identity.
 OFF_IDENTITY_LOGIT = -8.0
+# How the arguments of :meth:`HyperConnection.check` are spelled in its messages: as the connection's own
+# arguments here; the models pass their names (``hc_init``, ``hc_backend``, ``hc_kwargs``).
+CONNECTION_ARGUMENT_NAMES = {"init": "init", "backend": "backend", "options": "keyword arguments"}
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_common(variant: str, dim, init, names: Mapping[str, str]) -> None:
+    if dim is not None:
+        _check_int("dim", dim, 1)
+    if init not in INITS:
+        raise ValueError(f"unknown {names['init']} {init!r}; valid choices: {', '.join(INITS)}")
+
+
+def _check_stream_count(variant: str, num_streams) -> None:
+    if isinstance(num_streams, bool) or not isinstance(num_streams, numbers.Integral):
+        raise ValueError(f"'{variant}' cannot take num_streams={num_streams!r}: num_streams must be an int, "
+                         f"got {type(num_streams).__name__}")
 
 
 class ResidualConnection(nn.Module):
@@ -26,19 +51,29 @@ class ResidualConnection(nn.Module):
 
     variant = "residual"
 
-    def __init__(self, num_streams: int = 1, dim: int = 0, layer_index: int = 0, init: str = "published", backend=None):
+    def __init__(self, num_streams: int = 1, dim: Optional[int] = None, layer_index: int = 0,
+                 init: str = "published", backend=None):
         super().__init__()
-        if num_streams != 1:
-            raise ValueError(f"the 'residual' connection carries exactly 1 stream, got num_streams={num_streams}")
+        self.check(num_streams, dim, init=init, backend=backend)
         self.num_streams = 1
         self.dim = dim
 
-    @staticmethod
-    def num_res_logits(num_streams: int) -> int:
-        return 0
+    @classmethod
+    def check(cls, num_streams: int = 1, dim: Optional[int] = None, *, init: str = "published", backend=None,
+              names: Mapping[str, str] = CONNECTION_ARGUMENT_NAMES, **options: Any) -> None:
+        """Raise ``ValueError`` naming the value and the valid choices unless the arguments build a connection."""
+        _check_stream_count(cls.variant, num_streams)
+        if num_streams != 1:
+            raise ValueError(f"'residual' cannot take num_streams={num_streams}: the residual connection carries "
+                             f"exactly 1 stream, got num_streams={num_streams}")
+        _check_common(cls.variant, dim, init, names)
+        dispatch.resolve_backend(backend)
+        if options:
+            raise ValueError(f"{names['options']} {dict(options)} not accepted by the 'residual' connection: "
+                             "it takes none")
 
     @classmethod
-    def count_params(cls, num_streams: int, dim: int) -> int:
+    def num_params(cls, num_streams: int, dim: int) -> int:
         return 0
 
     def coefficients(self, X):
@@ -50,7 +85,8 @@ class ResidualConnection(nn.Module):
 
 
 class HyperConnection(nn.Module):
-    """Base of the n-stream variants. Subclasses define ``num_res_logits``, ``res_bias`` and ``res_matrix``.
+    """Base of the n-stream variants. Subclasses define ``num_res_logits``, ``res_bias`` and ``res_matrix``,
+    and may declare extra constructor options in ``OPTIONS`` (name -> default) and checks in ``_check_variant``.
 
     Parameters: ``norm_weight (n*C)`` (RMSNorm gain), ``proj_weight (n*C, 2n+m)`` (``[W_pre|W_post|W_res]``,
     zero at init), ``scale (3)`` (``s_pre, s_post, s_res``, 0.01 at init), ``bias (2n+m)``.
@@ -61,17 +97,17 @@ class HyperConnection(nn.Module):
     """
 
     variant = None
+    OPS = ("stream_pre", "stream_post")  # the ops of kromhc_vision.ops this variant runs
+    OPTIONS: Mapping[str, Any] = {}
 
-    def __init__(self, num_streams: int, dim: int, layer_index: int = 0, init: str = "published", eps: float = 1e-6, backend=None):
+    def __init__(self, num_streams: int, dim: int, layer_index: int = 0, init: str = "published", eps: float = 1e-6,
+                 backend=None, **options):
         super().__init__()
-        if num_streams < 2:
-            raise ValueError(f"'{self.variant}' needs num_streams >= 2, got {num_streams}; use 'residual' for one stream")
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        if init not in INITS:
-            raise ValueError(f"unknown init {init!r}; valid choices: {', '.join(INITS)}")
+        self.check(num_streams, dim, init=init, backend=backend, **options)
         self.num_streams, self.dim, self.layer_index, self.init, self.eps = num_streams, dim, layer_index, init, eps
-        self.backend = resolve_backend(backend)
+        self.backend = dispatch.resolve_backend(backend)
+        for name, default in self.OPTIONS.items():
+            setattr(self, name, options.get(name, default))
         n, m = num_streams, self.num_res_logits(num_streams)
         self.norm_weight = nn.Parameter(torch.empty(n * dim))
         self.proj_weight = nn.Parameter(torch.empty(n * dim, 2 * n + m))
@@ -80,12 +116,45 @@ class HyperConnection(nn.Module):
         self.register_buffer("scale_index", torch.tensor([0] * n + [1] * n + [2] * m), persistent=False)
         self.reset_parameters()
 
+    @classmethod
+    def check(cls, num_streams: int, dim: Optional[int] = None, *, init: str = "published", backend=None,
+              names: Mapping[str, str] = CONNECTION_ARGUMENT_NAMES, **options: Any) -> None:
+        """Raise ``ValueError`` naming the value and the valid choices unless the arguments build a connection.
+
+        The one validation of a variant's settings: the constructor, :func:`connection_num_params` and the
+        models call it. ``dim=None`` skips the width; ``names`` spells the arguments as the caller takes them.
+        """
+        _check_stream_count(cls.variant, num_streams)
+        if num_streams < 2:
+            raise ValueError(f"'{cls.variant}' cannot take num_streams={num_streams}: it needs num_streams >= 2 "
+                             "(use 'residual' for one stream)")
+        try:
+            cls._check_variant(num_streams)
+        except ValueError as e:
+            raise ValueError(f"'{cls.variant}' cannot take num_streams={num_streams}: {e}") from None
+        _check_common(cls.variant, dim, init, names)
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            valid = ", ".join(cls.OPTIONS) or "none"
+            raise ValueError(f"{names['options']} {dict(options)} not accepted by the {cls.variant!r} connection: "
+                             f"unknown {', '.join(map(repr, unknown))}; valid: {valid}")
+        cls._check_options(**options)
+        dispatch.check_backend(backend, cls.OPS, num_streams)
+
+    @classmethod
+    def _check_variant(cls, num_streams: int) -> None:
+        """Variant-specific limits on the stream count."""
+
+    @classmethod
+    def _check_options(cls, **options) -> None:
+        """Variant-specific checks of ``OPTIONS`` values."""
+
     @staticmethod
     def num_res_logits(num_streams: int) -> int:
         raise NotImplementedError
 
     @classmethod
-    def count_params(cls, num_streams: int, dim: int) -> int:
+    def num_params(cls, num_streams: int, dim: int) -> int:
         """Parameters of one connection: ``nC + nC(2n+m) + 3 + (2n+m)``."""
         k = 2 * num_streams + cls.num_res_logits(num_streams)
         return num_streams * dim * (1 + k) + 3 + k
@@ -116,7 +185,7 @@ class HyperConnection(nn.Module):
     def _pre(self, X):
         self._check_input(X)
         scale = self.scale[self.scale_index]
-        return stream_pre(X, self.norm_weight, self.proj_weight, scale, self.bias, self.eps, self.backend)
+        return dispatch.stream_pre(X, self.norm_weight, self.proj_weight, scale, self.bias, self.eps, self.backend)
 
     def _h_res(self, a_res):
         with torch.autocast(a_res.device.type, enabled=False):  # coefficients stay float32 under autocast
@@ -135,16 +204,23 @@ class HyperConnection(nn.Module):
         """``X (..., n, C)`` and ``branch: (..., C) -> (..., C)`` -> ``X_next (..., n, C)``."""
         u, _, h_post, a_res, X = self._pre(X)
         y = branch(u)
-        return stream_post(X, y, self._h_res(a_res), h_post, self.backend)
+        if y.shape != u.shape:
+            raise ValueError(f"the branch of {type(self).__name__} returned shape {tuple(y.shape)}; "
+                             f"it must return its input's shape {tuple(u.shape)} (width {self.dim})")
+        return dispatch.stream_post(X, y, self._h_res(a_res), h_post, self.backend)
 
     def _check_input(self, X):
         if X.shape[-2:] != (self.num_streams, self.dim):
             raise ValueError(
                 f"{type(self).__name__} expects streams of shape (..., {self.num_streams}, {self.dim}), got {tuple(X.shape)}"
             )
+        if not X.is_floating_point():
+            raise ValueError(f"{type(self).__name__} expects a floating-point stream state, got dtype {X.dtype}")
 
     def extra_repr(self) -> str:
-        return f"num_streams={self.num_streams}, dim={self.dim}, layer_index={self.layer_index}, init={self.init!r}"
+        options = "".join(f", {name}={getattr(self, name)!r}" for name in self.OPTIONS)
+        return (f"num_streams={self.num_streams}, dim={self.dim}, layer_index={self.layer_index}, init={self.init!r}"
+                + options)
 
 
 class HC(HyperConnection):
@@ -164,16 +240,18 @@ class HC(HyperConnection):
 
 
 class MHC(HyperConnection):
-    """mHC (DeepSeek 2025): ``H_res = Sinkhorn(exp(reshape(a_res, n, n)))``, approximately doubly stochastic."""
+    """mHC (DeepSeek 2025): ``H_res = Sinkhorn(exp(reshape(a_res, n, n)))``, approximately doubly stochastic.
+
+    Option ``sinkhorn_iters`` (default 20): row-then-column normalisations.
+    """
 
     variant = "mhc"
+    OPS = ("stream_pre", "stream_post", "sinkhorn")
+    OPTIONS = {"sinkhorn_iters": 20}
 
-    def __init__(self, num_streams: int, dim: int, layer_index: int = 0, init: str = "published", eps: float = 1e-6,
-                 backend=None, sinkhorn_iters: int = 20):
-        if sinkhorn_iters < 1:
-            raise ValueError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
-        self.sinkhorn_iters = sinkhorn_iters
-        super().__init__(num_streams, dim, layer_index, init, eps, backend)
+    @classmethod
+    def _check_options(cls, sinkhorn_iters: int = 20) -> None:
+        _check_int("sinkhorn_iters", sinkhorn_iters, 1)
 
     @staticmethod
     def num_res_logits(num_streams: int) -> int:
@@ -185,18 +263,7 @@ class MHC(HyperConnection):
 
     def res_matrix(self, a_res):
         logits = a_res.unflatten(-1, (self.num_streams, self.num_streams))
-        if use_triton(self.backend, a_res.device):
-            from .kernels import sinkhorn
-
-            return sinkhorn(logits, self.sinkhorn_iters)
-        if use_numba(self.backend, a_res.device):
-            from .cpu import sinkhorn
-
-            return sinkhorn(logits, self.sinkhorn_iters)
-        return sinkhorn_log(logits, self.sinkhorn_iters)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", sinkhorn_iters={self.sinkhorn_iters}"
+        return dispatch.sinkhorn(logits, self.sinkhorn_iters, self.backend)
 
 
 def _permutation_bias(k: int) -> torch.Tensor:
@@ -212,9 +279,12 @@ class MHCLite(HyperConnection):
     variant = "mhclite"
 
     def __init__(self, num_streams: int, dim: int, *args, **kwargs):
-        check_permutation_size(num_streams, f"mHC-lite with num_streams={num_streams}")
         super().__init__(num_streams, dim, *args, **kwargs)
         self.register_buffer("perms", permutation_matrices(num_streams), persistent=False)
+
+    @classmethod
+    def _check_variant(cls, num_streams: int) -> None:
+        check_permutation_size(num_streams, f"mHC-lite with num_streams={num_streams}")
 
     @staticmethod
     def num_res_logits(num_streams: int) -> int:
@@ -236,19 +306,23 @@ class KromHC(HyperConnection):
     variant = "kromhc"
 
     def __init__(self, num_streams: int, dim: int, *args, **kwargs):
-        self.factors = kronecker_factors(num_streams)
-        for k in self.factors:
-            check_permutation_size(k, f"KromHC with num_streams={num_streams} (factors {self.factors})")
         super().__init__(num_streams, dim, *args, **kwargs)
+        self.factors = kronecker_factors(num_streams)
         for k in sorted(set(self.factors)):
             self.register_buffer(f"perms{k}", permutation_matrices(k), persistent=False)
+
+    @classmethod
+    def _check_variant(cls, num_streams: int) -> None:
+        factors = kronecker_factors(num_streams)
+        for k in factors:
+            check_permutation_size(k, f"KromHC with num_streams={num_streams} (factors {factors})")
 
     @staticmethod
     def num_res_logits(num_streams: int) -> int:
         return sum(math.factorial(k) for k in kronecker_factors(num_streams))
 
     def res_bias(self):
-        return torch.cat([_permutation_bias(k) for k in self.factors])
+        return torch.cat([_permutation_bias(k) for k in kronecker_factors(self.num_streams)])
 
     def res_matrix(self, a_res):
         return kronecker_birkhoff(a_res, [getattr(self, f"perms{k}") for k in self.factors])
@@ -260,30 +334,21 @@ class KromHC(HyperConnection):
 CONNECTIONS = {cls.variant: cls for cls in (ResidualConnection, HC, MHC, MHCLite, KromHC)}
 
 
-def _connection_class(variant: str):
+def connection_class(variant: str):
+    """The connection class of ``variant`` (one of :data:`CONNECTIONS`)."""
     try:
         return CONNECTIONS[variant]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown connection {variant!r}; valid choices: {', '.join(CONNECTIONS)}") from None
 
 
 def build_connection(variant: str, num_streams: int, dim: int, layer_index: int = 0, **kwargs) -> nn.Module:
     """Build the connection named ``variant`` (one of :data:`CONNECTIONS`) for n streams of width ``dim``."""
-    return _connection_class(variant)(num_streams, dim, layer_index, **kwargs)
+    return connection_class(variant)(num_streams, dim, layer_index, **kwargs)
 
 
 def connection_num_params(variant: str, num_streams: int, dim: int) -> int:
-    """Parameters of one connection of ``variant`` without building it (validates like the constructor)."""
-    cls = _connection_class(variant)
-    if cls is ResidualConnection:
-        if num_streams != 1:
-            raise ValueError(f"the 'residual' connection carries exactly 1 stream, got num_streams={num_streams}")
-        return 0
-    if num_streams < 2:
-        raise ValueError(f"'{variant}' needs num_streams >= 2, got {num_streams}")
-    if cls is MHCLite:
-        check_permutation_size(num_streams, f"mHC-lite with num_streams={num_streams}")
-    if cls is KromHC:
-        for k in kronecker_factors(num_streams):
-            check_permutation_size(k, f"KromHC with num_streams={num_streams}")
-    return cls.count_params(num_streams, dim)
+    """Parameters of one connection of ``variant`` without building it (validated as the constructor does)."""
+    cls = connection_class(variant)
+    cls.check(num_streams, dim)
+    return cls.num_params(num_streams, dim)

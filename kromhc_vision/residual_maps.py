@@ -1,10 +1,10 @@
 """Phi: the maps from residual logits ``a_res`` to the stream-mixing matrix ``H_res``.
 
-Each takes per-token logits ``(..., m)`` and returns ``(..., n, n)``. These are the PyTorch
-reference implementations; they run in the dtype of their input (callers pass float32 or
-float64). Internally the tokens sit on the last axis, ``(n, n, T)``, so that every small reduction
-over n (or over the k! permutation weights) is vectorised across tokens: on CPU that is 10-20x
-faster than reducing an innermost axis of size 2-4.
+Each takes per-token logits ``(..., m)`` and returns ``(..., n, n)``: here mHC-lite's and KromHC's
+(mHC's Sinkhorn is an op with kernel backends, :mod:`kromhc_vision.ops`). They run in the dtype of
+their input (callers pass float32 or float64). Internally the tokens sit on the last axis,
+``(n, n, T)``, so that every small reduction over n (or over the k! permutation weights) is
+vectorised across tokens, which CPUs run much faster than reductions over an innermost axis of size 2-4.
 """
 import torch
 
@@ -23,31 +23,16 @@ class _Permute(torch.autograd.Function):
         return grad.permute(ctx.inverse).contiguous(), None
 
 
-def _tokens_last(x: torch.Tensor, trailing: int) -> torch.Tensor:
+def tokens_last(x: torch.Tensor, trailing: int) -> torch.Tensor:
     """``(..., *s)`` with ``len(s) = trailing`` -> ``(*s, T)``, tokens flattened onto the last axis."""
     flat = x.reshape(-1, *x.shape[x.dim() - trailing:])
     return _Permute.apply(flat, (*range(1, trailing + 1), 0))
 
 
-def _tokens_first(x: torch.Tensor, lead) -> torch.Tensor:
+def tokens_first(x: torch.Tensor, lead) -> torch.Tensor:
     """``(*s, T)`` -> ``(*lead, *s)`` with ``T = prod(lead)``, contiguous."""
     k = x.dim() - 1
     return _Permute.apply(x, (k, *range(k))).view(*lead, *x.shape[:-1])
-
-
-def sinkhorn_log(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
-    """mHC: Sinkhorn-Knopp on ``exp(logits)`` in log domain, ``(..., n, n) -> (..., n, n)``.
-
-    Each iteration normalises rows then columns: ``L = log_softmax(L, rows)``,
-    ``L = log_softmax(L, columns)`` (i.e. ``L -= logsumexp(L)`` along each). The result's columns
-    sum to 1 to rounding; its rows only approximately (the error shrinks with ``num_iters`` but is
-    not zero). Autograd keeps one ``(n, n, T)`` tensor per half-step.
-    """
-    L = _tokens_last(logits, 2)
-    for _ in range(num_iters):
-        L = torch.log_softmax(L, dim=1)
-        L = torch.log_softmax(L, dim=0)
-    return _tokens_first(L.exp(), logits.shape[:-2])
 
 
 def _birkhoff(logits: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
@@ -78,12 +63,12 @@ def birkhoff(logits: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
     ``perms`` is ``(k!, k, k)``. Each row and column of the result sums to ``sum_k w_k = 1``
     (Birkhoff-von Neumann), up to the rounding of its k entries.
     """
-    return _tokens_first(_birkhoff(_tokens_last(logits, 1), perms), logits.shape[:-1])
+    return tokens_first(_birkhoff(tokens_last(logits, 1), perms), logits.shape[:-1])
 
 
 def kronecker(factors: list) -> torch.Tensor:
     """``U_1 (x) U_2 (x) ... (x) U_K`` per token; each ``U_k`` is ``(..., i_k, i_k)``."""
-    return _tokens_first(_kronecker([_tokens_last(f, 2) for f in factors]), factors[0].shape[:-2])
+    return tokens_first(_kronecker([tokens_last(f, 2) for f in factors]), factors[0].shape[:-2])
 
 
 def kronecker_birkhoff(logits: torch.Tensor, perms: list) -> torch.Tensor:
@@ -91,8 +76,8 @@ def kronecker_birkhoff(logits: torch.Tensor, perms: list) -> torch.Tensor:
 
     ``perms[k]`` is ``(i_k!, i_k, i_k)``; ``logits`` holds the factors' logits one after the other.
     """
-    chunks = _tokens_last(logits, 1).split([p.shape[0] for p in perms], dim=0)
-    return _tokens_first(_kronecker([_birkhoff(a, p) for a, p in zip(chunks, perms)]), logits.shape[:-1])
+    chunks = tokens_last(logits, 1).split([p.shape[0] for p in perms], dim=0)
+    return tokens_first(_kronecker([_birkhoff(a, p) for a, p in zip(chunks, perms)]), logits.shape[:-1])
 
 
 def stochasticity_error(h_res: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ from hypothesis import given, settings, strategies as st
 
 import kromhc_vision as kv
 from kromhc_vision.permutations import kronecker_factors, permutation_matrices
-from kromhc_vision.residual_maps import birkhoff, kronecker, sinkhorn_log
+from kromhc_vision.ops.reference import sinkhorn as sinkhorn_reference
+from kromhc_vision.residual_maps import birkhoff, kronecker
 
 VARIANTS = ["hc", "mhc", "mhclite", "kromhc"]
 EXACT = ["mhclite", "kromhc"]
@@ -182,10 +183,10 @@ def test_permutation_limit_points_to_kromhc():
 
 def test_mhc_sinkhorn_is_approximate_and_stable():
     logits = torch.randn(512, 4, 4) * 4
-    errors = [row_col_error(sinkhorn_log(logits, t)) for t in (1, 5, 20)]
+    errors = [row_col_error(sinkhorn_reference(logits, t)) for t in (1, 5, 20)]
     assert errors[0] > errors[1] > errors[2] > 0
     extreme = (torch.randint(0, 2, (512, 4, 4)) * 2 - 1).float() * 1e4
-    assert torch.isfinite(sinkhorn_log(extreme, 20)).all()
+    assert torch.isfinite(sinkhorn_reference(extreme, 20)).all()
     conn = randomize(kv.build_connection("mhc", num_streams=4, dim=8, sinkhorn_iters=3), std=3.0)
     assert conn.sinkhorn_iters == 3 and "sinkhorn_iters=3" in repr(conn)
     X = torch.randn(64, 4, 8)
@@ -310,3 +311,36 @@ def test_torch_compile_matches_eager():
     ref_grads = torch.autograd.grad(ref.square().sum(), [X, *conn.parameters()])
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant, args, match", [
+    ("kromhc", dict(num_streams="4"), r"'kromhc' cannot take num_streams='4': num_streams must be an int, got str"),
+    ("hc", dict(num_streams=4.0), r"cannot take num_streams=4.0: num_streams must be an int, got float"),
+    ("mhc", dict(num_streams=True), r"num_streams must be an int, got bool"),
+    ("hc", dict(dim=-5), r"dim must be >= 1, got -5"),
+    ("residual", dict(num_streams=1, dim=-1), r"dim must be >= 1, got -1"),
+    ("residual", dict(num_streams=1, init="foo"), r"unknown init 'foo'; valid choices: published, identity"),
+    ("mhc", dict(sinkhorn_iters=2.5), r"sinkhorn_iters must be an int, got 2.5"),
+    ("kromhc", dict(sinkhorn_iters=3), r"keyword arguments \{'sinkhorn_iters': 3\} not accepted by the 'kromhc' "
+                                       r"connection: unknown 'sinkhorn_iters'; valid: none"),
+])
+def test_one_validation_for_constructor_and_parameter_count(variant, args, match):
+    """The constructor and connection_num_params run the same check, with the same message."""
+    args = dict(num_streams=4, dim=8) | args
+    with pytest.raises(ValueError, match=match):
+        kv.build_connection(variant, **args)
+    if set(args) <= {"num_streams", "dim"}:
+        with pytest.raises(ValueError, match=match):
+            kv.connection_num_params(variant, args["num_streams"], args["dim"])
+
+
+def test_integer_stream_state_is_rejected_by_name():
+    conn = kv.build_connection("hc", num_streams=4, dim=8)
+    with pytest.raises(ValueError, match="floating-point stream state, got dtype torch.int64"):
+        conn(torch.ones(2, 4, 8, dtype=torch.int64), lambda u: u)
+
+
+def test_branch_of_the_wrong_width_is_named():
+    conn = kv.build_connection("kromhc", num_streams=4, dim=8)
+    with pytest.raises(ValueError, match=r"branch of KromHC returned shape \(2, 5\); it must return .*\(2, 8\)"):
+        conn(torch.randn(2, 4, 8), lambda u: u[..., :5])

@@ -192,6 +192,10 @@ def test_registration():
     ('kromhc', dict(hc_init='zeros'), "hc_init 'zeros'"),
     ('kromhc', dict(hc_kwargs={'sinkhorn_iters': 3}), 'hc_kwargs .* not accepted'),
     ('mhc', dict(hc_backend='cuda'), "backend 'cuda'"),
+    ('kromhc', dict(num_streams='4'), "'kromhc' cannot take num_streams='4': num_streams must be an int"),
+    ('kromhc', dict(hc_kwargs='x'), "hc_kwargs must be a mapping of connection options .*got 'x'"),
+    ('mhc', dict(hc_kwargs={'sinkhorn_iters': 0}), 'sinkhorn_iters must be >= 1, got 0'),
+    ('mhc', dict(num_streams=32, hc_backend='triton'), "backend 'triton' cannot run sinkhorn"),
 ])
 def test_bad_arguments(variant, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -16,8 +16,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrai
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._input import update_model_args
 
-from ..connections import CONNECTIONS, INITS, HyperConnection, ResidualConnection, build_connection, \
-    connection_num_params
+from ..connections import CONNECTIONS, HyperConnection, ResidualConnection, build_connection, connection_class
 
 __all__ = [
     'VARIANTS', 'DEFAULT_NUM_STREAMS', 'PAPER_IDS', 'HcSpec', 'HcModelMixin', 'TorchScriptUnsupportedError',
@@ -36,6 +35,10 @@ PAPER_IDS = {
 }
 # Pretrained tags of this prefix name timm's own residual weights, mapped into the model by upcycling.
 UPCYCLED_TAG_PREFIX = 'upcycled'
+
+
+# How the connections' arguments are spelled as model arguments, in the messages of their checks.
+MODEL_ARGUMENT_NAMES = {'init': 'hc_init', 'backend': 'hc_backend', 'options': 'hc_kwargs'}
 
 
 class TorchScriptUnsupportedError(RuntimeError):
@@ -62,18 +65,13 @@ class HcSpec:
             raise ValueError(f"unknown hyper-connection variant {variant!r}; valid choices: {', '.join(VARIANTS)}")
         if num_streams is None:
             num_streams = 1 if variant == 'residual' else DEFAULT_NUM_STREAMS
-        if hc_init not in INITS:
-            raise ValueError(f"unknown hc_init {hc_init!r}; valid choices: {', '.join(INITS)}")
-        try:
-            connection_num_params(variant, num_streams, 1)
-        except ValueError as e:
-            raise ValueError(f"variant {variant!r} cannot take num_streams={num_streams}: {e}") from None
-        spec = cls(variant, num_streams, hc_init, hc_backend, dict(hc_kwargs or {}))
-        try:
-            spec.connection(1, 0)  # validates backend and hc_kwargs now rather than deep inside a block
-        except TypeError as e:
-            raise ValueError(f"hc_kwargs {spec.kwargs} not accepted by the {variant!r} connection: {e}") from None
-        return spec
+        if hc_kwargs is not None and not isinstance(hc_kwargs, Mapping):
+            raise ValueError(f"hc_kwargs must be a mapping of connection options (e.g. {{'sinkhorn_iters': 10}}), "
+                             f"got {hc_kwargs!r}")
+        hc_kwargs = dict(hc_kwargs or {})
+        connection_class(variant).check(num_streams, init=hc_init, backend=hc_backend, names=MODEL_ARGUMENT_NAMES,
+                                        **hc_kwargs)
+        return cls(variant, num_streams, hc_init, hc_backend, hc_kwargs)
 
     def connection(self, dim: int, layer_index: int) -> nn.Module:
         """A connection for streams ``(..., n, dim)``."""

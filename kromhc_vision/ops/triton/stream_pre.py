@@ -14,13 +14,13 @@ Backward, given ``du`` and ``dcoef``::
 
 The forward reads X twice per token block (the second pass, for ``u``, needs the finished
 reduction and hits L2); the backward recomputes ``r``, ``rho`` and ``a`` instead of storing them.
-Reference: :func:`kromhc_vision.mixing.stream_pre_reference`.
+Reference: :func:`kromhc_vision.ops.reference.stream_pre`.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ..mixing import compute_dtype
+from ..reference import compute_dtype
 from ._common import configs, dot_precision, num_programs_hint, prune_by_size, tl_dtype
 
 MIN_BLOCK_T = 16  # tl.dot needs M >= 16; the per-program partial buffers are sized for it
@@ -231,10 +231,10 @@ _stream_pre_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
-    """``X (..., n, C)`` -> ``u (..., C)``, ``h_pre (..., n)``, ``h_post (..., n)``, ``a_res (..., m)``.
+    """``X (..., n, C)`` -> ``u (..., C)``, ``h_pre (..., n)``, ``h_post (..., n)``, ``a_res (..., m)``, ``X``.
 
-    Same signature and values as :func:`kromhc_vision.mixing.stream_pre_reference`.
+    Same signature and values as :func:`kromhc_vision.ops.reference.stream_pre`.
     """
     n = X.shape[-2]
     u, coef = _stream_pre_fwd(X, norm_weight, proj_weight, scale, bias, eps)
-    return u, coef[..., :n], coef[..., n:2 * n], coef[..., 2 * n:]
+    return u, coef[..., :n], coef[..., n:2 * n], coef[..., 2 * n:], X

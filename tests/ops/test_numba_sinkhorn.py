@@ -1,14 +1,14 @@
-"""numba Sinkhorn against :func:`sinkhorn_log` differentiated by autograd through the iterations,
+"""numba Sinkhorn against :func:`kromhc_vision.ops.reference.sinkhorn` differentiated by autograd through the iterations,
 on both of its paths: linear domain (logit span <= SPAN_LIMIT) and log domain (wider spans)."""
 import sys
 
 import pytest
 import torch
 
-from kromhc_vision.cpu import sinkhorn
-from kromhc_vision.residual_maps import sinkhorn_log
+from kromhc_vision.ops.numba import sinkhorn
+from kromhc_vision.ops.reference import sinkhorn as sinkhorn_reference
 
-KERNELS = sys.modules["kromhc_vision.cpu.sinkhorn"]
+KERNELS = sys.modules["kromhc_vision.ops.numba.sinkhorn"]
 SPAN_LIMIT = KERNELS.SPAN_LIMIT
 
 
@@ -17,7 +17,7 @@ SPAN_LIMIT = KERNELS.SPAN_LIMIT
                                             (8, 20, (2, 2)), (16, 3, (3,)), (4, 20, (300,))])
 def test_matches_reference(n, iters, lead, dtype, compare):
     logits = (2 * torch.randn(*lead, n, n, dtype=dtype)).requires_grad_()
-    compare(sinkhorn, sinkhorn_log, [logits], (iters,))
+    compare(sinkhorn, sinkhorn_reference, [logits], (iters,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -34,7 +34,7 @@ def test_wide_spans(dtype, offset, compare):
     assert KERNELS._task_forward(logits.numpy(), 0, 128, 20, SPAN_LIMIT[dtype], P, sums, acc) == (offset > 0)
     logits[150] = torch.tensor([[1, -1, 0, 0.5], [0, -1, 1, 0], [0, 0, 0, 0], [-1, -1, -1, 1]]) * span / 2
     logits.requires_grad_()
-    compare(sinkhorn, sinkhorn_log, [logits], (20,))
+    compare(sinkhorn, sinkhorn_reference, [logits], (20,))
     out = sinkhorn(logits, 20)
     assert out.isfinite().all()
     torch.testing.assert_close(out.sum(-2), torch.ones(200, 4, dtype=dtype))
@@ -45,7 +45,7 @@ def test_saturated_logits(compare):
     logits = -8.0 * (1 - torch.eye(4, dtype=torch.float64)) + torch.randn(6, 4, 4, dtype=torch.float64)
     logits[0] *= 10
     logits.requires_grad_()
-    compare(sinkhorn, sinkhorn_log, [logits], (20,))
+    compare(sinkhorn, sinkhorn_reference, [logits], (20,))
 
 
 def test_gradcheck():

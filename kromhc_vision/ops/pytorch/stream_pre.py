@@ -1,53 +1,12 @@
-"""Reference (PyTorch) implementation of the two stream-mixing steps every variant shares.
+"""``stream_pre`` on the PyTorch backend: the projection and its two gradient GEMMs in BLAS, the per-token
+rest in a pair of token functions (these PyTorch ones, or the numba kernels of :mod:`..numba.stream_pre`),
+and a hand-written backward that makes fewer passes over the stream state than autograd would.
 
-``stream_pre``: the width connection and the coefficient logits, from the stream state only::
-
-    x~     = RMSNorm(vec(X))                      # over n*C values, gain g
-    a      = s * (x~ W) + b                       # (..., 2n + m): [a_pre | a_post | a_res]
-    H_pre  = sigmoid(a_pre),  H_post = 2 sigmoid(a_post)
-    u      = H_pre X                              # (..., C)
-
-``stream_post``: the depth connection, ``X_next = H_res X + H_post^T y``.
-
-Coefficients and accumulation run in float32 (float64 if the inputs are float64) with autocast
-off; ``u`` and ``X_next`` come back in the stream dtype. The Triton kernels compute the same.
+Reference: :func:`kromhc_vision.ops.reference.stream_pre`.
 """
 import torch
 
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float32, or float64 when any input is float64."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
-def stream_pre_reference(X, norm_weight, proj_weight, scale, bias, eps: float):
-    """``X (..., n, C)`` -> ``u (..., C)``, ``h_pre (..., n)``, ``h_post (..., n)``, ``a_res (..., m)``.
-
-    ``norm_weight``: ``(n*C,)``; ``proj_weight``: ``(n*C, 2n+m)``; ``scale``, ``bias``: ``(2n+m,)``.
-    """
-    n = X.shape[-2]
-    dtype = compute_dtype(X, proj_weight)
-    with torch.autocast(X.device.type, enabled=False):
-        Xc = X.to(dtype)
-        flat = Xc.flatten(-2)
-        inv_rms = torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + eps)
-        weight = norm_weight.to(dtype).unsqueeze(-1) * proj_weight.to(dtype)
-        a = torch.addcmul(bias.to(dtype), (flat @ weight) * inv_rms, scale.to(dtype))
-        h_pre = torch.sigmoid(a[..., :n])
-        h_post = 2 * torch.sigmoid(a[..., n:2 * n])
-        u = (h_pre.unsqueeze(-2) @ Xc).squeeze(-2)
-    return u.to(X.dtype), h_pre, h_post, a[..., 2 * n:]
-
-
-def stream_post_reference(X, y, h_res, h_post):
-    """``X (..., n, C)``, ``y (..., C)``, ``h_res (..., n, n)``, ``h_post (..., n)`` -> ``X_next (..., n, C)``."""
-    dtype = compute_dtype(X, h_res)
-    with torch.autocast(X.device.type, enabled=False):
-        out = torch.addcmul(h_res.to(dtype) @ X.to(dtype), h_post.to(dtype).unsqueeze(-1), y.to(dtype).unsqueeze(-2))
-    return out.to(X.dtype)
+from ..reference import compute_dtype
 
 
 def _gained_weight(norm_weight, proj_weight, dtype):
@@ -103,16 +62,16 @@ def pre_tokens_backward(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, 
     return dx, da, draw
 
 
-TORCH_TOKEN_OPS = (pre_tokens_forward, pre_tokens_backward)
+TOKEN_OPS = (pre_tokens_forward, pre_tokens_backward)
 
 
 class StreamPre(torch.autograd.Function):
-    """:func:`stream_pre_reference` with a hand-written backward that makes fewer passes over X.
+    """:func:`kromhc_vision.ops.reference.stream_pre` with a hand-written backward that makes fewer passes over X.
 
     Tokens are flattened to ``T``. The projection ``raw = vec(x) W_g`` (``W_g = g * W``) and its two
     gradient GEMMs run in BLAS; the per-token rest runs in ``token_ops``, a pair of functions with the
     signatures of :func:`pre_tokens_forward` and :func:`pre_tokens_backward` (these, or the numba
-    kernels of :mod:`kromhc_vision.cpu.stream_pre`)::
+    kernels of :mod:`kromhc_vision.ops.numba.stream_pre`)::
 
         dx = (dX_post + coef x + H_pre^T du) + dr W_g^T,   dW_g = x^T dr
 
@@ -122,7 +81,7 @@ class StreamPre(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, X, norm_weight, proj_weight, scale, bias, eps, token_ops=TORCH_TOKEN_OPS):
+    def forward(ctx, X, norm_weight, proj_weight, scale, bias, eps, token_ops=TOKEN_OPS):
         ctx.set_materialize_grads(False)
         ctx.token_ops = token_ops
         n, C = X.shape[-2:]
@@ -169,49 +128,10 @@ class StreamPre(torch.autograd.Function):
         )
 
 
-class StreamPost(torch.autograd.Function):
-    """:func:`stream_post_reference` as batched products over tokens ``T``::
-
-        X_next = H_res X + H_post^T y
-        dX = H_res^T dZ,  dy = H_post dZ,  dH_res = dZ X^T,  dH_post = dZ y^T
-    """
-
-    @staticmethod
-    def forward(ctx, X, y, h_res, h_post):
-        n, C = X.shape[-2:]
-        dtype = compute_dtype(X, h_res)
-        with torch.autocast(X.device.type, enabled=False):
-            out = torch.bmm(h_res.reshape(-1, n, n).to(dtype), X.reshape(-1, n, C).to(dtype))
-            out.baddbmm_(h_post.reshape(-1, n, 1).to(dtype), y.reshape(-1, 1, C).to(dtype))
-        ctx.save_for_backward(X, y, h_res, h_post)
-        return out.view(X.shape).to(X.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        X, y, h_res, h_post = ctx.saved_tensors
-        n, C = X.shape[-2:]
-        dtype = compute_dtype(X, h_res)
-        d = dout.reshape(-1, n, C).to(dtype)
-        x = X.reshape(-1, n, C).to(dtype)
-        h = h_res.reshape(-1, n, n).to(dtype)
-        return (
-            torch.bmm(h.transpose(1, 2), d).view(X.shape).to(X.dtype),
-            torch.bmm(h_post.reshape(-1, 1, n).to(dtype), d).view(y.shape).to(y.dtype),
-            torch.bmm(d, x.transpose(1, 2)).view(h_res.shape).to(h_res.dtype),
-            torch.bmm(y.reshape(-1, 1, C).to(dtype), d.transpose(1, 2)).view(h_post.shape).to(h_post.dtype),
-        )
-
-
-def stream_pre_torch(X, norm_weight, proj_weight, scale, bias, eps: float, token_ops=TORCH_TOKEN_OPS):
-    """The CPU / PyTorch path of ``stream_pre``: the reference's four outputs, then ``X`` for the post step.
+def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float, token_ops=TOKEN_OPS):
+    """``u, h_pre, h_post, a_res`` as :func:`kromhc_vision.ops.reference.stream_pre`, then an alias of ``X``.
 
     Pass that last output (not ``X``) to the post step, so that its gradient joins ``dX`` inside
     ``StreamPre``'s backward (see :class:`StreamPre`, also for ``token_ops``).
     """
     return StreamPre.apply(X, norm_weight, proj_weight, scale, bias, eps, token_ops)
-
-
-def stream_post_torch(X, y, h_res, h_post):
-    """The CPU / PyTorch path of ``stream_post`` (same signature as the reference)."""
-    return StreamPost.apply(X, y, h_res, h_post)

@@ -5,13 +5,13 @@ Per token (``X (n, C)``, ``y (C)``, ``H_res (n, n)``, ``H_post (n)``), backward 
     dX = H_res^T dZ,   dy = H_post dZ,   dH_res[i, j] = <dZ_i, X_j>,   dH_post[i] = <dZ_i, y>
 
 Each token's blocks are read once and stay in L1 while all four gradients are formed; accumulation
-is in the coefficients' compute dtype. Reference: :func:`kromhc_vision.mixing.stream_post_reference`.
+is in the coefficients' compute dtype. Reference: :func:`kromhc_vision.ops.reference.stream_post`.
 """
 import numba
 import torch
 
 from .._custom_ops import register_stream_post
-from ..mixing import compute_dtype
+from ..reference import compute_dtype
 from ._common import match_torch_threads, numpy_view
 
 
@@ -94,6 +94,6 @@ register_stream_post(_stream_post_fwd, _stream_post_bwd)
 def stream_post(X, y, h_res, h_post):
     """``X (..., n, C)``, ``y (..., C)``, ``h_res (..., n, n)``, ``h_post (..., n)`` -> ``X_next (..., n, C)``.
 
-    Same signature and values as :func:`kromhc_vision.mixing.stream_post_reference`.
+    Same signature and values as :func:`kromhc_vision.ops.reference.stream_post`.
     """
     return _stream_post_fwd(X, y, h_res, h_post)

@@ -1,12 +1,13 @@
 """Helpers shared by the kernels: dtypes, dot precision, autotune config lists and pruning."""
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ..dispatch import triton_interpreted
+
+INTERPRETED = triton_interpreted()  # fixed when triton is imported, as Triton itself reads it
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 

@@ -1,6 +1,6 @@
 """mHC's Sinkhorn-Knopp on CPU, ``(..., n, n) -> (..., n, n)``, in float32 (float64 for float64 logits).
 
-The iterates are those of :func:`kromhc_vision.residual_maps.sinkhorn_log`: rows, then columns,
+The iterates are those of :func:`kromhc_vision.ops.reference.sinkhorn`: rows, then columns,
 normalised in turn, ``2 * num_iters`` half-steps in all. Tokens are taken 128 at a time with the
 token on the innermost (vectorised) axis. The half-steps run in the linear domain, ``P <- P / sum(P)``
 from ``P = exp(L - max L)`` (no exponentials after the first), which is safe when every token's
@@ -15,7 +15,7 @@ again, keeping each half-step's n sums (log-sum-exps) in a scratch of its worker
 walks the half-steps back, rebuilding each earlier iterate from the later one and its sums. Keeping
 the sums from the forward instead would hold 2 MB (4 MB in float64) more activations per connection at the ViT-Tiny
 trunk's size; in that trunk the recomputation cost no measurable step time.
-Reference: :func:`kromhc_vision.residual_maps.sinkhorn_log`.
+Reference: :func:`kromhc_vision.ops.reference.sinkhorn`.
 """
 import math
 
@@ -23,7 +23,7 @@ import numba
 import numpy as np
 import torch
 
-from ..mixing import compute_dtype
+from ..reference import compute_dtype
 from ._common import match_torch_threads, numpy_view
 
 SPAN_LIMIT = {torch.float64: 200.0, torch.float32: 32.0}  # see the module docstring
@@ -231,7 +231,7 @@ _sinkhorn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
-    """``(..., n, n)`` logits -> ``(..., n, n)``; same values as :func:`kromhc_vision.residual_maps.sinkhorn_log`."""
+    """``(..., n, n)`` logits -> ``(..., n, n)``; same values as :func:`kromhc_vision.ops.reference.sinkhorn`."""
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"sinkhorn expects logits of shape (..., n, n), got {tuple(logits.shape)}")
     if num_iters < 1:

@@ -12,13 +12,14 @@ Per token, with ``x`` the stream state ``(n, C)``, ``r = x W_g`` the projection 
 ``x`` is read once per direction and stays in L1 while the token's coefficients are formed; PyTorch
 reads it three times forward (norm, ``u``) and backward (``<du, x>``, ``coef x``, ``H_pre^T du``)
 and makes some ten small ops besides. The GEMM terms ``x W_g`` and ``dr W_g^T``, ``x^T dr`` stay with
-BLAS. Reference: :func:`kromhc_vision.mixing.pre_tokens_forward` / :func:`~kromhc_vision.mixing.pre_tokens_backward`.
+BLAS. Reference: :func:`kromhc_vision.ops.pytorch.stream_pre.pre_tokens_forward` / :func:`~kromhc_vision.ops.pytorch.stream_pre.pre_tokens_backward`.
 """
 import math
 
 import numba
 import torch
 
+from ..pytorch.stream_pre import stream_pre as _stream_pre_pytorch
 from ._common import match_torch_threads, numpy_view
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
@@ -129,17 +130,25 @@ _stream_pre_bwd.register_fake(lambda x, dX_post, du, dh_pre, dh_post, da_res, h_
 
 def pre_tokens_forward(x, raw, scale, bias, eps: float):
     """``x (T, n, C)``, ``raw (T, k')``, ``scale``, ``bias (k,)`` -> ``u (T, C)``, ``h_pre``, ``h_post (T, n)``,
-    ``a_res (T, m)``, ``inv_rms (T, 1)``; one dtype throughout. Same as :func:`kromhc_vision.mixing.pre_tokens_forward`.
+    ``a_res (T, m)``, ``inv_rms (T, 1)``; one dtype throughout. Same as :func:`kromhc_vision.ops.pytorch.stream_pre.pre_tokens_forward`.
     """
     return _stream_pre_fwd(x, raw, scale, bias, eps)
 
 
 def pre_tokens_backward(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale):
     """``dx (T, n, C)`` without its GEMM term, ``da (T, k)``, ``draw (T, k')``; ``dX_post`` and ``du`` may be
-    None (no gradient). Same as :func:`kromhc_vision.mixing.pre_tokens_backward`."""
+    None (no gradient). Same as :func:`kromhc_vision.ops.pytorch.stream_pre.pre_tokens_backward`."""
     dX_post = x.new_empty(0, *x.shape[1:]) if dX_post is None else dX_post
     du = x.new_zeros(x.shape[0], x.shape[2]) if du is None else du
     return _stream_pre_bwd(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale)
 
 
 TOKEN_OPS = (pre_tokens_forward, pre_tokens_backward)
+
+
+def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
+    """``stream_pre`` of the PyTorch backend (its GEMMs in BLAS) with the per-token work in these kernels.
+
+    Same signature and values as :func:`kromhc_vision.ops.reference.stream_pre`.
+    """
+    return _stream_pre_pytorch(X, norm_weight, proj_weight, scale, bias, eps, TOKEN_OPS)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kromhc_vision import cpu, kernels
-from kromhc_vision.mixing import stream_post_reference
+from kromhc_vision.ops import numba as cpu, triton as kernels
+from kromhc_vision.ops.reference import stream_post as stream_post_reference
 
 SHAPES = [(2, 40, (3, 7)), (3, 72, (5,)), (4, 40, (2, 3, 3)), (6, 72, (9,)), (8, 40, (17,)), (4, 1, (2,))]
 OPS = {"triton": (kernels.stream_post, "stream_post"), "numba": (cpu.stream_post, "cpu_stream_post")}

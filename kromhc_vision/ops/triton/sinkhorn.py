@@ -5,15 +5,15 @@ Each of ``T`` iterations normalises rows then columns, ``L <- L - lse_row(L)``,
 ``dL = dL' - exp(L') * sum(dL')`` (sum along the normalised axis), so the backward needs only
 each step's output. It recomputes them from the logits instead of storing them: iteration ``t``
 is recomputed in ``t + 1`` iterations, ``O(T^2)`` work on ``n^2`` values per token, no extra
-memory. Reference: :func:`kromhc_vision.residual_maps.sinkhorn_log` (differentiated by autograd).
+memory. Reference: :func:`kromhc_vision.ops.reference.sinkhorn` (differentiated by autograd).
 """
 import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import TRITON_SINKHORN_MAX_STREAMS as MAX_N
 from ._common import configs
 
-MAX_N = 16
 
 _CONFIGS = configs([(dict(), 1), (dict(), 2), (dict(), 4)], dict())
 
@@ -125,7 +125,7 @@ _sinkhorn_fwd.register_autograd(_backward, setup_context=_setup_context)
 def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
     """``(..., n, n)`` float32/float64 logits -> ``exp`` of ``num_iters`` row-then-column log normalisations.
 
-    Same values as :func:`kromhc_vision.residual_maps.sinkhorn_log`; the gradient is that of the iterations.
+    Same values as :func:`kromhc_vision.ops.reference.sinkhorn`; the gradient is that of the iterations.
     """
     _check(logits)
     return _sinkhorn_fwd(logits, num_iters)

@@ -1,9 +1,12 @@
-"""numba ``stream_pre`` token kernels against the PyTorch functions they replace (:mod:`kromhc_vision.mixing`)."""
+"""numba ``stream_pre`` token kernels against the PyTorch functions they replace (:mod:`kromhc_vision.ops.pytorch.stream_pre`)."""
+import importlib
+
 import pytest
 import torch
 
-from kromhc_vision import mixing
-from kromhc_vision.cpu import stream_pre
+# the modules (each package's ``stream_pre`` attribute is the op)
+stream_pre = importlib.import_module("kromhc_vision.ops.numba.stream_pre")
+mixing = importlib.import_module("kromhc_vision.ops.pytorch.stream_pre")
 
 
 def forward_inputs(T, n, m, C, dtype, padded=0):

@@ -5,14 +5,14 @@ Per token (``X (n, C)``, ``y (C)``, ``H_res (n, n)``, ``H_post (n)``), backward 
     dX = H_res^T dZ,   dy = H_post dZ,   dH_res[i, j] = <dZ_i, X_j>,   dH_post[i] = <dZ_i, y>
 
 Both kernels read each stream block once and write each output once; accumulation is in the
-coefficients' compute dtype. Reference: :func:`kromhc_vision.mixing.stream_post_reference`.
+coefficients' compute dtype. Reference: :func:`kromhc_vision.ops.reference.stream_post`.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .._custom_ops import register_stream_post
-from ..mixing import compute_dtype
+from ..reference import compute_dtype
 from ._common import configs, prune_by_size, tl_dtype
 
 _CONFIGS = configs(
@@ -112,6 +112,6 @@ register_stream_post(_stream_post_fwd, _stream_post_bwd)
 def stream_post(X, y, h_res, h_post):
     """``X (..., n, C)``, ``y (..., C)``, ``h_res (..., n, n)``, ``h_post (..., n)`` -> ``X_next (..., n, C)``.
 
-    Same signature and values as :func:`kromhc_vision.mixing.stream_post_reference`.
+    Same signature and values as :func:`kromhc_vision.ops.reference.stream_post`.
     """
     return _stream_post_fwd(X, y, h_res, h_post)

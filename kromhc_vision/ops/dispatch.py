@@ -1,0 +1,149 @@
+"""Which backend runs each stream-mixing op: the one place that knows.
+
+Every backend package (``pytorch``, ``triton``, ``numba``) provides ``stream_pre``, ``stream_post`` and
+``sinkhorn`` with the signatures and values of :mod:`kromhc_vision.ops.reference`.
+
+``KROMHC_BACKEND`` (or the ``backend`` argument of the ops, connections and models) is one of:
+
+- ``auto``: Triton on CUDA tensors, the numba kernels on CPU tensors, PyTorch where the package is
+  missing or the kernel does not take the shape (Triton's Sinkhorn: n <= 16). If a Triton kernel fails
+  to compile or launch, ``auto`` warns once for that op and shape and runs the PyTorch path instead
+  (in eager mode; under ``torch.compile`` the error is raised);
+- ``triton``, ``numba``: those kernels, or an error saying why they cannot run;
+- ``torch``: the PyTorch backend everywhere.
+
+With ``TRITON_INTERPRET=1`` (set before triton is imported) ``triton`` runs the Triton kernels on CPU
+tensors in Triton's interpreter, which is how the tests check them without a GPU.
+"""
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "triton", "numba", "torch")
+OPS = ("stream_pre", "stream_post", "sinkhorn")
+# Triton's Sinkhorn holds one token's n x n logits (padded to a power of two) in registers.
+TRITON_SINKHORN_MAX_STREAMS = 16
+
+_import_errors = {}  # backend -> None once imported, or the reason it cannot be
+_failed_kernels = {}  # (op, shape key) -> reason, for kernels that failed under 'auto'
+
+
+def resolve_backend(backend=None) -> str:
+    """The backend name in force: the argument, else ``$KROMHC_BACKEND``, else ``auto``."""
+    name = backend if backend is not None else os.environ.get("KROMHC_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid choices: {', '.join(BACKENDS)}")
+    return name
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_module(name: str):
+    """The package of backend ``name`` (``torch``, ``triton`` or ``numba``), imported on first use
+    (import statements, which torch.compile traces, where ``importlib`` would break the graph)."""
+    if name == "torch":
+        from . import pytorch as module
+    elif name == "triton":
+        from . import triton as module
+    elif name == "numba":
+        from . import numba as module
+    else:
+        raise ValueError(f"unknown kernel backend {name!r}; valid choices: torch, triton, numba")
+    return module
+
+
+def _import_error(name: str):
+    if name not in _import_errors:
+        try:
+            backend_module(name)
+        except ImportError as e:
+            _import_errors[name] = f"the {name} kernels cannot be imported ({e})"
+        else:
+            _import_errors[name] = None
+    return _import_errors[name]
+
+
+def unavailable_reason(name: str, device: torch.device):
+    """Why backend ``name`` cannot run on tensors of ``device``, or None when it can."""
+    if name == "triton" and device.type != "cuda" and not triton_interpreted():
+        return f"tensors are on {device.type!r}; Triton needs CUDA tensors, or TRITON_INTERPRET=1 for CPU"
+    if name == "numba" and device.type != "cpu":
+        return f"tensors are on {device.type!r}; the numba kernels run on CPU tensors"
+    return None if name == "torch" else _import_error(name)
+
+
+def unsupported_reason(name: str, op: str, num_streams: int):
+    """Why backend ``name``'s kernel for ``op`` does not take ``num_streams`` streams, or None."""
+    if name == "triton" and op == "sinkhorn" and num_streams > TRITON_SINKHORN_MAX_STREAMS:
+        return f"Triton's Sinkhorn takes num_streams <= {TRITON_SINKHORN_MAX_STREAMS}, got {num_streams}"
+    return None
+
+
+def check_backend(backend, ops, num_streams: int) -> str:
+    """Resolve ``backend`` and, when it names a kernel backend, check that its kernels for ``ops`` take
+    ``num_streams`` (device-independent limits, checked when a connection is built). Returns the name."""
+    name = resolve_backend(backend)
+    for op in ops if name in ("triton", "numba") else ():
+        reason = unsupported_reason(name, op, num_streams)
+        if reason is not None:
+            raise ValueError(f"backend {name!r} cannot run {op}: {reason}; use backend 'auto' or 'torch'")
+    return name
+
+
+def backend_for(backend, device: torch.device, op: str = "stream_pre", num_streams: int = 0) -> str:
+    """The backend (``torch``, ``triton`` or ``numba``) that runs ``op`` on ``device`` when ``backend`` is
+    asked for: ``auto``'s rules, or the named backend (an error saying why, if it cannot run)."""
+    name = resolve_backend(backend)
+    if name == "auto":
+        preferred = {"cuda": "triton", "cpu": "numba"}.get(device.type)
+        usable = (preferred is not None and unavailable_reason(preferred, device) is None
+                  and unsupported_reason(preferred, op, num_streams) is None)
+        return preferred if usable else "torch"
+    reason = unavailable_reason(name, device) or unsupported_reason(name, op, num_streams)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} was requested but cannot run: {reason}. Use backend 'auto' or 'torch'.")
+    return name
+
+
+def _shape_key(tensors):
+    return tuple((tuple(t.shape[-2:]), t.dtype, t.device.type) for t in tensors)
+
+
+def _run(op: str, backend, num_streams: int, *args):
+    device = args[0].device
+    name = backend_for(backend, device, op, num_streams)
+    run = getattr(backend_module(name), op)
+    if name != "triton" or resolve_backend(backend) != "auto" or torch.compiler.is_compiling():
+        return run(*args)
+    key = (op, _shape_key([a for a in args if isinstance(a, torch.Tensor)]))
+    if key not in _failed_kernels:
+        try:
+            return run(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # a kernel that does not compile or launch on this GPU
+            _failed_kernels[key] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"the Triton kernel for {op} failed for inputs {key[1]} ({_failed_kernels[key]}); "
+                          "backend 'auto' runs the PyTorch path for this op and shape from now on "
+                          "(backend 'triton' would raise)", RuntimeWarning, stacklevel=3)
+    return getattr(backend_module("torch"), op)(*args)
+
+
+def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float, backend=None):
+    """``u (..., C), h_pre (..., n), h_post (..., n), a_res (..., m)`` and the stream state to hand to
+    :func:`stream_post`, on the backend in force (see :func:`kromhc_vision.ops.reference.stream_pre`)."""
+    return _run("stream_pre", backend, X.shape[-2], X, norm_weight, proj_weight, scale, bias, eps)
+
+
+def stream_post(X, y, h_res, h_post, backend=None):
+    """``X_next = H_res X + H_post^T y`` on the backend in force (see :func:`kromhc_vision.ops.reference.stream_post`)."""
+    return _run("stream_post", backend, X.shape[-2], X, y, h_res, h_post)
+
+
+def sinkhorn(logits, num_iters: int, backend=None):
+    """mHC's ``H_res`` from ``(..., n, n)`` logits on the backend in force (see :func:`kromhc_vision.ops.reference.sinkhorn`)."""
+    return _run("sinkhorn", backend, logits.shape[-1], logits, num_iters)

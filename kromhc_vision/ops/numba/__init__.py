@@ -1,0 +1,10 @@
+"""The numba backend (CPU tensors): the parts of the stream-mixing ops PyTorch runs slowly on CPU (per-token
+n x n products run as batched small GEMMs, chains of small ops that each pass over the stream state), each a
+``torch.library`` custom op with an exact backward: the post step, the per-token part of the pre step around
+its BLAS projection, and mHC's Sinkhorn. Compiled on first use (cached on disk where the package is writable).
+"""
+from .sinkhorn import sinkhorn
+from .stream_post import stream_post
+from .stream_pre import stream_pre
+
+__all__ = ["stream_pre", "stream_post", "sinkhorn"]

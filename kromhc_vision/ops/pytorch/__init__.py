@@ -1,0 +1,6 @@
+"""The PyTorch backend: the three ops with hand-written backwards, tuned for the CPU, runnable on any device."""
+from .sinkhorn import sinkhorn
+from .stream_post import stream_post
+from .stream_pre import stream_pre
+
+__all__ = ["stream_pre", "stream_post", "sinkhorn"]

@@ -1,0 +1,70 @@
+"""The three stream-mixing ops as plain PyTorch, differentiated by autograd: the definitions every backend
+(``pytorch/``, ``triton/``, ``numba/``) is tested against.
+
+``stream_pre``: the width connection and the coefficient logits, from the stream state only::
+
+    x~     = RMSNorm(vec(X))                      # over n*C values, gain g
+    a      = s * (x~ W) + b                       # (..., 2n + m): [a_pre | a_post | a_res]
+    H_pre  = sigmoid(a_pre),  H_post = 2 sigmoid(a_post)
+    u      = H_pre X                              # (..., C)
+
+``stream_post``: the depth connection, ``X_next = H_res X + H_post^T y``.
+
+``sinkhorn``: mHC's ``H_res``, Sinkhorn-Knopp on ``exp(logits)`` in the log domain.
+
+Coefficients and accumulation run in :func:`compute_dtype` (float32, float64 if an input is float64)
+with autocast off; ``u`` and ``X_next`` come back in the stream dtype. Every backend computes the same.
+"""
+import torch
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when any input is float64: the dtype of the coefficients and of every sum."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
+    """``X (..., n, C)`` -> ``u (..., C)``, ``h_pre (..., n)``, ``h_post (..., n)``, ``a_res (..., m)``, ``X``.
+
+    ``norm_weight``: ``(n*C,)``; ``proj_weight``: ``(n*C, 2n+m)``; ``scale``, ``bias``: ``(2n+m,)``.
+    The fifth output is the stream state to hand to ``stream_post`` (here ``X`` itself; a backend may
+    return an alias of ``X`` that routes the post step's gradient through its own backward).
+    """
+    n = X.shape[-2]
+    dtype = compute_dtype(X, proj_weight)
+    with torch.autocast(X.device.type, enabled=False):
+        Xc = X.to(dtype)
+        flat = Xc.flatten(-2)
+        inv_rms = torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + eps)
+        weight = norm_weight.to(dtype).unsqueeze(-1) * proj_weight.to(dtype)
+        a = torch.addcmul(bias.to(dtype), (flat @ weight) * inv_rms, scale.to(dtype))
+        h_pre = torch.sigmoid(a[..., :n])
+        h_post = 2 * torch.sigmoid(a[..., n:2 * n])
+        u = (h_pre.unsqueeze(-2) @ Xc).squeeze(-2)
+    return u.to(X.dtype), h_pre, h_post, a[..., 2 * n:], X
+
+
+def stream_post(X, y, h_res, h_post):
+    """``X (..., n, C)``, ``y (..., C)``, ``h_res (..., n, n)``, ``h_post (..., n)`` -> ``X_next (..., n, C)``."""
+    dtype = compute_dtype(X, h_res)
+    with torch.autocast(X.device.type, enabled=False):
+        out = torch.addcmul(h_res.to(dtype) @ X.to(dtype), h_post.to(dtype).unsqueeze(-1), y.to(dtype).unsqueeze(-2))
+    return out.to(X.dtype)
+
+
+def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
+    """``(..., n, n)`` logits -> ``exp(L_T)`` after ``num_iters`` row-then-column log normalisations::
+
+        L <- L - logsumexp(L, rows),   L <- L - logsumexp(L, columns)
+
+    Runs in the logits' dtype. Columns of the result sum to 1 to rounding; rows only approximately
+    (the error shrinks with ``num_iters``).
+    """
+    L = logits
+    for _ in range(num_iters):
+        L = torch.log_softmax(L, dim=-1)
+        L = torch.log_softmax(L, dim=-2)
+    return L.exp()

@@ -1,0 +1,64 @@
+"""How a backend is chosen for each op: ``auto``'s rules, named backends that cannot run, kernels' shape limits,
+and ``auto`` running the PyTorch path when a Triton kernel fails."""
+import warnings
+
+import pytest
+import torch
+
+import kromhc_vision as kv
+from kromhc_vision.ops import dispatch
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_auto_runs_numba_on_cpu_and_falls_back_without_it(monkeypatch):
+    assert dispatch.backend_for("auto", CPU) == "numba" and dispatch.backend_for("torch", CPU) == "torch"
+    assert dispatch.backend_for("auto", CUDA) != "numba"
+    monkeypatch.setitem(dispatch._import_errors, "numba", "the numba kernels cannot be imported (test)")
+    assert dispatch.backend_for("auto", CPU) == "torch"
+    with pytest.raises(RuntimeError, match=r"backend 'numba' was requested but cannot run: .*\(test\)"):
+        dispatch.backend_for("numba", CPU)
+    with pytest.raises(RuntimeError, match="tensors are on 'cuda'"):
+        dispatch.backend_for("numba", CUDA)
+
+
+def test_auto_on_cuda_picks_triton_within_its_limits(monkeypatch):
+    monkeypatch.setitem(dispatch._import_errors, "triton", None)
+    assert dispatch.backend_for("auto", CUDA, "sinkhorn", 16) == "triton"
+    assert dispatch.backend_for("auto", CUDA, "sinkhorn", 17) == "torch"
+    assert dispatch.backend_for("auto", CUDA, "stream_post", 32) == "triton"
+
+
+def test_kernel_limits_are_checked_when_the_connection_is_built():
+    """Triton's Sinkhorn takes n <= 16: asking for it with n = 32 fails at construction, not at the first forward."""
+    with pytest.raises(ValueError, match="backend 'triton' cannot run sinkhorn.*num_streams <= 16, got 32"):
+        kv.build_connection("mhc", 32, 8, backend="triton")
+    kv.build_connection("mhc", 32, 8, backend="auto")
+    kv.build_connection("kromhc", 32, 8, backend="triton")  # no Sinkhorn
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(ValueError, match="unknown backend 'cuda'; valid choices: auto, triton, numba, torch"):
+        dispatch.resolve_backend("cuda")
+
+
+def test_auto_runs_pytorch_once_a_triton_kernel_fails(monkeypatch):
+    """Under ``auto`` a Triton kernel that cannot compile or launch warns once (naming the op and the reason)
+    and the PyTorch path runs for that op and shape; ``triton`` raises."""
+    def failing(*args):
+        raise RuntimeError("out of resources (test)")
+
+    triton_ops = dispatch.backend_module("triton")
+    monkeypatch.setattr(dispatch, "backend_for", lambda backend, device, op="stream_pre", n=0: "triton")
+    monkeypatch.setattr(triton_ops, "stream_post", failing)
+    monkeypatch.setattr(dispatch, "_failed_kernels", {})
+    X, y, h, hp = torch.randn(3, 4, 8), torch.randn(3, 8), torch.rand(3, 4, 4), torch.rand(3, 4)
+    expected = dispatch.backend_module("torch").stream_post(X, y, h, hp)
+    with pytest.warns(RuntimeWarning, match=r"Triton kernel for stream_post failed .*out of resources \(test\)"):
+        out = dispatch.stream_post(X, y, h, hp, "auto")
+    torch.testing.assert_close(out, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per op and shape
+        torch.testing.assert_close(dispatch.stream_post(X, y, h, hp, "auto"), expected)
+    with pytest.raises(RuntimeError, match=r"out of resources \(test\)"):
+        dispatch.stream_post(X, y, h, hp, "triton")
