@@ -25,7 +25,8 @@ from timm.utils import setup_default_logging
 
 from kromhc_vision.data import digits_folder
 from kromhc_vision.diagnostics import connection_diagnostics, plot_composite_gain, plot_h_res
-from kromhc_vision.training import ConfigError, eval_loader, evaluate, load_trained_model, write_json
+from kromhc_vision.cli import ConfigError, write_json
+from kromhc_vision.cli.evaluation import eval_loader, evaluate, load_trained_model
 
 _logger = logging.getLogger('eval')
 

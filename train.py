@@ -29,9 +29,11 @@ import json
 import logging
 import math
 import os
+import resource
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 
@@ -46,9 +48,11 @@ from timm.utils import (CheckpointSaver, NativeScaler, dispatch_clip_grad, distr
                         init_distributed_device, is_primary, random_seed, reduce_tensor, setup_default_logging,
                         trim_summary, update_summary)
 
+from kromhc_vision.cli import ConfigError, write_json
+from kromhc_vision.cli.evaluation import evaluate, progress
+from kromhc_vision.cli.train_config import is_folder_dataset, model_kwargs, parse_args, validate
+from kromhc_vision.cli.train_state import StepLog, TrainTask, seed_epoch
 from kromhc_vision.data import digits_folder
-from kromhc_vision.training import (ConfigError, StepLog, TrainTask, evaluate, is_folder_dataset, model_kwargs,
-                                    parse_args, peak_memory_mb, progress, seed_epoch, validate, write_json)
 
 _logger = logging.getLogger('train')
 
@@ -57,6 +61,223 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated since the last reset, else the process's peak RSS."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def mean_lr(optimizer) -> float:
+    return sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
+
+
+# ------------------------------------------------------------------------------------------------------- model
+def create_train_model(args, device, primary):
+    """The model on ``device`` (head init, grad checkpointing, channels last, sync BN) and its data config."""
+    random_seed(args.seed, args.rank)
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.initial_checkpoint,
+                         **model_kwargs(args))
+    if args.head_init_scale is not None:
+        with torch.no_grad():
+            model.get_classifier().weight.mul_(args.head_init_scale)
+            model.get_classifier().bias.mul_(args.head_init_scale)
+    if args.head_init_bias is not None:
+        torch.nn.init.constant_(model.get_classifier().bias, args.head_init_bias)
+    if args.num_classes is None:
+        args.num_classes = model.num_classes
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
+    if primary:
+        _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters')
+    data_config = resolve_data_config(vars(args), model=model, verbose=primary)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        model = convert_sync_batchnorm(model)
+    return model, data_config
+
+
+# ------------------------------------------------------------------------------------------ optimiser and AMP
+def create_optimizer(args, model, device, primary):
+    """``(optimizer, autocast, loss_scaler)``; ``lr`` defaults to ``lr_base`` scaled by the global batch, as in timm."""
+    if args.lr is None:
+        batch_ratio = args.batch_size * args.world_size * args.grad_accum_steps / args.lr_base_size
+        if not args.lr_base_scale:
+            args.lr_base_scale = 'sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear'
+        args.lr = args.lr_base * (batch_ratio ** 0.5 if args.lr_base_scale == 'sqrt' else batch_ratio)
+        if primary:
+            _logger.info(f'lr {args.lr:.3g} = lr_base {args.lr_base} x {args.lr_base_scale}(global batch / '
+                         f'{args.lr_base_size})')
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
+    loss_scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
+    return optimizer, autocast, loss_scaler
+
+
+# -------------------------------------------------------------------------------------------------------- data
+@dataclass
+class TrainData:
+    dataset_train: object
+    dataset_eval: object
+    loader_train: object
+    loader_eval: object
+    mixup_active: bool
+    mixup_fn: object  # Mixup without the prefetcher; FastCollateMixup in the loader with it
+
+
+def create_data(args, data_config, device) -> TrainData:
+    """timm's datasets and loaders (augmentation, mixup / cutmix) for the train and eval splits."""
+    prefetcher = not args.no_prefetcher
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    collate_fn = mixup_fn = None
+    if mixup_active:
+        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                          label_smoothing=args.smoothing, num_classes=args.num_classes)
+        if prefetcher:
+            collate_fn = FastCollateMixup(**mixup_args)
+        else:
+            mixup_fn = Mixup(**mixup_args)
+
+    img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
+    dataset_kwargs = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
+                          seed=args.seed, input_img_mode=img_mode, input_key=args.input_key,
+                          target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
+    dataset_train = create_dataset(args.dataset, split=args.train_split, is_training=True,
+                                   batch_size=args.batch_size, repeats=args.epoch_repeats,
+                                   num_samples=args.train_num_samples, **dataset_kwargs)
+    eval_batch_size = args.validation_batch_size or args.batch_size
+    dataset_eval = create_dataset(args.dataset, split=args.val_split, is_training=False, batch_size=eval_batch_size,
+                                  num_samples=args.val_num_samples, **dataset_kwargs)
+    train_interpolation = args.train_interpolation
+    if args.no_aug or not train_interpolation:
+        train_interpolation = data_config['interpolation']
+    common = dict(input_size=data_config['input_size'], mean=data_config['mean'], std=data_config['std'],
+                  num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,
+                  use_prefetcher=prefetcher, worker_seeding=args.worker_seeding)
+    loader_train = create_loader(
+        dataset_train, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
+        re_mode=args.remode, re_count=args.recount, re_split=args.resplit, train_crop_mode=args.train_crop_mode,
+        scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
+        gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, num_aug_repeats=int(args.aug_repeats),
+        interpolation=train_interpolation, collate_fn=collate_fn,
+        persistent_workers=False,  # fresh workers each epoch, seeded from the epoch's seed: reproducible resume
+        **common)
+    loader_eval = create_loader(dataset_eval, batch_size=eval_batch_size, is_training=False,
+                                interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+                                crop_mode=data_config['crop_mode'], **common)
+    return TrainData(dataset_train, dataset_eval, loader_train, loader_eval, mixup_active, mixup_fn)
+
+
+def start_epoch_data(args, data: TrainData, epoch):
+    """Reseed every RNG for ``epoch`` (what makes a resumed run replay), epoch the sampler, switch mixup off."""
+    seed_epoch(args.seed, epoch, args.rank, args.world_size)
+    if hasattr(data.dataset_train, 'set_epoch'):
+        data.dataset_train.set_epoch(epoch)
+    elif args.distributed and hasattr(data.loader_train.sampler, 'set_epoch'):
+        data.loader_train.sampler.set_epoch(epoch)
+    if data.mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        if data.mixup_fn is None:
+            data.loader_train.mixup_enabled = False
+        else:
+            data.mixup_fn.mixup_enabled = False
+
+
+# ------------------------------------------------------------------------------------------ task and schedule
+def create_task(args, model, data_config, mixup_active, device, primary) -> TrainTask:
+    """timm's classification task (loss, EMA) around ``model``; its checkpoint state is the loop's."""
+    criterion_kwargs = dict(smoothing=args.smoothing, soft_targets=mixup_active)
+    if args.bce_loss:
+        criterion_kwargs.update(loss_type='bce', bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum,
+                                pos_weight=args.bce_pos_weight)
+    task = TrainTask(model, criterion_kwargs=criterion_kwargs, device=device, verbose=primary)
+    task.data_config = data_config
+    if args.model_ema:
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                       device='cpu' if args.model_ema_force_cpu else None)
+    return task
+
+
+def create_schedule(args, optimizer, task, batches_per_epoch):
+    """timm's scheduler, kept in ``task`` for the checkpoints; ``(scheduler, num_epochs, updates_per_epoch)``."""
+    updates_per_epoch = (batches_per_epoch + args.grad_accum_steps - 1) // args.grad_accum_steps
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+        updates_per_epoch=updates_per_epoch)
+    task.scheduler = scheduler
+    return scheduler, num_epochs, updates_per_epoch
+
+
+# ------------------------------------------------------------------------------------------------------ resume
+def resume(args, task, optimizer, loss_scaler, scheduler, updates_per_epoch, primary) -> int:
+    """Load ``args.resume`` into the task, optimizer, scaler and scheduler; returns the epoch to start from."""
+    start_epoch = 0
+    if args.resume:
+        start_epoch = resume_task_checkpoint(
+            task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
+            loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=primary)
+        if task.has_ema():
+            load_task_ema_checkpoint(task, args.resume)
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+    if scheduler is not None and start_epoch > 0:
+        if args.sched_on_updates:
+            scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            scheduler.step(start_epoch)
+    return start_epoch
+
+
+# ----------------------------------------------------------------------------------------------------- outputs
+class RunOutputs:
+    """The run folder (primary process only): args.yaml, summaries, steps.csv and timm's CheckpointSaver."""
+
+    def __init__(self, args, args_text, model, task, optimizer, loss_scaler, data_config, start_epoch):
+        resume_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
+        in_place = resume_dir and not (args.output or args.experiment)
+        if in_place and os.path.isfile(os.path.join(resume_dir, 'args.yaml')):
+            self.dir = resume_dir  # continue a train.py run in its own folder
+        else:
+            exp_name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'),
+                                                    safe_model_name(args.model), str(data_config['input_size'][-1])])
+            self.dir = get_outdir(args.output or './output/train', exp_name)
+        self.saver = CheckpointSaver(model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler,
+                                     checkpoint_dir=self.dir, recovery_dir=self.dir,
+                                     decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist,
+                                     task=task)
+        if resume_dir and os.path.samefile(resume_dir, self.dir):
+            self.saver.load_state_dict_from_checkpoint(args.resume)
+        with open(self.path('args.yaml'), 'w') as f:
+            f.write(args_text)
+        trim_summary(self.path('summary.csv'), start_epoch)
+        self.step_log = StepLog(self.path('steps.csv'), start_epoch)
+        self.rows = []
+        if start_epoch > 0 and os.path.exists(self.path('summary.json')):
+            self.rows = [r for r in json.load(open(self.path('summary.json'))) if r['epoch'] < start_epoch]
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def end_epoch(self, epoch, lr, elapsed, train_metrics, eval_metrics, ema_metrics, metric):
+        """Summaries first: a kill before the checkpoint resumes this epoch and rewrites its rows."""
+        evals = dict(eval_metrics, **{f'ema_{k}': v for k, v in (ema_metrics or {}).items()})
+        update_summary(epoch, train_metrics, evals, self.path('summary.csv'), lr=lr)
+        self.rows.append(dict(epoch=epoch, lr=lr, epoch_time_s=elapsed,
+                              **{f'train_{k}': v for k, v in train_metrics.items()},
+                              **{f'eval_{k}': v for k, v in evals.items()}))
+        write_json(self.path('summary.json'), self.rows)
+        self.saver.save_checkpoint(epoch, metric=metric)
+
+    def last_good_checkpoint(self):
+        last = self.path('last.pth.tar')
+        return last if os.path.exists(last) else 'none (no epoch finished)'
+
+
+# ------------------------------------------------------------------------------------------------ the training
 def train_one_epoch(epoch, task, loader, optimizer, args, device, autocast, loss_scaler, scheduler, mixup_fn,
                     step_log, primary):
     """One pass over ``loader``; returns the mean update loss, images/s and peak memory."""
@@ -103,7 +324,7 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, autocast, loss
         optimizer.zero_grad()
         task.step += 1
         task.update_ema(step=task.step)
-        lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
+        lr = mean_lr(optimizer)
         losses.append(update_loss)
         if primary:
             step_log.add(epoch, task.step, update_loss, lr)
@@ -130,175 +351,42 @@ def train(args, args_text):
     if args.data_dir is None and is_folder_dataset(args):
         args.data_dir = str(digits_folder())
 
-    random_seed(args.seed, args.rank)
-    model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.initial_checkpoint,
-                         **model_kwargs(args))
-    if args.head_init_scale is not None:
-        with torch.no_grad():
-            model.get_classifier().weight.mul_(args.head_init_scale)
-            model.get_classifier().bias.mul_(args.head_init_scale)
-    if args.head_init_bias is not None:
-        torch.nn.init.constant_(model.get_classifier().bias, args.head_init_bias)
-    if args.num_classes is None:
-        args.num_classes = model.num_classes
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(enable=True)
-    if primary:
-        _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters')
-    data_config = resolve_data_config(vars(args), model=model, verbose=primary)
-    model.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if args.distributed and args.sync_bn:
-        model = convert_sync_batchnorm(model)
-
-    if args.lr is None:
-        batch_ratio = args.batch_size * args.world_size * args.grad_accum_steps / args.lr_base_size
-        if not args.lr_base_scale:
-            args.lr_base_scale = 'sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear'
-        args.lr = args.lr_base * (batch_ratio ** 0.5 if args.lr_base_scale == 'sqrt' else batch_ratio)
-        if primary:
-            _logger.info(f'lr {args.lr:.3g} = lr_base {args.lr_base} x {args.lr_base_scale}(global batch / '
-                         f'{args.lr_base_size})')
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
-
-    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-    autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
-    loss_scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
-
-    prefetcher = not args.no_prefetcher
-    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
-    collate_fn = mixup_fn = None
-    if mixup_active:
-        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                          label_smoothing=args.smoothing, num_classes=args.num_classes)
-        if prefetcher:
-            collate_fn = FastCollateMixup(**mixup_args)
-        else:
-            mixup_fn = Mixup(**mixup_args)
-
-    img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
-    dataset_kwargs = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
-                          seed=args.seed, input_img_mode=img_mode, input_key=args.input_key,
-                          target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
-    dataset_train = create_dataset(args.dataset, split=args.train_split, is_training=True,
-                                   batch_size=args.batch_size, repeats=args.epoch_repeats,
-                                   num_samples=args.train_num_samples, **dataset_kwargs)
-    eval_batch_size = args.validation_batch_size or args.batch_size
-    dataset_eval = create_dataset(args.dataset, split=args.val_split, is_training=False, batch_size=eval_batch_size,
-                                  num_samples=args.val_num_samples, **dataset_kwargs)
-    train_interpolation = args.train_interpolation
-    if args.no_aug or not train_interpolation:
-        train_interpolation = data_config['interpolation']
-    common = dict(input_size=data_config['input_size'], mean=data_config['mean'], std=data_config['std'],
-                  num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem, device=device,
-                  use_prefetcher=prefetcher, worker_seeding=args.worker_seeding)
-    loader_train = create_loader(
-        dataset_train, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
-        re_mode=args.remode, re_count=args.recount, re_split=args.resplit, train_crop_mode=args.train_crop_mode,
-        scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-        color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
-        gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, num_aug_repeats=int(args.aug_repeats),
-        interpolation=train_interpolation, collate_fn=collate_fn,
-        persistent_workers=False,  # fresh workers each epoch, seeded from the epoch's seed: reproducible resume
-        **common)
-    loader_eval = create_loader(dataset_eval, batch_size=eval_batch_size, is_training=False,
-                                interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
-                                crop_mode=data_config['crop_mode'], **common)
-
-    criterion_kwargs = dict(smoothing=args.smoothing, soft_targets=mixup_active)
-    if args.bce_loss:
-        criterion_kwargs.update(loss_type='bce', bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum,
-                                pos_weight=args.bce_pos_weight)
-    task = TrainTask(model, criterion_kwargs=criterion_kwargs, device=device, verbose=primary)
-    task.data_config = data_config
-    if args.model_ema:
-        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
-                       device='cpu' if args.model_ema_force_cpu else None)
-
-    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
-        updates_per_epoch=updates_per_epoch)
-    task.scheduler = scheduler
-    start_epoch = 0
-    if args.resume:
-        start_epoch = resume_task_checkpoint(
-            task, args.resume, optimizer=None if args.no_resume_opt else optimizer,
-            loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=primary)
-        if task.has_ema():
-            load_task_ema_checkpoint(task, args.resume)
-    if args.start_epoch is not None:
-        start_epoch = args.start_epoch
-    if scheduler is not None and start_epoch > 0:
-        if args.sched_on_updates:
-            scheduler.step_update(start_epoch * updates_per_epoch)
-        else:
-            scheduler.step(start_epoch)
-
+    model, data_config = create_train_model(args, device, primary)
+    optimizer, autocast, loss_scaler = create_optimizer(args, model, device, primary)
+    data = create_data(args, data_config, device)
+    task = create_task(args, model, data_config, data.mixup_active, device, primary)
+    scheduler, num_epochs, updates_per_epoch = create_schedule(args, optimizer, task, len(data.loader_train))
+    start_epoch = resume(args, task, optimizer, loss_scaler, scheduler, updates_per_epoch, primary)
     if args.torchcompile:
         task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
         task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
     if args.distributed:
         task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
-
-    saver = step_log = output_dir = None
+    out = None
     if primary:
-        resume_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
-        in_place = resume_dir and not (args.output or args.experiment)
-        if in_place and os.path.isfile(os.path.join(resume_dir, 'args.yaml')):
-            output_dir = resume_dir  # continue a train.py run in its own folder
-        else:
-            exp_name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'),
-                                                    safe_model_name(args.model), str(data_config['input_size'][-1])])
-            output_dir = get_outdir(args.output or './output/train', exp_name)
-        saver = CheckpointSaver(model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler,
-                                checkpoint_dir=output_dir, recovery_dir=output_dir,
-                                decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist, task=task)
-        if resume_dir and os.path.samefile(resume_dir, output_dir):
-            saver.load_state_dict_from_checkpoint(args.resume)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            f.write(args_text)
-        trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
-        step_log = StepLog(os.path.join(output_dir, 'steps.csv'), start_epoch)
-        _logger.info(f'Output: {output_dir}; {num_epochs - start_epoch} epochs of {updates_per_epoch} updates, '
-                     f'{len(dataset_train)} train / {len(dataset_eval)} eval images')
+        out = RunOutputs(args, args_text, model, task, optimizer, loss_scaler, data_config, start_epoch)
+        _logger.info(f'Output: {out.dir}; {num_epochs - start_epoch} epochs of {updates_per_epoch} updates, '
+                     f'{len(data.dataset_train)} train / {len(data.dataset_eval)} eval images')
 
     def run_eval(ema):
-        model_eval = task.get_eval_model(ema=ema)
-        evaluator = task.create_evaluator(max_samples=evaluation_sample_limit(loader_eval))
-        return evaluate(model_eval, loader_eval, device, autocast, evaluator, distributed=args.distributed,
-                        desc='EMA eval' if ema else 'Eval', log=primary, channels_last=args.channels_last)
+        evaluator = task.create_evaluator(max_samples=evaluation_sample_limit(data.loader_eval))
+        return evaluate(task.get_eval_model(ema=ema), data.loader_eval, device, autocast, evaluator,
+                        distributed=args.distributed, desc='EMA eval' if ema else 'Eval', log=primary,
+                        channels_last=args.channels_last)
 
-    summary_json = os.path.join(output_dir, 'summary.json') if primary else None
-    rows = []
-    if primary and start_epoch > 0 and os.path.exists(summary_json):
-        rows = [r for r in json.load(open(summary_json)) if r['epoch'] < start_epoch]
     eval_metrics = None
     for epoch in range(start_epoch, num_epochs):
-        seed_epoch(args.seed, epoch, args.rank, args.world_size)
-        if hasattr(dataset_train, 'set_epoch'):
-            dataset_train.set_epoch(epoch)
-        elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
-            loader_train.sampler.set_epoch(epoch)
-        if mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            if prefetcher:
-                loader_train.mixup_enabled = False
-            else:
-                mixup_fn.mixup_enabled = False
-        start = time.perf_counter()
-        lr = sum(g['lr'] for g in optimizer.param_groups) / len(optimizer.param_groups)
+        start_epoch_data(args, data, epoch)
+        start, lr = time.perf_counter(), mean_lr(optimizer)
         try:
-            train_metrics = train_one_epoch(epoch, task, loader_train, optimizer, args, device, autocast,
-                                            loss_scaler, scheduler, mixup_fn, step_log, primary)
+            train_metrics = train_one_epoch(epoch, task, data.loader_train, optimizer, args, device, autocast,
+                                            loss_scaler, scheduler, data.mixup_fn, out and out.step_log, primary)
         except NonFiniteLoss as e:
-            last = os.path.join(output_dir, 'last.pth.tar') if primary else None
-            good = last if last and os.path.exists(last) else 'none (no epoch finished)'
+            good = out.last_good_checkpoint() if primary else 'none (no epoch finished)'
             raise NonFiniteLoss(f'{e}; last good checkpoint: {good}') from None
         finally:
-            if step_log is not None:
-                step_log.flush()
+            if primary:
+                out.step_log.flush()
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
         eval_metrics = run_eval(ema=False)
@@ -306,14 +394,8 @@ def train(args, args_text):
         metric = (ema_metrics or eval_metrics)[args.eval_metric]
         if scheduler is not None:
             scheduler.step(epoch + 1, metric)
-        if primary:  # summaries first: a kill before the checkpoint resumes this epoch and rewrites its rows
-            evals = dict(eval_metrics, **{f'ema_{k}': v for k, v in (ema_metrics or {}).items()})
-            update_summary(epoch, train_metrics, evals, os.path.join(output_dir, 'summary.csv'), lr=lr)
-            rows.append(dict(epoch=epoch, lr=lr, epoch_time_s=time.perf_counter() - start,
-                             **{f'train_{k}': v for k, v in train_metrics.items()},
-                             **{f'eval_{k}': v for k, v in evals.items()}))
-            write_json(summary_json, rows)
-            saver.save_checkpoint(epoch, metric=metric)
+        if primary:
+            out.end_epoch(epoch, lr, time.perf_counter() - start, train_metrics, eval_metrics, ema_metrics, metric)
             ema_text = f", EMA top-1 {ema_metrics['top1']:.2f}%" if ema_metrics else ''
             _logger.info(f"Epoch {epoch}: train loss {train_metrics['loss']:.4f}, eval loss "
                          f"{eval_metrics['loss']:.4f}, top-1 {eval_metrics['top1']:.2f}%, top-5 "
@@ -322,7 +404,7 @@ def train(args, args_text):
                          f"{train_metrics['peak_memory_mb']:.0f} MiB, {time.perf_counter() - start:.1f} s")
     if primary and eval_metrics is not None:
         print(f"final validation top-1 {eval_metrics['top1']:.2f}% (top-5 {eval_metrics['top5']:.2f}%, "
-              f"loss {eval_metrics['loss']:.4f}); outputs in {output_dir}", flush=True)
+              f"loss {eval_metrics['loss']:.4f}); outputs in {out.dir}", flush=True)
 
 
 def main(argv=None):

@@ -1,14 +1,10 @@
 """compare.py regenerates RESULTS.md, its figures and BENCHMARKS.md from its own runs, and reuses finished runs."""
-import importlib.util
 import json
 import statistics
-from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location('compare_script', Path(__file__).resolve().parents[1] / 'compare.py')
-compare = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(compare)
+from kromhc_vision.cli import compare
 
 
 def test_configurations_keep_refused_stream_counts():

@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from kromhc_vision.data import write_digits_folder
-from kromhc_vision.training import ConfigError, parse_args, validate
+from kromhc_vision.cli import ConfigError
+from kromhc_vision.cli.train_config import parse_args, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / 'configs').rglob('*.yaml'))

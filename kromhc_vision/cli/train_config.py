@@ -1,28 +1,21 @@
-"""Plumbing of ``train.py`` / ``eval.py``: timm's train.py arguments, YAML configs, up-front validation, loop state.
+"""train.py's options: timm train.py's arguments, YAML configs and their validation before any work.
 
 Config keys are timm train.py's argument names with underscores (``batch_size``, ``model_kwargs``, ...), with
 timm's meanings, so a config runs unchanged under timm's own train.py given ``device_modules: [kromhc_vision]``.
 """
 import argparse
-import csv
 import difflib
 import importlib
-import json
-import logging
 import os
-import random
-import resource
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
+import timm
 import torch
 import yaml
-from timm.task import ClassificationTask
+from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.utils import ParseKwargs
 
-_logger = logging.getLogger('train')
+from . import ConfigError
 
 # timm train.py options this train.py does not implement; named as such instead of "unknown key".
 TIMM_UNSUPPORTED = (
@@ -31,9 +24,6 @@ TIMM_UNSUPPORTED = (
     'use_multi_epochs_loader', 'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id',
 )
 
-
-class ConfigError(ValueError):
-    """A config or command line that cannot run; raised before any work starts."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,9 +292,6 @@ def validate(args):
     Builds the model and its optimizer on the ``meta`` device (no memory, no download), which runs the
     connections' own checks (e.g. a stream count the variant cannot take).
     """
-    import timm
-    from timm.optim import create_optimizer_v2, optimizer_kwargs
-
     import_device_modules(args)
     if not timm.is_model(args.model):
         base = args.model.split('.')[0]
@@ -332,162 +319,3 @@ def validate(args):
             raise ConfigError(f"num_classes: {args.data_dir} has {len(classes)} classes but the model has "
                               f"{model.num_classes} outputs")
 
-
-class TrainTask(ClassificationTask):
-    """timm's ClassificationTask whose checkpoint ``task_state`` also holds the loop state.
-
-    That is: scheduler state, update count ``step``, RNG states and the data config the model was trained with.
-    Each epoch also reseeds every RNG from (seed, epoch, rank), which is what makes a resumed run replay the
-    uninterrupted one under DDP too (the RNG states saved are rank 0's).
-    """
-    scheduler = None
-    step = 0
-    data_config = None
-
-    def get_task_state(self, module=None, ema=False):
-        if ema:
-            return {}
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        return dict(
-            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
-            step=self.step,
-            data_config=self.data_config,
-            rng=dict(torch=torch.get_rng_state(), numpy=(kind, keys.tolist(), pos, has_gauss, gauss),
-                     python=random.getstate(),
-                     cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
-        )
-
-    def load_task_state(self, state, strict=True, module=None, ema=False):
-        if ema or not state:
-            return
-        if self.scheduler is not None and state.get('scheduler') is not None:
-            self.scheduler.load_state_dict(state['scheduler'])
-        self.step = state['step']
-        rng = state['rng']
-        torch.set_rng_state(rng['torch'])
-        kind, keys, pos, has_gauss, gauss = rng['numpy']
-        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-        random.setstate(rng['python'])
-        if rng['cuda'] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng['cuda'])
-
-
-def seed_epoch(seed: int, epoch: int, rank: int, world_size: int):
-    """Seed python, numpy and torch for one epoch (loader order, worker seeds, augmentation, mixup, drop path)."""
-    from timm.utils import random_seed
-    random_seed(seed + epoch * world_size, rank)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA max allocated since the last reset, else the process's peak RSS."""
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def progress(iterable, total: int, desc: str, enabled: bool):
-    """A tqdm bar on a terminal, else the iterable itself (callers log plain lines)."""
-    if enabled and sys.stderr.isatty():
-        from tqdm import tqdm
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
-    return iterable
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, autocast, evaluator, distributed=False, desc='Eval', log=True,
-             channels_last=False) -> dict:
-    """loss / top1 / top5 (timm's ClassificationEvaluator) and images/s over ``loader``."""
-    model.eval()
-    evaluator.reset()
-    start, count = time.perf_counter(), 0
-    bar = progress(loader, len(loader), desc, log)
-    for input, target in bar:
-        input, target = input.to(device), target.to(device)
-        if channels_last:
-            input = input.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            output = model(input)
-        evaluator.update(output, target)
-        count += input.shape[0]
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    metrics = evaluator.compute(distributed=distributed)
-    metrics['img_per_sec'] = count * (torch.distributed.get_world_size() if distributed else 1) / max(
-        time.perf_counter() - start, 1e-9)
-    return dict(metrics)
-
-
-def load_trained_model(model_name: str, checkpoint=None, use_ema=False, num_classes=None):
-    """``(model, data_config)``: ``model_name`` with a train.py checkpoint's weights, or its pretrained weights.
-
-    A train.py checkpoint supplies the model settings it was trained with (num_classes, model_kwargs) and its data
-    config (image size, interpolation, crop, mean / std); a plain state dict needs ``num_classes``.
-    Raises :class:`ConfigError` for a missing file or a checkpoint of another model.
-    """
-    from timm.data import resolve_data_config
-    from timm.models import create_model, load_checkpoint
-    from timm.utils import load_checkpoint_metadata
-
-    if checkpoint is None:
-        model = create_model(model_name, pretrained=True, num_classes=num_classes)
-        return model, resolve_data_config({}, model=model)
-    if not os.path.isfile(checkpoint):
-        raise ConfigError(f'checkpoint not found: {checkpoint}')
-    meta = load_checkpoint_metadata(checkpoint)
-    train_args = meta.get('args') if isinstance(meta, dict) else None
-    data_config = None
-    if train_args is None:
-        model = create_model(model_name, num_classes=num_classes)
-    else:
-        if train_args.model.split('.')[0] != model_name.split('.')[0]:
-            raise ConfigError(f'{checkpoint} was trained as {train_args.model!r}, not {model_name!r}')
-        model = create_model(model_name, **model_kwargs(train_args))
-        data_config = (meta.get('task_state') or {}).get('data_config')
-    load_checkpoint(model, checkpoint, use_ema=use_ema)
-    return model, data_config or resolve_data_config({}, model=model)
-
-
-def eval_loader(data_config, data_dir=None, dataset='', split='validation', batch_size=128, workers=2,
-                device=torch.device('cpu')):
-    """timm's eval loader over ``split`` of ``data_dir`` (default: the embedded digits) with ``data_config``."""
-    from timm.data import create_dataset, create_loader
-    from .data import digits_folder
-
-    data_dir = data_dir or str(digits_folder())
-    if not os.path.isdir(data_dir) and '/' not in dataset:
-        raise ConfigError(f'data folder not found: {data_dir}')
-    ds = create_dataset(dataset, root=data_dir, split=split)
-    return create_loader(ds, input_size=data_config['input_size'], batch_size=batch_size,
-                         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-                         crop_pct=data_config['crop_pct'], crop_mode=data_config['crop_mode'], num_workers=workers,
-                         device=device)
-
-
-def write_json(path, obj):
-    """Write JSON atomically."""
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-class StepLog:
-    """``steps.csv``: epoch, update step, loss and lr of every optimizer update; rows of resumed epochs dropped."""
-
-    def __init__(self, path, start_epoch: int):
-        from timm.utils import trim_summary
-        self.path = path
-        trim_summary(path, start_epoch)
-        self.rows = []
-
-    def add(self, epoch, step, loss, lr):
-        self.rows.append((epoch, step, repr(loss), repr(lr)))
-
-    def flush(self):
-        new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
-        with open(self.path, 'a', newline='') as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(('epoch', 'step', 'loss', 'lr'))
-            w.writerows(self.rows)
-        self.rows = []

@@ -1,0 +1,117 @@
+"""The training runs of compare.py: one train.py run per (size, variant, n, seed), its diagnostics, model facts."""
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from timm.models import create_model
+
+import kromhc_vision as kv
+
+from .. import write_json
+from ...diagnostics import connection_diagnostics
+from ...memory import saved_activation_bytes
+from ..evaluation import eval_loader, load_trained_model
+
+# compare.py runs the repository's train.py with its configs/ (and benchmarks/): it works from a checkout.
+ROOT = Path(__file__).resolve().parents[3]
+
+# Model sizes: the digits configs' ViT-Micro/4 everywhere; ViT-Tiny at 4px patches where a GPU is present.
+SIZES = {
+    'micro': dict(model='vit_micro_patch4_32_{variant}', about='6 blocks, 64 wide, 16×16 input, 4×4 patches',
+                  model_kwargs=dict(img_size=16), train_args=[]),
+    'tiny': dict(model='vit_tiny_patch16_224_{variant}', about='12 blocks, 192 wide, 32×32 input, 4×4 patches',
+                 model_kwargs=dict(img_size=32, patch_size=4),
+                 train_args=['--img-size', '32', '--batch-size', '128', '--workers', '4', '--amp',
+                             '--amp-dtype', 'bfloat16']),
+}
+
+
+def configurations(args):
+    """``(size, variant, n, refusal)`` in table order; ``refusal``: None, or why the variant refuses n."""
+    for size in args.sizes:
+        for variant in args.variants:
+            for n in [1] if variant == 'residual' else args.streams:
+                try:
+                    kv.connection_num_params(variant, n, 8)
+                    yield size, variant, n, None
+                except ValueError as e:
+                    yield size, variant, n, str(e).split('.')[0]
+
+
+def model_settings(size, variant, n):
+    spec = SIZES[size]
+    kwargs = dict(spec['model_kwargs'], **({} if variant == 'residual' else dict(num_streams=n)))
+    return spec['model'].format(variant=variant), kwargs
+
+
+def train_command(size, variant, n, seed, epochs, out, name):
+    model, kwargs = model_settings(size, variant, n)
+    return [sys.executable, str(ROOT / 'train.py'), '-c', str(ROOT / 'configs' / f'digits_{variant}.yaml'),
+            '--model', model, '--model-kwargs', *(f'{k}={v}' for k, v in kwargs.items()), '--seed', str(seed),
+            '--epochs', str(epochs), '--checkpoint-hist', str(epochs), '--output', str(out), '--experiment', name,
+            *SIZES[size]['train_args']]
+
+
+def run_diagnostics(run_dir: Path, model_name: str, epochs: int, num_images: int):
+    """Per-epoch summaries of every epoch's checkpoint and the full diagnostics of the last one."""
+    per_epoch, final = [], None
+    images = None
+    for epoch in range(epochs):
+        model, data_config = load_trained_model(model_name, str(run_dir / f'checkpoint-{epoch}.pth.tar'))
+        if images is None:
+            loader = eval_loader(data_config, batch_size=num_images, workers=0, device=torch.device('cpu'))
+            images = next(iter(loader))[0]
+        final = connection_diagnostics(model, images)
+        per_epoch.append(dict(final['summary'], epoch=epoch))
+    return per_epoch, final
+
+
+def train_run(args, size, variant, n, seed, commit) -> dict:
+    """One training run (or the stored one when its settings match), with its diagnostics; ``reused`` says which."""
+    name = f'{size}_{variant}_n{n}_s{seed}'
+    out = Path(args.output)
+    run_dir = out / name
+    command = train_command(size, variant, n, seed, args.epochs, out, name)
+    settings = dict(command=[Path(c).name if i < 2 else c for i, c in enumerate(command)],
+                    diag_images=args.diag_images)
+    record_path = run_dir / 'run.json'
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if record['settings'] == settings:
+            return dict(record, reused=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / f'{name}.log'
+    start = time.perf_counter()
+    with open(log, 'w') as f:
+        rc = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc:
+        tail = ''.join(open(log).readlines()[-15:])
+        raise SystemExit(f'compare.py: error: {name} failed (exit {rc}); last lines of {log}:\n{tail}')
+    wall = time.perf_counter() - start
+    rows = json.loads((run_dir / 'summary.json').read_text())
+    model_name, _ = model_settings(size, variant, n)
+    per_epoch, final = ([], None) if variant == 'residual' else run_diagnostics(
+        run_dir, model_name, args.epochs, args.diag_images)
+    for path in [*run_dir.glob('checkpoint-*.pth.tar'), run_dir / 'model_best.pth.tar']:
+        path.unlink(missing_ok=True)  # keep last.pth.tar only
+    record = dict(settings=settings, commit=commit, size=size, variant=variant, n=n, seed=seed, wall_s=wall,
+                  epochs=rows,
+                  diagnostics=per_epoch, final_diagnostics=final)
+    write_json(record_path, record)
+    return dict(record, reused=False)
+
+
+def model_facts(size, variant, n, batch_size) -> dict:
+    """Parameters and the activation bytes of one training forward at the configs' batch size."""
+    name, kwargs = model_settings(size, variant, n)
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, **kwargs).train()
+    images = torch.randn(batch_size, 3, kwargs['img_size'], kwargs['img_size'])
+    return dict(params=sum(p.numel() for p in model.parameters()),
+                activation_bytes=saved_activation_bytes(model, images))
+

@@ -1,0 +1,52 @@
+"""Statistics over compare.py's runs: accuracy over seeds and costs relative to residual, per configuration."""
+import math
+import statistics
+
+
+def mean_std(values):
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float('nan'))
+
+
+def throughput(record) -> float:
+    """Median training images/s over the epochs after the first (the first includes warm-up)."""
+    rates = [r['train_img_per_sec'] for r in record['epochs']]
+    return statistics.median(rates[1:] or rates)
+
+
+def summarize(records, facts, size) -> list:
+    """One row per configuration of ``size``: accuracy over seeds, costs relative to residual, diagnostics."""
+    groups = {}
+    for r in records:
+        if r['size'] == size:
+            groups.setdefault((r['variant'], r['n']), []).append(r)
+    rows = []
+    for (variant, n), runs in groups.items():
+        top1 = [r['epochs'][-1]['eval_top1'] for r in runs]
+        row = dict(variant=variant, n=n, seeds=len(runs), top1=mean_std(top1), top1_all=top1,
+                   img_per_sec=statistics.fmean(throughput(r) for r in runs),
+                   peak_mb=statistics.fmean(max(e['train_peak_memory_mb'] for e in r['epochs']) for r in runs),
+                   params=facts[(size, variant, n)]['params'],
+                   activation_bytes=facts[(size, variant, n)]['activation_bytes'],
+                   curves=dict(train_loss=[statistics.fmean(r['epochs'][e]['train_loss'] for r in runs)
+                                           for e in range(len(runs[0]['epochs']))],
+                               top1=[statistics.fmean(r['epochs'][e]['eval_top1'] for r in runs)
+                                     for e in range(len(runs[0]['epochs']))]))
+        if variant != 'residual':
+            row['max_ds_error'] = max(max(d['max_row_error'], d['max_col_error'])
+                                      for r in runs for d in r['diagnostics'])
+            row['final_gain'] = max(max(layer['gain_row'], layer['gain_col']) for r in runs
+                                    for layer in r['final_diagnostics']['layers'])
+        rows.append(row)
+    ref = next((r for r in rows if r['variant'] == 'residual'), None)
+    if ref is None:
+        return rows
+    for row in rows:
+        row['speed_ratio'] = row['img_per_sec'] / ref['img_per_sec']
+        row['peak_ratio'] = row['peak_mb'] / ref['peak_mb']
+        row['activation_ratio'] = row['activation_bytes'] / ref['activation_bytes']
+        row['extra_params'] = row['params'] - ref['params']
+        diff = row['top1'][0] - ref['top1'][0]
+        se = math.sqrt((row['top1'][1] ** 2 + ref['top1'][1] ** 2) / row['seeds']) if row['seeds'] > 1 else None
+        row['top1_diff'], row['top1_se'] = diff, se
+    return rows
+
