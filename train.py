@@ -34,22 +34,22 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime
 from functools import partial
 
 import torch
 from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config
 from timm.layers import convert_sync_batchnorm
-from timm.models import create_model, safe_model_name
+from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import evaluation_sample_limit, load_task_ema_checkpoint, resume_task_checkpoint
-from timm.utils import (CheckpointSaver, NativeScaler, dispatch_clip_grad, distribute_bn, get_outdir,
+from timm.utils import (CheckpointSaver, NativeScaler, dispatch_clip_grad, distribute_bn,
                         init_distributed_device, is_primary, random_seed, reduce_tensor, setup_default_logging,
                         trim_summary, update_summary)
 
 from kromhc_vision.cli import ConfigError, write_json
 from kromhc_vision.cli.evaluation import evaluate, progress
+from kromhc_vision.cli.run_folder import open_run_dir, resumes_in
 from kromhc_vision.cli.train_config import is_folder_dataset, model_kwargs, parse_args, validate
 from kromhc_vision.cli.train_state import StepLog, TrainTask, seed_epoch
 from kromhc_vision.data import digits_folder
@@ -236,20 +236,13 @@ def resume(args, task, optimizer, loss_scaler, scheduler, updates_per_epoch, pri
 class RunOutputs:
     """The run folder (primary process only): args.yaml, summaries, steps.csv and timm's CheckpointSaver."""
 
-    def __init__(self, args, args_text, model, task, optimizer, loss_scaler, data_config, start_epoch):
-        resume_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
-        in_place = resume_dir and not (args.output or args.experiment)
-        if in_place and os.path.isfile(os.path.join(resume_dir, 'args.yaml')):
-            self.dir = resume_dir  # continue a train.py run in its own folder
-        else:
-            exp_name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'),
-                                                    safe_model_name(args.model), str(data_config['input_size'][-1])])
-            self.dir = get_outdir(args.output or './output/train', exp_name)
+    def __init__(self, folder, args, args_text, model, task, optimizer, loss_scaler, start_epoch):
+        self.dir = folder
         self.saver = CheckpointSaver(model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler,
                                      checkpoint_dir=self.dir, recovery_dir=self.dir,
                                      decreasing=args.eval_metric == 'loss', max_history=args.checkpoint_hist,
                                      task=task)
-        if resume_dir and os.path.samefile(resume_dir, self.dir):
+        if resumes_in(args, self.dir):
             self.saver.load_state_dict_from_checkpoint(args.resume)
         with open(self.path('args.yaml'), 'w') as f:
             f.write(args_text)
@@ -341,7 +334,7 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, autocast, loss
                 peak_memory_mb=peak_memory_mb(device))
 
 
-def train(args, args_text):
+def train(args, args_text, run_dir):
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = init_distributed_device(args)
@@ -355,6 +348,7 @@ def train(args, args_text):
     optimizer, autocast, loss_scaler = create_optimizer(args, model, device, primary)
     data = create_data(args, data_config, device)
     task = create_task(args, model, data_config, data.mixup_active, device, primary)
+    task.class_to_idx = getattr(getattr(data.dataset_train, 'reader', None), 'class_to_idx', None)
     scheduler, num_epochs, updates_per_epoch = create_schedule(args, optimizer, task, len(data.loader_train))
     start_epoch = resume(args, task, optimizer, loss_scaler, scheduler, updates_per_epoch, primary)
     if args.torchcompile:
@@ -364,7 +358,7 @@ def train(args, args_text):
         task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
     out = None
     if primary:
-        out = RunOutputs(args, args_text, model, task, optimizer, loss_scaler, data_config, start_epoch)
+        out = RunOutputs(run_dir, args, args_text, model, task, optimizer, loss_scaler, start_epoch)
         _logger.info(f'Output: {out.dir}; {num_epochs - start_epoch} epochs of {updates_per_epoch} updates, '
                      f'{len(data.dataset_train)} train / {len(data.dataset_eval)} eval images')
 
@@ -413,15 +407,23 @@ def main(argv=None):
     logging.getLogger('timm.utils.checkpoint_saver').setLevel(logging.WARNING)  # lists every file each epoch
     try:
         args, args_text = parse_args(argv)
-        validate(args)
+        run_dir = validate(args)
     except ConfigError as e:
         sys.stderr.write(f'train.py: error: {e}\n')
         sys.exit(2)
+    lock = None
     try:
-        train(args, args_text)
+        if int(os.environ.get('RANK', 0)) == 0:  # the process that writes the run folder (rank 0 under torchrun)
+            lock = open_run_dir(args, run_dir)  # and checks it again, under the lock
+        train(args, args_text, run_dir)
+    except ConfigError as e:
+        sys.stderr.write(f'train.py: error: {e}\n')
+        sys.exit(2)
     except NonFiniteLoss as e:
         raise SystemExit(f'train.py: error: {e}') from None  # exit status 1
     finally:
+        if lock is not None:
+            lock.release()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

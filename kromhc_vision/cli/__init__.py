@@ -10,6 +10,8 @@
 import json
 import os
 
+from timm.utils import load_checkpoint_metadata
+
 
 class ConfigError(ValueError):
     """A config, command line or input file that cannot run; raised before any work starts."""
@@ -21,3 +23,16 @@ def write_json(path, obj):
     with open(tmp, 'w') as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
+
+
+def read_checkpoint(path, what: str) -> dict:
+    """A checkpoint's entries (tensors memory-mapped, ``weights_only``), or a :class:`ConfigError` naming the file."""
+    if not os.path.isfile(path):
+        raise ConfigError(f'{what}: checkpoint file not found: {path}')
+    try:
+        checkpoint = load_checkpoint_metadata(path)
+    except Exception as e:  # empty, truncated, not a torch file, or pickled objects weights_only refuses
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f'{what}: {path} is not a readable checkpoint (empty, truncated or not a torch '
+                          f'checkpoint: {reason[:300]})') from None
+    return checkpoint if isinstance(checkpoint, dict) else {}

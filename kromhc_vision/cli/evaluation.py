@@ -6,10 +6,9 @@ import time
 import torch
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.models import create_model, load_checkpoint
-from timm.utils import load_checkpoint_metadata
 
 from ..data import digits_folder
-from . import ConfigError
+from . import ConfigError, read_checkpoint
 from .train_config import model_kwargs
 
 
@@ -45,41 +44,92 @@ def evaluate(model, loader, device, autocast, evaluator, distributed=False, desc
     return dict(metrics)
 
 
+def check_checkpoint(model_name: str, checkpoint, use_ema=False) -> dict:
+    """A checkpoint's entries, refused (:class:`ConfigError`) when unreadable, of another model, or without the EMA
+    weights ``use_ema`` asks for. Reads only metadata (tensors memory-mapped): cheap, before any model is built."""
+    meta = read_checkpoint(checkpoint, 'checkpoint')
+    train_args = meta.get('args')
+    if train_args is not None and train_args.model.split('.')[0] != model_name.split('.')[0]:
+        raise ConfigError(f'{checkpoint} was trained as {train_args.model!r}, not {model_name!r}')
+    if use_ema and not meta.get('state_dict_ema'):
+        raise ConfigError(f'--use-ema: {checkpoint} holds no EMA weights (its run did not use --model-ema); '
+                          'evaluate its weights without --use-ema')
+    return meta
+
+
+def checkpoint_classes(meta: dict):
+    """The class-name -> index map of a train.py checkpoint's training data (None when it does not record one)."""
+    return (meta.get('task_state') or {}).get('class_to_idx')
+
+
 def load_trained_model(model_name: str, checkpoint=None, use_ema=False, num_classes=None):
     """``(model, data_config)``: ``model_name`` with a train.py checkpoint's weights, or its pretrained weights.
 
     A train.py checkpoint supplies the model settings it was trained with (num_classes, model_kwargs) and its data
     config (image size, interpolation, crop, mean / std); a plain state dict needs ``num_classes``.
-    Raises :class:`ConfigError` for a missing file or a checkpoint of another model.
+    Raises :class:`ConfigError` for a missing or unreadable file, a checkpoint of another model, or ``use_ema``
+    on a checkpoint without EMA weights.
     """
     if checkpoint is None:
         model = create_model(model_name, pretrained=True, num_classes=num_classes)
         return model, resolve_data_config({}, model=model)
-    if not os.path.isfile(checkpoint):
-        raise ConfigError(f'checkpoint not found: {checkpoint}')
-    meta = load_checkpoint_metadata(checkpoint)
-    train_args = meta.get('args') if isinstance(meta, dict) else None
+    meta = check_checkpoint(model_name, checkpoint, use_ema)
+    train_args = meta.get('args')
     data_config = None
     if train_args is None:
         model = create_model(model_name, num_classes=num_classes)
     else:
-        if train_args.model.split('.')[0] != model_name.split('.')[0]:
-            raise ConfigError(f'{checkpoint} was trained as {train_args.model!r}, not {model_name!r}')
         model = create_model(model_name, **model_kwargs(train_args))
         data_config = (meta.get('task_state') or {}).get('data_config')
     load_checkpoint(model, checkpoint, use_ema=use_ema)
     return model, data_config or resolve_data_config({}, model=model)
 
 
-def eval_loader(data_config, data_dir=None, dataset='', split='validation', batch_size=128, workers=2,
-                device=torch.device('cpu')):
-    """timm's eval loader over ``split`` of ``data_dir`` (default: the embedded digits) with ``data_config``."""
-    data_dir = data_dir or str(digits_folder())
-    if not os.path.isdir(data_dir) and '/' not in dataset:
+# timm's create_dataset looks for these folder names too (and, failing all, reads the whole root folder)
+SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
+
+
+def split_folder(data_dir, split: str) -> str:
+    """The subfolder of ``data_dir`` that timm's folder dataset reads for ``split``; refused when there is none
+    (timm would read the whole folder, every split together)."""
+    if not os.path.isdir(data_dir):
         raise ConfigError(f'data folder not found: {data_dir}')
+    name = split.split('[')[0]
+    candidates = [name] + next((list(s) for s in SPLIT_SYNONYMS if name in s), [])
+    for candidate in candidates:
+        if os.path.isdir(os.path.join(data_dir, candidate)):
+            return os.path.join(data_dir, candidate)
+    found = sorted(d.name for d in os.scandir(data_dir) if d.is_dir())
+    raise ConfigError(f"split {split!r}: no such subfolder in {data_dir}; it has: {', '.join(found) or 'none'}")
+
+
+def check_classes(dataset, class_to_idx: dict, where: str):
+    """The evaluated data's class indices must be the checkpoint's (a missing class shifts every later label)."""
+    actual = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+    if actual is None or class_to_idx is None or dict(actual) == dict(class_to_idx):
+        return
+    missing, extra = sorted(set(class_to_idx) - set(actual)), sorted(set(actual) - set(class_to_idx))
+    detail = '; '.join(part for part in (f'missing: {", ".join(map(str, missing))}' if missing else '',
+                                         f'not in the checkpoint: {", ".join(map(str, extra))}' if extra else '')
+                       if part) or 'the same names in another order'
+    raise ConfigError(f"the classes of {where} are not the checkpoint's ({detail}): its labels would not be the "
+                      "model's outputs")
+
+
+def eval_loader(data_config, data_dir=None, dataset='', split='validation', batch_size=128, workers=2,
+                device=torch.device('cpu'), class_to_idx=None):
+    """timm's eval loader over ``split`` of ``data_dir`` (default: the embedded digits) with ``data_config``.
+
+    For a folder dataset the split's subfolder must exist and, given ``class_to_idx`` (a checkpoint's), hold the
+    same classes."""
+    data_dir = data_dir or str(digits_folder())
+    folder = '/' not in dataset
+    if folder:
+        split_folder(data_dir, split)
     ds = create_dataset(dataset, root=data_dir, split=split)
+    if folder and class_to_idx is not None:
+        check_classes(ds, class_to_idx, f'{split_folder(data_dir, split)}')
     return create_loader(ds, input_size=data_config['input_size'], batch_size=batch_size,
                          interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
                          crop_pct=data_config['crop_pct'], crop_mode=data_config['crop_mode'], num_workers=workers,
                          device=device)
-

@@ -12,10 +12,12 @@ from pathlib import Path
 import timm
 import torch
 import yaml
+from timm.data import resolve_data_config
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.utils import ParseKwargs
 
-from . import ConfigError
+from . import ConfigError, read_checkpoint
+from .run_folder import check_run_dir, choose_run_dir
 
 # timm train.py options this train.py does not implement; named as such instead of "unknown key".
 TIMM_UNSUPPORTED = (
@@ -173,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--no-prefetcher', **neg)
     g.add_argument('--output', default='', help='output root (default ./output/train)')
     g.add_argument('--experiment', default='', help='run folder name under output (default: time-model-size)')
+    g.add_argument('--overwrite', **dict(flag, help='replace the run in an existing run folder (not in timm; '
+                                               'default: refuse, naming --resume and --experiment)'))
     g.add_argument('--eval-metric', default='top1', choices=('top1', 'top5', 'loss'))
     return p
 
@@ -243,15 +247,19 @@ def load_config(path, parser: argparse.ArgumentParser) -> dict:
 
 
 def parse_args(argv=None):
-    """``-c config.yaml`` then options; the command line overrides the config. Returns ``(args, args_text)``."""
+    """``-c config.yaml`` then options; the command line overrides the config. Returns ``(args, args_text)``.
+
+    With ``--resume``, the settings of the run it continues (the checkpoint's args, else its folder's args.yaml)
+    are the defaults under the config and the command line, which must not contradict them in :data:`RESUME_FIXED`.
+    """
     config_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     config_help = 'YAML config; its keys are the options below, underscored'
     config_parser.add_argument('-c', '--config', default='', help=config_help)
     cfg_args, remaining = config_parser.parse_known_args(argv)
     parser = build_parser()
     parser.add_argument('-c', '--config', default='', help=config_help)
-    if cfg_args.config:
-        parser.set_defaults(**load_config(cfg_args.config, parser))
+    cfg = load_config(cfg_args.config, parser) if cfg_args.config else {}
+    parser.set_defaults(**cfg)
     args, unknown = parser.parse_known_args(remaining)
     for item in unknown:
         if item.startswith('-'):
@@ -259,7 +267,89 @@ def parse_args(argv=None):
             raise _unknown(key, [a.dest for a in parser._actions], 'command line')
         raise ConfigError(f"command line: unexpected argument {item!r}")
     del args.config
+    if args.resume:
+        options = {s: a.dest for a in parser._actions for s in a.option_strings}
+        given = set(cfg) | {options[t.split('=')[0]] for t in remaining if t.split('=')[0] in options}
+        restore_run_args(args, given)
     return args, yaml.safe_dump(vars(args), default_flow_style=False)
+
+
+# What a resumed run takes from the run it continues and may not change: what the weights are, and what the
+# checkpoint restores (timm's optimizer and scheduler state, whose t_initial etc. would silently override a new
+# value: a longer --epochs would train its extra epochs at the schedule's end learning rate).
+RESUME_FIXED = {
+    'model': 'the weights', 'num_classes': 'the weights', 'img_size': 'the weights', 'input_size': 'the weights',
+    'in_chans': 'the weights', 'gp': 'the weights', 'opt': 'the optimizer state',
+    **{k: 'the learning-rate schedule' for k in (
+        'epochs', 'sched', 'sched_on_updates', 'lr', 'lr_base', 'lr_base_size', 'lr_base_scale', 'warmup_epochs',
+        'warmup_lr', 'warmup_prefix', 'min_lr', 'cooldown_epochs', 'decay_epochs', 'decay_milestones',
+        'decay_rate', 'lr_cycle_mul', 'lr_cycle_decay', 'lr_cycle_limit', 'lr_k_decay', 'lr_noise', 'lr_noise_pct',
+        'lr_noise_std', 'patience_epochs')},
+}
+# model_kwargs that change how a model computes, not what it holds: a resumed run may set them anew.
+RUNTIME_MODEL_KWARGS = ('hc_backend',)
+# Not taken from the recorded run: where this invocation reads and writes, and how it starts.
+NOT_RESTORED = ('resume', 'no_resume_opt', 'start_epoch', 'output', 'experiment', 'overwrite', 'device',
+                'pretrained', 'initial_checkpoint', 'pretrained_path')
+
+
+def recorded_run_args(path) -> dict:
+    """The args of the run ``path`` (a train.py checkpoint) belongs to: the checkpoint's, else its args.yaml's."""
+    recorded = read_checkpoint(path, 'resume').get('args')
+    if recorded is not None:
+        return dict(vars(recorded))
+    args_yaml = os.path.join(os.path.dirname(os.path.abspath(path)), 'args.yaml')
+    if os.path.isfile(args_yaml):
+        try:
+            return dict(yaml.safe_load(open(args_yaml)) or {})
+        except (yaml.YAMLError, TypeError, ValueError) as e:
+            raise ConfigError(f'resume: cannot read {args_yaml}: {e}') from None
+    return {}
+
+
+def restore_run_args(args, given):
+    """Fill ``args`` from the resumed run's recorded args where the user did not set a key; refuse contradictions."""
+    recorded = recorded_run_args(args.resume)
+    problems = []
+
+    def differ(key, here, there, why):
+        problems.append(f'{key} is {here!r} here but {there!r} in the run being resumed ({why} of that run)')
+
+    for key, there in recorded.items():
+        if not hasattr(args, key) or key in NOT_RESTORED:
+            continue
+        here = getattr(args, key)
+        if key == 'model_kwargs':
+            merged = dict(there or {})
+            for k, v in (here.items() if key in given else ()):
+                if k not in RUNTIME_MODEL_KWARGS and merged.get(k, '<not set>') != v:
+                    differ(f'model_kwargs {k}', v, merged.get(k, '<not set>'), 'the weights')
+                merged[k] = v
+            args.model_kwargs = merged
+        elif key not in given:
+            setattr(args, key, there)
+        elif key in RESUME_FIXED:
+            same = here.split('.')[0] == there.split('.')[0] if key == 'model' and there else here == there
+            if not same and not (key == 'lr' and here is None):
+                differ(key, here, there, RESUME_FIXED[key])
+    if problems:
+        raise ConfigError(f'resume: {args.resume}: ' + '; '.join(problems) + '. Leave these out to continue the '
+                          'run as recorded, or start a new run (e.g. from its weights: --initial-checkpoint '
+                          f'{args.resume} --experiment NEW_NAME)')
+
+
+def check_resume(args):
+    """A finished run has nothing left to resume: say so, and how to train longer."""
+    checkpoint = read_checkpoint(args.resume, 'resume')
+    if 'epoch' not in checkpoint or args.start_epoch is not None:
+        return
+    next_epoch = checkpoint['epoch'] + (1 if checkpoint.get('version', 1) > 1 else 0)
+    if next_epoch >= args.epochs:
+        raise ConfigError(
+            f'resume: {args.resume} is the end of a finished run ({next_epoch} of {args.epochs} epochs); '
+            'its schedule is spent (a longer --epochs cannot extend it: the epochs so far followed the recorded '
+            f'schedule). To train longer, start a new run from its weights: --initial-checkpoint {args.resume} '
+            '--epochs N --experiment NEW_NAME')
 
 
 def import_device_modules(args):
@@ -286,8 +376,8 @@ def is_folder_dataset(args) -> bool:
     return '/' not in (args.dataset or '')
 
 
-def validate(args):
-    """Fail with a :class:`ConfigError` naming the problem before any work starts.
+def validate(args) -> str:
+    """Fail with a :class:`ConfigError` naming the problem before any work starts; returns the run folder.
 
     Builds the model and its optimizer on the ``meta`` device (no memory, no download), which runs the
     connections' own checks (e.g. a stream count the variant cannot take).
@@ -302,6 +392,11 @@ def validate(args):
     for key in ('resume', 'initial_checkpoint', 'pretrained_path'):
         if getattr(args, key) and not os.path.isfile(getattr(args, key)):
             raise ConfigError(f"{key}: checkpoint file not found: {getattr(args, key)}")
+    for key in ('resume', 'initial_checkpoint'):
+        if getattr(args, key):
+            read_checkpoint(getattr(args, key), key)
+    if args.resume:
+        check_resume(args)
     try:
         with torch.device('meta'):
             model = timm.create_model(args.model, pretrained=False, **model_kwargs(args))
@@ -315,7 +410,20 @@ def validate(args):
             if not os.path.isdir(os.path.join(args.data_dir, split)):
                 raise ConfigError(f"data_dir: no {split!r} subfolder in {args.data_dir} (train_split / val_split)")
         classes = [d for d in os.scandir(os.path.join(args.data_dir, args.train_split)) if d.is_dir()]
+        if not classes:
+            raise ConfigError(f"data_dir: {os.path.join(args.data_dir, args.train_split)} has no class subfolders "
+                              "(expected <split>/<class>/<image>)")
+        val_classes = {d.name for d in os.scandir(os.path.join(args.data_dir, args.val_split)) if d.is_dir()}
+        if not args.class_map and val_classes != {d.name for d in classes}:
+            missing = sorted({d.name for d in classes} - val_classes)
+            extra = sorted(val_classes - {d.name for d in classes})
+            raise ConfigError(f"data_dir: the {args.val_split!r} and {args.train_split!r} classes differ (missing in "
+                              f"{args.val_split!r}: {missing or 'none'}, only there: {extra or 'none'}); timm numbers "
+                              "each split's classes on its own, so every label after the difference would be wrong")
         if len(classes) > model.num_classes:
             raise ConfigError(f"num_classes: {args.data_dir} has {len(classes)} classes but the model has "
                               f"{model.num_classes} outputs")
+    folder = choose_run_dir(args, resolve_data_config(vars(args), model=model)['input_size'])
+    check_run_dir(args, folder)
+    return folder
 

@@ -19,6 +19,7 @@ class TrainTask(ClassificationTask):
     scheduler = None
     step = 0
     data_config = None
+    class_to_idx = None  # of the training data: eval.py checks the classes of what it evaluates against it
 
     def get_task_state(self, module=None, ema=False):
         if ema:
@@ -28,6 +29,7 @@ class TrainTask(ClassificationTask):
             scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
             step=self.step,
             data_config=self.data_config,
+            class_to_idx=self.class_to_idx,
             rng=dict(torch=torch.get_rng_state(), numpy=(kind, keys.tolist(), pos, has_gauss, gauss),
                      python=random.getstate(),
                      cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),

@@ -1,0 +1,166 @@
+"""train.py keeps runs safe: no run folder overwritten by accident, one run per folder, resume continues the run
+it names (its settings, its schedule), and bad settings are named before any work."""
+import fcntl
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kromhc_vision.cli import ConfigError
+from kromhc_vision.cli.train_config import parse_args, validate
+from kromhc_vision.data import write_digits_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location('train_script_runs', ROOT / 'train.py')
+train_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_script)
+
+TINY = ['--model', 'vit_micro_patch4_32_kromhc', '--model-kwargs', 'depth=1', 'img_size=16', '--img-size', '16',
+        '--num-classes', '10', '--batch-size', '8', '--opt', 'adamw', '--lr', '1e-3', '--warmup-epochs', '0',
+        '--workers', '0', '--log-interval', '1', '--seed', '3']
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """30 train / 30 validation images (3 per class)."""
+    return str(write_digits_folder(tmp_path_factory.mktemp('data') / 'digits', per_class=3))
+
+
+def run(*argv):
+    train_script.main([str(a) for a in argv])
+
+
+def error_of(capsys, *argv):
+    """The exit status and stderr of a refused train.py run."""
+    with pytest.raises(SystemExit) as e:
+        run(*argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def stop_after_epoch_0(monkeypatch):
+    """Make the next run die (as if killed) before its epoch 1 checkpoint; returns the undo."""
+    save = train_script.CheckpointSaver.save_checkpoint
+
+    def die_at_epoch_1(self, epoch, metric=None):
+        if epoch == 1:
+            raise KeyboardInterrupt('killed after epoch 0')
+        return save(self, epoch, metric=metric)
+
+    monkeypatch.setattr(train_script.CheckpointSaver, 'save_checkpoint', die_at_epoch_1)
+    return lambda: monkeypatch.setattr(train_script.CheckpointSaver, 'save_checkpoint', save)
+
+
+# ------------------------------------------------------------------------------------------- the run folder
+def test_a_second_run_into_a_run_folder_is_refused_and_leaves_it_intact(tmp_path, data, capsys):
+    argv = [*TINY, '--data-dir', data, '--epochs', 1, '--output', tmp_path, '--experiment', 'run']
+    run(*argv)
+    folder = tmp_path / 'run'
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    code, err = error_of(capsys, *argv, '--seed', 4)
+    assert code == 2
+    assert str(folder) in err and '--resume' in err and 'last.pth.tar' in err and '--experiment' in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+
+def test_overwrite_replaces_the_run_and_leaves_no_stale_checkpoint(tmp_path, data):
+    run(*TINY, '--data-dir', data, '--epochs', 2, '--output', tmp_path, '--experiment', 'run')
+    assert (tmp_path / 'run' / 'checkpoint-1.pth.tar').exists()
+    run(*TINY, '--data-dir', data, '--epochs', 1, '--output', tmp_path, '--experiment', 'run', '--overwrite')
+    assert sorted(p.name for p in (tmp_path / 'run').glob('*.pth.tar')) == [
+        'checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+    assert [r['epoch'] for r in json.loads((tmp_path / 'run' / 'summary.json').read_text())] == [0]
+
+
+def test_a_folder_in_use_is_refused_and_a_killed_holder_does_not_block_resume(tmp_path, data, capsys, monkeypatch):
+    folder = tmp_path / 'run'
+    undo = stop_after_epoch_0(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run(*TINY, '--data-dir', data, '--epochs', 2, '--output', tmp_path, '--experiment', 'run')
+    undo()
+    # another process holds the folder's lock, as a running train.py does
+    holder = subprocess.Popen([sys.executable, '-c', 'import fcntl, sys, time; f = open(sys.argv[1], "a"); '
+                               'fcntl.flock(f, fcntl.LOCK_EX); print("locked", flush=True); time.sleep(60)',
+                               str(folder / '.train.lock')], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        code, err = error_of(capsys, '--resume', folder / 'last.pth.tar')
+        assert code == 2 and f'{folder} is in use by another train.py run' in err
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops its lock, the lock file stays behind
+        holder.wait()
+    assert (folder / '.train.lock').exists()
+    run('--resume', folder / 'last.pth.tar')
+    assert [r['epoch'] for r in json.loads((folder / 'summary.json').read_text())] == [0, 1]
+    with open(folder / '.train.lock') as f:  # released when the run ended
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_an_unwritable_output_folder_is_named_before_any_work(tmp_path, data):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a folder')
+    with pytest.raises(ConfigError, match=f'cannot write to {blocker}'):
+        validate(parse_args([*TINY, '--data-dir', data, '--output', str(blocker / 'sub')])[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']
+
+
+# ------------------------------------------------------------------------------------------------- resume
+@pytest.fixture
+def stopped_run(tmp_path, data, monkeypatch):
+    """A 3-epoch run of the digits config (30 images) stopped after epoch 0: its folder."""
+    undo = stop_after_epoch_0(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run('-c', ROOT / 'configs' / 'digits_kromhc.yaml', '--data-dir', data, '--epochs', 3, '--batch-size', 8,
+            '--output', tmp_path, '--experiment', 'run')
+    undo()
+    return tmp_path / 'run'
+
+
+def test_resume_alone_continues_the_digits_config_run_with_its_settings(stopped_run):
+    run('--resume', stopped_run / 'last.pth.tar')  # the README's command: no -c, no model settings
+    assert [r['epoch'] for r in json.loads((stopped_run / 'summary.json').read_text())] == [0, 1, 2]
+    args = torch.load(stopped_run / 'last.pth.tar', weights_only=False)['args']
+    assert (args.model, args.model_kwargs, args.img_size, args.opt, args.batch_size, args.epochs) == (
+        'vit_micro_patch4_32_kromhc', {'img_size': 16}, 16, 'adamw', 8, 3)
+    assert yaml.safe_load((stopped_run / 'args.yaml').read_text())['model_kwargs'] == {'img_size': 16}
+
+
+@pytest.mark.parametrize('argv, names', [
+    (['--model', 'vit_micro_patch4_32_mhc'], ["model is 'vit_micro_patch4_32_mhc'", "'vit_micro_patch4_32_kromhc'"]),
+    (['--model-kwargs', 'img_size=32'], ['model_kwargs img_size is 32', '16']),
+    (['--model-kwargs', 'num_streams=2'], ['model_kwargs num_streams is 2', "'<not set>'"]),
+    (['--num-classes', '5'], ['num_classes is 5', '10']),
+    (['--img-size', '32'], ['img_size is 32', '16']),
+    (['--epochs', '5'], ['epochs is 5', '3', 'learning-rate schedule']),
+])
+def test_resume_refuses_what_contradicts_the_run_naming_both_values(stopped_run, capsys, argv, names):
+    code, err = error_of(capsys, '--resume', stopped_run / 'last.pth.tar', *argv)
+    assert code == 2 and str(stopped_run / 'last.pth.tar') in err
+    for name in names:
+        assert name in err
+
+
+def test_resume_may_change_runtime_settings(stopped_run):
+    run('--resume', stopped_run / 'last.pth.tar', '--model-kwargs', 'hc_backend=torch', '--workers', 1)
+    args = torch.load(stopped_run / 'last.pth.tar', weights_only=False)['args']
+    assert args.model_kwargs == {'img_size': 16, 'hc_backend': 'torch'} and args.workers == 1 and args.epochs == 3
+
+
+def test_extending_a_finished_run_is_refused_with_the_way_on(tmp_path, data, capsys):
+    argv = [*TINY, '--data-dir', data, '--epochs', 2, '--output', tmp_path, '--experiment', 'run']
+    run(*argv)
+    last = tmp_path / 'run' / 'last.pth.tar'
+    code, err = error_of(capsys, '--resume', last, '--epochs', 5)
+    assert code == 2 and 'epochs is 5' in err and 'learning-rate schedule' in err and '--initial-checkpoint' in err
+    code, err = error_of(capsys, '--resume', last)
+    assert code == 2 and 'finished run (2 of 2 epochs)' in err and '--initial-checkpoint' in err
+    assert [r['epoch'] for r in json.loads((tmp_path / 'run' / 'summary.json').read_text())] == [0, 1]
+    # the way on it names: a new run from the weights, with a schedule of its own
+    run(*TINY, '--data-dir', data, '--epochs', 1, '--initial-checkpoint', last, '--output', tmp_path,
+        '--experiment', 'longer')
+    summary = json.loads((tmp_path / 'longer' / 'summary.json').read_text())
+    assert summary[0]['lr'] == pytest.approx(1e-3)
