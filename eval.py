@@ -26,7 +26,8 @@ from timm.utils import setup_default_logging
 from kromhc_vision.data import digits_folder
 from kromhc_vision.diagnostics import connection_diagnostics, plot_composite_gain, plot_h_res
 from kromhc_vision.cli import ConfigError, write_json
-from kromhc_vision.cli.evaluation import eval_loader, evaluate, load_trained_model
+from kromhc_vision.cli.evaluation import (check_checkpoint, checkpoint_classes, eval_loader, evaluate,
+                                         load_trained_model, split_folder)
 
 _logger = logging.getLogger('eval')
 
@@ -57,9 +58,12 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     data_dir = args.data_dir or str(digits_folder())
-    try:
+    try:  # what can be checked before the model and data are built: the checkpoint, the split
+        meta = check_checkpoint(args.model, args.checkpoint, args.use_ema) if args.checkpoint else {}
+        split_dir = split_folder(data_dir, args.split) if '/' not in args.dataset else None
         model, data_config = load_trained_model(args.model, args.checkpoint, args.use_ema, args.num_classes)
-        loader = eval_loader(data_config, data_dir, args.dataset, args.split, args.batch_size, args.workers, device)
+        loader = eval_loader(data_config, data_dir, args.dataset, args.split, args.batch_size, args.workers, device,
+                             class_to_idx=checkpoint_classes(meta))
     except ConfigError as e:
         raise SystemExit(f'eval.py: error: {e}') from None
     model.to(device).eval()
@@ -71,7 +75,7 @@ def main(argv=None):
     os.makedirs(output, exist_ok=True)
     results = dict(model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                    weights='ema' if args.use_ema else 'model', data_dir=data_dir, dataset=args.dataset,
-                   split=args.split, num_images=len(dataset), data_config=dict(data_config),
+                   split=args.split, split_dir=split_dir, num_images=len(dataset), data_config=dict(data_config),
                    param_count=sum(p.numel() for p in model.parameters()), device=str(device), **metrics)
     write_json(os.path.join(output, 'results.json'), results)
     print(f"{args.model}: top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, loss {metrics['loss']:.4f}, "

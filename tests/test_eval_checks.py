@@ -1,0 +1,82 @@
+"""eval.py refuses to evaluate the wrong data or weights: a split that does not exist, classes that are not the
+checkpoint's, --use-ema without EMA weights, an unreadable checkpoint; all before the model and data are built."""
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kromhc_vision.data import write_digits_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f'{name}_script_checks', ROOT / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_script, eval_script = _script('train'), _script('eval')
+MODEL = 'vit_micro_patch4_32_kromhc'
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A 1-epoch run without EMA on 30 digits at 16px: (data folder, checkpoint)."""
+    root = tmp_path_factory.mktemp('run')
+    data = write_digits_folder(root / 'digits', per_class=3)
+    train_script.main([
+        '--data-dir', str(data), '--model', MODEL, '--model-kwargs', 'depth=1', 'img_size=16', '--img-size', '16',
+        '--num-classes', '10', '--batch-size', '8', '--epochs', '1', '--opt', 'adamw', '--lr', '2e-3',
+        '--warmup-epochs', '0', '--workers', '0', '--output', str(root), '--experiment', 'run'])
+    return data, root / 'run' / 'last.pth.tar'
+
+
+def evaluate(*argv):
+    eval_script.main(['--model', MODEL, '--workers', '0', *map(str, argv)])
+
+
+def test_a_split_that_does_not_exist_is_refused_naming_the_ones_that_do(trained, tmp_path):
+    data, checkpoint = trained
+    with pytest.raises(SystemExit, match=r"split 'nosplit': no such subfolder in .*; it has: train, validation"):
+        evaluate('--checkpoint', checkpoint, '--data-dir', data, '--split', 'nosplit', '--output', tmp_path)
+    assert not (tmp_path / 'results.json').exists()
+
+
+def test_the_split_evaluated_is_recorded(trained, tmp_path):
+    data, checkpoint = trained
+    evaluate('--checkpoint', checkpoint, '--data-dir', data, '--split', 'train', '--output', tmp_path)
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert results['split_dir'] == str(Path(data) / 'train') and results['num_images'] == 30
+    assert results['weights'] == 'model'
+
+
+def test_classes_that_are_not_the_checkpoints_are_refused(trained, tmp_path):
+    data, checkpoint = trained
+    shutil.copytree(data, tmp_path / 'data')
+    shutil.rmtree(tmp_path / 'data' / 'validation' / '3')  # labels 4..9 would become 3..8
+    with pytest.raises(SystemExit, match=r"classes of .*validation are not the checkpoint's \(missing: 3\)"):
+        evaluate('--checkpoint', checkpoint, '--data-dir', tmp_path / 'data', '--output', tmp_path / 'out')
+    assert not (tmp_path / 'out' / 'results.json').exists()
+
+
+def test_use_ema_without_ema_weights_is_refused(trained, tmp_path):
+    data, checkpoint = trained
+    with pytest.raises(SystemExit, match='--use-ema: .* holds no EMA weights'):
+        evaluate('--checkpoint', checkpoint, '--data-dir', data, '--use-ema', '--output', tmp_path)
+    assert not (tmp_path / 'results.json').exists()
+
+
+@pytest.mark.parametrize('content', [b'', b'garbage, not a checkpoint', 'truncated'])
+def test_an_unreadable_checkpoint_is_named(trained, tmp_path, content):
+    data, checkpoint = trained
+    bad = tmp_path / 'bad.pth.tar'
+    bad.write_bytes(checkpoint.read_bytes()[:2000] if content == 'truncated' else content)
+    with pytest.raises(SystemExit, match=f'checkpoint: {bad} is not a readable checkpoint'):
+        evaluate('--checkpoint', bad, '--data-dir', data, '--output', tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train_script.main(['--resume', str(bad)])
+    assert e.value.code == 2
