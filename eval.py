@@ -49,7 +49,10 @@ def parse_args(argv=None):
     p.add_argument('--device', default=None, help="default: 'cuda' when available, else 'cpu'")
     p.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'), help='autocast in this dtype')
     p.add_argument('--diagnostics', action='store_true', help='hyper-connection diagnostics on one batch')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0:
+        p.error(f'--batch-size must be >= 1 and --workers >= 0 (got {args.batch_size}, {args.workers})')
+    return args
 
 
 def main(argv=None):

@@ -3,6 +3,7 @@ it names (its settings, its schedule), and bad settings are named before any wor
 import fcntl
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,44 @@ def test_extending_a_finished_run_is_refused_with_the_way_on(tmp_path, data, cap
         '--experiment', 'longer')
     summary = json.loads((tmp_path / 'longer' / 'summary.json').read_text())
     assert summary[0]['lr'] == pytest.approx(1e-3)
+
+
+# ------------------------------------------------------------------------------------ errors before any work
+@pytest.mark.parametrize('argv, message', [
+    (['--weight-decay', '-1'], 'weight_decay must be >= 0, got -1.0'),
+    (['--warmup-epochs', '-3'], 'warmup_epochs must be >= 0, got -3'),
+    (['--workers', '-1'], 'workers must be >= 0, got -1'),
+    (['--smoothing', '1.5'], 'smoothing must be between 0 and 1, got 1.5'),
+    (['--lr', '0'], 'lr must be > 0, got 0.0'),
+    (['--sched', 'foo'], "invalid choice: 'foo' (choose from 'cosine', 'tanh'"),
+])
+def test_bad_values_are_named_before_any_work(tmp_path, data, capsys, argv, message):
+    code, err = error_of(capsys, *TINY, '--data-dir', data, *argv, '--output', tmp_path, '--experiment', 'x')
+    assert code == 2 and message in err
+    assert not (tmp_path / 'x').exists()
+
+
+@pytest.mark.parametrize('text, message', [
+    ('sched: foo\n', "sched: 'foo' is not one of ['cosine'"),
+    ('model: [unclosed\n', 'not valid YAML'),
+])
+def test_bad_config_files_are_named(tmp_path, text, message):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        validate(parse_args(['-c', str(cfg)])[0])
+    assert str(cfg) in str(e.value) and message in str(e.value)
+
+
+def test_an_empty_data_folder_is_named(tmp_path, capsys):
+    for split in ('train', 'validation'):
+        (tmp_path / 'data' / split).mkdir(parents=True)
+    code, err = error_of(capsys, *TINY, '--data-dir', tmp_path / 'data', '--output', tmp_path)
+    assert code == 2 and f"{tmp_path / 'data' / 'train'} has no class subfolders" in err
+
+
+def test_a_validation_split_with_other_classes_is_named(tmp_path, data, capsys):
+    shutil.copytree(data, tmp_path / 'data')
+    shutil.rmtree(tmp_path / 'data' / 'validation' / '3')
+    code, err = error_of(capsys, *TINY, '--data-dir', tmp_path / 'data', '--output', tmp_path)
+    assert code == 2 and "missing in 'validation': ['3']" in err

@@ -28,6 +28,18 @@ TIMM_UNSUPPORTED = (
 
 
 
+# timm 1.0.31's create_scheduler_v2 names ('none': no schedule); any other name left the lr constant, silently.
+SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'wsd', 'rsqrt', 'constant', 'plateau', 'none')
+# Value ranges checked before any work (timm takes these unchecked).
+NON_NEGATIVE = ('weight_decay', 'warmup_epochs', 'cooldown_epochs', 'patience_epochs', 'workers', 'warmup_lr',
+                'min_lr', 'momentum', 'mixup', 'cutmix', 'epoch_repeats', 'aug_repeats', 'layer_decay_min_scale',
+                'lr_noise_std', 'color_jitter', 'recount', 'mixup_off_epoch')
+POSITIVE_IF_SET = ('lr', 'lr_base', 'clip_grad', 'layer_decay', 'validation_batch_size', 'lr_base_size')
+FRACTIONS = ('smoothing', 'drop', 'drop_path', 'drop_block', 'reprob', 'hflip', 'vflip', 'mixup_prob',
+             'mixup_switch_prob', 'model_ema_decay', 'color_jitter_prob', 'grayscale_prob', 'gaussian_blur_prob',
+             'lr_noise_pct')
+
+
 def build_parser() -> argparse.ArgumentParser:
     """timm train.py's arguments (the supported subset), same names, meanings and defaults unless noted."""
     p = argparse.ArgumentParser(
@@ -97,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--layer-decay-no-opt-scale', type=float, default=None)
     g.add_argument('--opt-kwargs', **kw)
     g = p.add_argument_group('Learning rate schedule')
-    g.add_argument('--sched', default='cosine')
+    g.add_argument('--sched', default='cosine', choices=SCHEDULERS)
     g.add_argument('--sched-on-updates', **flag)
     g.add_argument('--lr', type=float, default=None)
     g.add_argument('--lr-base', type=float, default=0.1)
@@ -235,7 +247,10 @@ def load_config(path, parser: argparse.ArgumentParser) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    cfg = yaml.safe_load(path.read_text()) or {}
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a mapping of option names to values")
     actions = {a.dest: a for a in parser._actions if a.dest != 'help'}
@@ -376,6 +391,19 @@ def is_folder_dataset(args) -> bool:
     return '/' not in (args.dataset or '')
 
 
+def check_ranges(args):
+    """Numbers outside what they mean (a negative weight decay, warmup or worker count, a probability above 1)."""
+    for key in NON_NEGATIVE:
+        if getattr(args, key) is not None and getattr(args, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(args, key)}")
+    for key in POSITIVE_IF_SET:
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(args, key)}")
+    for key in FRACTIONS:
+        if getattr(args, key) is not None and not 0 <= getattr(args, key) <= 1:
+            raise ConfigError(f"{key} must be between 0 and 1, got {getattr(args, key)}")
+
+
 def validate(args) -> str:
     """Fail with a :class:`ConfigError` naming the problem before any work starts; returns the run folder.
 
@@ -389,6 +417,7 @@ def validate(args) -> str:
     for key in ('batch_size', 'epochs', 'grad_accum_steps', 'log_interval', 'checkpoint_hist'):
         if getattr(args, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(args, key)}")
+    check_ranges(args)
     for key in ('resume', 'initial_checkpoint', 'pretrained_path'):
         if getattr(args, key) and not os.path.isfile(getattr(args, key)):
             raise ConfigError(f"{key}: checkpoint file not found: {getattr(args, key)}")
