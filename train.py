@@ -22,6 +22,9 @@ renamed) holding model, EMA, optimizer, scaler, epoch and, in ``task_state``, sc
 and the data config. ``--resume <run>/last.pth.tar`` continues a stopped run (in ``<run>`` unless ``output`` or
 ``experiment`` is given) with the same per-update losses as an uninterrupted one: each epoch reseeds from
 (seed, epoch, rank) and loader workers start afresh every epoch.
+A resumed run takes its settings from the run it continues and refuses what contradicts them (model, classes, input
+size, optimizer, schedule; see :mod:`kromhc_vision.cli.train_config`). A folder that holds a run is refused to a new
+run unless ``--overwrite``, and locked while a run uses it (:mod:`kromhc_vision.cli.run_folder`).
 A non-finite loss stops the run with exit status 1 before the update, naming the step; the last checkpoint is
 then the last good one. Invalid configs stop with exit status 2 before any work.
 """
