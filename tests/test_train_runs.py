@@ -206,3 +206,14 @@ def test_a_validation_split_with_other_classes_is_named(tmp_path, data, capsys):
     shutil.rmtree(tmp_path / 'data' / 'validation' / '3')
     code, err = error_of(capsys, *TINY, '--data-dir', tmp_path / 'data', '--output', tmp_path)
     assert code == 2 and "missing in 'validation': ['3']" in err
+
+
+def test_a_run_stopped_in_its_cooldown_resumes(tmp_path, data, monkeypatch):
+    """train.py runs epochs + cooldown_epochs: a run stopped after epoch 0 of 1 + 1 cooldown is not finished."""
+    undo = stop_after_epoch_0(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run(*TINY, '--data-dir', data, '--epochs', 1, '--cooldown-epochs', 1, '--output', tmp_path,
+            '--experiment', 'run')
+    undo()
+    run('--resume', tmp_path / 'run' / 'last.pth.tar')
+    assert [r['epoch'] for r in json.loads((tmp_path / 'run' / 'summary.json').read_text())] == [0, 1]

@@ -14,6 +14,7 @@ import torch
 import yaml
 from timm.data import resolve_data_config
 from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ParseKwargs
 
 from . import ConfigError, read_checkpoint
@@ -28,7 +29,8 @@ TIMM_UNSUPPORTED = (
 
 
 
-# timm 1.0.31's create_scheduler_v2 names ('none': no schedule); any other name left the lr constant, silently.
+# timm 1.0.31's create_scheduler_v2 names ('none': no schedule); it raises on any other, but only after the model
+# and data are built.
 SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'wsd', 'rsqrt', 'constant', 'plateau', 'none')
 # Value ranges checked before any work (timm takes these unchecked).
 NON_NEGATIVE = ('weight_decay', 'warmup_epochs', 'cooldown_epochs', 'patience_epochs', 'workers', 'warmup_lr',
@@ -359,9 +361,12 @@ def check_resume(args):
     if 'epoch' not in checkpoint or args.start_epoch is not None:
         return
     next_epoch = checkpoint['epoch'] + (1 if checkpoint.get('version', 1) > 1 else 0)
-    if next_epoch >= args.epochs:
+    # the run's length as train.py counts it: with cooldown, cycles and a warmup prefix
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.)
+    _, num_epochs = create_scheduler_v2(probe, **scheduler_kwargs(args), updates_per_epoch=1)
+    if next_epoch >= num_epochs:
         raise ConfigError(
-            f'resume: {args.resume} is the end of a finished run ({next_epoch} of {args.epochs} epochs); '
+            f'resume: {args.resume} is the end of a finished run ({next_epoch} of {num_epochs} epochs); '
             'its schedule is spent (a longer --epochs cannot extend it: the epochs so far followed the recorded '
             f'schedule). To train longer, start a new run from its weights: --initial-checkpoint {args.resume} '
             '--epochs N --experiment NEW_NAME')
