@@ -93,7 +93,10 @@ def _stream_pre_fwd_kernel(X, G, W, S, B, U, COEF, T, eps, n: tl.constexpr, C: t
         tl.store(U + rows[:, None] * C + cc[None, :], u.to(U.dtype.element_ty), mask=m)
 
 
-@triton.autotune(_CONFIGS, key=["n", "C", "K"], prune_configs_by=_PRUNE)
+# PART has a row per program of the smallest BLOCK_T; a larger block writes fewer rows and the launcher sums
+# them all. The autotuner's benchmark runs of other configs write the other rows, so it zeroes PART before
+# each of them and again before the launch of the winner (reset_to_zero).
+@triton.autotune(_CONFIGS, key=["n", "C", "K"], prune_configs_by=_PRUNE, reset_to_zero=["PART"])
 @triton.jit
 def _stream_pre_bwd_kernel(X, G, W, S, B, DU, DCOEF, DX, DR, PART, T, eps, n: tl.constexpr, C: tl.constexpr,
                            K: tl.constexpr, KP: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
