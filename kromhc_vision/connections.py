@@ -12,9 +12,12 @@ import numbers
 from typing import Any, Mapping, Optional
 
 import torch
+import torch.fx
+from timm.layers import register_notrace_function
 from torch import nn
 
 from .ops import dispatch
+from .ops.reference import autocast_off
 from .permutations import check_permutation_size, kronecker_factors, permutation_matrices
 from .residual_maps import birkhoff, kronecker_birkhoff, stochasticity_error
 
@@ -42,8 +45,8 @@ def _check_common(variant: str, dim, init, names: Mapping[str, str]) -> None:
 
 def _check_stream_count(variant: str, num_streams) -> None:
     if isinstance(num_streams, bool) or not isinstance(num_streams, numbers.Integral):
-        raise ValueError(f"'{variant}' cannot take num_streams={num_streams!r}: num_streams must be an int, "
-                         f"got {type(num_streams).__name__}")
+        raise ValueError(f"variant '{variant}' cannot take num_streams={num_streams!r}: num_streams must be an "
+                         f"int, got {type(num_streams).__name__}")
 
 
 class ResidualConnection(nn.Module):
@@ -52,7 +55,7 @@ class ResidualConnection(nn.Module):
     variant = "residual"
 
     def __init__(self, num_streams: int = 1, dim: Optional[int] = None, layer_index: int = 0,
-                 init: str = "published", backend=None):
+                 init: str = "published", backend=None, device=None, dtype=None):
         super().__init__()
         self.check(num_streams, dim, init=init, backend=backend)
         self.num_streams = 1
@@ -64,8 +67,8 @@ class ResidualConnection(nn.Module):
         """Raise ``ValueError`` naming the value and the valid choices unless the arguments build a connection."""
         _check_stream_count(cls.variant, num_streams)
         if num_streams != 1:
-            raise ValueError(f"'residual' cannot take num_streams={num_streams}: the residual connection carries "
-                             f"exactly 1 stream, got num_streams={num_streams}")
+            raise ValueError(f"variant 'residual' cannot take num_streams={num_streams}: the residual connection "
+                             f"carries exactly 1 stream, got num_streams={num_streams}")
         _check_common(cls.variant, dim, init, names)
         dispatch.resolve_backend(backend)
         if options:
@@ -101,7 +104,7 @@ class HyperConnection(nn.Module):
     OPTIONS: Mapping[str, Any] = {}
 
     def __init__(self, num_streams: int, dim: int, layer_index: int = 0, init: str = "published", eps: float = 1e-6,
-                 backend=None, **options):
+                 backend=None, device=None, dtype=None, **options):
         super().__init__()
         self.check(num_streams, dim, init=init, backend=backend, **options)
         self.num_streams, self.dim, self.layer_index, self.init, self.eps = num_streams, dim, layer_index, init, eps
@@ -109,11 +112,13 @@ class HyperConnection(nn.Module):
         for name, default in self.OPTIONS.items():
             setattr(self, name, options.get(name, default))
         n, m = num_streams, self.num_res_logits(num_streams)
-        self.norm_weight = nn.Parameter(torch.empty(n * dim))
-        self.proj_weight = nn.Parameter(torch.empty(n * dim, 2 * n + m))
-        self.scale = nn.Parameter(torch.empty(3))
-        self.bias = nn.Parameter(torch.empty(2 * n + m))
-        self.register_buffer("scale_index", torch.tensor([0] * n + [1] * n + [2] * m), persistent=False)
+        dd = dict(device=device, dtype=dtype)  # factory arguments, as torch's and timm's modules take them
+        self.norm_weight = nn.Parameter(torch.empty(n * dim, **dd))
+        self.proj_weight = nn.Parameter(torch.empty(n * dim, 2 * n + m, **dd))
+        self.scale = nn.Parameter(torch.empty(3, **dd))
+        self.bias = nn.Parameter(torch.empty(2 * n + m, **dd))
+        self.register_buffer("scale_index", torch.tensor([0] * n + [1] * n + [2] * m, device=device),
+                             persistent=False)
         self.reset_parameters()
 
     @classmethod
@@ -126,12 +131,12 @@ class HyperConnection(nn.Module):
         """
         _check_stream_count(cls.variant, num_streams)
         if num_streams < 2:
-            raise ValueError(f"'{cls.variant}' cannot take num_streams={num_streams}: it needs num_streams >= 2 "
-                             "(use 'residual' for one stream)")
+            raise ValueError(f"variant '{cls.variant}' cannot take num_streams={num_streams}: it needs "
+                             "num_streams >= 2 (use 'residual' for one stream)")
         try:
             cls._check_variant(num_streams)
         except ValueError as e:
-            raise ValueError(f"'{cls.variant}' cannot take num_streams={num_streams}: {e}") from None
+            raise ValueError(f"variant '{cls.variant}' cannot take num_streams={num_streams}: {e}") from None
         _check_common(cls.variant, dim, init, names)
         unknown = sorted(set(options) - set(cls.OPTIONS))
         if unknown:
@@ -188,7 +193,7 @@ class HyperConnection(nn.Module):
         return dispatch.stream_pre(X, self.norm_weight, self.proj_weight, scale, self.bias, self.eps, self.backend)
 
     def _h_res(self, a_res):
-        with torch.autocast(a_res.device.type, enabled=False):  # coefficients stay float32 under autocast
+        with autocast_off(a_res.device):  # coefficients stay float32 under autocast
             return self.res_matrix(a_res)
 
     def coefficients(self, X):
@@ -202,17 +207,14 @@ class HyperConnection(nn.Module):
 
     def forward(self, X, branch):
         """``X (..., n, C)`` and ``branch: (..., C) -> (..., C)`` -> ``X_next (..., n, C)``."""
-        u, _, h_post, a_res, X = self._pre(X)
-        y = branch(u)
-        if y.shape != u.shape:
-            raise ValueError(f"the branch of {type(self).__name__} returned shape {tuple(y.shape)}; "
-                             f"it must return its input's shape {tuple(u.shape)} (width {self.dim})")
-        return dispatch.stream_post(X, y, self._h_res(a_res), h_post, self.backend)
+        pre = connection_pre(self, X)  # (u, h_pre, h_post, a_res, X for the post step), indexed: FX traces it
+        return connection_post(self, pre, branch(pre[0]))
 
     def _check_input(self, X):
         if X.shape[-2:] != (self.num_streams, self.dim):
             raise ValueError(
-                f"{type(self).__name__} expects streams of shape (..., {self.num_streams}, {self.dim}), got {tuple(X.shape)}"
+                f"{type(self).__name__} expects streams of shape (..., {self.num_streams}, {self.dim}), "
+                f"got {tuple(X.shape)}"
             )
         if not X.is_floating_point():
             raise ValueError(f"{type(self).__name__} expects a floating-point stream state, got dtype {X.dtype}")
@@ -280,7 +282,7 @@ class MHCLite(HyperConnection):
 
     def __init__(self, num_streams: int, dim: int, *args, **kwargs):
         super().__init__(num_streams, dim, *args, **kwargs)
-        self.register_buffer("perms", permutation_matrices(num_streams), persistent=False)
+        self.register_buffer("perms", permutation_matrices(num_streams, device=self.bias.device), persistent=False)
 
     @classmethod
     def _check_variant(cls, num_streams: int) -> None:
@@ -309,7 +311,7 @@ class KromHC(HyperConnection):
         super().__init__(num_streams, dim, *args, **kwargs)
         self.factors = kronecker_factors(num_streams)
         for k in sorted(set(self.factors)):
-            self.register_buffer(f"perms{k}", permutation_matrices(k), persistent=False)
+            self.register_buffer(f"perms{k}", permutation_matrices(k, device=self.bias.device), persistent=False)
 
     @classmethod
     def _check_variant(cls, num_streams: int) -> None:
@@ -329,6 +331,31 @@ class KromHC(HyperConnection):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", factors={self.factors}"
+
+
+def connection_pre(conn: HyperConnection, X):
+    """The pre step of ``conn`` on ``X``, checked: ``u, h_pre, h_post, a_res`` and the state for the post step.
+
+    A function torch.fx does not trace into (like :func:`connection_post`): it reads shapes, devices and the
+    backend, which a symbolic trace cannot, so timm's FX feature extraction sees a connection as these two
+    calls around its branch, which it traces.
+    """
+    return conn._pre(X)
+
+
+def connection_post(conn: HyperConnection, pre, y):
+    """The post step of ``conn``: ``X_next = H_res X + H_post^T y`` from the pre step's outputs ``pre`` and the
+    branch output ``y`` (checked to have the shape of ``u``)."""
+    u, _, h_post, a_res, X = pre
+    if y.shape != u.shape:
+        raise ValueError(f"the branch of {type(conn).__name__} returned shape {tuple(y.shape)}; "
+                         f"it must return its input's shape {tuple(u.shape)} (width {conn.dim})")
+    return dispatch.stream_post(X, y, conn._h_res(a_res), h_post, conn.backend)
+
+
+for _fn in (connection_pre, connection_post):
+    torch.fx.wrap(_fn.__name__)  # plain torch.fx.symbolic_trace
+    register_notrace_function(_fn)  # timm's FX feature extraction and its model tests
 
 
 CONNECTIONS = {cls.variant: cls for cls in (ResidualConnection, HC, MHC, MHCLite, KromHC)}

@@ -10,7 +10,7 @@ def expand_streams(x: torch.Tensor, num_streams: int) -> torch.Tensor:
     """``(..., C) -> (..., n, C)``: ``X = 1_n x^T``, every stream a copy of ``x``."""
     if num_streams < 1:
         raise ValueError(f"num_streams must be >= 1, got {num_streams}")
-    return x.unsqueeze(-2).expand(*x.shape[:-1], num_streams, x.shape[-1]).contiguous()
+    return torch.stack([x] * num_streams, dim=-2)  # contiguous; no shape arithmetic, so torch.fx traces it
 
 
 def reduce_streams(X: torch.Tensor) -> torch.Tensor:

@@ -139,8 +139,37 @@ def check_weight_decay_and_layer_decay(name):
     assert len({g['lr_scale'] for g in optimizer.param_groups}) > 2
 
 
+def check_fx_feature_extraction(name):
+    """timm's FX feature extraction traces the model (connections' pre and post steps are leaf calls around
+    the traced branch) and returns what the model computes, values and gradients."""
+    model = randomize(create(name)).eval()
+    x = torch.randn(2, *input_size(name))
+    _, nodes = timm.models.get_graph_node_names(model)
+    posts = [n for n in nodes if 'connection_post' in n]
+    assert len(posts) == (0 if name.endswith('_residual') else len(connection_params(model)) // 4)
+    extractor = timm.models.create_feature_extractor(model, {nodes[-1]: 'logits'}).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)['logits'], model(x))
+    fx_model = create(name, features_only=True, feature_cls='fx').eval()
+    fx_model.load_state_dict(create(name, features_only=True).state_dict(), strict=False)
+    feats = fx_model(x)
+    assert len(feats) == len(fx_model.feature_info.channels())
+    sum(f.sum() for f in feats).backward()
+
+
+def check_factory_device_and_dtype(name):
+    """timm's ``create_model(device=..., dtype=...)`` puts every parameter and buffer there, connections included,
+    and the model runs on it."""
+    model = create(name, device='meta', dtype=torch.float64)
+    misplaced = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != 'meta']
+    assert not misplaced, misplaced[:5]
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert model(torch.randn(1, *input_size(name), device='meta', dtype=torch.float64)).device.type == 'meta'
+
+
 CHECKS = [check_forward_backward, check_features_and_head, check_features_only,
-          check_intermediates_and_checkpointing, check_torchscript_raises, check_weight_decay_and_layer_decay]
+          check_intermediates_and_checkpointing, check_torchscript_raises, check_weight_decay_and_layer_decay,
+          check_fx_feature_extraction, check_factory_device_and_dtype]
 
 
 @pytest.mark.parametrize('check', CHECKS, ids=lambda c: c.__name__[6:])

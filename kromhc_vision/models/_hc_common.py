@@ -12,9 +12,9 @@ from typing import Any, Callable, Dict, Mapping, Optional, Set, Union
 
 import torch
 from torch import nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, load_state_dict
-from timm.models._builder import resolve_pretrained_cfg
-from timm.models._input import update_model_args
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, load_state_dict, \
+    resolve_pretrained_cfg
+from timm.models._input import update_model_args  # no public name in timm 1.0.31
 
 from ..connections import CONNECTIONS, HyperConnection, ResidualConnection, build_connection, connection_class
 
@@ -73,10 +73,10 @@ class HcSpec:
                                         **hc_kwargs)
         return cls(variant, num_streams, hc_init, hc_backend, hc_kwargs)
 
-    def connection(self, dim: int, layer_index: int) -> nn.Module:
-        """A connection for streams ``(..., n, dim)``."""
-        return build_connection(
-            self.variant, self.num_streams, dim, layer_index, init=self.init, backend=self.backend, **self.kwargs)
+    def connection(self, dim: int, layer_index: int, device=None, dtype=None) -> nn.Module:
+        """A connection for streams ``(..., n, dim)``, its parameters created on ``device`` in ``dtype``."""
+        return build_connection(self.variant, self.num_streams, dim, layer_index, init=self.init, backend=self.backend,
+                                device=device, dtype=dtype, **self.kwargs)
 
     def model_args(self) -> Dict[str, Any]:
         """The model arguments that rebuild these settings (the backend is a runtime choice, left out)."""

@@ -24,9 +24,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from timm.models import register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
+from timm.models import checkpoint_seq, register_model
+from timm.models._features import feature_take_indices  # no public name in timm 1.0.31
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock, _cfg, checkpoint_filter_fn
 
 from ..streams import expand_streams, reduce_streams
@@ -95,7 +94,9 @@ class ConvNeXtHC(HcModelMixin, ConvNeXt):
         layer_index = 0
         for stage in self.stages:
             for j, block in enumerate(stage.blocks):
-                stage.blocks[j] = ConvNeXtBlockHC(block, hc.connection(block.conv_dw.out_channels, layer_index))
+                conn = hc.connection(block.conv_dw.out_channels, layer_index, device=block.conv_dw.weight.device,
+                                     dtype=block.conv_dw.weight.dtype)
+                stage.blocks[j] = ConvNeXtBlockHC(block, conn)
                 layer_index += 1
         self._init_hc(hc)
 

@@ -14,9 +14,8 @@ from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-from timm.models import register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint, checkpoint_seq
+from timm.models import checkpoint, checkpoint_seq, register_model
+from timm.models._features import feature_take_indices  # no public name in timm 1.0.31
 from timm.models.vision_transformer import Block, VisionTransformer, _cfg, checkpoint_filter_fn
 
 from ..streams import expand_streams, reduce_streams
@@ -30,8 +29,9 @@ class BlockHC(Block):
 
     def __init__(self, dim: int, *args, depth: int = 0, hc: HcSpec = None, **kwargs):
         super().__init__(dim, *args, depth=depth, **kwargs)
-        self.hc_attn = hc.connection(dim, 2 * depth)
-        self.hc_mlp = hc.connection(dim, 2 * depth + 1)
+        dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))  # timm's factory arguments
+        self.hc_attn = hc.connection(dim, 2 * depth, **dd)
+        self.hc_mlp = hc.connection(dim, 2 * depth + 1, **dd)
 
     def _attn_branch(self, u: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         return self.drop_path1(self.ls1(self.attn(self.norm1(u), attn_mask=attn_mask, is_causal=is_causal)))

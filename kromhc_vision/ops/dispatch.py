@@ -140,10 +140,10 @@ def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float, backend=Non
 
 
 def stream_post(X, y, h_res, h_post, backend=None):
-    """``X_next = H_res X + H_post^T y`` on the backend in force (see :func:`kromhc_vision.ops.reference.stream_post`)."""
+    """``X_next = H_res X + H_post^T y`` on the backend in force (see :func:`.reference.stream_post`)."""
     return _run("stream_post", backend, X.shape[-2], X, y, h_res, h_post)
 
 
 def sinkhorn(logits, num_iters: int, backend=None):
-    """mHC's ``H_res`` from ``(..., n, n)`` logits on the backend in force (see :func:`kromhc_vision.ops.reference.sinkhorn`)."""
+    """mHC's ``H_res`` from ``(..., n, n)`` logits on the backend in force (see :func:`.reference.sinkhorn`)."""
     return _run("sinkhorn", backend, logits.shape[-1], logits, num_iters)

@@ -15,7 +15,16 @@
 Coefficients and accumulation run in :func:`compute_dtype` (float32, float64 if an input is float64)
 with autocast off; ``u`` and ``X_next`` come back in the stream dtype. Every backend computes the same.
 """
+import contextlib
+
 import torch
+
+
+def autocast_off(device: torch.device):
+    """A context with autocast disabled on ``device`` (nothing to disable where autocast does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -35,7 +44,7 @@ def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
     """
     n = X.shape[-2]
     dtype = compute_dtype(X, proj_weight)
-    with torch.autocast(X.device.type, enabled=False):
+    with autocast_off(X.device):
         Xc = X.to(dtype)
         flat = Xc.flatten(-2)
         inv_rms = torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + eps)
@@ -50,7 +59,7 @@ def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
 def stream_post(X, y, h_res, h_post):
     """``X (..., n, C)``, ``y (..., C)``, ``h_res (..., n, n)``, ``h_post (..., n)`` -> ``X_next (..., n, C)``."""
     dtype = compute_dtype(X, h_res)
-    with torch.autocast(X.device.type, enabled=False):
+    with autocast_off(X.device):
         out = torch.addcmul(h_res.to(dtype) @ X.to(dtype), h_post.to(dtype).unsqueeze(-1), y.to(dtype).unsqueeze(-2))
     return out.to(X.dtype)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from kromhc_vision.backend import numba_unavailable_reason
+from kromhc_vision.ops import backend_for
 
 from .runs import ROOT
 
@@ -13,11 +13,8 @@ KERNEL_BENCHMARKS = ('bench_stream_pre.py', 'bench_stream_post.py', 'bench_sinkh
 
 
 def default_backend() -> str:
-    """The backend the training runs get from ``auto`` on this machine."""
-    if torch.cuda.is_available():
-        return 'triton'
-    return 'numba' if numba_unavailable_reason(torch.device('cpu')) is None else 'torch'
-
+    """The backend the training runs get from ``auto`` on this machine (dispatch's rules)."""
+    return backend_for('auto', torch.device('cuda' if torch.cuda.is_available() else 'cpu'))
 
 
 def run_script(script: Path, *script_args) -> str:
@@ -33,7 +30,7 @@ def run_benchmarks(args) -> list:
     bench = ROOT / 'benchmarks'
     trunk = [['--streams', str(n), '--rounds', str(args.bench_rounds), '--batch', str(args.bench_batch)]
              for n in args.bench_streams]
-    numba = numba_unavailable_reason(torch.device('cpu')) is None
+    numba = backend_for('auto', torch.device('cpu')) == 'numba'
     if numba:  # the plain PyTorch path at n = 4 too, beside the numba one
         trunk.append(['--streams', '4', '--rounds', str(args.bench_rounds), '--batch', str(args.bench_batch),
                       '--backend', 'torch'])

@@ -12,7 +12,7 @@ Per token, with ``x`` the stream state ``(n, C)``, ``r = x W_g`` the projection 
 ``x`` is read once per direction and stays in L1 while the token's coefficients are formed; PyTorch
 reads it three times forward (norm, ``u``) and backward (``<du, x>``, ``coef x``, ``H_pre^T du``)
 and makes some ten small ops besides. The GEMM terms ``x W_g`` and ``dr W_g^T``, ``x^T dr`` stay with
-BLAS. Reference: :func:`kromhc_vision.ops.pytorch.stream_pre.pre_tokens_forward` / :func:`~kromhc_vision.ops.pytorch.stream_pre.pre_tokens_backward`.
+BLAS. Reference: :func:`..pytorch.stream_pre.pre_tokens_forward` / :func:`..pytorch.stream_pre.pre_tokens_backward`.
 """
 import math
 
@@ -130,7 +130,8 @@ _stream_pre_bwd.register_fake(lambda x, dX_post, du, dh_pre, dh_post, da_res, h_
 
 def pre_tokens_forward(x, raw, scale, bias, eps: float):
     """``x (T, n, C)``, ``raw (T, k')``, ``scale``, ``bias (k,)`` -> ``u (T, C)``, ``h_pre``, ``h_post (T, n)``,
-    ``a_res (T, m)``, ``inv_rms (T, 1)``; one dtype throughout. Same as :func:`kromhc_vision.ops.pytorch.stream_pre.pre_tokens_forward`.
+    ``a_res (T, m)``, ``inv_rms (T, 1)``; one dtype throughout.
+    Same as :func:`..pytorch.stream_pre.pre_tokens_forward`.
     """
     return _stream_pre_fwd(x, raw, scale, bias, eps)
 

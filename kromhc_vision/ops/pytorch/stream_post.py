@@ -4,7 +4,7 @@ Reference: :func:`kromhc_vision.ops.reference.stream_post`.
 """
 import torch
 
-from ..reference import compute_dtype
+from ..reference import autocast_off, compute_dtype
 
 
 class StreamPost(torch.autograd.Function):
@@ -18,7 +18,7 @@ class StreamPost(torch.autograd.Function):
     def forward(ctx, X, y, h_res, h_post):
         n, C = X.shape[-2:]
         dtype = compute_dtype(X, h_res)
-        with torch.autocast(X.device.type, enabled=False):
+        with autocast_off(X.device):
             out = torch.bmm(h_res.reshape(-1, n, n).to(dtype), X.reshape(-1, n, C).to(dtype))
             out.baddbmm_(h_post.reshape(-1, n, 1).to(dtype), y.reshape(-1, 1, C).to(dtype))
         ctx.save_for_backward(X, y, h_res, h_post)

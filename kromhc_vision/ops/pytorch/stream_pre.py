@@ -6,7 +6,7 @@ Reference: :func:`kromhc_vision.ops.reference.stream_pre`.
 """
 import torch
 
-from ..reference import compute_dtype
+from ..reference import autocast_off, compute_dtype
 
 
 def _gained_weight(norm_weight, proj_weight, dtype):
@@ -87,7 +87,7 @@ class StreamPre(torch.autograd.Function):
         n, C = X.shape[-2:]
         lead = X.shape[:-2]
         dtype = compute_dtype(X, proj_weight)
-        with torch.autocast(X.device.type, enabled=False):
+        with autocast_off(X.device):
             x = X.reshape(-1, n, C).to(dtype).contiguous()  # the GEMMs and token ops take (T, n*C) rows
             raw = x.view(-1, n * C) @ _gained_weight(norm_weight, proj_weight, dtype)  # (T, padded k)
             u, h_pre, h_post, a_res, inv_rms = token_ops[0](x, raw, scale.to(dtype), bias.to(dtype), eps)
