@@ -13,6 +13,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from .extras import require
+
 DIGITS_SIZE = 32
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -29,6 +31,8 @@ def write_digits_folder(root: Union[str, Path], per_class: Optional[int] = None)
     Returns ``root``.
     """
     from PIL import Image
+
+    require("sklearn")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -26,6 +26,8 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
+from .extras import pyplot
+
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
@@ -108,9 +110,7 @@ def _short(name: str) -> str:
 
 def plot_h_res(diag: Dict, path) -> None:
     """Heat maps of the mean ``H_res`` of every connection, in depth order."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = diag['layers']
     cols = min(len(layers), 6)
@@ -144,9 +144,7 @@ def plot_composite_gain(runs: Dict[str, Dict], path) -> None:
     ``runs``: label -> :func:`connection_diagnostics` result (one model, or several to compare variants).
     Log scale; the dashed line is float32 rounding (eps), the floor of an exactly doubly stochastic map.
     """
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_err, ax_gain, ax_abs) = plt.subplots(1, 3, figsize=(15, 4.2))
     floor = 1e-17

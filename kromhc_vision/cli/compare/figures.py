@@ -1,11 +1,10 @@
 """compare.py's figures: training curves and the parameter count of one connection against n."""
 import kromhc_vision as kv
+from kromhc_vision.extras import pyplot
 
 
 def plot_curves(rows, n, path, title):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for row in rows:
@@ -27,9 +26,7 @@ def plot_curves(rows, n, path, title):
 
 
 def plot_params(path, dim=768, streams=(2, 3, 4, 6, 8, 12, 16)):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for variant in kv.CONNECTIONS:
