@@ -11,7 +11,7 @@ import torch
 
 class _Permute(torch.autograd.Function):
     """``x.permute(dims).contiguous()`` whose gradient comes back contiguous too (plain autograd would
-    hand the upstream ops a strided view, on which CPU reductions over small axes run 10-20x slower)."""
+    hand the upstream ops a strided view, on which CPU reductions over small axes run much slower)."""
 
     @staticmethod
     def forward(ctx, x, dims):

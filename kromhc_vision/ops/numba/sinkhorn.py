@@ -8,13 +8,12 @@ logits span at most ``SPAN_LIMIT[dtype]``: each iterate ``D_1 exp(L) D_2`` then 
 above ``exp(-2 span) / n^3`` (the ratios of its scalings are bounded by the span), a normal number
 for spans up to ~40 in float32 and ~350 in float64. A group of tokens holding a wider span (or
 infinite logits) runs the same half-steps in the log domain, ``L <- L - logsumexp(L)``. In float32
-the result is as close to the float64 answer as the float32 reference's (2.4e-7 against 2.3e-7 at
-T = 3152, n = 4, logits of std 3). The backward keeps only the logits: per task it runs the forward
-again, keeping each half-step's n sums (log-sum-exps) in a scratch of its worker thread
-(``2 * num_iters * n`` values per token, 80 kB per task at n = 4 in float32: it stays in L2), then
-walks the half-steps back, rebuilding each earlier iterate from the later one and its sums. Keeping
-the sums from the forward instead would hold 2 MB (4 MB in float64) more activations per connection at the ViT-Tiny
-trunk's size; in that trunk the recomputation cost no measurable step time.
+the result is as close to the float64 answer as the float32 reference's (tests/ops/test_numba_sinkhorn.py).
+The backward keeps only the logits: per task it runs the forward again, keeping each half-step's n sums
+(log-sum-exps) in a scratch of its worker thread (``2 * num_iters * n`` values per token of the task,
+small enough to stay in L2), then walks the half-steps back, rebuilding each earlier iterate from the
+later one and its sums. Keeping the sums from the forward instead would add ``2 * num_iters * n`` values
+per token to the activations every connection keeps for its backward.
 Reference: :func:`kromhc_vision.ops.reference.sinkhorn`.
 """
 import math

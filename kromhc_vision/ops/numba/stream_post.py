@@ -32,7 +32,7 @@ def _forward_kernel(X, y, H, hp, out):
 @numba.njit(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 def _backward_kernel(X, y, H, hp, dZ, dX, dy, dH, dhp):
     T, n, C = X.shape
-    zero = X.dtype.type(0)  # dot products from a typed zero over the full row: 1.3-1.6x faster than from term 0
+    zero = X.dtype.type(0)  # dot products from a typed zero over the full row vectorise better than from term 0
     for t in numba.prange(T):
         for c in range(C):
             dy[t, c] = hp[t, 0] * dZ[t, 0, c]
