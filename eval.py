@@ -29,7 +29,6 @@ from kromhc_vision.cli import ConfigError, write_json
 from kromhc_vision.cli.evaluation import (check_checkpoint, checkpoint_classes, eval_loader, evaluate,
                                          load_trained_model, split_folder)
 
-_logger = logging.getLogger('eval')
 
 
 def parse_args(argv=None):
