@@ -30,7 +30,6 @@ from kromhc_vision.cli.evaluation import (check_checkpoint, checkpoint_classes, 
                                          load_trained_model, split_folder)
 
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False)
     p.add_argument('--model', required=True, help='timm model name (a pretrained tag may follow a dot)')
