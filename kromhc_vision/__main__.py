@@ -1,4 +1,8 @@
-"""``python -m kromhc_vision table``: the variants, their guarantees and parameter counts (markdown)."""
+"""``python -m kromhc_vision table``: the variants, their guarantees and parameter counts (markdown).
+
+``python -m kromhc_vision check-kernels [--archs 80,90] [--jobs N] [--full]``: compile every Triton kernel for
+real GPU targets (no GPU needed) and report shared memory, registers and spills
+(:mod:`kromhc_vision.ops.triton.check`)."""
 import argparse
 import math
 
@@ -29,13 +33,27 @@ def parameter_table(dim: int, streams: list) -> str:
     return "\n".join(rows)
 
 
+def _check_arguments(parser):
+    try:
+        from .ops.triton.check import add_arguments
+    except ImportError as e:  # no triton: the subcommand says so when run
+        parser.set_defaults(_import_error=str(e))
+        return
+    add_arguments(parser)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m kromhc_vision", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     table = sub.add_parser("table", help="parameter counts per connection, as a markdown table")
     table.add_argument("--dim", type=int, default=768, help="channels per stream C (default 768)")
     table.add_argument("--streams", type=int, nargs="+", default=[4, 8, 16], help="stream counts n")
+    check = sub.add_parser("check-kernels", help="compile every Triton kernel for sm_80 / sm_90 (no GPU needed)")
+    _check_arguments(check)
     args = parser.parse_args(argv)
+    if args.command == "check-kernels":
+        from .ops.triton.check import run
+        raise SystemExit(run(args))
     print(f"Parameters of one connection at C = {args.dim} (`python -m kromhc_vision table --dim {args.dim}`):\n")
     print(parameter_table(args.dim, args.streams))
 

@@ -27,8 +27,10 @@ def _larger_blocks_win(calls):
 
 
 def _replay(monkeypatch, kernel, configs):
-    """Give ``kernel`` these configs, an empty tuning cache and the benchmarker above; returns its call log."""
+    """Give ``kernel`` these configs (no pruning: the GPU resource estimates do not apply to the interpreter),
+    an empty tuning cache and the benchmarker above; returns its call log."""
     calls = []
+    monkeypatch.setattr(kernel, "early_config_prune", None)
     monkeypatch.setattr(kernel, "configs", configs)
     monkeypatch.setattr(kernel, "cache", {})
     monkeypatch.setitem(vars(kernel), "do_bench", _larger_blocks_win(calls))  # a cached_property of Autotuner

@@ -1,4 +1,5 @@
-"""Helpers shared by the kernels: dtypes, dot precision, autotune config lists and pruning."""
+"""Helpers shared by the kernels: dtypes, dot precision, autotune config lists and pruning by resources."""
+import contextlib
 import functools
 
 import torch
@@ -22,21 +23,76 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def configs(gpu: list, interpreter: dict) -> list:
-    """``triton.Config`` list: ``gpu`` entries are ``(meta, num_warps)``; one config in the interpreter."""
+    """``triton.Config`` list: ``gpu`` entries are ``(meta, num_warps)`` or ``(meta, num_warps, num_stages)``
+    (default 3 stages); one config in the interpreter."""
     if INTERPRETED:
         return [triton.Config(interpreter, num_warps=1)]
-    return [triton.Config(meta, num_warps=w) for meta, w in gpu]
+    return [triton.Config(entry[0], num_warps=entry[1], num_stages=entry[2] if len(entry) > 2 else 3)
+            for entry in gpu]
 
 
-def prune_by_size(limit: int, size):
-    """Autotune pruner keeping configs with ``size(args) <= limit`` elements of registers (the smallest if none).
+# Opt-in shared memory per block on sm_80, the default target where no CUDA tensor says otherwise.
+DEFAULT_SHARED_LIMIT = 166_912
+# Registers a thread may hold for a kernel's tiles (of 255, leaving room for addresses, masks and loop state).
+REGISTER_BUDGET = 96
+_target_shared = []  # a stack of overrides (check-kernels compiles for archs this machine does not have)
 
-    ``size`` gets the kernel arguments merged with the config's meta-parameters.
+
+@contextlib.contextmanager
+def target_limits(shared_bytes: int):
+    """Prune for a GPU with ``shared_bytes`` of shared memory per block instead of the tensors' device."""
+    _target_shared.append(shared_bytes)
+    try:
+        yield
+    finally:
+        _target_shared.pop()
+
+
+def shared_limit(named_args) -> int:
+    """Shared memory per block a launch may use: the override, else the CUDA device of a tensor argument."""
+    if _target_shared:
+        return _target_shared[-1]
+    for v in named_args.values():
+        device = getattr(v, "device", None)
+        if isinstance(device, torch.device) and device.type == "cuda":
+            return _device_shared_limit(device)
+    return DEFAULT_SHARED_LIMIT
+
+
+@functools.lru_cache(maxsize=None)
+def _device_shared_limit(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def nbytes(dtype) -> int:
+    """Bytes of one element of a torch or Triton dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype.itemsize
+    return dtype.primitive_bitwidth // 8
+
+
+def prune_by_resources(estimate):
+    """Autotune pruner by an estimate of each config's resources on the launch's GPU.
+
+    ``estimate(args, num_warps, num_stages)`` gets the kernel arguments merged with the config's
+    meta-parameters and returns ``(shared memory bytes per block, 32-bit registers per thread for tiles)``.
+    Kept: the configs within the shared memory limit and ``REGISTER_BUDGET``; if none, the one of least
+    registers among those within the shared memory limit, else the one of least shared memory (which
+    ``check-kernels`` then reports as a launch that does not fit).
     """
     def prune(configs, named_args, **kwargs):
+        limit = shared_limit(named_args)
+
         def cost(cfg):
-            return size({**named_args, **kwargs, **cfg.kwargs})
-        return [c for c in configs if cost(c) <= limit] or [min(configs, key=cost)]
+            return estimate({**named_args, **kwargs, **cfg.kwargs}, cfg.num_warps, cfg.num_stages)
+        costs = {cfg: cost(cfg) for cfg in configs}
+        kept = [c for c in configs if costs[c][0] <= limit and costs[c][1] <= REGISTER_BUDGET]
+        if kept:
+            return kept
+        fitting = [c for c in configs if costs[c][0] <= limit]
+        if fitting:
+            return [min(fitting, key=lambda c: costs[c][1])]
+        return [min(configs, key=lambda c: costs[c][0])]
     return {"early_config_prune": prune}
 
 

@@ -12,10 +12,18 @@ import triton
 import triton.language as tl
 
 from ..dispatch import TRITON_SINKHORN_MAX_STREAMS as MAX_N
-from ._common import configs
+from ._common import configs, nbytes, prune_by_resources
 
 
 _CONFIGS = configs([(dict(), 1), (dict(), 2), (dict(), 4)], dict())
+
+
+def _sinkhorn_resources(a, num_warps, num_stages):
+    """Registers: ``BLOCK_T * NP^2`` logits (about 1024) live as ``L``, ``dL`` and two recomputed iterates."""
+    return 0, 4 * a["BLOCK_T"] * a["NP"] ** 2 * (nbytes(a["LOGITS"].dtype) // 4) / (32 * num_warps)
+
+
+_PRUNE = prune_by_resources(_sinkhorn_resources)
 
 
 @triton.jit
@@ -45,7 +53,7 @@ def _block(T, n: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr):
     return offs, valid
 
 
-@triton.autotune(_CONFIGS, key=["n"])
+@triton.autotune(_CONFIGS, key=["n"], prune_configs_by=_PRUNE)
 @triton.jit
 def _sinkhorn_fwd_kernel(LOGITS, OUT, T, num_iters, n: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr):
     offs, valid = _block(T, n, NP, BLOCK_T)
@@ -53,7 +61,7 @@ def _sinkhorn_fwd_kernel(LOGITS, OUT, T, num_iters, n: tl.constexpr, NP: tl.cons
     tl.store(OUT + offs, tl.exp(_iterate(L, valid, num_iters)), mask=valid)
 
 
-@triton.autotune(_CONFIGS, key=["n"])
+@triton.autotune(_CONFIGS, key=["n"], prune_configs_by=_PRUNE)
 @triton.jit
 def _sinkhorn_bwd_kernel(LOGITS, DOUT, DLOGITS, T, num_iters, n: tl.constexpr, NP: tl.constexpr,
                          BLOCK_T: tl.constexpr):

@@ -13,17 +13,29 @@ import triton.language as tl
 
 from .._custom_ops import register_stream_post
 from ..reference import compute_dtype
-from ._common import configs, prune_by_size, tl_dtype
+from ._common import configs, nbytes, prune_by_resources, tl_dtype
 
 _CONFIGS = configs(
     [(dict(BLOCK_T=4, BLOCK_C=256), 4), (dict(BLOCK_T=8, BLOCK_C=128), 4), (dict(BLOCK_T=16, BLOCK_C=128), 8),
      (dict(BLOCK_T=32, BLOCK_C=64), 4), (dict(BLOCK_T=8, BLOCK_C=256), 8), (dict(BLOCK_T=2, BLOCK_C=128), 4)],
     dict(BLOCK_T=4, BLOCK_C=32),
 )
-_PRUNE = prune_by_size(8192, lambda a: a["BLOCK_T"] * a["NP"] * a["BLOCK_C"])
 
 
-@triton.autotune(_CONFIGS, key=["n", "C"], prune_configs_by=_PRUNE)
+def _post_resources(backward: bool):
+    """No dots, so little shared memory; registers: the ``(BLOCK_T, NP, BLOCK_C)`` accumulator (forward;
+    about 1.5 of it live with the loaded ``h`` and ``x``) or the ``dZ`` tile with its products (backward, about
+    3 of it), and one stream tile, in the compute dtype, over the threads (fitted to Triton 3.8's compiles)."""
+    def estimate(a, num_warps, num_stages):
+        cb = nbytes(a["CD"])
+        tile = (3 if backward else 1.5) * a["BLOCK_T"] * a["NP"] * a["BLOCK_C"] + a["BLOCK_T"] * a["BLOCK_C"]
+        return 1024, tile * (cb // 4) / (32 * num_warps)
+    return prune_by_resources(estimate)
+
+
+
+
+@triton.autotune(_CONFIGS, key=["n", "C"], prune_configs_by=_post_resources(False))
 @triton.jit
 def _stream_post_fwd_kernel(X, Y, H, HP, OUT, T, n: tl.constexpr, C: tl.constexpr, NP: tl.constexpr,
                             CD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -47,7 +59,7 @@ def _stream_post_fwd_kernel(X, Y, H, HP, OUT, T, n: tl.constexpr, C: tl.constexp
         tl.store(ptr, acc.to(OUT.dtype.element_ty), mask=hm[:, :, None] & m[:, None, :])
 
 
-@triton.autotune(_CONFIGS, key=["n", "C"], prune_configs_by=_PRUNE)
+@triton.autotune(_CONFIGS, key=["n", "C"], prune_configs_by=_post_resources(True))
 @triton.jit
 def _stream_post_bwd_kernel(X, Y, H, HP, DZ, DX, DY, DH, DHP, T, n: tl.constexpr, C: tl.constexpr,
                             NP: tl.constexpr, CD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):

@@ -21,16 +21,47 @@ import triton
 import triton.language as tl
 
 from ..reference import compute_dtype
-from ._common import configs, dot_precision, num_programs_hint, prune_by_size, tl_dtype
+from ._common import configs, dot_precision, nbytes, num_programs_hint, prune_by_resources, tl_dtype
 
 MIN_BLOCK_T = 16  # tl.dot needs M >= 16; the per-program partial buffers are sized for it
 
+# Pipelined (2-3 stage) configs for the common widths K <= 128; 1-stage small tiles for large K (mHC-lite n = 6:
+# K = 732, padded 1024; HC / mHC n = 16: K = 288, padded 512), where pipelined weight tiles overflow shared
+# memory. No BLOCK_C = 128 tiles and no 8-warp 16 x 16 tiles: in Triton 3.8 they spill at every K (check-kernels).
 _CONFIGS = configs(
-    [(dict(BLOCK_T=16, BLOCK_C=64), 4), (dict(BLOCK_T=32, BLOCK_C=64), 4), (dict(BLOCK_T=32, BLOCK_C=128), 8),
-     (dict(BLOCK_T=64, BLOCK_C=64), 8), (dict(BLOCK_T=16, BLOCK_C=128), 4), (dict(BLOCK_T=16, BLOCK_C=16), 8)],
+    [(dict(BLOCK_T=16, BLOCK_C=64), 4), (dict(BLOCK_T=32, BLOCK_C=64), 4), (dict(BLOCK_T=64, BLOCK_C=64), 8),
+     (dict(BLOCK_T=16, BLOCK_C=32), 4, 2), (dict(BLOCK_T=16, BLOCK_C=32), 4, 1), (dict(BLOCK_T=16, BLOCK_C=16), 4, 1)],
     dict(BLOCK_T=MIN_BLOCK_T, BLOCK_C=32),
 )
-_PRUNE = prune_by_size(16384, lambda a: (a["BLOCK_T"] + a["BLOCK_C"]) * a["KP"] + a["BLOCK_T"] * a["BLOCK_C"])
+
+
+def _pre_resources(backward: bool):
+    """``(shared bytes, registers per thread)`` of a pre-kernel config, fitted to Triton 3.8's sm_80 / sm_90
+    compiles (``check-kernels`` measures the real values). Shared memory: each pipeline stage (when there are
+    two or more) buffers the weight tile ``(BLOCK_C, KP)`` and the stream tile ``(BLOCK_T, BLOCK_C)`` in their
+    storage dtypes; on top, the dot operands and the layout conversion of the ``(BLOCK_T, KP)`` accumulators
+    (``r``; and ``xdu``, ``dr`` in the backward). Registers: the accumulators, the tiles of one iteration and
+    the tiles in flight for the later stages, in the compute dtype, spread over the threads."""
+    def estimate(a, num_warps, num_stages):
+        bt, bc, kp = a["BLOCK_T"], a["BLOCK_C"], a["KP"]
+        xb, wb, cb = nbytes(a["X"].dtype), nbytes(a["W"].dtype), nbytes(a["CD"])
+        staged = num_stages * (bc * kp * wb + bt * bc * xb) if num_stages > 1 else 0
+        acc = ((4 if bt >= 64 else 3 if bt >= 32 else 2.5) if backward else 2) * bt * kp * cb
+        shared = staged + max(bc * kp * cb, acc) + 1024
+        tiles = (3 if backward else 1) * bt * kp + bc * kp + 3 * bt * bc + (num_stages - 1) * (bc * kp + bt * bc)
+        return shared, tiles * (cb // 4) / (32 * num_warps)
+    return prune_by_resources(estimate)
+
+
+def _dw_resources(a, num_warps, num_stages):
+    """As :func:`_pre_resources` for the ``x^T dr`` GEMM: stages buffer ``dr (BLOCK_T, KP)`` and
+    ``x (BLOCK_T, BLOCK_D)``; the ``(BLOCK_D, KP)`` accumulator is converted for the store."""
+    bt, bd, kp = a["BLOCK_T"], a["BLOCK_D"], a["KP"]
+    xb, cb = nbytes(a["X"].dtype), nbytes(a["CD"])
+    staged = num_stages * (bt * kp * cb + bt * bd * xb) if num_stages > 1 else 0
+    shared = staged + max(2 * bt * kp * cb + bt * bd * cb, bd * kp * cb) + 1024
+    regs = (bd * kp + bt * kp + 2 * bt * bd) * (cb // 4) / (32 * num_warps)
+    return shared, regs
 
 
 @triton.jit
@@ -70,7 +101,7 @@ def _coefficients(r, ss, S, B, cols, eps, n: tl.constexpr, C: tl.constexpr, K: t
     return rho, s, sig, coef
 
 
-@triton.autotune(_CONFIGS, key=["n", "C", "K"], prune_configs_by=_PRUNE)
+@triton.autotune(_CONFIGS, key=["n", "C", "K"], prune_configs_by=_pre_resources(False))
 @triton.jit
 def _stream_pre_fwd_kernel(X, G, W, S, B, U, COEF, T, eps, n: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
                            KP: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
@@ -96,7 +127,8 @@ def _stream_pre_fwd_kernel(X, G, W, S, B, U, COEF, T, eps, n: tl.constexpr, C: t
 # PART has a row per program of the smallest BLOCK_T; a larger block writes fewer rows and the launcher sums
 # them all. The autotuner's benchmark runs of other configs write the other rows, so it zeroes PART before
 # each of them and again before the launch of the winner (reset_to_zero).
-@triton.autotune(_CONFIGS, key=["n", "C", "K"], prune_configs_by=_PRUNE, reset_to_zero=["PART"])
+@triton.autotune(_CONFIGS, key=["n", "C", "K"], prune_configs_by=_pre_resources(True),
+                 reset_to_zero=["PART"])
 @triton.jit
 def _stream_pre_bwd_kernel(X, G, W, S, B, DU, DCOEF, DX, DR, PART, T, eps, n: tl.constexpr, C: tl.constexpr,
                            K: tl.constexpr, KP: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
@@ -136,9 +168,11 @@ def _stream_pre_bwd_kernel(X, G, W, S, B, DU, DCOEF, DX, DR, PART, T, eps, n: tl
 
 
 @triton.autotune(configs([(dict(BLOCK_T=32, BLOCK_D=64), 4), (dict(BLOCK_T=64, BLOCK_D=64), 4),
-                          (dict(BLOCK_T=64, BLOCK_D=128), 8), (dict(BLOCK_T=32, BLOCK_D=16), 8)],
+                          (dict(BLOCK_T=64, BLOCK_D=128), 8), (dict(BLOCK_T=32, BLOCK_D=16), 8),
+                          (dict(BLOCK_T=16, BLOCK_D=64), 4), (dict(BLOCK_T=16, BLOCK_D=32), 4, 1),
+                          (dict(BLOCK_T=16, BLOCK_D=16), 4, 1), (dict(BLOCK_T=16, BLOCK_D=32), 8, 1)],
                          dict(BLOCK_T=MIN_BLOCK_T, BLOCK_D=32)),
-                 key=["D", "KP"], prune_configs_by=prune_by_size(16384, lambda a: a["BLOCK_D"] * a["KP"]))
+                 key=["D", "KP"], prune_configs_by=prune_by_resources(_dw_resources))
 @triton.jit
 def _stream_pre_dw_kernel(X, DR, PART, T, D: tl.constexpr, KP: tl.constexpr, CD: tl.constexpr,
                           PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
