@@ -39,7 +39,7 @@ import kromhc_vision as kv  # noqa: E402
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-import _report  # noqa: E402
+from kromhc_vision.cli import sections as _report  # noqa: E402
 
 VARIANTS = ("hc", "mhc", "mhclite", "kromhc")
 STREAMS = (2, 4, 6, 8)

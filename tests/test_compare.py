@@ -30,6 +30,8 @@ def test_compare_writes_results_from_its_runs(tmp_path):
             '--diag-images', '32',
             '--output', str(out), '--results', str(tmp_path / 'RESULTS.md'),
             '--benchmarks', str(tmp_path / 'BENCHMARKS.md')]
+    gpu_section = '<!-- gpu_suite:begin -->\nGPU figures of another generator\n<!-- gpu_suite:end -->'
+    (tmp_path / 'BENCHMARKS.md').write_text(f'# Benchmarks\n\n{gpu_section}\n')
     compare.main(argv)
     results = (tmp_path / 'RESULTS.md').read_text()
     assert 'The 4 training runs took' in results and 'reused' not in results
@@ -51,6 +53,7 @@ def test_compare_writes_results_from_its_runs(tmp_path):
     assert 'bench_trunk_cpu.py --streams 4 --rounds 1 --batch 2 --backend torch' in benchmarks
     assert 'mhclite   refused' in benchmarks  # mHC-lite refuses n = 8; the others are timed
     assert '| kromhc | 2 |' in benchmarks
+    assert gpu_section in benchmarks and benchmarks.startswith('# Benchmarks')  # another generator's section kept
 
     # a second call with the same settings reuses every run; other settings retrain
     logs = {p: p.stat().st_mtime_ns for p in out.glob('*.log')}

@@ -1,5 +1,5 @@
 """``benchmarks/gpu_suite.py`` without a GPU: its correctness stage in Triton's interpreter on tiny shapes, and
-``benchmarks/_report.py``'s section replacement. (The GPU stages run only on a GPU.)"""
+``kromhc_vision.cli.sections``'s section replacement. (The GPU stages run only on a GPU.)"""
 import json
 import sys
 from pathlib import Path
@@ -10,7 +10,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-import _report  # noqa: E402
+from kromhc_vision.cli import sections as _report  # noqa: E402
 import gpu_suite  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke mode is the suite without a GPU")
