@@ -14,8 +14,8 @@ from .connections import (
 from .residual_maps import stochasticity_error
 from .streams import expand_streams, reduce_streams
 from .models import (  # registers the timm models
-    CheckpointMismatchError, TorchScriptUnsupportedError, hc_model_args, load_residual_weights,
-    upcycle_residual_state_dict,
+    CheckpointFileError, CheckpointMismatchError, PretrainedWeightsUnavailableError, TorchScriptUnsupportedError,
+    check_local_dir, check_weights_file, hc_model_args, load_residual_weights, upcycle_residual_state_dict,
 )
 
 __version__ = "0.1.0"

@@ -5,23 +5,31 @@ the model arguments ``num_streams`` (default 4, 1 for ``residual``), ``hc_init``
 (``'published'`` | ``'identity'``), ``hc_backend`` (None | ``'auto'`` | ``'triton'`` | ``'torch'``)
 and ``hc_kwargs`` (extra connection arguments, e.g. ``{'sinkhorn_iters': 10}``).
 """
+import json
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Set, Union
 
+import huggingface_hub
+import huggingface_hub.constants
+import safetensors
+import timm.models._factory
 import torch
 from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, load_state_dict, \
     resolve_pretrained_cfg
-from timm.models._input import update_model_args  # no public name in timm 1.0.31
+from timm.models._builder import _resolve_pretrained_source  # no public names in timm 1.0.31
+from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES
+from timm.models._input import update_model_args
 
 from ..connections import CONNECTIONS, HyperConnection, ResidualConnection, build_connection, connection_class
 
 __all__ = [
     'VARIANTS', 'DEFAULT_NUM_STREAMS', 'PAPER_IDS', 'HcSpec', 'HcModelMixin', 'TorchScriptUnsupportedError',
-    'CheckpointMismatchError', 'hc_model_args', 'upcycle_residual_state_dict', 'load_residual_weights',
-    'create_hc_model', 'upcycled_cfg', 'hc_default_cfgs',
+    'CheckpointMismatchError', 'CheckpointFileError', 'PretrainedWeightsUnavailableError', 'hc_model_args',
+    'upcycle_residual_state_dict', 'load_residual_weights',
+    'create_hc_model', 'upcycled_cfg', 'hc_default_cfgs', 'check_local_dir', 'check_weights_file',
 ]
 
 VARIANTS = tuple(CONNECTIONS)  # ('residual', 'hc', 'mhc', 'mhclite', 'kromhc')
@@ -47,6 +55,15 @@ class TorchScriptUnsupportedError(RuntimeError):
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose keys or shapes disagree with the model; the message lists every disagreement."""
+
+
+class CheckpointFileError(ValueError):
+    """A weights file or ``local-dir:`` folder that cannot be read; the message names the file and the fault."""
+
+
+class PretrainedWeightsUnavailableError(FileNotFoundError):
+    """``pretrained=True`` needs the Hugging Face Hub, which is unreachable or switched off, and the weights
+    are not in the local cache; the message names ``HF_HUB_OFFLINE`` and the local ways to load weights."""
 
 
 @dataclass(frozen=True)
@@ -222,15 +239,158 @@ def hc_default_cfgs(base_cfgs: Dict[str, Dict[str, Any]], paper_id: str):
     return generate_default_cfgs(out)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Checks of where pretrained weights come from, before any model is built
+
+# Seconds a reachability probe of the Hub may take before ``pretrained=True`` counts the Hub as unreachable.
+HUB_PROBE_TIMEOUT_S = 3.0
+# Files timm's Hub loader tries when a cfg names no ``hf_hub_filename`` (safetensors first).
+_HUB_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'open_clip_model.safetensors',
+                     'open_clip_pytorch_model.bin')
+_LOCAL_OPTIONS = (
+    "Set HF_HUB_OFFLINE=1 to use only the local Hugging Face cache (it fails at once when the files are not "
+    "there), or load weights from disk: timm.create_model(name, pretrained=True, "
+    "pretrained_cfg_overlay=dict(file='model.safetensors')), timm.create_model('local-dir:<folder>', "
+    "pretrained=True) for a folder written by timm.models.save_for_hf, or "
+    "kromhc_vision.load_residual_weights(model, <timm residual model, state dict or file>) to upcycle.")
+
+
+def check_weights_file(path: Union[str, Path]) -> Path:
+    """Raise :class:`CheckpointFileError` unless ``path`` is a non-empty file (a readable header for safetensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointFileError(f'weights file {path} does not exist or is not a file')
+    if path.stat().st_size == 0:
+        raise CheckpointFileError(f'weights file {path} is empty (0 bytes)')
+    if path.suffix == '.safetensors':
+        try:
+            with safetensors.safe_open(str(path), 'pt'):  # reads and checks the header and the file's length
+                pass
+        except Exception as e:  # SafetensorError: garbage, truncated
+            raise CheckpointFileError(f'weights file {path} is not a complete safetensors file '
+                                      f'(garbage or truncated; {path.stat().st_size} bytes): {e}') from e
+    return path
+
+
+def _local_dir_weights(folder: Path) -> Optional[Path]:
+    """The checkpoint timm's ``local-dir:`` loader picks in ``folder`` (its order of names, then extensions)."""
+    for name in _PREFERRED_FILES:
+        if (folder / name).exists():
+            return folder / name
+    for ext in _EXT_PRIORITY:
+        files = sorted(folder.glob(f'*{ext}'))
+        if files:
+            return files[0]
+    return None
+
+
+def check_local_dir(folder: Union[str, Path], weights: bool = True) -> Path:
+    """Raise :class:`CheckpointFileError` unless ``folder`` holds what ``local-dir:<folder>`` reads.
+
+    ``config.json``: a JSON object naming the ``architecture`` (as :func:`timm.models.save_for_hf` writes);
+    with ``weights``, a checkpoint (e.g. ``model.safetensors``) checked by :func:`check_weights_file`.
+    Returns the checkpoint's path (``weights``) or the config's.
+    """
+    folder = Path(folder)
+    hint = 'local-dir: expects a folder written by timm.models.save_for_hf'
+    if not folder.is_dir():
+        raise CheckpointFileError(f'{folder} is not a folder ({hint})')
+    cfg_file = folder / 'config.json'
+    if not cfg_file.is_file():
+        raise CheckpointFileError(f'{cfg_file} is missing ({hint})')
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding='utf-8'))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointFileError(f'{cfg_file} is not valid JSON ({cfg_file.stat().st_size} bytes; garbage, empty '
+                                  f'or truncated): {e}') from e
+    if not isinstance(cfg, dict) or not isinstance(cfg.get('architecture'), str):
+        raise CheckpointFileError(f'{cfg_file} does not name the model: expected a JSON object with an '
+                                  f"'architecture' string, got {str(cfg)[:200]!r} ({hint})")
+    if 'pretrained_cfg' in cfg and not isinstance(cfg['pretrained_cfg'], dict):
+        raise CheckpointFileError(f"{cfg_file}: 'pretrained_cfg' must be a JSON object, got "
+                                  f"{str(cfg['pretrained_cfg'])[:200]!r}")
+    if not weights:
+        return cfg_file
+    found = _local_dir_weights(folder)
+    if found is None:
+        raise CheckpointFileError(f'{folder} holds no checkpoint (expected model.safetensors, or another of '
+                                  f"{', '.join(_PREFERRED_FILES)}, or a file ending in {', '.join(_EXT_PRIORITY)})")
+    return check_weights_file(found)
+
+
+def _wrap_local_dir_config(load):
+    """timm's ``load_model_config_from_path`` with :func:`check_local_dir`'s config check first."""
+    if getattr(load, '_kromhc_checked', False):
+        return load
+
+    @wraps(load)
+    def checked(model_path, *args, **kwargs):
+        check_local_dir(model_path, weights=False)
+        return load(model_path, *args, **kwargs)
+
+    checked._kromhc_checked = True
+    return checked
+
+
+# ``timm.create_model('local-dir:...')`` reads config.json before any model function runs: check it there.
+timm.models._factory.load_model_config_from_path = _wrap_local_dir_config(
+    timm.models._factory.load_model_config_from_path)
+
+
+def _hub_cached(repo: str, filenames, cache_dir=None) -> bool:
+    repo_id, _, revision = repo.partition('@')
+    return any(isinstance(huggingface_hub.try_to_load_from_cache(repo_id, f, cache_dir=cache_dir,
+                                                                 revision=revision or None), str)
+               for f in filenames)
+
+
+def _hub_unreachable_reason() -> Optional[str]:
+    """Why the Hub cannot be reached now (``HF_HUB_OFFLINE``, or a failed short probe), or None."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return 'HF_HUB_OFFLINE is set, so huggingface_hub reads only its local cache'
+    endpoint = huggingface_hub.constants.ENDPOINT
+    try:
+        huggingface_hub.get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as e:  # DNS, refused connection, timeout: any answer at all means reachable
+        return (f'{endpoint} cannot be reached ({type(e).__name__}: {e}; probed with a {HUB_PROBE_TIMEOUT_S:g} s '
+                "timeout, instead of waiting through huggingface_hub's retries)")
+    return None
+
+
+def _check_pretrained_source(name: str, cfg, cache_dir=None) -> None:
+    """Before a model is built: a local weights file must be readable, and Hub weights reachable or cached."""
+    cfg_dict = cfg.to_dict()
+    load_from, location = _resolve_pretrained_source(cfg_dict)
+    if load_from == 'file':
+        check_weights_file(location)
+    elif load_from == 'local-dir':
+        check_local_dir(location)
+    elif load_from == 'hf-hub':
+        repo, files = location if isinstance(location, tuple) else (location, _HUB_WEIGHT_FILES)
+        files = (files,) if isinstance(files, str) else files
+        if _hub_cached(repo, files, cache_dir):
+            return
+        reason = _hub_unreachable_reason()
+        if reason is not None:
+            raise PretrainedWeightsUnavailableError(
+                f"pretrained=True for {name}{'.' + cfg.tag if cfg.tag else ''} downloads {', '.join(files)} from "
+                f"the Hugging Face Hub repository {repo}, which is not in the local cache, and {reason}. "
+                + _LOCAL_OPTIONS)
+
+
 def create_hc_model(model_cls, base: str, variant: str, pretrained: bool, base_filter: Callable,
                     feature_cfg: Dict[str, Any], base_args: Dict[str, Any], **kwargs) -> nn.Module:
     """Build ``{base}_{variant}`` through ``build_model_with_cfg``.
 
     An ``upcycled_*`` pretrained tag loads timm's residual weights and therefore forces ``hc_init='identity'``.
+    With ``pretrained``, where the weights come from is checked before the model is built: a local file or
+    ``local-dir:`` folder must be readable (:class:`CheckpointFileError`), Hub weights cached or the Hub
+    reachable (:class:`PretrainedWeightsUnavailableError`, at once when offline instead of after retries).
     """
     name = f'{base}_{variant}'
     if pretrained:
         cfg = resolve_pretrained_cfg(name, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+        _check_pretrained_source(name, cfg, kwargs.get('cache_dir'))
         from_timm_hub = not (cfg.file or cfg.state_dict or cfg.source)  # no local file / own Hub repo override
         if (cfg.tag or '').startswith(UPCYCLED_TAG_PREFIX) and from_timm_hub:
             if kwargs.get('hc_init', 'identity') != 'identity':

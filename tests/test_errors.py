@@ -1,0 +1,123 @@
+"""Errors that are clear and come before any work: pretrained weights offline, broken local-dir folders,
+double backward through the PyTorch path. None of these tests needs the network."""
+import json
+import time
+
+import huggingface_hub
+import huggingface_hub.constants
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models import save_for_hf
+
+import kromhc_vision as kv
+
+MICRO = 'vit_micro_patch4_32_mhc'
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch):
+    cache = tmp_path / 'hf_cache'
+    cache.mkdir()
+    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
+    return cache
+
+
+def _assert_names_local_options(msg):
+    for text in ('HF_HUB_OFFLINE', 'pretrained_cfg_overlay=dict(file=', 'local-dir:', 'load_residual_weights'):
+        assert text in msg, text
+
+
+def test_pretrained_with_hf_hub_offline_fails_at_once(empty_hf_cache, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    start = time.monotonic()
+    with pytest.raises(kv.PretrainedWeightsUnavailableError) as err:
+        timm.create_model('vit_tiny_patch16_224_hc', pretrained=True)
+    assert time.monotonic() - start < 5
+    msg = str(err.value)
+    assert 'timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k' in msg and 'HF_HUB_OFFLINE is set' in msg
+    _assert_names_local_options(msg)
+    assert isinstance(err.value, FileNotFoundError)  # as huggingface_hub's LocalEntryNotFoundError is
+
+
+def test_pretrained_with_unreachable_hub_fails_after_one_short_probe(empty_hf_cache, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+    probes = []
+
+    class Session:
+        def head(self, url, timeout):
+            probes.append((url, timeout))
+            raise OSError('Name or service not known')
+
+    monkeypatch.setattr(huggingface_hub, 'get_session', Session)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError('hf_hub_download must not be reached')
+
+    monkeypatch.setattr(timm.models._hub, 'hf_hub_download', no_download)
+    with pytest.raises(kv.PretrainedWeightsUnavailableError, match='cannot be reached.*Name or service') as err:
+        timm.create_model('convnext_atto_kromhc', pretrained=True)
+    assert len(probes) == 1 and probes[0][1] <= 5
+    _assert_names_local_options(str(err.value))
+
+
+def test_local_weights_need_no_hub(empty_hf_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub, 'get_session', None)  # any Hub probe would fail with a TypeError
+    model = timm.create_model(MICRO, num_streams=2)
+    save_for_hf(model, tmp_path / 'out', safe_serialization=True)
+    timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True)
+    timm.create_model(MICRO, num_streams=2, pretrained=True,
+                      pretrained_cfg_overlay=dict(file=str(tmp_path / 'out' / 'model.safetensors')))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    out = tmp_path / 'out'
+    save_for_hf(timm.create_model(MICRO, num_streams=2), out, safe_serialization=True)
+    return out
+
+
+@pytest.mark.parametrize('config, match', [
+    (b'', r'config.json is not valid JSON \(0 bytes'),
+    (b'{"architecture": "vit_micro_pat', r'config.json is not valid JSON .*truncated'),
+    (b'\xff\xfe garbage', r'config.json is not valid JSON'),
+    (b'[1, 2]', r"config.json does not name the model: expected a JSON object with an 'architecture'"),
+    (b'{"pretrained_cfg": {}}', r"config.json does not name the model"),
+], ids=['empty', 'truncated', 'garbage', 'list', 'no-architecture'])
+def test_local_dir_bad_config_names_the_file(saved, config, match):
+    (saved / 'config.json').write_bytes(config)
+    with pytest.raises(kv.CheckpointFileError, match=match) as err:
+        timm.create_model(f'local-dir:{saved}', pretrained=True)
+    assert str(saved / 'config.json') in str(err.value)
+
+
+def test_local_dir_missing_config_or_folder(saved, tmp_path):
+    (saved / 'config.json').unlink()
+    with pytest.raises(kv.CheckpointFileError, match=r'config.json is missing \(local-dir: expects a folder written'):
+        timm.create_model(f'local-dir:{saved}', pretrained=True)
+    with pytest.raises(kv.CheckpointFileError, match='is not a folder'):
+        timm.create_model(f'local-dir:{tmp_path / "nowhere"}', pretrained=True)
+
+
+def test_local_dir_missing_weights(saved):
+    (saved / 'model.safetensors').unlink()
+    with pytest.raises(kv.CheckpointFileError, match=r'holds no checkpoint \(expected model.safetensors'):
+        timm.create_model(f'local-dir:{saved}', pretrained=True)
+    timm.create_model(f'local-dir:{saved}', pretrained=False)  # the config alone builds the model
+
+
+@pytest.mark.parametrize('cut, match', [(0, r'is empty \(0 bytes\)'), (0.5, 'not a complete safetensors file'),
+                                        (None, 'not a complete safetensors file')],
+                         ids=['empty', 'truncated', 'garbage'])
+def test_bad_weights_file_names_the_file(saved, cut, match):
+    weights = saved / 'model.safetensors'
+    data = weights.read_bytes()
+    weights.write_bytes(b'not a checkpoint' if cut is None else data[:int(len(data) * cut)])
+    with pytest.raises(kv.CheckpointFileError, match=match) as err:
+        timm.create_model(f'local-dir:{saved}', pretrained=True)
+    assert str(weights) in str(err.value)
+    with pytest.raises(kv.CheckpointFileError, match=match):
+        timm.create_model(MICRO, num_streams=2, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
