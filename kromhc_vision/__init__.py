@@ -11,6 +11,7 @@ from .connections import (
     build_connection,
     connection_num_params,
 )
+from .ops.pytorch._once import DoubleBackwardUnsupportedError
 from .residual_maps import stochasticity_error
 from .streams import expand_streams, reduce_streams
 from .models import (  # registers the timm models

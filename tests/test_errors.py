@@ -121,3 +121,44 @@ def test_bad_weights_file_names_the_file(saved, cut, match):
     assert str(weights) in str(err.value)
     with pytest.raises(kv.CheckpointFileError, match=match):
         timm.create_model(MICRO, num_streams=2, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# double backward
+
+
+def _penalty(connection, X, backend):
+    """A gradient penalty: the input gradient with create_graph=True, then the backward of its norm."""
+    out = connection(X, lambda u: torch.tanh(u))
+    (gX,) = torch.autograd.grad(out.square().sum(), X, create_graph=True)
+    return gX.square().sum()
+
+
+@pytest.mark.parametrize('backend', ['torch', 'numba'])
+@pytest.mark.parametrize('variant', ['hc', 'mhc', 'kromhc'])
+def test_double_backward_raises_a_named_error(backend, variant):
+    if backend == 'numba':
+        pytest.importorskip('numba')
+    connection = kv.build_connection(variant, 4, 8, backend=backend)
+    X = torch.randn(2, 3, 4, 8, requires_grad=True)
+    with pytest.raises(kv.DoubleBackwardUnsupportedError, match=r'double backward through stream_p(re|ost) is not '
+                                                                 r'supported.*once_differentiable.*ops.reference'):
+        _penalty(connection, X, backend).backward()
+
+
+def test_first_backward_with_create_graph_is_unchanged():
+    connection = kv.build_connection('kromhc', 4, 8, backend='torch')
+    X = torch.randn(2, 3, 4, 8, requires_grad=True)
+    out = connection(X, torch.tanh)
+    (plain,) = torch.autograd.grad(out.square().sum(), X)
+    out = connection(X, torch.tanh)
+    (graph,) = torch.autograd.grad(out.square().sum(), X, create_graph=True)
+    torch.testing.assert_close(graph, plain, rtol=0, atol=0)
+
+
+def test_reference_ops_support_double_backward():
+    from kromhc_vision.ops import reference
+    X, y = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    h_res, h_post = torch.randn(3, 4, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (X, y, h_res, h_post)]
+    assert torch.autograd.gradgradcheck(reference.stream_post, inputs)

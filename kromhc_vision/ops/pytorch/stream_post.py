@@ -5,6 +5,7 @@ Reference: :func:`kromhc_vision.ops.reference.stream_post`.
 import torch
 
 from ..reference import autocast_off, compute_dtype
+from ._once import once_differentiable
 
 
 class StreamPost(torch.autograd.Function):
@@ -25,7 +26,7 @@ class StreamPost(torch.autograd.Function):
         return out.view(X.shape).to(X.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable('stream_post')  # double backward raises DoubleBackwardUnsupportedError
     def backward(ctx, dout):
         X, y, h_res, h_post = ctx.saved_tensors
         n, C = X.shape[-2:]

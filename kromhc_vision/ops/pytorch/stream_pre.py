@@ -7,6 +7,7 @@ Reference: :func:`kromhc_vision.ops.reference.stream_pre`.
 import torch
 
 from ..reference import autocast_off, compute_dtype
+from ._once import once_differentiable
 
 
 def _gained_weight(norm_weight, proj_weight, dtype):
@@ -97,7 +98,7 @@ class StreamPre(torch.autograd.Function):
                 a_res.reshape(*lead, a_res.shape[1]), X)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable('stream_pre')  # double backward raises DoubleBackwardUnsupportedError
     def backward(ctx, du, dh_pre, dh_post, da_res, dX_post):
         X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post = ctx.saved_tensors
         n, C = X.shape[-2:]
