@@ -24,6 +24,10 @@ BACKENDS = ("auto", "triton", "numba", "torch")
 OPS = ("stream_pre", "stream_post", "sinkhorn")
 # Triton's Sinkhorn holds one token's n x n logits (padded to a power of two) in registers.
 TRITON_SINKHORN_MAX_STREAMS = 16
+# Above this many coefficients per token (2n + m, padded to a power of two) Triton's stream_pre kernels spill
+# kilobytes of registers at every tile (python -m kromhc_vision check-kernels): 'auto' runs PyTorch's there
+# (HC / mHC at n = 16, mHC-lite at n = 6); 'triton' still runs them.
+TRITON_STREAM_PRE_MAX_COEFFICIENTS = 256
 
 _import_errors = {}  # backend -> None once imported, or the reason it cannot be
 _failed_kernels = {}  # (op, shape key) -> reason, for kernels that failed under 'auto'
@@ -94,14 +98,23 @@ def check_backend(backend, ops, num_streams: int) -> str:
     return name
 
 
-def backend_for(backend, device: torch.device, op: str = "stream_pre", num_streams: int = 0) -> str:
+def _auto_avoids(name: str, op: str, coefficients: int) -> bool:
+    """Kernels that run but badly, which ``auto`` leaves to PyTorch (see TRITON_STREAM_PRE_MAX_COEFFICIENTS)."""
+    padded = 1 << max(0, coefficients - 1).bit_length()
+    return name == "triton" and op == "stream_pre" and padded > TRITON_STREAM_PRE_MAX_COEFFICIENTS
+
+
+def backend_for(backend, device: torch.device, op: str = "stream_pre", num_streams: int = 0,
+                coefficients: int = 0) -> str:
     """The backend (``torch``, ``triton`` or ``numba``) that runs ``op`` on ``device`` when ``backend`` is
-    asked for: ``auto``'s rules, or the named backend (an error saying why, if it cannot run)."""
+    asked for: ``auto``'s rules, or the named backend (an error saying why, if it cannot run).
+    ``coefficients``: stream_pre's ``2n + m`` per token."""
     name = resolve_backend(backend)
     if name == "auto":
         preferred = {"cuda": "triton", "cpu": "numba"}.get(device.type)
         usable = (preferred is not None and unavailable_reason(preferred, device) is None
-                  and unsupported_reason(preferred, op, num_streams) is None)
+                  and unsupported_reason(preferred, op, num_streams) is None
+                  and not _auto_avoids(preferred, op, coefficients))
         return preferred if usable else "torch"
     reason = unavailable_reason(name, device) or unsupported_reason(name, op, num_streams)
     if reason is not None:
@@ -115,7 +128,8 @@ def _shape_key(tensors):
 
 def _run(op: str, backend, num_streams: int, *args):
     device = args[0].device
-    name = backend_for(backend, device, op, num_streams)
+    coefficients = args[2].shape[1] if op == "stream_pre" else 0  # proj_weight (nC, 2n + m)
+    name = backend_for(backend, device, op, num_streams, coefficients)
     run = getattr(backend_module(name), op)
     if name != "triton" or resolve_backend(backend) != "auto" or torch.compiler.is_compiling():
         return run(*args)

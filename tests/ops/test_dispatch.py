@@ -27,6 +27,10 @@ def test_auto_on_cuda_picks_triton_within_its_limits(monkeypatch):
     assert dispatch.backend_for("auto", CUDA, "sinkhorn", 16) == "triton"
     assert dispatch.backend_for("auto", CUDA, "sinkhorn", 17) == "torch"
     assert dispatch.backend_for("auto", CUDA, "stream_post", 32) == "triton"
+    # stream_pre's kernels spill above 256 (padded) coefficients: auto leaves mHC-lite n = 6 (732) to PyTorch
+    assert dispatch.backend_for("auto", CUDA, "stream_pre", 6, 2 * 6 + 720) == "torch"
+    assert dispatch.backend_for("auto", CUDA, "stream_pre", 4, 2 * 4 + 24) == "triton"
+    assert dispatch.backend_for("auto", CUDA, "stream_pre", 16, 256) == "triton"
 
 
 def test_kernel_limits_are_checked_when_the_connection_is_built():
@@ -49,7 +53,7 @@ def test_auto_runs_pytorch_once_a_triton_kernel_fails(monkeypatch):
         raise RuntimeError("out of resources (test)")
 
     triton_ops = dispatch.backend_module("triton")
-    monkeypatch.setattr(dispatch, "backend_for", lambda backend, device, op="stream_pre", n=0: "triton")
+    monkeypatch.setattr(dispatch, "backend_for", lambda *args, **kwargs: "triton")
     monkeypatch.setattr(triton_ops, "stream_post", failing)
     monkeypatch.setattr(dispatch, "_failed_kernels", {})
     X, y, h, hp = torch.randn(3, 4, 8), torch.randn(3, 8), torch.rand(3, 4, 4), torch.rand(3, 4)
