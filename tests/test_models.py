@@ -372,7 +372,7 @@ def test_save_and_reload(hf_cache, tmp_path, name, kwargs, size):
         fill_hf_cache(hf_cache, 'kromhc/test-model', {f: out_dir / f for f in ('config.json', 'model.safetensors')})
         hub = timm.create_model('hf-hub:kromhc/test-model', pretrained=True).eval()
         assert torch.equal(hub(x), ref)
-    assert hub.hc == model.hc and hub.num_classes == 7
+    assert hub.hc_spec == model.hc_spec and hub.num_classes == 7
     # plain timm export records the hc settings too (the constructor records them)
     save_for_hf(model, tmp_path / 'plain')
     assert json.loads((tmp_path / 'plain' / 'config.json').read_text())['model_args']['num_streams'] == model.num_streams

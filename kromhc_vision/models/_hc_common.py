@@ -113,10 +113,10 @@ def _under(key: str, prefixes) -> bool:
 
 class HcModelMixin:
     """Stream bookkeeping shared by the hyper-connected model classes (placed before the timm class)."""
-    hc: HcSpec
+    hc_spec: HcSpec  # the model's hyper-connection settings (its connections are modules named hc*)
 
     def _init_hc(self, hc: HcSpec) -> None:
-        self.hc = hc
+        self.hc_spec = hc
         self.num_streams = hc.num_streams
         update_model_args(self, **hc.model_args())  # recorded for save_for_hf / push_to_hf_hub
 
@@ -137,7 +137,7 @@ class HcModelMixin:
 
 def hc_model_args(model: nn.Module) -> Dict[str, Any]:
     """``model_args`` for ``timm.models.save_for_hf`` / ``push_to_hf_hub``: num_streams, hc_init, hc_kwargs."""
-    return model.hc.model_args()
+    return model.hc_spec.model_args()
 
 
 def _mismatch_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module, optional=(), ignore=()) -> None:
@@ -155,7 +155,7 @@ def _mismatch_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module, o
     if missing or unexpected or shapes:
         parts = [f'{name} ({len(items)}): {", ".join(items)}' for name, items in
                  (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)) if items]
-        hc = getattr(model, 'hc', None)
+        hc = getattr(model, 'hc_spec', None)
         what = f'{type(model).__name__}' + (f' (variant {hc.variant!r}, num_streams={hc.num_streams})' if hc else '')
         raise CheckpointMismatchError(f'checkpoint does not match {what}: ' + '; '.join(parts))
 
