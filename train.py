@@ -60,6 +60,10 @@ from kromhc_vision.data import digits_folder
 _logger = logging.getLogger('train')
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, say); the previous one is intact."""
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -266,7 +270,16 @@ class RunOutputs:
                               **{f'train_{k}': v for k, v in train_metrics.items()},
                               **{f'eval_{k}': v for k, v in evals.items()}))
         write_json(self.path('summary.json'), self.rows)
-        self.saver.save_checkpoint(epoch, metric=metric)
+        try:  # timm's saver writes a temporary file and renames it over last.pth.tar: a failed write leaves it
+            self.saver.save_checkpoint(epoch, metric=metric)
+        except OSError as e:
+            tmp = self.path('tmp' + self.saver.extension)
+            if os.path.exists(tmp):
+                os.unlink(tmp)  # the partial write, which would only fill the disk further
+            raise CheckpointWriteError(
+                f'could not write the checkpoint of epoch {epoch} in {self.dir} ({e}); last good checkpoint: '
+                f'{self.last_good_checkpoint()} (intact). Free space, then continue with --resume '
+                f'{self.path("last.pth.tar")}') from None
 
     def last_good_checkpoint(self):
         last = self.path('last.pth.tar')
@@ -422,7 +435,7 @@ def main(argv=None):
     except ConfigError as e:
         sys.stderr.write(f'train.py: error: {e}\n')
         sys.exit(2)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, CheckpointWriteError) as e:
         raise SystemExit(f'train.py: error: {e}') from None  # exit status 1
     finally:
         if lock is not None:

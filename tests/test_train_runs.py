@@ -217,3 +217,32 @@ def test_a_run_stopped_in_its_cooldown_resumes(tmp_path, data, monkeypatch):
     undo()
     run('--resume', tmp_path / 'run' / 'last.pth.tar')
     assert [r['epoch'] for r in json.loads((tmp_path / 'run' / 'summary.json').read_text())] == [0, 1]
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint_and_says_so(tmp_path, data, monkeypatch):
+    """The epoch-1 checkpoint write fails with ENOSPC: train.py stops with a message naming the error and the
+    intact epoch-0 checkpoint, removes the partial file, and that checkpoint resumes."""
+    import errno
+    from timm.utils import checkpoint_saver
+
+    real_save, calls = checkpoint_saver.torch.save, []
+
+    def save_until_full(obj, path, *args, **kwargs):
+        calls.append(path)
+        if obj.get('epoch') == 1:
+            with open(path, 'wb') as f:
+                f.write(b'partial')
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_saver.torch, 'save', save_until_full)
+    with pytest.raises(SystemExit) as e:
+        run(*TINY, '--data-dir', data, '--epochs', 2, '--output', tmp_path, '--experiment', 'full')
+    run_dir = tmp_path / 'full'
+    message = str(e.value.code)
+    assert 'No space left on device' in message and str(run_dir / 'last.pth.tar') in message
+    assert not (run_dir / 'tmp.pth.tar').exists()
+    monkeypatch.setattr(checkpoint_saver.torch, 'save', real_save)
+    assert torch.load(run_dir / 'last.pth.tar', weights_only=False)['epoch'] == 0
+    run('--resume', run_dir / 'last.pth.tar', '--data-dir', data, '--workers', 0)
+    assert torch.load(run_dir / 'last.pth.tar', weights_only=False)['epoch'] == 1
