@@ -29,14 +29,18 @@ OFF_IDENTITY_LOGIT = -8.0
 CONNECTION_ARGUMENT_NAMES = {"init": "init", "backend": "backend", "options": "keyword arguments"}
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not _is_int(value):
         raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _check_common(variant: str, dim, init, names: Mapping[str, str]) -> None:
+def _check_common(dim, init, names: Mapping[str, str]) -> None:
     if dim is not None:
         _check_int("dim", dim, 1)
     if init not in INITS:
@@ -44,7 +48,7 @@ def _check_common(variant: str, dim, init, names: Mapping[str, str]) -> None:
 
 
 def _check_stream_count(variant: str, num_streams) -> None:
-    if isinstance(num_streams, bool) or not isinstance(num_streams, numbers.Integral):
+    if not _is_int(num_streams):
         raise ValueError(f"variant '{variant}' cannot take num_streams={num_streams!r}: num_streams must be an "
                          f"int, got {type(num_streams).__name__}")
 
@@ -69,7 +73,7 @@ class ResidualConnection(nn.Module):
         if num_streams != 1:
             raise ValueError(f"variant 'residual' cannot take num_streams={num_streams}: the residual connection "
                              f"carries exactly 1 stream, got num_streams={num_streams}")
-        _check_common(cls.variant, dim, init, names)
+        _check_common(dim, init, names)
         dispatch.resolve_backend(backend)
         if options:
             raise ValueError(f"{names['options']} {dict(options)} not accepted by the 'residual' connection: "
@@ -137,7 +141,7 @@ class HyperConnection(nn.Module):
             cls._check_variant(num_streams)
         except ValueError as e:
             raise ValueError(f"variant '{cls.variant}' cannot take num_streams={num_streams}: {e}") from None
-        _check_common(cls.variant, dim, init, names)
+        _check_common(dim, init, names)
         unknown = sorted(set(options) - set(cls.OPTIONS))
         if unknown:
             valid = ", ".join(cls.OPTIONS) or "none"

@@ -24,7 +24,7 @@ BACKENDS = ("auto", "triton", "numba", "torch")
 OPS = ("stream_pre", "stream_post", "sinkhorn")
 # Triton's Sinkhorn holds one token's n x n logits (padded to a power of two) in registers.
 TRITON_SINKHORN_MAX_STREAMS = 16
-# Above this many coefficients per token (2n + m, padded to a power of two) Triton's stream_pre kernels spill
+# Above this many coefficients per token (2n + m; the kernels pad it to a power of two) Triton's stream_pre kernels spill
 # kilobytes of registers at every tile (python -m kromhc_vision check-kernels): 'auto' runs PyTorch's there
 # (HC / mHC at n = 16, mHC-lite at n = 6); 'triton' still runs them.
 TRITON_STREAM_PRE_MAX_COEFFICIENTS = 256
@@ -91,7 +91,7 @@ def check_backend(backend, ops, num_streams: int) -> str:
     """Resolve ``backend`` and, when it names a kernel backend, check that its kernels for ``ops`` take
     ``num_streams`` (device-independent limits, checked when a connection is built). Returns the name."""
     name = resolve_backend(backend)
-    for op in ops if name in ("triton", "numba") else ():
+    for op in ops:
         reason = unsupported_reason(name, op, num_streams)
         if reason is not None:
             raise ValueError(f"backend {name!r} cannot run {op}: {reason}; use backend 'auto' or 'torch'")
@@ -100,8 +100,7 @@ def check_backend(backend, ops, num_streams: int) -> str:
 
 def _auto_avoids(name: str, op: str, coefficients: int) -> bool:
     """Kernels that run but badly, which ``auto`` leaves to PyTorch (see TRITON_STREAM_PRE_MAX_COEFFICIENTS)."""
-    padded = 1 << max(0, coefficients - 1).bit_length()
-    return name == "triton" and op == "stream_pre" and padded > TRITON_STREAM_PRE_MAX_COEFFICIENTS
+    return name == "triton" and op == "stream_pre" and coefficients > TRITON_STREAM_PRE_MAX_COEFFICIENTS
 
 
 def backend_for(backend, device: torch.device, op: str = "stream_pre", num_streams: int = 0,
