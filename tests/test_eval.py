@@ -1,8 +1,6 @@
 """eval.py and kromhc_vision.diagnostics: metrics of a trained checkpoint, H_res exactness per variant."""
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import timm
@@ -11,17 +9,9 @@ import torch
 from kromhc_vision.data import write_digits_folder
 from kromhc_vision.diagnostics import connection_diagnostics, plot_composite_gain
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import load_script
 
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f'{name}_script', ROOT / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script, eval_script = _script('train'), _script('eval')
+train_script, eval_script = load_script('train'), load_script('eval')
 
 
 @pytest.fixture(scope='module')

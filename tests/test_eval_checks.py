@@ -1,6 +1,5 @@
 """eval.py refuses to evaluate the wrong data or weights: a split that does not exist, classes that are not the
 checkpoint's, --use-ema without EMA weights, an unreadable checkpoint; all before the model and data are built."""
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -9,17 +8,9 @@ import pytest
 
 from kromhc_vision.data import write_digits_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import load_script
 
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f'{name}_script_checks', ROOT / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script, eval_script = _script('train'), _script('eval')
+train_script, eval_script = load_script('train'), load_script('eval')
 MODEL = 'vit_micro_patch4_32_kromhc'
 
 

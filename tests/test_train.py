@@ -1,7 +1,6 @@
 """train.py: configs and their validation, resume after SIGKILL, non-finite loss, DDP (gloo) = one process."""
 import csv
 import difflib
-import importlib.util
 import json
 import os
 import signal
@@ -18,16 +17,10 @@ from kromhc_vision.data import write_digits_folder
 from kromhc_vision.cli import ConfigError
 from kromhc_vision.cli.train_config import parse_args, validate
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / 'configs').rglob('*.yaml'))
-_spec = importlib.util.spec_from_file_location('train_script', ROOT / 'train.py')
-train_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_script)
+from _scripts import ROOT, TINY, load_script
 
-# A one-block ViT-Micro on 16px digits: a few hundred milliseconds per epoch on a CPU.
-TINY = ['--model', 'vit_micro_patch4_32_kromhc', '--model-kwargs', 'depth=1', 'img_size=16', '--img-size', '16',
-        '--num-classes', '10', '--batch-size', '8', '--opt', 'adamw', '--lr', '1e-3', '--warmup-epochs', '0',
-        '--workers', '0', '--log-interval', '1', '--seed', '3']
+CONFIGS = sorted((ROOT / 'configs').rglob('*.yaml'))
+train_script = load_script('train')
 
 
 @pytest.fixture(scope='module')

@@ -1,12 +1,10 @@
 """train.py keeps runs safe: no run folder overwritten by accident, one run per folder, resume continues the run
 it names (its settings, its schedule), and bad settings are named before any work."""
 import fcntl
-import importlib.util
 import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,14 +14,9 @@ from kromhc_vision.cli import ConfigError
 from kromhc_vision.cli.train_config import parse_args, validate
 from kromhc_vision.data import write_digits_folder
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location('train_script_runs', ROOT / 'train.py')
-train_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_script)
+from _scripts import ROOT, TINY, load_script
 
-TINY = ['--model', 'vit_micro_patch4_32_kromhc', '--model-kwargs', 'depth=1', 'img_size=16', '--img-size', '16',
-        '--num-classes', '10', '--batch-size', '8', '--opt', 'adamw', '--lr', '1e-3', '--warmup-epochs', '0',
-        '--workers', '0', '--log-interval', '1', '--seed', '3']
+train_script = load_script('train')
 
 
 @pytest.fixture(scope='module')
