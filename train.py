@@ -54,6 +54,7 @@ from kromhc_vision.cli import ConfigError, write_json
 from kromhc_vision.cli.evaluation import evaluate, progress
 from kromhc_vision.cli.run_folder import open_run_dir, resumes_in
 from kromhc_vision.cli.train_config import is_folder_dataset, model_kwargs, parse_args, validate
+from kromhc_vision.cli.sampling import PerSampleSeeded, set_epoch_order
 from kromhc_vision.cli.train_state import StepLog, TrainTask, seed_epoch
 from kromhc_vision.data import digits_folder
 
@@ -156,6 +157,8 @@ def create_data(args, data_config, device) -> TrainData:
     dataset_train = create_dataset(args.dataset, split=args.train_split, is_training=True,
                                    batch_size=args.batch_size, repeats=args.epoch_repeats,
                                    num_samples=args.train_num_samples, **dataset_kwargs)
+    if not isinstance(dataset_train, torch.utils.data.IterableDataset):
+        dataset_train = PerSampleSeeded(dataset_train, args.seed)  # DDP augments each image as one process does
     eval_batch_size = args.validation_batch_size or args.batch_size
     dataset_eval = create_dataset(args.dataset, split=args.val_split, is_training=False, batch_size=eval_batch_size,
                                   num_samples=args.val_num_samples, **dataset_kwargs)
@@ -181,12 +184,14 @@ def create_data(args, data_config, device) -> TrainData:
 
 
 def start_epoch_data(args, data: TrainData, epoch):
-    """Reseed every RNG for ``epoch`` (what makes a resumed run replay), epoch the sampler, switch mixup off."""
+    """Reseed every RNG for ``epoch`` (what makes a resumed run replay), set the epoch's image order and
+    augmentation seeds (the same for DDP as for one process: :mod:`kromhc_vision.cli.sampling`), switch mixup off."""
     seed_epoch(args.seed, epoch, args.rank, args.world_size)
-    if hasattr(data.dataset_train, 'set_epoch'):
-        data.dataset_train.set_epoch(epoch)
-    elif args.distributed and hasattr(data.loader_train.sampler, 'set_epoch'):
-        data.loader_train.sampler.set_epoch(epoch)
+    if isinstance(data.dataset_train, torch.utils.data.IterableDataset):
+        if hasattr(data.dataset_train, 'set_epoch'):
+            data.dataset_train.set_epoch(epoch)
+    else:
+        set_epoch_order(data.loader_train, args.seed, epoch)
     if data.mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if data.mixup_fn is None:
             data.loader_train.mixup_enabled = False

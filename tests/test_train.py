@@ -177,16 +177,21 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert not (tmp_path / 'nan' / 'checkpoint-1.pth.tar').exists()
 
 
-def ddp_and_single_runs(tmp_path, data, *extra):
-    """The same 3 full-batch steps (30 images: 2 x 15 vs 1 x 30, no augmentation, so the sample order cannot
-    matter) by two gloo processes and by one: steps and final checkpoints of both."""
-    argv = [*TINY, '--data-dir', data, '--epochs', 3, '--no-aug', '--output', tmp_path, *extra]
+# Random-resized crops, flips and colour jitter: per-image augmentation, which the two runs must draw alike.
+AUGMENTATION = ['--scale', '0.5', '1.0', '--hflip', '0.5', '--color-jitter', '0.4']
+
+
+def ddp_and_single_runs(tmp_path, data, *extra, batches=1):
+    """The same 3 epochs of ``batches`` steps (30 images: 2 x 15/batches vs 1 x 30/batches) by two gloo processes
+    and by one: steps and final checkpoints of both."""
+    batch = 30 // batches
+    argv = [*TINY, '--data-dir', data, '--epochs', 3, '--output', tmp_path, *extra]
     subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                    ROOT / 'train.py', *map(str, argv), '--batch-size', '15', '--experiment', 'ddp'],
+                    ROOT / 'train.py', *map(str, argv), '--batch-size', str(batch // 2), '--experiment', 'ddp'],
                    cwd=ROOT, check=True, capture_output=True)
-    run(*argv, '--batch-size', 30, '--experiment', 'single')
+    run(*argv, '--batch-size', batch, '--experiment', 'single')
     ddp, single = read_steps(tmp_path / 'ddp'), read_steps(tmp_path / 'single')
-    assert len(ddp) == len(single) == 3
+    assert len(ddp) == len(single) == 3 * batches
     assert [r[2] for r in ddp] == pytest.approx([r[2] for r in single], rel=1e-5)
     a, b = (torch.load(tmp_path / d / 'last.pth.tar', weights_only=False) for d in ('ddp', 'single'))
     assert a['args'].world_size == 2 and b['args'].world_size == 1
@@ -196,7 +201,8 @@ def ddp_and_single_runs(tmp_path, data, *extra):
 def test_two_gloo_processes_match_one_process_with_sgd(tmp_path, data):
     """With SGD (momentum and weight decay included) the weights are linear in the gradients, which the
     all-reduce only sums in another order: the two runs agree to float32 rounding of those sums."""
-    ddp, single = ddp_and_single_runs(tmp_path, data, '--opt', 'sgd', '--momentum', '0.9', '--lr', '0.05')
+    ddp, single = ddp_and_single_runs(tmp_path, data, '--no-aug', '--opt', 'sgd', '--momentum', '0.9', '--lr',
+                                      '0.05')
     for name, tensor in single.items():
         torch.testing.assert_close(ddp[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -207,11 +213,21 @@ def test_two_gloo_processes_match_one_process_with_adamw_as_far_as_adam_can(tmp_
     at most about lr (bias-corrected |m / sqrt(v)| <= ~1), so two runs differ by at most 2 lr per step. The
     losses agree to 1e-5 (checked in ddp_and_single_runs); most entries agree far closer than the bound."""
     lr, steps = 1e-3, 3
-    ddp, single = ddp_and_single_runs(tmp_path, data)  # TINY: adamw, lr 1e-3
+    ddp, single = ddp_and_single_runs(tmp_path, data, '--no-aug')  # TINY: adamw, lr 1e-3
     diffs = torch.cat([(ddp[k].float() - v.float()).abs().flatten() for k, v in single.items()
                        if v.is_floating_point()])
     assert diffs.max() <= 2 * lr * steps
     assert diffs.median() <= 1e-6
+
+
+def test_two_gloo_processes_match_one_process_with_augmentation_and_shuffled_batches(tmp_path, data):
+    """Three steps per epoch of 10 shuffled, augmented images (2 x 5 vs 1 x 10): each rank takes every second
+    image of the one process's batch and augments it with generators seeded by (seed, epoch, image), so the
+    losses and the SGD weights agree as in the unaugmented case."""
+    ddp, single = ddp_and_single_runs(tmp_path, data, *AUGMENTATION, '--opt', 'sgd', '--momentum', '0.9',
+                                      '--lr', '0.05', batches=3)
+    for name, tensor in single.items():
+        torch.testing.assert_close(ddp[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_bf16_amp_grad_checkpointing_accumulation_and_clipping_run(tmp_path, data):
