@@ -8,6 +8,7 @@ import huggingface_hub.constants
 import pytest
 import timm
 import torch
+import safetensors.torch
 from safetensors.torch import save_file
 from timm.models import save_for_hf
 
@@ -121,6 +122,22 @@ def test_bad_weights_file_names_the_file(saved, cut, match):
     assert str(weights) in str(err.value)
     with pytest.raises(kv.CheckpointFileError, match=match):
         timm.create_model(MICRO, num_streams=2, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
+
+
+@pytest.mark.parametrize('cut, match', [(0.5, 'not a complete torch checkpoint'), (0.999, 'not a complete torch '
+                                        'checkpoint'), (None, 'not a torch checkpoint')],
+                         ids=['truncated', 'truncated-end', 'garbage'])
+def test_bad_torch_weights_file_names_the_file(saved, cut, match):
+    weights = saved / 'pytorch_model.bin'
+    safetensors_file = saved / 'model.safetensors'
+    torch.save(safetensors.torch.load_file(safetensors_file), weights)
+    safetensors_file.unlink()
+    timm.create_model(f'local-dir:{saved}', pretrained=True)  # the complete file loads
+    data = weights.read_bytes()
+    weights.write_bytes(b'not a checkpoint' if cut is None else data[:int(len(data) * cut)])
+    with pytest.raises(kv.CheckpointFileError, match=match) as err:
+        timm.create_model(f'local-dir:{saved}', pretrained=True)
+    assert str(weights) in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------

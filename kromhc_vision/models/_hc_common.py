@@ -6,6 +6,7 @@ the model arguments ``num_streams`` (default 4, 1 for ``residual``), ``hc_init``
 and ``hc_kwargs`` (extra connection arguments, e.g. ``{'sinkhorn_iters': 10}``).
 """
 import json
+import zipfile
 from dataclasses import dataclass, field
 from functools import partial, wraps
 from pathlib import Path
@@ -256,11 +257,17 @@ _LOCAL_OPTIONS = (
 
 
 def check_weights_file(path: Union[str, Path]) -> Path:
-    """Raise :class:`CheckpointFileError` unless ``path`` is a non-empty file (a readable header for safetensors)."""
+    """Raise :class:`CheckpointFileError` unless ``path`` is a complete weights file, without reading its tensors.
+
+    safetensors: its header and length agree. Anything else is read as a torch checkpoint: the zip format of
+    ``torch.save`` must have its central directory (at the end of the file: a truncated file has none) and a
+    ``data.pkl``; the legacy format must start as a pickle does.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointFileError(f'weights file {path} does not exist or is not a file')
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise CheckpointFileError(f'weights file {path} is empty (0 bytes)')
     if path.suffix == '.safetensors':
         try:
@@ -268,7 +275,22 @@ def check_weights_file(path: Union[str, Path]) -> Path:
                 pass
         except Exception as e:  # SafetensorError: garbage, truncated
             raise CheckpointFileError(f'weights file {path} is not a complete safetensors file '
-                                      f'(garbage or truncated; {path.stat().st_size} bytes): {e}') from e
+                                      f'(garbage or truncated; {size} bytes): {e}') from e
+        return path
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if head.startswith(b'PK'):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                complete = any(n == 'data.pkl' or n.endswith('/data.pkl') for n in archive.namelist())
+        except (zipfile.BadZipFile, OSError):
+            complete = False
+        if not complete:
+            raise CheckpointFileError(f'weights file {path} is not a complete torch checkpoint (a zip archive '
+                                      f'without its directory or data.pkl: truncated? {size} bytes)')
+    elif not head.startswith(b'\x80'):  # pickle protocol 2+: torch's legacy format
+        raise CheckpointFileError(f'weights file {path} is not a torch checkpoint (neither the zip format of '
+                                  f'torch.save nor a pickle) or a .safetensors file')
     return path
 
 
