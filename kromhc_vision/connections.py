@@ -223,6 +223,25 @@ class HyperConnection(nn.Module):
         if not X.is_floating_point():
             raise ValueError(f"{type(self).__name__} expects a floating-point stream state, got dtype {X.dtype}")
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """Also record the variant in the state dict's metadata (``state_dict._metadata``, kept by ``torch.save``),
+        so that another variant's weights of the same shapes are refused by :meth:`load_state_dict`."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:
+            metadata.setdefault(prefix[:-1], {})["hc_variant"] = self.variant
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        saved = local_metadata.get("hc_variant")
+        if saved is not None and saved != self.variant:
+            error_msgs.append(
+                f"{prefix[:-1] or type(self).__name__}: the state dict was saved by a {saved!r} connection and this "
+                f"is a {self.variant!r} one: the shapes agree, the maps they parameterise do not (create the "
+                f"model of variant {saved!r})")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def extra_repr(self) -> str:
         options = "".join(f", {name}={getattr(self, name)!r}" for name in self.OPTIONS)
         return (f"num_streams={self.num_streams}, dim={self.dim}, layer_index={self.layer_index}, init={self.init!r}"

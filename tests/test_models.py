@@ -393,3 +393,19 @@ def test_wrong_checkpoint_errors(tmp_path):
     with pytest.raises(kv.CheckpointMismatchError, match=r'missing keys.*blocks.11.*shape mismatches.*pos_embed'):
         timm.create_model('vit_tiny_patch16_224_mhc', num_streams=2, img_size=64, pretrained=True,
                           pretrained_cfg_overlay=weights)
+
+
+def test_another_variants_state_dict_of_the_same_shapes_is_refused(tmp_path):
+    """HC and mHC have the same parameter shapes; the variant each connection records in the state dict's
+    metadata (kept by torch.save) makes load_state_dict refuse the other's weights, naming both."""
+    hc = timm.create_model('vit_micro_patch4_32_hc', num_streams=2, depth=2)
+    torch.save(hc.state_dict(), tmp_path / 'hc.pth')
+    saved = torch.load(tmp_path / 'hc.pth', weights_only=True)
+    mhc = timm.create_model('vit_micro_patch4_32_mhc', num_streams=2, depth=2)
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in mhc.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"blocks.0.hc_attn: the state dict was saved by a 'hc' connection and "
+                                           r"this is a 'mhc' one"):
+        mhc.load_state_dict(saved)
+    again = timm.create_model('vit_micro_patch4_32_hc', num_streams=2, depth=2)
+    again.load_state_dict(saved)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in saved.items())
