@@ -1,0 +1,34 @@
+"""Optimizers: projUNN (orthogonal weights by rank-k updates), registered in timm's optimizer registry.
+
+``import kromhc_vision`` registers ``projunn<base>`` for each base in :data:`PROJUNN_BASES` (``projunnsgd``,
+``projunnadamw``, ...) in timm's ``default_registry`` (``timm.optim._optim_factory.default_registry.register``:
+timm 1.0.31 has no public registration function), so ``timm.optim.create_optimizer_v2(model, opt="projunnadamw",
+mode="direct", rank=4)`` and ``train.py --opt projunnsgd --opt-kwargs mode=tangent rank=1`` build
+:class:`ProjUNN` around timm's own base optimizer, with the base's defaults (``sgd``: Nesterov). The names have no
+underscore: timm's factory keeps only the part of ``opt`` after the last ``_`` (``lookahead_adamw``), so
+``projunn_sgd`` would silently build plain SGD.
+"""
+from timm.optim._optim_factory import OptimInfo, default_registry
+
+from .projunn import (
+    MODES, SAMPLERS, ProjUNN, is_orthogonal, lowrank_factors, mark_orthogonal, orthogonal_param_groups,
+    orthogonality_error, polar, project_orthogonal_, projunn_direct, projunn_tangent, square_blocks,
+)
+
+PROJUNN_BASES = ('sgd', 'momentum', 'adam', 'adamw', 'nadamw', 'radam', 'rmsprop', 'rmsproptf', 'lamb', 'lion',
+                 'adopt', 'laprop')
+
+
+def register_projunn_optimizers(registry=default_registry) -> None:
+    """Register ``projunn<base>`` for every base of :data:`PROJUNN_BASES` in ``registry`` (timm's by default),
+    with the base's flags (eps, momentum, betas) and defaults, plus ``base=<base>``."""
+    for name in PROJUNN_BASES:
+        info = registry.get_optimizer_info(name)
+        registry.register(OptimInfo(
+            name=f'projunn{name}', opt_class=ProjUNN,
+            description=f'projUNN (orthogonal weights by rank-k updates) around {name}',
+            has_eps=info.has_eps, has_momentum=info.has_momentum, has_betas=info.has_betas,
+            num_betas=info.num_betas, defaults={'base': name, **(info.defaults or {})}))
+
+
+register_projunn_optimizers()

@@ -1,0 +1,297 @@
+"""projUNN optimizer: exactness against the dense formulas, the samplers, rank deficiency, stacks, timm's factory,
+determinism across ranks, projection at start, EMA re-projection, state_dict resume, bad input."""
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import kromhc_vision  # noqa: F401  (registers the projunn* optimizers)
+from kromhc_vision.optim import (
+    MODES, PROJUNN_BASES, SAMPLERS, ProjUNN, lowrank_factors, mark_orthogonal, orthogonal_param_groups,
+    orthogonality_error, polar, project_orthogonal_, square_blocks,
+)
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
+
+
+def _orthogonal(n, dtype, gen, batch=()):
+    return torch.linalg.qr(torch.randn(*batch, n, n, dtype=torch.float64, generator=gen))[0].to(dtype)
+
+
+def _lowrank(n, r, dtype, gen):
+    return (torch.randn(n, r, dtype=torch.float64, generator=gen)
+            @ torch.randn(r, n, dtype=torch.float64, generator=gen)).to(dtype)
+
+
+def _reference(u, delta, mode):
+    """The dense updates: ``U expm(½(UᵀΔ − ΔᵀU))`` (tangent) and ``polar(U + Δ)`` (direct), float64."""
+    u, delta = u.double(), delta.double()
+    if mode == 'tangent':
+        return u @ torch.linalg.matrix_exp(0.5 * (u.mT @ delta - delta.mT @ u))
+    return polar(u + delta)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('sampler', SAMPLERS)
+@pytest.mark.parametrize('k,step_rank', [(1, 1), (4, 4), (4, 2)])  # (4, 2): rank-deficient step
+def test_sgd_steps_equal_dense_update(dtype, mode, sampler, k, step_rank):
+    gen = torch.Generator().manual_seed(k * 10 + step_rank)
+    n, lr = 16, 0.05
+    w = nn.Parameter(_orthogonal(n, dtype, gen))
+    opt = ProjUNN([{'params': [w], 'orthogonal': True}], base='sgd', lr=lr, mode=mode, rank=k, sampler=sampler)
+    expected = w.detach().double().clone()
+    for _ in range(3):
+        grad = _lowrank(n, step_rank, dtype, gen)
+        w.grad = grad.clone()
+        opt.step()
+        expected = _reference(expected, -lr * grad.double(), mode)
+        assert (w.detach().double() - expected).abs().max().item() < TOL[dtype]
+        assert orthogonality_error(w) < TOL[dtype]
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_full_rank_step_is_approximated_not_exact_but_stays_orthogonal(mode):
+    gen = torch.Generator().manual_seed(1)
+    n = 16
+    w = nn.Parameter(_orthogonal(n, torch.float64, gen))
+    opt = ProjUNN([w], base='adamw', lr=1e-2, mode=mode, rank=2)  # untagged list: nothing orthogonal ...
+    assert not any(g['orthogonal'] for g in opt.param_groups)
+    mark_orthogonal(_Holder(w), 'w')
+    opt = ProjUNN([w], base='adamw', lr=1e-2, mode=mode, rank=2)  # ... tagged: split into an orthogonal group
+    assert opt.param_groups[0]['orthogonal'] and opt.param_groups[0]['weight_decay'] == 0.
+    start = w.detach().clone()
+    for _ in range(50):
+        w.grad = torch.randn(n, n, dtype=torch.float64, generator=gen)
+        opt.step()
+    assert orthogonality_error(w) < 1e-12
+    assert (w.detach() - start).abs().max() > 1e-2  # it moved
+
+
+class _Holder(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = w
+
+
+@pytest.mark.parametrize('shape', [(48, 16), (16, 32), (3, 16, 16)])
+def test_stacks_of_square_blocks_step_block_by_block(shape):
+    gen = torch.Generator().manual_seed(2)
+    w = nn.Parameter(torch.randn(*shape, dtype=torch.float64, generator=gen))
+    opt = ProjUNN([{'params': [w], 'orthogonal': True}], base='sgd', lr=0.2, rank=2, mode='direct')
+    start = square_blocks(w.detach()).clone()
+    assert (start.mT @ start - torch.eye(16, dtype=torch.float64)).abs().max() < 1e-12  # projected when built
+    grads = torch.stack([_lowrank(16, 2, torch.float64, gen) for _ in range(start.shape[0])])
+    g = torch.zeros_like(w)
+    square_blocks(g).copy_(grads)
+    w.grad = g
+    opt.step()
+    for j in range(start.shape[0]):
+        assert (square_blocks(w.detach())[j] - _reference(start[j], -0.2 * grads[j], 'direct')).abs().max() < 1e-12
+
+
+def test_square_blocks_layout_and_refusals():
+    w = torch.arange(2 * 4 * 2, dtype=torch.float64).reshape(2, 8)  # (N, 4N) with N = 2: 4 column blocks
+    assert torch.equal(square_blocks(w)[1], w[:, 2:4])
+    w = torch.arange(6 * 2, dtype=torch.float64).reshape(6, 2)
+    assert torch.equal(square_blocks(w)[2], w[4:6])
+    for bad in [(5, 3), (4,), (2, 3, 4)]:
+        with pytest.raises(ValueError, match='orthogonal weight'):
+            square_blocks(torch.zeros(bad))
+
+
+@pytest.mark.parametrize('sampler', SAMPLERS)
+def test_zero_step_keeps_weight_and_sampler_drops_null_directions(sampler):
+    gen = torch.Generator().manual_seed(3)
+    delta = _lowrank(20, 2, torch.float64, gen)
+    a, b = lowrank_factors(delta[None], rank=6, sampler=sampler, generator=gen)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    assert (a @ b.mT - delta).abs().max() < 1e-12
+    assert torch.linalg.matrix_rank(b[0] if sampler == 'lsi' else a[0]).item() == 2  # 4 directions dropped
+    a, b = lowrank_factors(torch.zeros(1, 20, 20, dtype=torch.float64), rank=3, sampler=sampler, generator=gen)
+    assert (a == 0).all() or (b == 0).all()
+    for mode in MODES:
+        w = nn.Parameter(_orthogonal(20, torch.float64, gen))
+        start = w.detach().clone()
+        opt = ProjUNN([{'params': [w], 'orthogonal': True}], base='sgd', lr=0.1, mode=mode, sampler=sampler, rank=3)
+        w.grad = torch.zeros_like(w)
+        opt.step()
+        assert (w.detach() - start).abs().max() < 1e-14
+
+
+def test_rank_k_approximation_keeps_the_dominant_directions():
+    gen = torch.Generator().manual_seed(4)
+    n = 32
+    delta = _lowrank(n, 3, torch.float64, gen) + 1e-3 * torch.randn(n, n, dtype=torch.float64, generator=gen)
+    for sampler in SAMPLERS:
+        a, b = lowrank_factors(delta[None], rank=3, sampler=sampler, generator=gen)
+        kept = torch.linalg.matrix_norm(a @ b.mT).item() / torch.linalg.matrix_norm(delta).item()
+        assert 0.99 < kept <= 1.0 + 1e-12
+
+
+def _tiny_model():
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    mark_orthogonal(model[0])
+    mark_orthogonal(model[2])
+    return model
+
+
+def test_timm_factory_builds_projunn_itself_with_base_defaults_and_no_decay_on_orthogonal():
+    model = _tiny_model()
+    opt = timm.optim.create_optimizer_v2(model, opt='projunnadamw', lr=1e-3, weight_decay=0.05, mode='direct',
+                                         rank=2, sampler='column')
+    assert type(opt) is ProjUNN and type(opt.base) is torch.optim.AdamW
+    assert (opt.defaults['mode'], opt.defaults['rank'], opt.defaults['sampler']) == ('direct', 2, 'column')
+    orth = [g for g in opt.param_groups if g['orthogonal']]
+    assert {id(p) for g in orth for p in g['params']} == {id(model[0].weight), id(model[2].weight)}
+    assert all(g['weight_decay'] == 0. for g in orth)
+    assert any(g['weight_decay'] == 0.05 for g in opt.param_groups if not g['orthogonal'])  # model[4].weight
+    sgd = timm.optim.create_optimizer_v2(model, opt='projunnsgd', lr=0.1)
+    assert type(sgd) is ProjUNN and sgd.base.defaults['nesterov'] and sgd.base.defaults['momentum'] == 0.9
+    # why the names have no underscore: timm keeps only what follows the last '_'
+    assert type(timm.optim.create_optimizer_v2(model, opt='projunn_sgd', lr=0.1)) is torch.optim.SGD
+
+
+@pytest.mark.parametrize('base', PROJUNN_BASES)
+def test_every_registered_base_trains_and_stays_orthogonal(base):
+    torch.manual_seed(0)
+    model = _tiny_model().double()
+    opt = timm.optim.create_optimizer_v2(model, opt=f'projunn{base}', lr=1e-2, weight_decay=0.01, rank=1)
+    assert type(opt) is ProjUNN
+    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+    start = model[0].weight.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert orthogonality_error(model[0].weight) < 1e-12 and orthogonality_error(model[2].weight) < 1e-12
+    assert not torch.equal(model[0].weight.detach(), start)
+
+
+def test_orthogonal_param_groups_by_type_and_name():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4))
+    groups = orthogonal_param_groups(model, weight_decay=0.1, names=['1.weight'], modules=())
+    assert groups[0]['orthogonal'] and [id(p) for p in groups[0]['params']] == [id(model[1].weight)]
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    groups = orthogonal_param_groups(model, weight_decay=0.1, modules=(nn.Linear,))
+    assert len(groups[0]['params']) == 2 and groups[0]['weight_decay'] == 0.
+    with pytest.raises(ValueError, match='orthogonal weight'):
+        orthogonal_param_groups(nn.Sequential(nn.Linear(8, 3)), modules=(nn.Linear,))
+
+
+def _run(seed_global, steps=3, state=None):
+    torch.manual_seed(seed_global)  # the global RNG must not matter
+    gen = torch.Generator().manual_seed(5)
+    w = nn.Parameter(_orthogonal(24, torch.float64, gen))
+    opt = ProjUNN([{'params': [w], 'orthogonal': True}], base='sgd', lr=0.05, rank=2, seed=7)
+    grads = [torch.randn(24, 24, dtype=torch.float64, generator=gen) for _ in range(steps)]
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+    return w.detach().clone()
+
+
+def test_projection_is_the_same_on_every_rank_and_leaves_the_global_rng_alone():
+    a = _run(0)
+    b = _run(123)
+    assert torch.equal(a, b)  # two processes with different global RNG states step identically
+    gen = torch.Generator().manual_seed(9)
+    w = nn.Parameter(_orthogonal(24, torch.float64, gen))
+    opt = ProjUNN([{'params': [w], 'orthogonal': True}], base='sgd', lr=0.05, rank=1, seed=7)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    w.grad = torch.randn(24, 24, dtype=torch.float64, generator=gen)
+    opt.step()
+    assert torch.equal(torch.get_rng_state(), state)
+    g0 = opt._generator(w.device, 0).initial_seed()
+    opt.projunn_step += 1
+    assert opt._generator(w.device, 0).initial_seed() != g0  # a new projection each step
+
+
+def test_initial_and_loaded_weights_are_projected_at_start():
+    model = _tiny_model().double()
+    assert orthogonality_error(model[0].weight) > 0.1  # timm's/torch's init is not orthogonal
+    expected = polar(model[0].weight.detach())
+    opt = timm.optim.create_optimizer_v2(model, opt='projunnsgd', lr=0.0)
+    assert orthogonality_error(model[0].weight) < 1e-12
+    assert (model[0].weight.detach() - expected).abs().max() < 1e-12  # the nearest orthogonal matrix
+    with torch.no_grad():  # weights loaded after the optimizer was built
+        model[2].weight.copy_(torch.randn(8, 8, dtype=torch.float64))
+    model(torch.randn(2, 8, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert orthogonality_error(model[2].weight) < 1e-12
+
+
+def test_ema_copy_is_reprojected():
+    model = _tiny_model().double()
+    opt = timm.optim.create_optimizer_v2(model, opt='projunnsgd', lr=0.5, rank=1)
+    ema = timm.utils.ModelEmaV3(model, decay=0.5)
+    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        ema.update(model)
+    assert orthogonality_error(ema.module[0].weight) > 1e-6  # an average of orthogonal matrices is not one
+    assert project_orthogonal_(ema.module) == 2  # module tags survive the EMA's deepcopy
+    assert orthogonality_error(ema.module[0].weight) < 1e-12 and orthogonality_error(ema.module[2].weight) < 1e-12
+    clone = copy.deepcopy(model)
+    assert project_orthogonal_(clone) == 2
+    assert torch.equal(clone[4].weight, model[4].weight)  # untagged weights untouched
+
+
+def test_state_dict_resume_equals_uninterrupted():
+    def make():
+        torch.manual_seed(0)
+        model = _tiny_model().double()
+        return model, timm.optim.create_optimizer_v2(model, opt='projunnadamw', lr=1e-2, rank=2, mode='tangent')
+
+    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+
+    def steps(model, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    m1, o1 = make()
+    steps(m1, o1, 4)
+    m2, o2 = make()
+    steps(m2, o2, 2)
+    saved = copy.deepcopy((m2.state_dict(), o2.state_dict()))
+    assert saved[1]['projunn'] == {'step': 2}
+    m3, o3 = make()
+    m3.load_state_dict(saved[0])
+    o3.load_state_dict(saved[1])
+    steps(m3, o3, 2)
+    for p1, p3 in zip(m1.parameters(), m3.parameters()):
+        assert torch.equal(p1, p3)
+
+
+def test_reorthogonalize_every_bounds_drift():
+    gen = torch.Generator().manual_seed(6)
+    w = nn.Parameter(_orthogonal(12, torch.float64, gen))
+    opt = ProjUNN([{'params': [w], 'orthogonal': True}], base='sgd', lr=0.01, reorthogonalize_every=2)
+    w.grad = torch.randn(12, 12, dtype=torch.float64, generator=gen)
+    opt.step()
+    with torch.no_grad():
+        w.mul_(1.01)  # off the manifold (what float32 drift does, exaggerated)
+    w.grad = torch.randn(12, 12, dtype=torch.float64, generator=gen)
+    opt.step()
+    assert orthogonality_error(w) < 1e-12
+
+
+def test_bad_input_is_refused_before_any_work():
+    w = nn.Parameter(torch.eye(4))
+    for kwargs, match in [(dict(mode='geodesic'), "mode 'geodesic'"), (dict(sampler='svd'), "sampler 'svd'"),
+                          (dict(rank=0), 'rank must be'), (dict(rank=2.0), 'rank must be'),
+                          (dict(base='adamx'), "base 'adamx' is not a timm optimizer name; valid: .*adamw"),
+                          (dict(reorthogonalize_every=-1), 'reorthogonalize_every')]:
+        with pytest.raises(ValueError, match=match):
+            ProjUNN([w], **kwargs)
+    with pytest.raises(ValueError, match='orthogonal weight'):
+        ProjUNN([{'params': [nn.Parameter(torch.zeros(3, 5))], 'orthogonal': True}])
+    with pytest.raises(ValueError, match='weight_decay=0.1'):
+        ProjUNN([{'params': [w], 'orthogonal': True, 'weight_decay': 0.1}], base='adamw')
