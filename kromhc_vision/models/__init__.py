@@ -4,3 +4,4 @@ from ._hc_common import CheckpointFileError, CheckpointMismatchError, Pretrained
     upcycle_residual_state_dict
 from .vision_transformer_hc import VisionTransformerHC
 from .convnext_hc import ConvNeXtHC
+from .vision_transformer_plain import OrthogonalLinear, VisionTransformerPlain
