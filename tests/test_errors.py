@@ -65,6 +65,29 @@ def test_pretrained_with_unreachable_hub_fails_after_one_short_probe(empty_hf_ca
     _assert_names_local_options(str(err.value))
 
 
+@pytest.mark.parametrize('offline', [True, False], ids=['HF_HUB_OFFLINE', 'unreachable'])
+def test_hf_hub_name_fails_at_once_without_the_hub(empty_hf_cache, monkeypatch, offline):
+    """create_model('hf-hub:<repo>') reads the repo's config.json first: without the Hub and the cache, the error
+    comes at once (offline) or after one short probe, naming the repo and the local options."""
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', offline)
+    probes = []
+
+    class Session:
+        def head(self, url, timeout):
+            probes.append(timeout)
+            raise OSError('Name or service not known')
+
+    monkeypatch.setattr(huggingface_hub, 'get_session', Session)
+    monkeypatch.setattr(timm.models._hub, 'hf_hub_download', None)  # a download attempt would be a TypeError
+    start = time.monotonic()
+    with pytest.raises(kv.PretrainedWeightsUnavailableError, match='hf-hub:someone/vit_micro_hc reads config.json '
+                                                                   'from the Hugging Face Hub') as err:
+        timm.create_model('hf-hub:someone/vit_micro_hc', pretrained=True)
+    assert time.monotonic() - start < 5 and len(probes) == (0 if offline else 1)
+    assert ('HF_HUB_OFFLINE is set' if offline else 'cannot be reached') in str(err.value)
+    _assert_names_local_options(str(err.value))
+
+
 def test_local_weights_need_no_hub(empty_hf_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, 'get_session', None)  # any Hub probe would fail with a TypeError
     model = timm.create_model(MICRO, num_streams=2)

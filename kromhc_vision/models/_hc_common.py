@@ -359,6 +359,30 @@ timm.models._factory.load_model_config_from_path = _wrap_local_dir_config(
     timm.models._factory.load_model_config_from_path)
 
 
+def _wrap_hf_hub_config(load):
+    """timm's ``load_model_config_from_hf`` (``create_model('hf-hub:<repo>')``) that fails at once with
+    :class:`PretrainedWeightsUnavailableError` when ``config.json`` is not cached and the Hub cannot be reached,
+    instead of after huggingface_hub's retries."""
+    if getattr(load, '_kromhc_checked', False):
+        return load
+
+    @wraps(load)
+    def checked(model_id, cache_dir=None, *args, **kwargs):
+        if not _hub_cached(model_id, ('config.json',), cache_dir):
+            reason = _hub_unreachable_reason()
+            if reason is not None:
+                raise PretrainedWeightsUnavailableError(
+                    f"hf-hub:{model_id} reads config.json from the Hugging Face Hub repository {model_id}, which "
+                    f"is not in the local cache, and {reason}. " + _LOCAL_OPTIONS)
+        return load(model_id, cache_dir, *args, **kwargs)
+
+    checked._kromhc_checked = True
+    return checked
+
+
+timm.models._factory.load_model_config_from_hf = _wrap_hf_hub_config(timm.models._factory.load_model_config_from_hf)
+
+
 def _hub_cached(repo: str, filenames, cache_dir=None) -> bool:
     repo_id, _, revision = repo.partition('@')
     return any(isinstance(huggingface_hub.try_to_load_from_cache(repo_id, f, cache_dir=cache_dir,
