@@ -5,3 +5,4 @@ from ._hc_common import CheckpointFileError, CheckpointMismatchError, Pretrained
 from .vision_transformer_hc import VisionTransformerHC
 from .convnext_hc import ConvNeXtHC
 from .vision_transformer_plain import OrthogonalLinear, VisionTransformerPlain
+from .terminator import Terminator
