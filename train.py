@@ -208,6 +208,8 @@ def create_task(args, model, data_config, mixup_active, device, primary) -> Trai
                                 pos_weight=args.bce_pos_weight)
     task = TrainTask(model, criterion_kwargs=criterion_kwargs, device=device, verbose=primary)
     task.data_config = data_config
+    if callable(getattr(model, 'slow_loss', None)):  # Terminator's local feedback loss, parameters only
+        task.slow_loss, task.slow_loss_weight = model.slow_loss, args.slow_loss_weight
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device='cpu' if args.model_ema_force_cpu else None)
@@ -298,7 +300,7 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, autocast, loss
     task.train()
     accum, num_batches = args.grad_accum_steps, len(loader)
     full_updates = num_batches // accum
-    losses, update_loss, samples = [], 0., 0
+    losses, update_loss, samples, slow_losses = [], 0., 0, []
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -314,7 +316,10 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, autocast, loss
             input = input.contiguous(memory_format=torch.channels_last)
         with nullcontext() if last else task.no_sync():
             with autocast():
-                loss = task(input, target)['loss']
+                result = task(input, target)
+            loss = result['loss']
+            if 'slow_loss' in result:  # identical on every rank (parameters only)
+                slow_losses.append(result['slow_loss'].item())
             value = (reduce_tensor(loss.detach(), args.world_size) if args.distributed else loss.detach()).item()
             if not math.isfinite(value):
                 raise NonFiniteLoss(f'non-finite loss ({value}) at epoch {epoch}, batch {i}, update step '
@@ -351,7 +356,8 @@ def train_one_epoch(epoch, task, loader, optimizer, args, device, autocast, loss
         if scheduler is not None and args.sched_on_updates:
             scheduler.step_update(num_updates=task.step)
     elapsed = time.perf_counter() - start
-    return dict(loss=sum(losses) / max(len(losses), 1), img_per_sec=samples / elapsed,
+    slow = dict(slow_loss=sum(slow_losses) / len(slow_losses)) if slow_losses else {}  # unweighted, per batch
+    return dict(loss=sum(losses) / max(len(losses), 1), **slow, img_per_sec=samples / elapsed,
                 peak_memory_mb=peak_memory_mb(device))
 
 
@@ -412,7 +418,8 @@ def train(args, args_text, run_dir):
         if primary:
             out.end_epoch(epoch, lr, time.perf_counter() - start, train_metrics, eval_metrics, ema_metrics, metric)
             ema_text = f", EMA top-1 {ema_metrics['top1']:.2f}%" if ema_metrics else ''
-            _logger.info(f"Epoch {epoch}: train loss {train_metrics['loss']:.4f}, eval loss "
+            slow_text = f" (slow loss {train_metrics['slow_loss']:.4g})" if 'slow_loss' in train_metrics else ''
+            _logger.info(f"Epoch {epoch}: train loss {train_metrics['loss']:.4f}{slow_text}, eval loss "
                          f"{eval_metrics['loss']:.4f}, top-1 {eval_metrics['top1']:.2f}%, top-5 "
                          f"{eval_metrics['top5']:.2f}%{ema_text}, lr {lr:.3g}, "
                          f"{train_metrics['img_per_sec']:.0f} img/s, peak memory "

@@ -237,3 +237,36 @@ def test_slow_loss_is_the_tiled_kernel_mse():
     expected = ((torch.cat([ka, ka])[:4] - kb) ** 2).mean()
     torch.testing.assert_close(model.slow_loss(), expected)
     assert Terminator(img_size=8, dims=(4,)).slow_loss().item() == 0
+
+
+# ------------------------------------------------------------------------------------------------- train.py
+def test_train_adds_and_logs_the_slow_loss(tmp_path):
+    """train.py adds slow_loss_weight * model.slow_loss() to the task loss (first update: the losses of weight 2
+    and weight 0 differ by twice the slow loss of the initial weights) and logs it separately per epoch."""
+    import csv
+    import json
+
+    from timm.utils import random_seed
+
+    from kromhc_vision.data import write_digits_folder
+    from _scripts import load_script
+
+    data = write_digits_folder(tmp_path / 'digits', per_class=3)
+    kwargs = dict(img_size=8, dims=(8, 8), slow_hidden=8)
+    common = ['--data-dir', str(data), '--model', 'terminator_micro', '--model-kwargs',
+              *[f'{k}={v}'.replace(' ', '') for k, v in kwargs.items()], '--img-size', '8', '--num-classes', '10',
+              '--batch-size', '8', '--opt', 'adamw', '--lr', '1e-3', '--warmup-epochs', '0', '--workers', '0',
+              '--epochs', '1', '--seed', '3', '--output', str(tmp_path / 'out')]
+    train = load_script('train')
+    first_loss, summaries = {}, {}
+    for w in (0, 2):
+        train.main(common + ['--experiment', f'w{w}', '--slow-loss-weight', str(w)])
+        run = tmp_path / 'out' / f'w{w}'
+        first_loss[w] = float(next(csv.DictReader(open(run / 'steps.csv')))['loss'])
+        summaries[w] = json.load(open(run / 'summary.json'))[0]
+    random_seed(3, 0)  # as train.py seeds before building the model
+    model = timm.create_model('terminator_micro', num_classes=10, in_chans=3, drop_rate=0., **kwargs)
+    slow = model.slow_loss().item()
+    assert slow > 0
+    assert first_loss[2] - first_loss[0] == pytest.approx(2 * slow, rel=1e-4, abs=1e-6)
+    assert 'train_slow_loss' in summaries[2] and 'train_slow_loss' not in summaries[0]

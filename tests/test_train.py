@@ -16,6 +16,7 @@ import yaml
 from kromhc_vision.data import write_digits_folder
 from kromhc_vision.cli import ConfigError
 from kromhc_vision.cli.train_config import parse_args, validate
+from kromhc_vision.models._hc_common import VARIANTS
 
 from _scripts import ROOT, TINY, load_script
 
@@ -91,7 +92,10 @@ def test_every_config_validates_and_families_differ_only_in_model(tmp_path):
         assert cfg['device_modules'] == ['kromhc_vision'], path
         args, _ = parse_args(['-c', str(path), '--data-dir', str(fake)])
         validate(args)
-        family = path.parent / path.stem.replace(cfg['model'].split('.')[0].rsplit('_', 1)[1], '<variant>')
+        variant = cfg['model'].split('.')[0].rsplit('_', 1)[1]
+        if variant not in VARIANTS:  # a model family of its own (terminator_*): validated, no variant family
+            continue
+        family = path.parent / path.stem.replace(variant, '<variant>')
         lines = [line for line in path.read_text().splitlines() if not line.startswith('model:')]
         families.setdefault(family, []).append((path.name, lines))
     assert len(families) == 7 and all(len(members) == 5 for members in families.values()), families.keys()

@@ -35,7 +35,7 @@ SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'wsd', 'rsqrt', 'co
 # Value ranges checked before any work (timm takes these unchecked).
 NON_NEGATIVE = ('weight_decay', 'warmup_epochs', 'cooldown_epochs', 'patience_epochs', 'workers', 'warmup_lr',
                 'min_lr', 'momentum', 'mixup', 'cutmix', 'epoch_repeats', 'aug_repeats', 'layer_decay_min_scale',
-                'lr_noise_std', 'color_jitter', 'recount', 'mixup_off_epoch')
+                'lr_noise_std', 'color_jitter', 'recount', 'mixup_off_epoch', 'slow_loss_weight')
 POSITIVE_IF_SET = ('lr', 'lr_base', 'clip_grad', 'layer_decay', 'validation_batch_size', 'lr_base_size')
 FRACTIONS = ('smoothing', 'drop', 'drop_path', 'drop_block', 'reprob', 'hflip', 'vflip', 'mixup_prob',
              'mixup_switch_prob', 'model_ema_decay', 'color_jitter_prob', 'grayscale_prob', 'gaussian_blur_prob',
@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'))
     g.add_argument('--mixup-off-epoch', type=int, default=0)
     g.add_argument('--smoothing', type=float, default=0.1)
+    g.add_argument('--slow-loss-weight', type=float, default=1.0,
+                   help='weight of model.slow_loss() in the loss, for models that have one (Terminator); not in timm')
     g.add_argument('--train-interpolation', default='random')
     g.add_argument('--drop', type=float, default=0.0)
     g.add_argument('--drop-path', type=float, default=None)

@@ -20,6 +20,17 @@ class TrainTask(ClassificationTask):
     step = 0
     data_config = None
     class_to_idx = None  # of the training data: eval.py checks the classes of what it evaluates against it
+    slow_loss = None  # a model's parameter-only auxiliary loss (Terminator's model.slow_loss), or None
+    slow_loss_weight = 0.
+
+    def forward(self, input, target):
+        """timm's classification loss, plus ``slow_loss_weight * slow_loss()`` when the model has one; then the
+        result also holds ``task_loss`` (the criterion alone) and ``slow_loss`` (unweighted)."""
+        result = super().forward(input, target)
+        if self.slow_loss is not None and self.slow_loss_weight:
+            slow = self.slow_loss()
+            result.update(task_loss=result['loss'], slow_loss=slow, loss=result['loss'] + self.slow_loss_weight * slow)
+        return result
 
     def get_task_state(self, module=None, ema=False):
         if ema:

@@ -129,11 +129,13 @@ class SlowNet(nn.Module):
         linear layers ``U(±1/sqrt(hidden))`` (their product stays O(1)), the output layer timm's trunc normal."""
         for l, f in enumerate(self.filters, start=1):
             hidden = f.weight.shape[0]
-            # sampled on the CPU and copied: torch.distributions has no meta kernels
-            gamma = torch.distributions.Gamma(torch.full((hidden, 1), 6. / (l + 1)), torch.ones(hidden, 1)).sample()
-            u = torch.rand(hidden, 2) * 2 - 1
+            # drawn on the host and copied to wherever the weights are (a no-op on meta): torch's Gamma sampler
+            # has no meta kernel, and a torch.device('meta') context would otherwise catch these tensors too
+            cpu = dict(device='cpu', dtype=torch.float32)
+            gamma = torch._standard_gamma(torch.full((hidden, 1), 6. / (l + 1), **cpu))
+            u = torch.rand(hidden, 2, **cpu) * 2 - 1
             f.weight.copy_(2 * math.pi * self.omega0 * gamma * u)
-            f.bias.copy_(torch.rand(hidden) * 2 * math.pi - math.pi)
+            f.bias.copy_(torch.rand(hidden, **cpu) * 2 * math.pi - math.pi)
         for lin in self.linears:
             bound = 1 / math.sqrt(lin.weight.shape[1])
             nn.init.uniform_(lin.weight, -bound, bound)
