@@ -16,6 +16,7 @@ import torch.fx
 from timm.layers import register_notrace_function
 from torch import nn
 
+from . import recompute
 from .ops import dispatch
 from .ops.reference import autocast_off
 from .permutations import check_permutation_size, kronecker_factors, permutation_matrices
@@ -210,7 +211,14 @@ class HyperConnection(nn.Module):
         return stochasticity_error(self.coefficients(X)[2])
 
     def forward(self, X, branch):
-        """``X (..., n, C)`` and ``branch: (..., C) -> (..., C)`` -> ``X_next (..., n, C)``."""
+        """``X (..., n, C)`` and ``branch: (..., C) -> (..., C)`` -> ``X_next (..., n, C)``.
+
+        Inside a :func:`kromhc_vision.recompute.session` (a model's ``hc_recompute``), the tensors the pre and
+        post steps save are recomputed in the backward pass instead of kept.
+        """
+        session = recompute.active_session()
+        if session is not None:
+            return session.connect(self, X, branch, connection_pre, connection_post)
         pre = connection_pre(self, X)  # (u, h_pre, h_post, a_res, X for the post step), indexed: FX traces it
         return connection_post(self, pre, branch(pre[0]))
 

@@ -3,8 +3,12 @@
 A hyper-connected model is named ``{base}_{variant}`` (variant one of :data:`VARIANTS`) and takes
 the model arguments ``num_streams`` (default 4, 1 for ``residual``), ``hc_init``
 (``'published'`` | ``'identity'``), ``hc_backend`` (None | ``'auto'`` | ``'triton'`` | ``'torch'``)
-and ``hc_kwargs`` (extra connection arguments, e.g. ``{'sinkhorn_iters': 10}``).
+``hc_kwargs`` (extra connection arguments, e.g. ``{'sinkhorn_iters': 10}``) and ``hc_recompute``
+(``False`` | ``True`` | an int ``L_r``: recompute the connections' saved tensors in the backward pass, keeping
+the stream state every ``L_r`` connections; see :mod:`kromhc_vision.recompute`). ``hc_backend`` and
+``hc_recompute`` are runtime settings: they change neither the parameters nor the state dict.
 """
+import contextlib
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -24,6 +28,7 @@ from timm.models._builder import _resolve_pretrained_source  # no public names i
 from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES
 from timm.models._input import update_model_args
 
+from .. import recompute
 from ..connections import CONNECTIONS, HyperConnection, ResidualConnection, build_connection, connection_class
 
 __all__ = [
@@ -35,6 +40,9 @@ __all__ = [
 
 VARIANTS = tuple(CONNECTIONS)  # ('residual', 'hc', 'mhc', 'mhclite', 'kromhc')
 DEFAULT_NUM_STREAMS = 4
+# hc_recompute when a model is created without it: True (L_r from the model's depth). A user training on a GPU
+# wants the activation memory of the stream state gone at the price of re-running the mixing (see README).
+DEFAULT_HC_RECOMPUTE = True
 PAPER_IDS = {
     'residual': (),
     'hc': ('arXiv:2409.19606',),
@@ -75,10 +83,12 @@ class HcSpec:
     init: str = 'published'
     backend: Optional[str] = None
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    recompute: Union[bool, int] = DEFAULT_HC_RECOMPUTE
 
     @classmethod
     def create(cls, variant: str, num_streams: Optional[int] = None, hc_init: str = 'published',
-               hc_backend: Optional[str] = None, hc_kwargs: Optional[Mapping[str, Any]] = None) -> 'HcSpec':
+               hc_backend: Optional[str] = None, hc_kwargs: Optional[Mapping[str, Any]] = None,
+               hc_recompute: Union[bool, int] = DEFAULT_HC_RECOMPUTE) -> 'HcSpec':
         if variant not in VARIANTS:
             raise ValueError(f"unknown hyper-connection variant {variant!r}; valid choices: {', '.join(VARIANTS)}")
         if num_streams is None:
@@ -87,9 +97,10 @@ class HcSpec:
             raise ValueError(f"hc_kwargs must be a mapping of connection options (e.g. {{'sinkhorn_iters': 10}}), "
                              f"got {hc_kwargs!r}")
         hc_kwargs = dict(hc_kwargs or {})
+        recompute.check_recompute(hc_recompute)
         connection_class(variant).check(num_streams, init=hc_init, backend=hc_backend, names=MODEL_ARGUMENT_NAMES,
                                         **hc_kwargs)
-        return cls(variant, num_streams, hc_init, hc_backend, hc_kwargs)
+        return cls(variant, num_streams, hc_init, hc_backend, hc_kwargs, hc_recompute)
 
     def connection(self, dim: int, layer_index: int, device=None, dtype=None) -> nn.Module:
         """A connection for streams ``(..., n, dim)``, its parameters created on ``device`` in ``dtype``."""
@@ -97,7 +108,8 @@ class HcSpec:
                                 device=device, dtype=dtype, **self.kwargs)
 
     def model_args(self) -> Dict[str, Any]:
-        """The model arguments that rebuild these settings (the backend is a runtime choice, left out)."""
+        """The model arguments that rebuild these settings (the backend and recomputation are runtime choices,
+        left out)."""
         args = dict(num_streams=self.num_streams, hc_init=self.init)
         if self.kwargs:
             args['hc_kwargs'] = dict(self.kwargs)
@@ -120,6 +132,32 @@ class HcModelMixin:
         self.hc_spec = hc
         self.num_streams = hc.num_streams
         update_model_args(self, **hc.model_args())  # recorded for save_for_hf / push_to_hf_hub
+        self.set_hc_recompute(hc.recompute)
+
+    @torch.jit.ignore
+    def hc_connections(self):
+        """The model's connections in the order its forward pass runs them."""
+        return [m for m in self.modules() if isinstance(m, (HyperConnection, ResidualConnection))]
+
+    @torch.jit.ignore
+    def set_hc_recompute(self, value: Union[bool, int] = True) -> None:
+        """Set ``hc_recompute`` (``False`` | ``True`` | an int ``L_r >= 1``) at runtime; ``hc_recompute_length``
+        becomes the segment length in force (0: off; residual models have no stream state and stay at 0)."""
+        length = recompute.segment_length(value, len(self.hc_connections()), self.num_streams)
+        self.hc_recompute = value
+        self.hc_recompute_length = 0 if self.hc_spec.variant == 'residual' else length
+
+    def _hc_session(self):
+        """The recomputation session of one forward pass (a null context when it does not apply: eval mode,
+        no grad, torch.compile, torch.fx tracing; see :func:`kromhc_vision.recompute.session`)."""
+        if not self.hc_recompute_length or not self.training or torch.compiler.is_compiling():
+            return contextlib.nullcontext()
+        return recompute.session(self.hc_recompute_length)
+
+    @staticmethod
+    def _hc_suspended():
+        """Around timm's grad-checkpointed blocks, which recompute the connections with everything else."""
+        return contextlib.nullcontext() if torch.compiler.is_compiling() else recompute.suspended()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:

@@ -29,7 +29,7 @@ from timm.models._features import feature_take_indices  # no public name in timm
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock, _cfg, checkpoint_filter_fn
 
 from ..streams import expand_streams, reduce_streams
-from ._hc_common import HcModelMixin, HcSpec, create_hc_model, hc_default_cfgs, upcycled_cfg
+from ._hc_common import DEFAULT_HC_RECOMPUTE, HcModelMixin, HcSpec, create_hc_model, hc_default_cfgs, upcycled_cfg
 
 __all__ = ['ConvNeXtHC', 'ConvNeXtBlockHC']
 
@@ -71,7 +71,8 @@ def _stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = stage.downsample(x)
         x = x.permute(0, 2, 3, 1).unflatten(0, (B, n)).permute(0, 2, 3, 1, 4).contiguous()
     if stage.grad_checkpointing and not torch.jit.is_scripting():
-        return checkpoint_seq(stage.blocks, x)
+        with HcModelMixin._hc_suspended():
+            return checkpoint_seq(stage.blocks, x)
     return stage.blocks(x)
 
 
@@ -86,10 +87,11 @@ class ConvNeXtHC(HcModelMixin, ConvNeXt):
             hc_init: str = 'published',
             hc_backend: Optional[str] = None,
             hc_kwargs: Optional[Dict[str, Any]] = None,
+            hc_recompute: Union[bool, int] = DEFAULT_HC_RECOMPUTE,
             **kwargs,
     ):
         """``hc_*`` / ``num_streams``: see :mod:`kromhc_vision.models._hc_common`; the rest is ConvNeXt's."""
-        hc = HcSpec.create(hc_variant, num_streams, hc_init, hc_backend, hc_kwargs)
+        hc = HcSpec.create(hc_variant, num_streams, hc_init, hc_backend, hc_kwargs, hc_recompute)
         super().__init__(**kwargs)
         layer_index = 0
         for stage in self.stages:
@@ -111,8 +113,9 @@ class ConvNeXtHC(HcModelMixin, ConvNeXt):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W) -> (B, C, H/32, W/32)``, as timm's."""
         x = self._embed(x)
-        for stage in self.stages:
-            x = _stage_forward(stage, x)
+        with self._hc_session():
+            for stage in self.stages:
+                x = _stage_forward(stage, x)
         return self.norm_pre(self._reduce(x))
 
     def forward_intermediates(
@@ -131,11 +134,12 @@ class ConvNeXtHC(HcModelMixin, ConvNeXt):
         stages = self.stages[:max_index + 1] if stop_early else self.stages
         intermediates = []
         x = self._embed(x)
-        for feat_idx, stage in enumerate(stages):
-            x = _stage_forward(stage, x)
-            if feat_idx in take_indices:
-                y = self._reduce(x)
-                intermediates.append(self.norm_pre(y) if norm and feat_idx == last_idx else y)
+        with self._hc_session():
+            for feat_idx, stage in enumerate(stages):
+                x = _stage_forward(stage, x)
+                if feat_idx in take_indices:
+                    y = self._reduce(x)
+                    intermediates.append(self.norm_pre(y) if norm and feat_idx == last_idx else y)
         if intermediates_only:
             return intermediates
         x = self._reduce(x)

@@ -19,7 +19,7 @@ from timm.models._features import feature_take_indices  # no public name in timm
 from timm.models.vision_transformer import Block, VisionTransformer, _cfg, checkpoint_filter_fn
 
 from ..streams import expand_streams, reduce_streams
-from ._hc_common import HcModelMixin, HcSpec, create_hc_model, hc_default_cfgs, upcycled_cfg
+from ._hc_common import DEFAULT_HC_RECOMPUTE, HcModelMixin, HcSpec, create_hc_model, hc_default_cfgs, upcycled_cfg
 
 __all__ = ['VisionTransformerHC', 'BlockHC']
 
@@ -56,10 +56,11 @@ class VisionTransformerHC(HcModelMixin, VisionTransformer):
             hc_init: str = 'published',
             hc_backend: Optional[str] = None,
             hc_kwargs: Optional[Dict[str, Any]] = None,
+            hc_recompute: Union[bool, int] = DEFAULT_HC_RECOMPUTE,
             **kwargs,
     ):
         """``hc_*`` / ``num_streams``: see :mod:`kromhc_vision.models._hc_common`; the rest is VisionTransformer's."""
-        hc = HcSpec.create(hc_variant, num_streams, hc_init, hc_backend, hc_kwargs)
+        hc = HcSpec.create(hc_variant, num_streams, hc_init, hc_backend, hc_kwargs, hc_recompute)
         super().__init__(block_fn=partial(BlockHC, hc=hc), **kwargs)
         self._init_hc(hc)
 
@@ -75,13 +76,15 @@ class VisionTransformerHC(HcModelMixin, VisionTransformer):
                          is_causal: bool = False) -> torch.Tensor:
         """``(B, C_in, H, W) -> (B, N, C)`` (normed tokens, as timm's)."""
         x = self._embed(x)
-        if attn_mask is not None or is_causal:
-            for blk in self.blocks:
-                x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
-        elif self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
+        with self._hc_session():
+            if attn_mask is not None or is_causal:
+                for blk in self.blocks:
+                    x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
+            elif self.grad_checkpointing and not torch.jit.is_scripting():
+                with self._hc_suspended():
+                    x = checkpoint_seq(self.blocks, x)
+            else:
+                x = self.blocks(x)
         return self.norm(reduce_streams(x))
 
     def forward_intermediates(
@@ -104,16 +107,18 @@ class VisionTransformerHC(HcModelMixin, VisionTransformer):
         x = self._embed(x)
         intermediates = []
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
-        for i, blk in enumerate(blocks):
-            if attn_mask is not None or is_causal:
-                x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
-            elif self.grad_checkpointing:
-                x = checkpoint(blk, x)
-            else:
-                x = blk(x)
-            if i in take_indices:
-                y = reduce_streams(x)
-                intermediates.append(self.norm(y) if norm else y)
+        with self._hc_session():
+            for i, blk in enumerate(blocks):
+                if attn_mask is not None or is_causal:
+                    x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
+                elif self.grad_checkpointing:
+                    with self._hc_suspended():
+                        x = checkpoint(blk, x)
+                else:
+                    x = blk(x)
+                if i in take_indices:
+                    y = reduce_streams(x)
+                    intermediates.append(self.norm(y) if norm else y)
 
         prefix_tokens = None
         if self.num_prefix_tokens:

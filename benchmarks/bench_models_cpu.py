@@ -1,0 +1,201 @@
+"""Whole timm models with every connection variant against timm's residual model: memory and step time,
+with and without ``hc_recompute``.
+
+Models: ``vit_tiny_patch16_224_<variant>`` against timm's ``vit_tiny_patch16_224``, and
+``convnext_atto_<variant>`` against timm's ``convnext_atto``; float32, training mode, default init.
+Reported per variant and ``hc_recompute`` setting (``off`` = False, ``on`` = the default True):
+
+- ``saved``: bytes autograd keeps at the end of the forward pass (unique storages, parameters excluded;
+  :func:`kromhc_vision.memory.saved_activation_bytes`), over the residual model's;
+- ``peak``: the largest total of live tensor storage during the backward pass, recomputed tensors,
+  gradients and temporaries included (:func:`kromhc_vision.memory.peak_step_bytes`; on CUDA the allocator's
+  ``max_memory_allocated`` over the step), over the residual model's;
+- ``step``: forward + backward time (median over interleaved rounds of the paired ratio to the residual
+  step in the same round, quartiles beside it; the ``ms`` column is the median time);
+- ``rc cost``: the paired ratio of the step with recompute to the step without (same round);
+- ``infer``: inference images/s (eval mode, no grad) over the residual model's.
+
+    python benchmarks/bench_models_cpu.py [--models vit convnext] [--streams 4 8] [--rounds 5] [--batch 16]
+        [--variants hc mhc mhclite kromhc] [--threads 2] [--no-time] [--write-section]
+
+``--write-section`` writes the printed table into BENCHMARKS.md's ``bench_models`` section, with the
+command, the commit and the CPU.
+"""
+import argparse
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import kromhc_vision as kv
+from kromhc_vision.cli.sections import write_section
+from kromhc_vision.memory import peak_step_bytes, saved_activation_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+BASES = {"vit": ("vit_tiny_patch16_224", 224), "convnext": ("convnext_atto", 224)}
+
+
+def cpu_name() -> str:
+    """``lscpu``'s model name (``/proc/cpuinfo`` if lscpu is missing)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "kromhc_vision"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return rev + (" (kromhc_vision modified)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def loss_of(out):
+    return out.float().square().mean()
+
+
+def step(model, x):
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    loss_of(model(x)).backward()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def infer(model, x):
+    start = time.perf_counter()
+    model(x)
+    return time.perf_counter() - start
+
+
+def memory(model, x):
+    """``(saved, peak)`` bytes of one training step."""
+    model.train()
+    saved = saved_activation_bytes(model, x)
+    if x.device.type == "cuda":
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss_of(model(x)).backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        model.zero_grad(set_to_none=True)
+    else:
+        peak = peak_step_bytes(model, x, loss=loss_of)[1]
+    return saved, peak
+
+
+def quart(ratios):
+    ratios = sorted(ratios)
+    return f"{ratios[len(ratios) // 4]:.2f}-{ratios[(3 * len(ratios)) // 4]:.2f}"
+
+
+def run_family(family, n, args, device, lines):
+    base, size = BASES[family]
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, size, size, device=device)
+    models = {"residual": timm.create_model(base).to(device)}
+    refused = {}
+    for v in args.variants:
+        try:
+            models[v] = timm.create_model(f"{base}_{v}", num_streams=n).to(device)
+        except ValueError as e:  # mHC-lite beyond n = 6
+            refused[v] = str(e).split(";")[0]
+    mem = {("residual", "-"): memory(models["residual"], x)}
+    for v in models:
+        if v != "residual":
+            for setting in ("off", "on"):
+                models[v].set_hc_recompute(setting == "on")
+                mem[(v, setting)] = memory(models[v], x)
+    times = {key: [] for key in mem}
+    inference = {v: [] for v in models}
+    if not args.no_time:
+        for round_ in range(args.rounds + 1):  # round 0 warms up
+            for (v, setting) in times:
+                model = models[v].train()
+                if v != "residual":
+                    model.set_hc_recompute(setting == "on")
+                t = step(model, x)
+                if round_:
+                    times[(v, setting)].append(t)
+            for v, model in models.items():
+                t = infer(model.eval(), x)
+                if round_:
+                    inference[v].append(t)
+    res_saved, res_peak = mem[("residual", "-")]
+    default = kv.models._hc_common.DEFAULT_HC_RECOMPUTE
+    lines.append(f"{base}_<variant> vs timm's {base}, n = {n}, batch {args.batch}, {size}px, float32, {device}; "
+                 f"recompute on = hc_recompute=True (the default is {default}); L_r = "
+                 f"{next((m.hc_recompute_length for v, m in models.items() if v != 'residual'), '-')}")
+    head = (f"{'variant':<10}{'recompute':>10}{'saved MiB':>10}{'x res':>7}{'peak MiB':>10}{'x res':>7}")
+    if not args.no_time:
+        head += f"{'ms/step':>9}{'x res':>7}{'quartiles':>11}{'rc cost':>9}{'infer img/s':>12}{'x res':>7}"
+    lines.append(head)
+    for (v, setting), (saved, peak) in mem.items():
+        row = (f"{v:<10}{setting:>10}{saved / 2**20:>10.1f}{saved / res_saved:>7.2f}{peak / 2**20:>10.1f}"
+               f"{peak / res_peak:>7.2f}")
+        if not args.no_time:
+            ts = times[(v, setting)]
+            ratios = [t / r for t, r in zip(ts, times[("residual", "-")])]
+            cost = "-"
+            if setting == "on":
+                cost = f"{statistics.median(a / b for a, b in zip(ts, times[(v, 'off')])):.3f}"
+            ips = args.batch / statistics.median(inference[v])
+            ips_res = args.batch / statistics.median(inference["residual"])
+            infer_cols = f"{ips:>12.1f}{ips / ips_res:>7.2f}" if setting != "on" else f"{'':>12}{'':>7}"
+            row += (f"{statistics.median(ts) * 1e3:>9.0f}{statistics.median(ratios):>7.2f}{quart(ratios):>11}"
+                    f"{cost:>9}{infer_cols}")
+        lines.append(row)
+    for v, why in refused.items():
+        lines.append(f"{v:<10}refused: {why}")
+    lines.append("")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=list(BASES), default=list(BASES))
+    parser.add_argument("--streams", nargs="+", type=int, default=[4, 8])
+    hyper = [v for v in kv.CONNECTIONS if v != "residual"]
+    parser.add_argument("--variants", nargs="+", choices=hyper, default=hyper)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-time", action="store_true", help="memory only")
+    parser.add_argument("--write-section", action="store_true", help="write BENCHMARKS.md's bench_models section")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    lines = [f"CPU: {cpu_name()}; torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads; "
+             f"commit {commit()}", ""]
+    print("\n".join(lines), flush=True)
+    for family in args.models:
+        for n in args.streams:
+            start = len(lines)
+            run_family(family, n, args, device, lines)
+            print("\n".join(lines[start:]), flush=True)
+    if args.write_section:
+        command = "python benchmarks/bench_models_cpu.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        body = ("## Whole models: memory and step time with and without `hc_recompute`\n\n"
+                f"`{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}):\n\n```\n" + "\n".join(lines).rstrip()
+                + "\n```\n")
+        write_section(ROOT / "BENCHMARKS.md", "bench_models", body)
+
+
+if __name__ == "__main__":
+    main()

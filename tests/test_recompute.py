@@ -1,0 +1,242 @@
+"""hc_recompute: the connections' saved tensors recomputed in the backward pass give the gradients of plain
+autograd (every variant, the torch / numba / Triton-interpreter backends, ViT and ConvNeXt, drop-path, timm's
+grad checkpointing, forward_intermediates, torch.compile, DDP), keep less, and bad values are refused."""
+import os
+import sys
+import textwrap
+import subprocess
+
+import pytest
+import timm
+import torch
+
+import kromhc_vision as kv
+from kromhc_vision import recompute
+from kromhc_vision.memory import peak_step_bytes, saved_activation_bytes
+
+VARIANTS = ["hc", "mhc", "mhclite", "kromhc"]
+VIT = dict(img_size=16, depth=3)  # vit_micro_patch4_32 at 16 px: 17 tokens, 6 connections
+CONVNEXT = dict(depths=(2, 1, 3, 1))  # convnext_micro, 7 connections: segments also end at every downsample
+
+
+def make_pair(name, dtype=torch.float64, recompute_value=True, **kwargs):
+    """The same weights (perturbed off the init, so that every coefficient matters) without and with recompute."""
+    plain = timm.create_model(name, hc_recompute=False, **kwargs).to(dtype)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    other = timm.create_model(name, hc_recompute=recompute_value, **kwargs).to(dtype)
+    other.load_state_dict(plain.state_dict())
+    return plain, other
+
+
+def step_grads(model, x, seed=1, forward=None):
+    """Gradients of one training step; ``seed`` fixes drop-path's draws."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = (model if forward is None else forward)(x)
+    torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out).mul(out).sum().backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(a, b, rtol=0.0, atol=1e-12):
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.fixture
+def recompute_calls(monkeypatch):
+    """How many segment recomputations ran (a test of recomputation must see some)."""
+    calls = []
+    original = recompute._Segment.recompute
+
+    def counted(self):
+        calls.append(len(self.conns))
+        return original(self)
+
+    monkeypatch.setattr(recompute._Segment, "recompute", counted)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+def test_gradients_equal_without_recompute_float64(family, variant, backend, recompute_calls):
+    if family == "vit":
+        name, kwargs, x = f"vit_micro_patch4_32_{variant}", VIT, torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    else:
+        name, kwargs, x = f"convnext_micro_{variant}", CONVNEXT, torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    plain, rec = make_pair(name, hc_backend=backend, drop_path_rate=0.3, **kwargs)
+    assert rec.hc_recompute_length == 2  # round(sqrt(4 * 6 / 6)), round(sqrt(4 * 7 / 6))
+    expected = step_grads(plain, x)
+    assert not recompute_calls
+    assert_same_grads(expected, step_grads(rec, x))
+    # ViT: 3 segments of 2; ConvNeXt: stages of 2, 1, 3, 1 connections -> segments 2 | 1 | 2, 1 | 1
+    assert sorted(recompute_calls) == ([2, 2, 2] if family == "vit" else [1, 1, 1, 2, 2])
+
+
+def test_gradients_equal_float32_and_every_segment_length(recompute_calls):
+    x = torch.randn(2, 3, 16, 16)
+    plain, _ = make_pair("vit_micro_patch4_32_kromhc", torch.float32, **VIT)
+    expected = step_grads(plain, x)
+    for length in (1, 4, 6, 100):
+        plain.set_hc_recompute(length)
+        assert plain.hc_recompute_length == length
+        assert_same_grads(expected, step_grads(plain, x), rtol=1e-6, atol=1e-7)
+    assert recompute_calls == [1] * 6 + [2, 4] + [6] + [6]
+
+
+def test_triton_interpreter_gradients_equal(recompute_calls):
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    pytest.importorskip("triton")
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    plain, rec = make_pair("vit_micro_patch4_32_mhc", hc_backend="triton", img_size=8, depth=1, num_streams=2,
+                           recompute_value=2)
+    assert_same_grads(step_grads(plain, x), step_grads(rec, x))
+    assert recompute_calls == [2]
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext"])
+def test_composes_with_grad_checkpointing_and_forward_intermediates(family):
+    if family == "vit":
+        plain, rec = make_pair("vit_micro_patch4_32_kromhc", drop_path_rate=0.3, **VIT)
+        x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    else:
+        plain, rec = make_pair("convnext_micro_mhclite", drop_path_rate=0.3, **CONVNEXT)
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def intermediates(model):
+        def forward(x):
+            final, inter = model.forward_intermediates(x)
+            return torch.cat([final.flatten(), *[t.flatten() for t in inter]])
+        return forward
+
+    expected = step_grads(plain, x)
+    expected_inter = step_grads(plain, x, forward=intermediates(plain))
+    assert_same_grads(expected_inter, step_grads(rec, x, forward=intermediates(rec)))
+    rec.set_grad_checkpointing(True)
+    assert_same_grads(expected, step_grads(rec, x))
+    assert_same_grads(expected_inter, step_grads(rec, x, forward=intermediates(rec)))
+
+
+def test_second_backward_with_retain_graph_recomputes_again(recompute_calls):
+    plain, rec = make_pair("vit_micro_patch4_32_hc", **VIT)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    for model in (plain, rec):
+        model.zero_grad(set_to_none=True)
+        loss = model(x).square().sum()
+        loss.backward(retain_graph=True)
+        loss.backward()
+    assert_same_grads({k: p.grad for k, p in plain.named_parameters()},
+                      {k: p.grad for k, p in rec.named_parameters()})
+    assert recompute_calls == [2, 2, 2] * 2
+
+
+@pytest.mark.slow  # a minute of compiling on 2 busy cores
+def test_torch_compile_gradients_equal():
+    """Under torch.compile the session is off (the compiler chooses what to recompute): compiled with and
+    without hc_recompute are identical, and equal eager to float32 rounding."""
+    plain, rec = make_pair("vit_micro_patch4_32_kromhc", torch.float32, img_size=16, depth=2)
+    x = torch.randn(2, 3, 16, 16)
+    eager = step_grads(plain, x)
+    compiled = step_grads(rec, x, forward=torch.compile(rec, fullgraph=True))
+    compiled_plain = step_grads(plain, x, forward=torch.compile(plain, fullgraph=True))
+    assert_same_grads(compiled_plain, compiled, atol=0)
+    assert_same_grads(eager, compiled, rtol=1e-4, atol=1e-5)
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist, timm
+    import kromhc_vision
+    rank = int(sys.argv[1]); out = sys.argv[2]
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=sys.argv[3])
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    grads = []
+    for value in (False, True):
+        torch.manual_seed(0)
+        model = timm.create_model('vit_micro_patch4_32_mhc', img_size=16, depth=2, drop_path_rate=0.2,
+                                  hc_recompute=value).double()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        torch.manual_seed(10 + rank)
+        x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+        ddp(x).square().sum().backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    worst = max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0])
+    with open(out + str(rank), 'w') as f:
+        f.write(repr(worst))
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch and timm
+def test_ddp_two_gloo_processes_gradients_equal(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "out"), port], env=env)
+             for r in range(2)]
+    assert [p.wait(timeout=240) for p in procs] == [0, 0]
+    for r in range(2):
+        assert float((tmp_path / f"out{r}").read_text()) <= 1e-12
+
+
+def test_keeps_less_and_only_in_training_with_grad():
+    plain, rec = make_pair("vit_micro_patch4_32_kromhc", torch.float32, **VIT)
+    x = torch.randn(2, 3, 16, 16)
+    saved_plain, saved_rec = saved_activation_bytes(plain, x), saved_activation_bytes(rec, x)
+    # per token and connection, plain keeps the state (4 x 64) and what the branch needs; with segments of 2,
+    # every other connection's state goes
+    assert saved_rec < saved_plain - 2 * 17 * 4 * 64 * 4 * 2
+    after_forward, peak = peak_step_bytes(rec, x)
+    assert after_forward < peak_step_bytes(plain, x)[0] and peak > after_forward
+    seen = []
+    rec.blocks[0].mlp.register_forward_hook(lambda *a: seen.append(recompute.active_session()))
+    rec.eval()
+    rec(x)
+    rec.train()
+    with torch.no_grad():
+        rec(x)
+    rec(x)
+    assert seen[:2] == [None, None] and isinstance(seen[2], recompute.RecomputeSession)
+
+
+def test_runtime_setting_leaves_state_dict_and_model_args_alone():
+    a = timm.create_model("convnext_micro_kromhc", hc_recompute=False)
+    b = timm.create_model("convnext_micro_kromhc", hc_recompute=3)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert kv.hc_model_args(a) == kv.hc_model_args(b) and "hc_recompute" not in kv.hc_model_args(b)
+    assert b.hc_recompute == 3 and b.hc_recompute_length == 3
+
+
+def test_default_segment_length_follows_the_depth():
+    def length(name, **kwargs):
+        return timm.create_model(name, device="meta", **kwargs).hc_recompute_length
+
+    assert length("vit_tiny_patch16_224_kromhc") == 4  # sqrt(4 * 24 / 6)
+    assert length("vit_tiny_patch16_224_hc", num_streams=8) == 4  # sqrt(8 * 24 / 10) = 4.38
+    assert length("convnext_atto_mhc") == 3  # sqrt(4 * 12 / 6) = 2.83
+    assert timm.create_model("vit_micro_patch4_32_residual", hc_recompute=True).hc_recompute_length == 0
+    assert recompute.segment_length(True, 24, 4) == 4 and recompute.segment_length(False, 24, 4) == 0
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, "True", [2]])  # None: timm's create_model drops it (the default)
+@pytest.mark.parametrize("base", ["vit_micro_patch4_32", "convnext_micro"])
+def test_bad_values_are_refused_before_any_work(monkeypatch, base, value):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was built before hc_recompute was checked")
+
+    monkeypatch.setattr(timm.models.vision_transformer.VisionTransformer, "__init__", no_work)
+    monkeypatch.setattr(timm.models.convnext.ConvNeXt, "__init__", no_work)
+    with pytest.raises(ValueError) as e:
+        timm.create_model(f"{base}_kromhc", hc_recompute=value)
+    assert repr(value) in str(e.value) and "False, True" in str(e.value) and "int L_r >= 1" in str(e.value)
+    monkeypatch.undo()
+    model = timm.create_model(f"{base}_kromhc")
+    with pytest.raises(ValueError, match="hc_recompute must be"):
+        model.set_hc_recompute(value)
