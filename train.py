@@ -57,6 +57,7 @@ from kromhc_vision.cli.train_config import is_folder_dataset, model_kwargs, pars
 from kromhc_vision.cli.sampling import PerSampleSeeded, set_epoch_order
 from kromhc_vision.cli.train_state import StepLog, TrainTask, seed_epoch
 from kromhc_vision.data import digits_folder
+from kromhc_vision.optim import project_orthogonal_
 
 _logger = logging.getLogger('train')
 
@@ -411,6 +412,8 @@ def train(args, args_text, run_dir):
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
         eval_metrics = run_eval(ema=False)
+        if task.has_ema():  # an average of orthogonal (projUNN) weights is not orthogonal: project it before use
+            project_orthogonal_(task.get_trainable_module(ema=True).module)
         ema_metrics = run_eval(ema=True) if task.has_ema() else None
         metric = (ema_metrics or eval_metrics)[args.eval_metric]
         if scheduler is not None:

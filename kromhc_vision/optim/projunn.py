@@ -281,8 +281,9 @@ class ProjUNN(torch.optim.Optimizer):
         mode: ``"tangent"`` (projUNN-T) or ``"direct"`` (projUNN-D).
         rank: ``k`` of the low-rank approximation.
         sampler: ``"lsi"`` or ``"column"``.
-        seed: the random projections are drawn from a generator seeded from ``(seed, step, parameter index)``,
-            so every DDP rank draws the same one and the global RNG is untouched.
+        seed: the random projections are drawn from a generator seeded from ``(seed, step, batch index)`` (the
+            blocks of all orthogonal weights of one size are stepped as one batch), so every DDP rank draws the
+            same ones and the global RNG is untouched.
         reorthogonalize_every: every that many steps, replace the orthogonal weights by their polar factor
             (O(N³); bounds float32 drift); 0: never.
         **base_kwargs: passed to the base optimizer (``lr``, ``weight_decay``, ``momentum``, ``betas``, ...).
@@ -397,18 +398,26 @@ class ProjUNN(torch.optim.Optimizer):
         replaced by projUNN-T/D of ``(U, G)``, ``G`` the rank-k approximation of ``Δ``."""
         if self.projunn_step == 0:
             self._project_all()  # weights loaded after the optimizer was built
-        before = [(i, p, p.detach().clone()) for i, p in self._orthogonal_params() if p.grad is not None]
+        before = [(p, p.detach().clone()) for _, p in self._orthogonal_params() if p.grad is not None]
         loss = self.base.step(closure)
         mode, rank, sampler = self.defaults['mode'], self.defaults['rank'], self.defaults['sampler']
         update = projunn_tangent if mode == 'tangent' else projunn_direct
-        for index, p, old in before:
-            blocks = square_blocks(p)
-            u = square_blocks(old)
-            work = torch.float64 if p.dtype == torch.float64 else torch.float32
-            u_w = u.to(work)
-            delta = blocks.to(work) - u_w
-            a, b = lowrank_factors(delta, rank, sampler, self._generator(p.device, index))
-            blocks.copy_(update(u_w, a, b).to(p.dtype))
+        # the blocks of every weight of one size, dtype and device in one batch: a few small LAPACK calls per step
+        batches: Dict[Tuple, List] = OrderedDict()
+        for p, old in before:
+            batches.setdefault((min(p.shape[-2:]), p.dtype, p.device),
+                               []).append((p, old))
+        for index, ((_, dtype, device), items) in enumerate(batches.items()):
+            work = torch.float64 if dtype == torch.float64 else torch.float32
+            u = torch.cat([square_blocks(old).to(work) for _, old in items])
+            delta = torch.cat([square_blocks(p).to(work) for p, _ in items]) - u
+            a, b = lowrank_factors(delta, rank, sampler, self._generator(device, index))
+            new = update(u, a, b)
+            start = 0
+            for p, _ in items:
+                blocks = square_blocks(p)
+                blocks.copy_(new[start:start + blocks.shape[0]].to(dtype))
+                start += blocks.shape[0]
         self.projunn_step += 1
         every = self.defaults['reorthogonalize_every']
         if every and self.projunn_step % every == 0:
