@@ -99,3 +99,23 @@ def test_trains_through_timm_factory_and_stays_orthogonal(opt, mode):
     assert losses[-1] < losses[0]
     assert max(orthogonality_error(p) for p in model.parameters() if is_orthogonal(p)) < 1e-5
     assert project_orthogonal_(model) == 8
+
+
+def test_train_py_with_projunn_and_ema(tmp_path):
+    """train.py --opt projunnsgd with mode/rank through --opt-kwargs: the weights and the EMA copy it saves are
+    orthogonal, and the optimizer state records the projUNN step count."""
+    from _scripts import TINY, load_script
+    from kromhc_vision.data import write_digits_folder
+
+    data = write_digits_folder(tmp_path / 'digits', per_class=3)
+    argv = [*TINY, '--data-dir', data, '--epochs', 1, '--output', tmp_path, '--experiment', 'orth',
+            '--model-ema', '--model-ema-decay', 0.5]
+    argv[argv.index('vit_micro_patch4_32_kromhc')] = 'vit_micro_patch4_32_orthogonal'
+    argv[argv.index('adamw')] = 'projunnsgd'
+    load_script('train').main([str(a) for a in argv] + ['--opt-kwargs', 'mode=direct', 'rank=2'])
+    ckpt = torch.load(tmp_path / 'orth' / 'last.pth.tar', weights_only=False)
+    assert ckpt['optimizer']['projunn']['step'] == 3  # 30 images, batches of 8, the last one dropped
+    model = timm.create_model('vit_micro_patch4_32_orthogonal', depth=1, img_size=16, num_classes=10)
+    for key in ('state_dict', 'state_dict_ema'):
+        model.load_state_dict(ckpt[key])
+        assert max(orthogonality_error(p) for p in model.parameters() if is_orthogonal(p)) < 1e-5, key
