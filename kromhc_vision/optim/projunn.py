@@ -228,7 +228,7 @@ def projunn_tangent(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.
     """projUNN-T: ``U · expm(½(UᵀG − GᵀU))`` with ``G = a bᵀ``, in O(k N²). ``u`` (B, N, N), ``a, b`` (B, N, k)."""
     q, a_o, b_o = _subspace(u, a, b)
     s = 0.5 * (a_o @ b_o.mT - b_o @ a_o.mT)
-    return u + ((u @ q) @ _expm1_skew(s)) @ q.mT
+    return torch.baddbmm(u, (u @ q) @ _expm1_skew(s), q.mT)
 
 
 def _expm1_skew(s: torch.Tensor) -> torch.Tensor:
@@ -252,8 +252,8 @@ def projunn_direct(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.T
     h = a_o @ b_o.mT + b_o @ a_o.mT + b_o @ (a.mT @ a) @ b_o.mT
     lam, d = torch.linalg.eigh(0.5 * (h + h.mT))
     scale = (1 + lam).clamp_min(torch.finfo(lam.dtype).eps).rsqrt() - 1
-    a_tilde = u + a @ b.mT
-    return a_tilde + ((a_tilde @ q) @ (d * scale.unsqueeze(-2))) @ (d.mT @ q.mT)
+    a_tilde = torch.baddbmm(u, a, b.mT)
+    return torch.baddbmm(a_tilde, (a_tilde @ q) @ (d * scale.unsqueeze(-2)), d.mT @ q.mT)
 
 
 # ------------------------------------------------------------------------------------------------ the optimizer
