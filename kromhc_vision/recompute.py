@@ -93,7 +93,10 @@ class _Segment:
     """Up to ``L_r`` chained connections: their modules, branch outputs, and the start state."""
 
     def __init__(self, start: torch.Tensor, pre: Callable, post: Callable):
-        self.start, self.pre, self.post = start, pre, post
+        # detached (same storage): a tensor with its grad_fn here would make a cycle through the autograd graph
+        # (graph -> placeholder -> segment -> tensor -> graph) that Python's collector cannot see, leaking a
+        # graph whose backward never runs
+        self.start, self.pre, self.post = start.detach(), pre, post
         self.keep = {_storage_key(start)}
         self.conns, self.ys, self.x_grad, self.y_grad, self.counts, self.placeholders = [], [], [], [], [], []
         device = start.device.type
@@ -187,7 +190,7 @@ class RecomputeSession:
         with seg.hooks(i):
             p = pre(conn, X)
         y = branch(p[0])
-        seg.ys.append(y)
+        seg.ys.append(y.detach())
         seg.y_grad.append(y.requires_grad)
         seg.keep.add(_storage_key(y))
         with seg.hooks(i):

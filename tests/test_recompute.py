@@ -240,3 +240,15 @@ def test_bad_values_are_refused_before_any_work(monkeypatch, base, value):
     model = timm.create_model(f"{base}_kromhc")
     with pytest.raises(ValueError, match="hc_recompute must be"):
         model.set_hc_recompute(value)
+
+
+def test_a_forward_without_backward_frees_its_graph():
+    """The segments hold their tensors detached: no reference cycle through the autograd graph keeps a graph
+    alive whose backward never runs (a forward with grad, e.g. saved_activation_bytes)."""
+    import gc
+    model = timm.create_model("vit_micro_patch4_32_kromhc", **VIT)
+    out = model(torch.randn(2, 3, 16, 16))
+    assert out.requires_grad
+    del out
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, recompute._Segment)]
