@@ -23,7 +23,7 @@ from timm.models import safe_model_name
 from timm.task import ClassificationEvaluator
 from timm.utils import setup_default_logging
 
-from kromhc_vision.data import digits_folder
+from kromhc_vision.data import DatasetIntegrityError, DatasetUnavailableError, digits_folder, torch_dataset_root
 from kromhc_vision.diagnostics import connection_diagnostics, plot_composite_gain, plot_h_res
 from kromhc_vision.cli import ConfigError, write_json
 from kromhc_vision.cli.evaluation import (check_checkpoint, checkpoint_classes, eval_loader, evaluate,
@@ -58,14 +58,14 @@ def main(argv=None):
         setup_default_logging()
     args = parse_args(argv)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    data_dir = args.data_dir or str(digits_folder())
-    try:  # what can be checked before the model and data are built: the checkpoint, the split
+    try:  # what can be checked before the model and data are built: the data, the checkpoint, the split
+        data_dir = torch_dataset_root(args.dataset, args.data_dir, download=False) or str(digits_folder())
         meta = check_checkpoint(args.model, args.checkpoint, args.use_ema) if args.checkpoint else {}
         split_dir = split_folder(data_dir, args.split) if '/' not in args.dataset else None
         model, data_config = load_trained_model(args.model, args.checkpoint, args.use_ema, args.num_classes)
         loader = eval_loader(data_config, data_dir, args.dataset, args.split, args.batch_size, args.workers, device,
                              class_to_idx=checkpoint_classes(meta))
-    except ConfigError as e:
+    except (ConfigError, DatasetUnavailableError, DatasetIntegrityError) as e:
         raise SystemExit(f'eval.py: error: {e}') from None
     model.to(device).eval()
     dataset = loader.dataset

@@ -17,6 +17,7 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ParseKwargs
 
+from ..data import DatasetIntegrityError, DatasetUnavailableError, torch_dataset_root
 from . import ConfigError, read_checkpoint
 from .run_folder import check_run_dir, choose_run_dir
 
@@ -439,6 +440,10 @@ def validate(args) -> str:
             create_optimizer_v2(model, **dict(optimizer_kwargs(cfg=args), lr=args.lr or 0.), **args.opt_kwargs)
     except (ValueError, TypeError, RuntimeError, AssertionError) as e:
         raise ConfigError(f"model {args.model!r} with these settings cannot be built: {e}") from None
+    try:  # torch/fashion_mnist without --data-dir: prepared from Debian's files (kromhc_vision.data)
+        args.data_dir = torch_dataset_root(args.dataset, args.data_dir, args.dataset_download)
+    except (DatasetUnavailableError, DatasetIntegrityError) as e:
+        raise ConfigError(str(e)) from None
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise ConfigError(f"data_dir: folder not found: {args.data_dir}")
     if args.data_dir is not None and is_folder_dataset(args):
