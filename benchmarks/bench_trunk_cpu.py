@@ -12,10 +12,14 @@ The row ``streams`` is a yardstick, not a variant: n streams carried with no coe
 n-stream connection with none of its maths. What a variant costs above that row is its projection,
 its ``H_res`` and its mixing; what ``streams`` costs above residual is the price of n streams in eager PyTorch.
 
+``--recompute`` runs the connections inside :func:`kromhc_vision.recompute.session` (what a model's
+``hc_recompute`` does): ``on`` picks ``L_r = round(sqrt(n L / (n + 2)))`` for the trunk's 24 connections.
+
     python benchmarks/bench_trunk_cpu.py [--streams 4] [--rounds 7] [--threads 2] [--variants hc kromhc]
-                                         [--backend auto|numba|torch]
+                                         [--backend auto|numba|torch] [--recompute off|on|L_r]
 """
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -49,10 +53,13 @@ class Trunk(nn.Module):
             self.conns.append(StreamsOnly() if variant == "streams" else
                               kv.build_connection(variant, num_streams, dim, layer_index=i, backend=backend))
 
+    recompute_length = 0  # segment length of kromhc_vision.recompute (0: off)
+
     def forward(self, x):
         X = kv.expand_streams(x, self.num_streams)
-        for conn, branch in zip(self.conns, self.branches):
-            X = conn(X, branch)
+        with kv.recompute.session(self.recompute_length) if self.recompute_length else contextlib.nullcontext():
+            for conn, branch in zip(self.conns, self.branches):
+                X = conn(X, branch)
         return kv.reduce_streams(X)
 
 
@@ -72,13 +79,17 @@ def main():
     parser.add_argument("--variants", nargs="+", choices=hyper, default=hyper, help="timed against residual")
     parser.add_argument("--backend", choices=["auto", "numba", "torch"], default="auto",
                         help="the connections' CPU path (auto: the numba kernels where numba imports)")
+    parser.add_argument("--recompute", default="off", help="off, on (L_r from the depth) or an int L_r")
     args = parser.parse_args()
+    value = {"off": False, "on": True}.get(args.recompute) if args.recompute in ("off", "on") else int(args.recompute)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     variants, refused = {}, {}
     for v in ["residual", "streams", *args.variants]:
         try:
             variants[v] = Trunk(v, 1 if v == "residual" else args.streams, backend=args.backend)
+            if v not in ("residual", "streams"):
+                variants[v].recompute_length = kv.recompute.segment_length(value, 24, args.streams)
         except ValueError as e:  # mHC-lite beyond n = 6
             refused[v] = str(e).split(".")[0]
     x = torch.randn(args.batch, 197, 192)
@@ -90,8 +101,9 @@ def main():
             if round_:
                 times[v].append(t)
     saved = {v: saved_activation_bytes(model, x) for v, model in variants.items()}
+    from bench_models_cpu import cpu_name
     print(f"ViT-Tiny trunk fwd+bwd, batch {args.batch}, n = {args.streams}, {args.threads} threads, "
-          f"{args.rounds} interleaved rounds, backend {args.backend}")
+          f"{args.rounds} interleaved rounds, backend {args.backend}, recompute {args.recompute}; CPU: {cpu_name()}")
     print(f"{'variant':<10}{'ms/step':>10}{'x residual':>12}{'quartiles':>13}{'saved MiB':>11}{'x residual':>12}")
     for v, ts in times.items():
         ratios = sorted(t / r for t, r in zip(ts, times["residual"]))  # paired: same round, so slow drifts cancel
