@@ -319,7 +319,8 @@ class Terminator(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        ref = self.blocks[0].bottleneck.weight  # the new classifier where the model is (the old one may be gone)
+        self.head.reset(num_classes, global_pool, device=ref.device, dtype=ref.dtype)
 
     def forward_intermediates(
             self,
