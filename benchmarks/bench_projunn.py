@@ -70,7 +70,7 @@ def step_times(sizes, ranks, fit_from, lines):
                  'LSI sampler at rank k; expm: U matrix_exp(1/2(U^T Delta - Delta^T U)); polar: SVD polar of U + Delta')
     lines.append(f"{'N':>6} " + ' '.join(f'{m:>9}' for m in methods))
     for n in [sizes[0]] + list(sizes):  # the first row twice: the first LAPACK calls of a process are slow
-        u = torch.linalg.qr(torch.randn(n, n, generator=gen))[0][None]
+        u = torch.linalg.qr(torch.randn(n, n, generator=gen))[0][None].contiguous()  # row-major, as weights
         delta = 1e-3 * torch.randn(1, n, n, generator=gen)
         row = {}
         for k in ranks:
@@ -105,7 +105,7 @@ def kept_fraction(ranks, warm_steps, lines):
     batches = [b for _, b in zip(range(warm_steps + 1), loader)]
     lines.append(f'kept fraction ||G||_F / ||Delta||_F of rank-k approximations of real steps (vit_micro_patch4_32_'
                  f'orthogonal, digits 16px, batch 32, after {warm_steps} projUNN-T steps; mean over the 64x64 '
-                 f'blocks of the 24 orthogonal weights)')
+                 f'blocks of the 24 orthogonal weights that the step moved)')
     lines.append(f"{'base':>6} {'sampler':>7} " + ' '.join(f'{"k=" + str(k):>7}' for k in ranks))
     for base, lr in (('sgd', 0.05), ('adamw', 1e-3)):
         torch.manual_seed(0)
@@ -126,7 +126,9 @@ def kept_fraction(ranks, warm_steps, lines):
             row = []
             for k in ranks:
                 a, b = lowrank_factors(deltas, k, sampler, torch.Generator().manual_seed(1))
-                row.append((torch.linalg.matrix_norm(a @ b.mT) / torch.linalg.matrix_norm(deltas)).mean().item())
+                norms = torch.linalg.matrix_norm(deltas)
+                moved = norms > 0  # blocks the step moved (a float32 SGD step below the rounding of U is 0)
+                row.append((torch.linalg.matrix_norm(a @ b.mT)[moved] / norms[moved]).mean().item())
             lines.append(f'{base:>6} {sampler:>7} ' + ' '.join(f'{v:>7.3f}' for v in row))
             print(lines[-1], flush=True)
     lines.append('')
