@@ -295,3 +295,45 @@ def test_bad_input_is_refused_before_any_work():
         ProjUNN([{'params': [nn.Parameter(torch.zeros(3, 5))], 'orthogonal': True}])
     with pytest.raises(ValueError, match='weight_decay=0.1'):
         ProjUNN([{'params': [w], 'orthogonal': True, 'weight_decay': 0.1}], base='adamw')
+
+
+DDP_SCRIPT = r'''
+import sys, torch, torch.distributed as dist, timm, kromhc_vision
+from kromhc_vision.optim import is_orthogonal, orthogonality_error
+dist.init_process_group('gloo')
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = timm.create_model('vit_micro_patch4_32_orthogonal', img_size=16, depth=2, num_classes=10)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+opt = timm.optim.create_optimizer_v2(model, opt='projunnadamw', lr=1e-2, rank=2, sampler=sys.argv[1])
+torch.manual_seed(100 + rank)  # each rank its own data and its own global RNG state
+for _ in range(3):
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(ddp(x), y).backward()
+    opt.step()
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+gathered = [torch.empty_like(flat) for _ in range(2)]
+dist.all_gather(gathered, flat)
+if rank == 0:
+    assert torch.equal(gathered[0], gathered[1]), (gathered[0] - gathered[1]).abs().max()
+    assert max(orthogonality_error(p) for p in model.parameters() if is_orthogonal(p)) < 1e-5
+    print('RANKS EQUAL')
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sampler', SAMPLERS)
+def test_two_gloo_ranks_stay_identical(tmp_path, sampler):
+    """Two DDP processes with different data and global RNG states: the same weights after projUNN steps
+    (each rank draws the same random projection)."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / 'ddp_projunn.py'
+    script.write_text(DDP_SCRIPT)
+    out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                          str(script), sampler], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert out.returncode == 0 and 'RANKS EQUAL' in out.stdout, out.stderr[-3000:]
