@@ -337,3 +337,19 @@ def test_two_gloo_ranks_stay_identical(tmp_path, sampler):
                           str(script), sampler], capture_output=True, text=True, timeout=300,
                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert out.returncode == 0 and 'RANKS EQUAL' in out.stdout, out.stderr[-3000:]
+
+
+def test_step_with_closure():
+    model = _tiny_model().double()
+    opt = timm.optim.create_optimizer_v2(model, opt='projunnadamw', lr=1e-2)
+    x, y = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+    start = model[0].weight.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    assert torch.isfinite(opt.step(closure))
+    assert not torch.equal(model[0].weight.detach(), start) and orthogonality_error(model[0].weight) < 1e-12

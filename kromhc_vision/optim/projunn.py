@@ -404,8 +404,12 @@ class ProjUNN(torch.optim.Optimizer):
         replaced by projUNN-T/D of ``(U, G)``, ``G`` the rank-k approximation of ``Δ``."""
         if self.projunn_step == 0:
             self._project_all()  # weights loaded after the optimizer was built
+        loss = None
+        if closure is not None:  # gradients first, so that the weights with one are known
+            with torch.enable_grad():
+                loss = closure()
         before = [(p, p.detach().clone()) for _, p in self._orthogonal_params() if p.grad is not None]
-        loss = self.base.step(closure)
+        self.base.step()
         mode, rank, sampler = self.defaults['mode'], self.defaults['rank'], self.defaults['sampler']
         update = projunn_tangent if mode == 'tangent' else projunn_direct
         # the blocks of every weight of one size, dtype and device in one batch: a few small LAPACK calls per step
