@@ -238,12 +238,13 @@ def write_fashion_mnist_root(root: Union[str, Path], source: Union[str, Path] = 
     return root
 
 
-def fashion_mnist_root(train_per_class: Optional[int] = None,
-                       source: Union[str, Path] = FASHION_MNIST_DEBIAN) -> Path:
-    """The cached torchvision root for ``torch/fashion_mnist`` (written on first use from ``source``):
-    ``cache_dir() / 'fashion_mnist'``, or ``.../fashion_mnist_train<k>pc`` with ``train_per_class=k``."""
+def fashion_mnist_root(train_per_class: Optional[int] = None, source: Union[str, Path, None] = None) -> Path:
+    """The cached torchvision root for ``torch/fashion_mnist`` (written on first use from ``source``, default
+    :data:`FASHION_MNIST_DEBIAN`): ``cache_dir() / 'fashion_mnist'``, or ``.../fashion_mnist_train<k>pc`` with
+    ``train_per_class=k``."""
     name = 'fashion_mnist' if train_per_class is None else f'fashion_mnist_train{train_per_class}pc'
-    return write_fashion_mnist_root(cache_dir() / name, source, train_per_class)
+    return write_fashion_mnist_root(cache_dir() / name, source or FASHION_MNIST_DEBIAN, train_per_class,
+                                    checksums=FASHION_MNIST_SHA256)
 
 
 # torchvision dataset names (timm's ``torch/<name>``) whose files this module can prepare offline

@@ -2,6 +2,7 @@
 
     python compare.py                 # every variant at n = 2, 4, 8, 3 seeds, on the embedded digits (CPU)
     python compare.py --seeds 1 --epochs 2 --variants residual kromhc --streams 4   # a quick look
+    python compare.py --dataset fashion_mnist   # Fashion-MNIST: depth study, n = 4 grid, n = 8 (see .fashion)
 
 Each run is ``train.py -c configs/digits_<variant>.yaml`` with the seed, epoch count and stream count set on the
 command line, so every variant has the same model size and recipe. Runs are interleaved seed by seed, so that
@@ -38,9 +39,20 @@ from .stats import summarize, throughput
 
 __all__ = ['parse_args', 'main', 'configurations']
 
+DATASETS = ('digits', 'fashion_mnist')
+
+
+def dataset_of(argv) -> str:
+    """The ``--dataset`` of a command line (default digits); the datasets' comparisons take different options."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--dataset', choices=DATASETS, default='digits')
+    return pre.parse_known_args(argv)[0].dataset
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--dataset', choices=DATASETS, default='digits',
+                   help='fashion_mnist: another comparison with its own options (compare.py --dataset fashion_mnist -h)')
     p.add_argument('--variants', nargs='+', default=list(kv.CONNECTIONS), choices=list(kv.CONNECTIONS))
     p.add_argument('--streams', nargs='+', type=int, default=[2, 4, 8], help='stream counts n (residual: 1)')
     p.add_argument('--seeds', type=int, default=3, help='seeds 0 .. seeds-1')
@@ -71,6 +83,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if dataset_of(argv) == 'fashion_mnist':
+        from .fashion import main as fashion_main
+        return fashion_main(argv)
     args = parse_args(argv)
     if not (ROOT / 'train.py').is_file():
         raise SystemExit(f'compare.py: error: runs train.py and configs/ from a checkout of the repository; '
