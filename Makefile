@@ -3,7 +3,7 @@ VENV ?= .venv
 # The versions this project is developed and tested with; pyproject.toml keeps ranges.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-all table bench results
+.PHONY: demo test test-all table bench results results-fashion
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,3 +34,8 @@ bench: $(VENV)/.installed
 # Regenerate RESULTS.md, results/*.png and BENCHMARKS.md: every variant, n = 2, 4, 8, 3 seeds (CPU: ~30 min).
 results: $(VENV)/.installed
 	$(VENV)/bin/python compare.py
+
+# RESULTS.md's Fashion-MNIST section: depth study, n = 4 grid, n = 8 (needs `apt-get install dataset-fashion-mnist`
+# or --dataset-download; finished runs in output/compare_fashion are reused, so it can be completed in parts).
+results-fashion: $(VENV)/.installed
+	$(VENV)/bin/python compare.py --dataset fashion_mnist
