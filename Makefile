@@ -3,7 +3,7 @@ VENV ?= .venv
 # The versions this project is developed and tested with; pyproject.toml keeps ranges.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-all table bench results results-fashion
+.PHONY: demo test test-all table bench results projunn results-fashion
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,3 +39,10 @@ results: $(VENV)/.installed
 # or --dataset-download; finished runs in output/compare_fashion are reused, so it can be completed in parts).
 results-fashion: $(VENV)/.installed
 	$(VENV)/bin/python compare.py --dataset fashion_mnist
+
+# projUNN (issue 19): its benchmark (step time against N and k, kept fraction, drift; BENCHMARKS.md's
+# bench_projunn section, ~5 min), then the residual-free rows (plain, orthogonal) of the Fashion-MNIST depth study
+# (RESULTS.md's fashion_mnist section; finished runs are reused).
+projunn: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(VENV)/bin/python benchmarks/bench_projunn.py --write-section
+	OMP_NUM_THREADS=1 $(VENV)/bin/python compare.py --dataset fashion_mnist --parts depth --depth-rows plain orthogonal
