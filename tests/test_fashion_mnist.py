@@ -3,6 +3,8 @@ comparison command. No test needs Debian's dataset-fashion-mnist package."""
 import gzip
 import hashlib
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from kromhc_vision.cli import ConfigError
 from kromhc_vision.cli.train_config import parse_args, validate
 
 NAMES = list(data.FASHION_MNIST_FILES)
+CONFIG = str(Path(__file__).resolve().parents[1] / 'configs' / 'fashion_mnist_kromhc.yaml')
 
 
 def tiny_set(train_per_class=3, test_per_class=2, seed=0):
@@ -130,11 +133,11 @@ def test_missing_files_name_the_apt_command_and_the_download_flag(tmp_path, monk
     # train.py: no Debian package and no --data-dir: refused before any work, with the same advice
     monkeypatch.setenv('KROMHC_CACHE', str(tmp_path / 'cache'))
     monkeypatch.setattr(data, 'FASHION_MNIST_DEBIAN', tmp_path / 'nothing')
-    args, _ = parse_args(['-c', 'configs/fashion_mnist_kromhc.yaml', '--output', str(tmp_path / 'out')])
+    args, _ = parse_args(['-c', CONFIG, '--output', str(tmp_path / 'out')])
     with pytest.raises(ConfigError, match=r'apt-get install dataset-fashion-mnist.*--dataset-download'):
         validate(args)
     # a --data-dir without torchvision's raw files: refused, naming the folder and both remedies
-    args, _ = parse_args(['-c', 'configs/fashion_mnist_kromhc.yaml', '--output', str(tmp_path / 'out'),
+    args, _ = parse_args(['-c', CONFIG, '--output', str(tmp_path / 'out'),
                           '--data-dir', str(tmp_path)])
     with pytest.raises(ConfigError, match=r'FashionMNIST/raw lacks train-images-idx3-ubyte.*--dataset-download'):
         validate(args)
@@ -204,3 +207,30 @@ def test_fashion_comparison_runs_reuses_and_reports(tmp_path, monkeypatch):
     compare.main(argv + ['--no-train'])  # the same section from the stored runs, none retrained
     assert {p: p.stat().st_mtime_ns for p in out.glob('*.log')} == logs
     assert '(2 reused from earlier calls)' in results.read_text() and row in results.read_text()
+
+
+@pytest.mark.parametrize('bad, message', [
+    (['--grid-rows', 'resnet'], r"no configs/fashion_mnist_<row>.yaml for \['resnet'\]"),
+    (['--wide-rows', 'residual'], r"\['residual'\] take no num_streams"),
+    (['--depths', '0'], 'depths must be >= 1'),
+    (['--seeds', '0'], '--seeds must be >= 1'),
+    (['--parts', 'all'], "invalid choice: 'all'"),
+])
+def test_bad_fashion_arguments_are_refused(bad, message, capsys):
+    from kromhc_vision.cli.compare import fashion
+    with pytest.raises(SystemExit):
+        fashion.parse_args(['--dataset', 'fashion_mnist', *bad])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_plan_order_and_the_shared_run():
+    from kromhc_vision.cli.compare import fashion
+    args = fashion.parse_args(['--dataset', 'fashion_mnist', '--seeds', '2', '--depths', '6', '12',
+                               '--grid-rows', 'residual', 'kromhc', '--depth-rows', 'residual', 'kromhc',
+                               '--wide-rows', 'kromhc'])
+    names = [(part, fashion.spec_name(*spec)) for part, *spec in fashion.plan(args)]
+    assert names == [('depth', 'residual_d6_n1_s0'), ('depth', 'kromhc_d6_n4_s0'), ('depth', 'residual_d12_n1_s0'),
+                     ('depth', 'kromhc_d12_n4_s0'), ('grid', 'residual_d6_n1_s1'), ('grid', 'kromhc_d6_n4_s1'),
+                     ('wide', 'kromhc_d6_n8_s0')]  # the grid's seed 0 is the depth study's depth-6 run
+    assert '8! = 40320' in fashion.refusal('mhclite', 6, 8)
+    assert fashion.refusal('kromhc', 6, 8) is None

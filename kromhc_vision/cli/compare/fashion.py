@@ -316,8 +316,9 @@ def status(record):
     return 'loss blow-up' if record['blow_up'] else ''
 
 
-def grid_rows(records, facts, rows, depth, n):
-    """One row per model: top-1 over seeds, Δ against residual with its standard error, costs, diagnostics."""
+def grid_rows(records, facts, rows, depth, n, ref=None):
+    """One row per model: top-1 over seeds, Δ against residual (``ref``, else the residual row among ``rows``) with
+    its standard error, costs, diagnostics."""
     out = []
     for row in rows:
         k = n if stream_row(row) else 1
@@ -333,7 +334,7 @@ def grid_rows(records, facts, rows, depth, n):
                         ds_error=max((ds_error(r) for r in runs if ds_error(r) is not None), default=None),
                         gain=max((gain(r) for r in runs if gain(r) is not None), default=None),
                         losses=[r['losses'] for r in runs]))
-    ref = next((r for r in out if r['row'] == 'residual'), None)
+    ref = ref or next((r for r in out if r['row'] == 'residual'), None)
     for r in out:
         if ref is None:
             break
@@ -576,7 +577,7 @@ def write_section_from(args, prov, records, missing, refused, report_rows, wall)
     grid = grid_rows([r for r in records if r['row'] in report_rows['grid']], facts, report_rows['grid'],
                      args.grid_depth, args.streams)
     wide = grid_rows([r for r in records if r['n'] == args.wide_streams], facts, report_rows['wide'],
-                     args.grid_depth, args.wide_streams)
+                     args.grid_depth, args.wide_streams, ref=next((r for r in grid if r['row'] == 'residual'), None))
     wide_refused = [(row, n, why) for (row, d, n), why in refused.items()
                     if why and n == args.wide_streams and row in report_rows['wide']]
     commits = sorted({r.get('commit', 'unknown') for r in records})
@@ -604,6 +605,10 @@ def write_section_from(args, prov, records, missing, refused, report_rows, wall)
              '`num_streams` set per run. Rows differ only in the model.',
              '- Chosen for the budget (2 shared CPU cores, about an hour of training for every run together): the '
              'training subset and the epoch count above; the test set is never cut.',
+             '- Extra params and activations (bytes autograd keeps for one training batch, `kromhc_vision.memory`): '
+             'against residual at the same depth. Throughput: training images/s of each run, mean over seeds; the '
+             'runs shared the machine with other jobs, so its ratios are indicative only (BENCHMARKS.md has the '
+             'controlled ones).',
              f"- Diagnostics on the first {args.diag_images} test images with the final weights: composite gain = "
              'largest absolute row or column sum of H_res^(l)…H_res^(1) over depth l and tokens (1 for doubly '
              'stochastic mixing); ‖∇first‖/‖∇last‖ = the gradient norm of the cross-entropy over the parameters of '
