@@ -35,7 +35,7 @@ from timm.models.vision_transformer import Block, VisionTransformer, _cfg, check
 
 from ..optim import mark_orthogonal, square_blocks
 
-__all__ = ['OrthogonalLinear', 'PlainBlock', 'VisionTransformerPlain']
+__all__ = ['OrthogonalLinear', 'PlainBlock', 'VisionTransformerPlain', 'orthogonal_init_']
 
 
 class OrthogonalLinear(nn.Linear):
@@ -44,7 +44,8 @@ class OrthogonalLinear(nn.Linear):
     with all singular values 1). The weight is tagged for :class:`~kromhc_vision.optim.ProjUNN`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, scale: Optional[float] = None,
-                 device=None, dtype=None):
+                 init: bool = True, device=None, dtype=None):
+        """``init=False`` leaves the weight to :func:`orthogonal_init_` of the model (one batched QR for all)."""
         small, large = sorted((in_features, out_features))
         if large % small:
             raise ValueError(f'OrthogonalLinear needs in_features and out_features of which one divides the other '
@@ -52,18 +53,8 @@ class OrthogonalLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.scale = 1.0 / math.sqrt(large // small) if scale is None else float(scale)
         mark_orthogonal(self, 'weight')
-        self.reset_orthogonal()
-
-    @torch.no_grad()
-    def reset_orthogonal(self) -> None:
-        """Each square block of the weight a random orthogonal matrix (``nn.init.orthogonal_``); bias zero."""
-        if self.weight.is_meta:
-            return
-        blocks = square_blocks(self.weight)
-        for j in range(blocks.shape[0]):
-            blocks[j].copy_(nn.init.orthogonal_(torch.empty_like(blocks[j])))
-        if self.bias is not None:
-            self.bias.zero_()
+        if init:
+            orthogonal_init_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) if self.scale == 1.0 else \
@@ -73,15 +64,38 @@ class OrthogonalLinear(nn.Linear):
         return f'{super().extra_repr()}, scale={self.scale:.4g}'
 
 
+@torch.no_grad()
+def orthogonal_init_(module: nn.Module) -> None:
+    """Every square block of every :class:`OrthogonalLinear` weight in ``module`` a random orthogonal matrix (the
+    Q of a Gaussian matrix's QR, columns signed by diag(R), as ``nn.init.orthogonal_``), biases zero; one batched
+    QR per block size (LAPACK calls are what a shared CPU makes slow)."""
+    by_size = {}
+    for m in module.modules():
+        if isinstance(m, OrthogonalLinear) and not m.weight.is_meta:
+            by_size.setdefault((min(m.weight.shape), m.weight.dtype, m.weight.device), []).append(m)
+            if m.bias is not None:
+                m.bias.zero_()
+    for (n, dtype, device), mods in by_size.items():
+        blocks = [square_blocks(m.weight) for m in mods]
+        work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        q, r = torch.linalg.qr(torch.randn(sum(b.shape[0] for b in blocks), n, n, dtype=work, device=device))
+        q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+        start = 0
+        for b in blocks:
+            b.copy_(q[start:start + b.shape[0]])
+            start += b.shape[0]
+
+
 def _orthogonal_like(linear: nn.Linear, scale: Optional[float] = None) -> OrthogonalLinear:
     w = linear.weight
     return OrthogonalLinear(linear.in_features, linear.out_features, bias=linear.bias is not None, scale=scale,
-                            device=w.device, dtype=w.dtype)
+                            init=False, device=w.device, dtype=w.dtype)
 
 
 class PlainBlock(Block):
     """timm's pre-norm block without the residual adds: ``x -> attn(norm1(x)) -> mlp(norm2(·))``; with
-    ``orthogonal=True`` its qkv, attention output and MLP maps are :class:`OrthogonalLinear`."""
+    ``orthogonal=True`` its qkv, attention output and MLP maps are :class:`OrthogonalLinear`, initialised by the
+    model (:func:`orthogonal_init_` in ``init_weights``)."""
 
     def __init__(self, dim: int, *args, orthogonal: bool = False, **kwargs):
         super().__init__(dim, *args, **kwargs)
@@ -120,9 +134,7 @@ class VisionTransformerPlain(VisionTransformer):
     def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
         """timm's init (``trunc_normal_`` on every Linear), then the orthogonal maps orthogonal again."""
         super().init_weights(mode, needs_reset)
-        for module in self.modules():
-            if isinstance(module, OrthogonalLinear):
-                module.reset_orthogonal()
+        orthogonal_init_(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
