@@ -53,7 +53,7 @@ from .stats import mean_std
 
 # The rows of each part (configs/fashion_mnist_<row>.yaml); the command-line options --*-rows replace them.
 GRID_ROWS = ['residual', 'hc', 'mhc', 'mhclite', 'kromhc']
-DEPTH_ROWS = ['residual', 'hc', 'mhc', 'mhclite', 'kromhc']
+DEPTH_ROWS = ['residual', 'hc', 'mhc', 'mhclite', 'kromhc', 'plain', 'orthogonal']  # plain, orthogonal: issue 19
 WIDE_ROWS = ['hc', 'mhc', 'kromhc']
 PARTS = ('depth', 'grid', 'wide')
 DATASET = 'torch/fashion_mnist'
