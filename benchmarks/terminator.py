@@ -204,6 +204,23 @@ def write_report(args, rows, wall):
         lines.append(f"| {r['label']} | {len(r['seeds'])} | {r['params']:,} | {fmt_top1(r['top1'])} | "
                      f"{r['img_s']:.0f} | {r['activations'] / residual['activations']:.2f} | {reach_text} | "
                      f"{means} | {stds} |")
+    by = {r['label']: r for r in rows}
+    reading = []
+    for opt in OPTIMIZERS:
+        t = by.get(f'terminator, {opt}')
+        if t is None:
+            continue
+        delta = statistics.mean(t['top1']) - statistics.mean(residual['top1'])
+        se = math.sqrt(sum(statistics.variance(r['top1']) / len(r['top1']) for r in (t, residual)
+                           if len(r['top1']) > 1))
+        reading.append(f"terminator with {opt}: {delta:+.2f} points against residual "
+                       f"({'beyond' if abs(delta) > 2 * se else 'within'} 2 standard errors, {se:.2f}), with "
+                       f"{t['params'] / residual['params']:.2f}× its parameters")
+    if 'terminator, lion' in by and 'terminator, adamw' in by:
+        gap = statistics.mean(by['terminator, lion']['top1']) - statistics.mean(by['terminator, adamw']['top1'])
+        reading.append(f'Lion (lr 2.0e-4, a tenth of AdamW\'s) against AdamW: {gap:+.2f} points after {EPOCHS} '
+                       'epochs; no Lion learning rate or weight decay was searched')
+    lines += ['', 'Reading: ' + '; '.join(reading) + '.' if reading else '']
     lines += ['', 'Per-seed final top-1: ' + '; '.join(
         f"{r['label']}: {', '.join(f'{t:.2f}' for t in r['top1'])}" for r in rows) + '.']
     body = '\n'.join(lines)
