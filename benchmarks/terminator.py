@@ -77,17 +77,22 @@ def model_facts(name: str, **kwargs) -> dict:
                 input=(C, H, W))
 
 
-def sizes(_args):
+def size_table() -> list:
+    """Markdown lines: parameters, slow-network share and MACs of every registered size and of the grid's model."""
     rows = [model_facts(n) for n in ('terminator_micro', 'terminator_tiny', 'terminator_cifar')]
     rows.append(model_facts('terminator_micro', **TERMINATOR_KWARGS))
     rows[-1]['name'] = 'terminator_micro, digits grid (' + ', '.join(f'{k}={v}' for k, v in TERMINATOR_KWARGS.items()) + ')'
-    print(f'{cpu_name()}; torch {torch.__version__}, timm {timm.__version__}; commit {commit()}')
-    print('| model | input | params | slow networks | MACs (conv + linear) | FFT FLOPs (estimate) |')
-    print('|---|---|---|---|---|---|')
+    lines = ['| model | input | params | slow networks | MACs (conv + linear) | FFT FLOPs (estimate) |',
+             '|---|---|---|---|---|---|']
     for r in rows:
-        print(f"| {r['name']} | {'×'.join(map(str, r['input']))} | {r['params']:,} | {r['slow']:,} "
-              f"({100 * r['slow'] / r['params']:.1f} %) | {r['macs'] / 1e6:.1f} M | {r['fft_flops'] / 1e6:.1f} M |")
-    return rows
+        lines.append(f"| {r['name']} | {'×'.join(map(str, r['input']))} | {r['params']:,} | {r['slow']:,} "
+                     f"({100 * r['slow'] / r['params']:.1f} %) | {r['macs'] / 1e6:.1f} M | {r['fft_flops'] / 1e6:.1f} M |")
+    return lines
+
+
+def sizes(_args):
+    print(f'{cpu_name()}; torch {torch.__version__}, timm {timm.__version__}; commit {commit()}')
+    print('\n'.join(size_table()))
 
 
 # ------------------------------------------------------------------------------------------------------ runs
@@ -221,6 +226,8 @@ def write_report(args, rows, wall):
         reading.append(f'Lion (lr 2.0e-4, a tenth of AdamW\'s) against AdamW: {gap:+.2f} points after {EPOCHS} '
                        'epochs; no Lion learning rate or weight decay was searched')
     lines += ['', 'Reading: ' + '; '.join(reading) + '.' if reading else '']
+    lines += ['', 'Sizes (one image, eval; the FFTs of the global branch are not in FlopCounterMode\'s count, see '
+              '`benchmarks/terminator.py`):', '', *size_table()]
     lines += ['', 'Per-seed final top-1: ' + '; '.join(
         f"{r['label']}: {', '.join(f'{t:.2f}' for t in r['top1'])}" for r in rows) + '.']
     body = '\n'.join(lines)
