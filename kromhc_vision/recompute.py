@@ -115,7 +115,7 @@ class _Segment:
             if (t.requires_grad and t.grad_fn is None) or _storage_key(t) in self.keep:
                 for observe in _keep_observers:
                     observe(t)
-                return t
+                return t.detach()  # what the backward needs is the value; detached, no cycle can form
             self.placeholders[index] += 1
             return _Placeholder(self, index, position, t)
 
@@ -132,10 +132,11 @@ class _Segment:
                 got = []
 
                 def pack(t, got=got):
-                    got.append(t)
-                    return t
+                    # detached, and nothing left in this throw-away graph: a saved output holding its own
+                    # grad_fn would be a cycle through C++ that leaks the graph and these tensors
+                    got.append(t.detach())
 
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked):
                     pre = self.pre(conn, X.detach().requires_grad_(self.x_grad[i]))
                     out = self.post(conn, pre, self.ys[i].detach().requires_grad_(self.y_grad[i]))
                 saved.append(got)
@@ -149,6 +150,10 @@ class _Segment:
                 raise RuntimeError(f"hc_recompute: connection {i} of a segment saved {self.counts[i]} tensors in the "
                                    f"forward pass but {len(got)} when recomputed; its ops are not deterministic in "
                                    "what they save")
+
+
+def _never_unpacked(packed):
+    raise RuntimeError("hc_recompute: the graph of a recomputation is not differentiated")
 
 
 def _unpack(packed):

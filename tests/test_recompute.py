@@ -242,13 +242,41 @@ def test_bad_values_are_refused_before_any_work(monkeypatch, base, value):
         model.set_hc_recompute(value)
 
 
-def test_a_forward_without_backward_frees_its_graph():
+def test_a_forward_without_backward_frees_its_graph(monkeypatch):
     """The segments hold their tensors detached: no reference cycle through the autograd graph keeps a graph
     alive whose backward never runs (a forward with grad, e.g. saved_activation_bytes)."""
     import gc
+    import weakref
+    segments = []
+    original = recompute._Segment.__init__
+
+    def tracked(self, *args):
+        original(self, *args)
+        segments.append(weakref.ref(self))
+
+    monkeypatch.setattr(recompute._Segment, "__init__", tracked)
     model = timm.create_model("vit_micro_patch4_32_kromhc", **VIT)
     out = model(torch.randn(2, 3, 16, 16))
-    assert out.requires_grad
+    assert out.requires_grad and len(segments) == 3
     del out
     gc.collect()
-    assert not [o for o in gc.get_objects() if isinstance(o, recompute._Segment)]
+    assert [ref() for ref in segments] == [None] * 3
+
+
+def test_training_steps_do_not_accumulate_tensors():
+    """Nothing of a step's recomputation outlives it (a saved output holding its own grad_fn leaked the
+    recomputed tensors of every step)."""
+    import gc
+    model = timm.create_model("vit_micro_patch4_32_mhc", **VIT)
+    x = torch.randn(2, 3, 16, 16)
+
+    def live_tensors():
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    counts = []
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        counts.append(live_tensors())
+    assert counts[1] == counts[2]
