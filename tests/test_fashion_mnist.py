@@ -169,7 +169,9 @@ def test_blow_up_rule():
 def test_results_sections_keep_each_other_in_order(tmp_path):
     from kromhc_vision.cli.compare import fashion, report
     path = tmp_path / 'RESULTS.md'
+    path.write_text('# Results\n\nold unmarked digits text\n\n<!-- other:begin -->\nkept\n<!-- other:end -->\n')
     report.write_results_section(path, '## Digits\n\ndigits v1')
+    assert 'old unmarked' not in path.read_text() and '<!-- other:begin -->\nkept' in path.read_text()
     fashion.write_results_section(path, '## Fashion-MNIST\n\nfashion v1')
     text = path.read_text()
     assert text.startswith('# Results') and text.index('fashion v1') < text.index('digits v1')

@@ -3,6 +3,7 @@ import inspect
 import math
 import os
 import platform
+import re
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +20,6 @@ from .runs import ROOT, SIZES
 
 GENERATED = ('RESULTS.md', 'BENCHMARKS.md', 'results')
 SECTION = 'compare'  # compare.py's section of BENCHMARKS.md and RESULTS.md (digits)
-OTHER_SECTIONS = ('fashion_mnist',)  # RESULTS.md's sections of compare.py --dataset fashion_mnist
 
 
 def git(*cmd) -> str:
@@ -211,11 +211,10 @@ def write_results(path: Path, args, prov, records, tables, refused, counts, wall
 
 
 def write_results_section(path: Path, body: str):
-    """RESULTS.md's digits section (``compare``); other generators' marked sections (Fashion-MNIST's) are kept."""
+    """RESULTS.md's digits section (``compare``); other generators' marked sections are kept."""
     text = path.read_text() if path.exists() else ''
     if markers(SECTION)[0] not in text:  # a new file, or one written before the sections: keep the marked ones
-        kept = [text[text.index(b):text.index(e) + len(e)] for b, e in (markers(name) for name in OTHER_SECTIONS)
-                if b in text and e in text]
+        kept = [m.group(0) for m in re.finditer(r'<!-- (\w+):begin -->.*?<!-- \1:end -->', text, re.S)]
         text = '\n\n'.join(['# Results', *kept]) + '\n'
     path.write_text(replace_section(text, SECTION, body))
 
