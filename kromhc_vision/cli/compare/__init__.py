@@ -18,7 +18,8 @@ plain PyTorch; the kernel benchmarks: numba on CPU, Triton on CUDA) and the trai
 with the device, date, command and commit.
 
 Modules: :mod:`.runs` (the training runs, their diagnostics), :mod:`.stats` (over seeds, relative to residual),
-:mod:`.figures`, :mod:`.benchmarks` (the benchmark scripts), :mod:`.report` (RESULTS.md, BENCHMARKS.md).
+:mod:`.figures`, :mod:`.benchmarks` (the benchmark scripts), :mod:`.report` (RESULTS.md, BENCHMARKS.md);
+:mod:`.fashion` is `--dataset fashion_mnist`, its own comparison (depth study, grid, n = 8) and RESULTS.md section.
 """
 import argparse
 import sys
