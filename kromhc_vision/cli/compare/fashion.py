@@ -296,13 +296,15 @@ def img_per_sec(record):
 
 
 def gain(record):
+    """Max composite gain over layers and tokens (None for one stream: a 1x1 H_res is trivially 1)."""
     d = record.get('diagnostics')
-    return None if d is None else max(max(layer['gain_row'], layer['gain_col']) for layer in d['layers'])
+    return None if d is None or record['n'] == 1 else max(max(layer['gain_row'], layer['gain_col'])
+                                                         for layer in d['layers'])
 
 
 def ds_error(record):
     d = record.get('diagnostics')
-    return None if d is None else max(d['max_row_error'], d['max_col_error'])
+    return None if d is None or record['n'] == 1 else max(d['max_row_error'], d['max_col_error'])
 
 
 def grad_ratio(record):
@@ -431,7 +433,8 @@ def plot_depth(records, rows, depths, streams, path):
     for ax in axes:
         ax.set_xticks(depths)
         ax.grid(alpha=0.3, which='both')
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -453,7 +456,8 @@ def plot_losses(records, rows, depths, streams, path):
                 ax.plot([len(run['losses'])], [smooth(run['losses'])[-1]], 'x', color=line.get_color(), ms=10, mew=2)
         ax.set(title=f'depth {d}: update loss (5-step mean)', xlabel='update')
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -477,7 +481,8 @@ def reading(args, depth_records, table, wide, depth_rows) -> list:
     if len(hc) > 1:
         out.append('HC\'s composite gain against depth: ' + ', '.join(f"{fmt(gain(r), '.4g')} at {r['depth']}"
                                                                         for r in hc)
-                   + (f"; mHC-lite and KromHC stay at {max(gain(r) for r in exact):.7f} at every depth run "
+                   + (f"; {' and '.join(sorted({r['row'] for r in exact}))} stay at "
+                      f"{max(gain(r) for r in exact):.7f} at every depth run "
                       '(a product of doubly stochastic matrices has gain 1).' if exact else '.'))
     if len(args.depths) and args.seeds:
         out.append('The depth study has one seed per depth: a top-1 difference there is not tested against noise '
