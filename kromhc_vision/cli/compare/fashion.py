@@ -469,13 +469,18 @@ def reading(args, depth_records, table, wide, depth_rows) -> list:
         at = [r for r in depth_records if r['depth'] == d]
         bad = [f"{r['row']} ({status(r)})" for r in at if status(r)]
         if at:
+            chance = [r['row'] for r in at if top1(r) is not None and top1(r) <= 100 / 10 + 0.5]
+            parts = ['Top-1: ' + ', '.join(f"{r['row']} {fmt(top1(r), '.2f', 'NaN')}" for r in at)]
+            gains = [f"{r['row']} {fmt(gain(r), '.4g')}" for r in at if gain(r) is not None]
+            grads = [f"{r['row']} {fmt(grad_ratio(r), '.3g')}" for r in at if grad_ratio(r) is not None]
+            if gains:
+                parts.append('composite gain: ' + ', '.join(gains))
+            if grads:
+                parts.append('first/last block gradient norm: ' + ', '.join(grads))
             out.append(f'**Depth {d}.** ' + (f"Diverged or blew up: {', '.join(bad)}. " if bad else
                                              'No run diverged or blew up. ')
-                       + 'Top-1: ' + ', '.join(f"{r['row']} {fmt(top1(r), '.2f', 'NaN')}" for r in at)
-                       + '; composite gain: ' + ', '.join(f"{r['row']} {fmt(gain(r), '.4g')}" for r in at
-                                                          if gain(r) is not None)
-                       + '; first/last block gradient norm: ' + ', '.join(
-                           f"{r['row']} {fmt(grad_ratio(r), '.3g')}" for r in at if grad_ratio(r) is not None) + '.')
+                       + (f"At chance (10 %, one class for every image): {', '.join(chance)}. " if chance else '')
+                       + '; '.join(parts) + '.')
     hc = sorted((r for r in depth_records if r['row'] == 'hc' and gain(r) is not None), key=lambda r: r['depth'])
     exact = [r for r in depth_records if r['row'] in ('mhclite', 'kromhc') and gain(r) is not None]
     if len(hc) > 1:
