@@ -479,7 +479,7 @@ def reading(args, depth_records, table, wide, depth_rows) -> list:
                 parts.append('first/last block gradient norm: ' + ', '.join(grads))
             out.append(f'**Depth {d}.** ' + (f"Diverged or blew up: {', '.join(bad)}. " if bad else
                                              'No run diverged or blew up. ')
-                       + (f"At chance (10 %, one class for every image): {', '.join(chance)}. " if chance else '')
+                       + (f"At chance (10 % top-1): {', '.join(chance)}. " if chance else '')
                        + '; '.join(parts) + '.')
     hc = sorted((r for r in depth_records if r['row'] == 'hc' and gain(r) is not None), key=lambda r: r['depth'])
     exact = [r for r in depth_records if r['row'] in ('mhclite', 'kromhc') and gain(r) is not None]
