@@ -139,9 +139,11 @@ def test_resume_refuses_what_contradicts_the_run_naming_both_values(stopped_run,
 
 
 def test_resume_may_change_runtime_settings(stopped_run):
-    run('--resume', stopped_run / 'last.pth.tar', '--model-kwargs', 'hc_backend=torch', '--workers', 1)
+    run('--resume', stopped_run / 'last.pth.tar', '--model-kwargs', 'hc_backend=torch', 'hc_recompute=False',
+        '--workers', 1)
     args = torch.load(stopped_run / 'last.pth.tar', weights_only=False)['args']
-    assert args.model_kwargs == {'img_size': 16, 'hc_backend': 'torch'} and args.workers == 1 and args.epochs == 3
+    assert args.model_kwargs == {'img_size': 16, 'hc_backend': 'torch', 'hc_recompute': False}
+    assert args.workers == 1 and args.epochs == 3
 
 
 def test_extending_a_finished_run_is_refused_with_the_way_on(tmp_path, data, capsys):

@@ -307,7 +307,7 @@ RESUME_FIXED = {
         'lr_noise_std', 'patience_epochs')},
 }
 # model_kwargs that change how a model computes, not what it holds: a resumed run may set them anew.
-RUNTIME_MODEL_KWARGS = ('hc_backend',)
+RUNTIME_MODEL_KWARGS = ('hc_backend', 'hc_recompute')
 # Not taken from the recorded run: where this invocation reads and writes, and how it starts.
 NOT_RESTORED = ('resume', 'no_resume_opt', 'start_epoch', 'output', 'experiment', 'overwrite', 'device',
                 'pretrained', 'initial_checkpoint', 'pretrained_path')
