@@ -16,13 +16,14 @@ the same count of images and labels, labels below 10. ``train_per_class=k`` keep
 images of every class (file order; the test set is always whole), for a budget run.
 :func:`torch_dataset_root` is the rule ``train.py`` applies: which root ``torch/fashion_mnist`` reads.
 """
+import contextlib
 import gzip
 import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Union
 
 import numpy as np
 
@@ -36,6 +37,26 @@ DIGITS_SPLIT_SEED = 0
 def cache_dir() -> Path:
     """``$KROMHC_CACHE``, else ``~/.cache/kromhc_vision``."""
     return Path(os.environ.get('KROMHC_CACHE') or Path.home() / '.cache' / 'kromhc_vision').expanduser()
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path):
+    """Yield a temporary folder beside ``final`` to fill; on success rename it to ``final``.
+
+    A reader never sees a partial folder. When another process renamed its copy into place first, that copy
+    stays and this one is discarded; on failure nothing is left behind.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{final.name}-', dir=final.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process renamed its copy into place first
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_digits_folder(root: Union[str, Path], per_class: Optional[int] = None) -> Path:
@@ -56,9 +77,7 @@ def write_digits_folder(root: Union[str, Path], per_class: Optional[int] = None)
     index = np.arange(len(digits.target))
     train, val = train_test_split(
         index, test_size=DIGITS_VAL_FRACTION, stratify=digits.target, random_state=DIGITS_SPLIT_SEED)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}-', dir=root.parent))
-    try:
+    with atomic_folder(root) as tmp:
         for split, indices in (('train', train), ('validation', val)):
             counts = {}
             for i in sorted(indices):
@@ -71,13 +90,6 @@ def write_digits_folder(root: Union[str, Path], per_class: Optional[int] = None)
                 pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)  # values 0..16
                 image = Image.fromarray(pixels, mode='L').resize((DIGITS_SIZE, DIGITS_SIZE), Image.BICUBIC)
                 image.convert('RGB').save(folder / f'{i:04d}.png')
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process renamed its copy into place first
-            if not root.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
@@ -222,19 +234,10 @@ def write_fashion_mnist_root(root: Union[str, Path], source: Union[str, Path] = 
         keep = first_per_class(arrays['train-labels-idx1-ubyte'], train_per_class)
         for name in ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'):
             arrays[name] = arrays[name][keep]
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix='.FashionMNIST-', dir=root))
-    try:
+    with atomic_folder(root / 'FashionMNIST') as tmp:
         (tmp / 'raw').mkdir()
         for name, array in arrays.items():
             (tmp / 'raw' / name).write_bytes(idx_bytes(array))
-        try:
-            os.rename(tmp, root / 'FashionMNIST')
-        except OSError:  # another process renamed its copy into place first
-            if not raw.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
