@@ -29,9 +29,7 @@ import hashlib
 import json
 import math
 import re
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,13 +40,13 @@ import yaml
 from timm.models import create_model
 
 from .. import write_json
-from ...data import FASHION_MNIST_DEBIAN, fashion_mnist_root
+from ...data import fashion_mnist_root
 from ...diagnostics import connection_diagnostics
 from ...memory import saved_activation_bytes
 from ..evaluation import eval_loader, load_trained_model
 from ..sections import markers, replace_section
 from .report import provenance
-from .runs import ROOT
+from .runs import ROOT, run_failed, run_logged
 from .stats import mean_std
 
 # The rows of each part (configs/fashion_mnist_<row>.yaml); the command-line options --*-rows replace them.
@@ -247,18 +245,10 @@ def train_run(args, row, depth, n, seed, commit, train=True):
         return dict(record, reused=True)
     if not train:
         return None
-    shutil.rmtree(run_dir, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / f'{name}.log'
-    start = time.perf_counter()
-    with open(log, 'w') as f:
-        rc = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-    wall = time.perf_counter() - start
-    text = log.read_text()
-    nonfinite = re.search(r'non-finite loss[^\n;]*', text)
+    rc, log, wall = run_logged(command, out, name)
+    nonfinite = re.search(r'non-finite loss[^\n;]*', log.read_text())
     if rc and not nonfinite:
-        tail = ''.join(text.splitlines(keepends=True)[-15:])
-        raise SystemExit(f'compare.py: error: {name} failed (exit {rc}); last lines of {log}:\n{tail}')
+        raise run_failed(name, rc, log)
     epochs = json.loads((run_dir / 'summary.json').read_text()) if (run_dir / 'summary.json').exists() else []
     losses = read_steps(run_dir)
     model_name, _ = model_settings(row, depth, n)

@@ -70,6 +70,24 @@ def run_diagnostics(run_dir: Path, model_name: str, epochs: int, num_images: int
     return per_epoch, final
 
 
+def run_logged(command, out: Path, name: str):
+    """Run ``command`` (a train.py run into ``out / name``) afresh: the old run folder removed, stdout and stderr
+    in ``out / f'{name}.log'``. Returns ``(returncode, log path, wall seconds)``."""
+    shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / f'{name}.log'
+    start = time.perf_counter()
+    with open(log, 'w') as f:
+        rc = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    return rc, log, time.perf_counter() - start
+
+
+def run_failed(name: str, rc: int, log: Path) -> SystemExit:
+    """The error for a run that failed: its exit status and the last lines of its log."""
+    tail = ''.join(log.read_text().splitlines(keepends=True)[-15:])
+    return SystemExit(f'compare.py: error: {name} failed (exit {rc}); last lines of {log}:\n{tail}')
+
+
 def train_run(args, size, variant, n, seed, commit) -> dict:
     """One training run (or the stored one when its settings match), with its diagnostics; ``reused`` says which."""
     name = f'{size}_{variant}_n{n}_s{seed}'
@@ -83,16 +101,9 @@ def train_run(args, size, variant, n, seed, commit) -> dict:
         record = json.loads(record_path.read_text())
         if record['settings'] == settings:
             return dict(record, reused=True)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / f'{name}.log'
-    start = time.perf_counter()
-    with open(log, 'w') as f:
-        rc = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    rc, log, wall = run_logged(command, out, name)
     if rc:
-        tail = ''.join(open(log).readlines()[-15:])
-        raise SystemExit(f'compare.py: error: {name} failed (exit {rc}); last lines of {log}:\n{tail}')
-    wall = time.perf_counter() - start
+        raise run_failed(name, rc, log)
     rows = json.loads((run_dir / 'summary.json').read_text())
     model_name, _ = model_settings(size, variant, n)
     per_epoch, final = ([], None) if variant == 'residual' else run_diagnostics(
