@@ -23,10 +23,8 @@ command, the commit and the CPU.
 """
 import argparse
 import platform
-import shlex
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import timm
 import torch
 
 import kromhc_vision as kv
-from kromhc_vision.cli.sections import write_section
+from kromhc_vision.cli.sections import write_command_section
 from kromhc_vision.memory import peak_step_bytes, saved_activation_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,11 +188,9 @@ def main(argv=None):
             run_family(family, n, args, device, lines)
             print("\n".join(lines[start:]), flush=True)
     if args.write_section:
-        command = "python benchmarks/bench_models_cpu.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        body = ("## Whole models: memory and step time with and without `hc_recompute`\n\n"
-                f"`{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}):\n\n```\n" + "\n".join(lines).rstrip()
-                + "\n```\n")
-        write_section(ROOT / "BENCHMARKS.md", "bench_models", body)
+        write_command_section(ROOT / "BENCHMARKS.md", "bench_models",
+                              "Whole models: memory and step time with and without `hc_recompute`",
+                              "benchmarks/bench_models_cpu.py", argv, lines)
 
 
 if __name__ == "__main__":

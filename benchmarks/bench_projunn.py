@@ -23,7 +23,6 @@ and CPU.
 """
 import argparse
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import timm
 import torch
 
 import kromhc_vision  # noqa: F401  (registers the models and the projunn* optimizers)
-from kromhc_vision.cli.sections import write_section
+from kromhc_vision.cli.sections import write_command_section
 from kromhc_vision.optim import (ProjUNN, is_orthogonal, lowrank_factors, orthogonality_error, polar,
                                  projunn_direct, projunn_tangent, square_blocks)
 
@@ -180,11 +179,9 @@ def main(argv=None):
         drift(args.drift_steps, lines)
     print('\n'.join(lines), flush=True)
     if args.write_section:
-        command = 'python benchmarks/bench_projunn.py ' + shlex.join(sys.argv[1:] if argv is None else argv)
-        body = ('## projUNN: step time against N and k, kept fraction, drift\n\n'
-                f"`{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}):\n\n```\n" + '\n'.join(lines).rstrip()
-                + '\n```\n')
-        write_section(ROOT / 'BENCHMARKS.md', 'bench_projunn', body)
+        write_command_section(ROOT / 'BENCHMARKS.md', 'bench_projunn',
+                              'projUNN: step time against N and k, kept fraction, drift',
+                              'benchmarks/bench_projunn.py', argv, lines)
 
 
 if __name__ == '__main__':

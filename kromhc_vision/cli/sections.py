@@ -3,6 +3,9 @@
 :func:`replace_section` rewrites only the text between one generator's markers (appending the marked
 section when the file has none), so generators that regenerate their own parts keep the others'.
 """
+import shlex
+import sys
+import time
 from pathlib import Path
 
 
@@ -30,3 +33,11 @@ def write_section(path, name: str, body: str) -> None:
     path = Path(path)
     text = path.read_text() if path.exists() else ""
     path.write_text(replace_section(text, name, body))
+
+
+def write_command_section(path, name: str, title: str, script: str, argv, lines) -> None:
+    """Write the section ``name``: ``## title``, the command (``python <script> <argv>``, ``argv`` None:
+    this process's arguments) with today's UTC date, then ``lines`` (a benchmark's printed output) as a code block."""
+    command = f"python {script} " + shlex.join(sys.argv[1:] if argv is None else argv)
+    write_section(path, name, f"## {title}\n\n`{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}):\n\n```\n"
+                  + "\n".join(lines).rstrip() + "\n```\n")
