@@ -217,6 +217,7 @@ def test_fashion_comparison_runs_reuses_and_reports(tmp_path, monkeypatch):
     (['--depths', '0'], 'depths must be >= 1'),
     (['--seeds', '0'], '--seeds must be >= 1'),
     (['--parts', 'all'], "invalid choice: 'all'"),
+    (['--depth-rows', 'residual', 'terminator'], r"the models of \['terminator'\] take no depth"),
 ])
 def test_bad_fashion_arguments_are_refused(bad, message, capsys):
     from kromhc_vision.cli.compare import fashion
@@ -236,3 +237,21 @@ def test_plan_order_and_the_shared_run():
                      ('wide', 'kromhc_d6_n8_s0')]  # the grid's seed 0 is the depth study's depth-6 run
     assert '8! = 40320' in fashion.refusal('mhclite', 6, 8)
     assert fashion.refusal('kromhc', 6, 8) is None
+
+
+def test_a_fixed_depth_row_runs_in_the_grid_as_its_config_builds_it(monkeypatch, tmp_path):
+    from kromhc_vision.cli.compare import fashion
+    monkeypatch.setattr(fashion, 'data_root', lambda args: tmp_path)  # no Debian package needed
+    args = fashion.parse_args(['--dataset', 'fashion_mnist', '--seeds', '2', '--depths', '6',
+                               '--grid-rows', 'residual', 'terminator', '--depth-rows', 'residual',
+                               '--wide-rows', 'kromhc'])
+    names = [(part, fashion.spec_name(*spec)) for part, *spec in fashion.plan(args)]
+    assert names == [('depth', 'residual_d6_n1_s0'), ('grid', 'terminator_n1_s0'), ('grid', 'residual_d6_n1_s1'),
+                     ('grid', 'terminator_n1_s1'), ('wide', 'kromhc_d6_n8_s0')]
+    name, kwargs = fashion.model_settings('terminator', 6, 4)
+    assert name == fashion.row_config('terminator')['model'] and 'depth' not in kwargs
+    assert fashion.model_settings('residual', 12, 4)[1]['depth'] == 12
+    command = fashion.train_command(args, 'terminator', 6, 1, 0, Path('out'), 'terminator_n1_s0')
+    assert not any(c.startswith('depth=') for c in command)
+    note = fashion.recipe_note(dict(depth=['residual'], grid=['residual', 'terminator'], wide=[]))
+    assert 'terminator: slow_loss_weight 1.0, smoothing 0.09' in note and 'its own depth' in note

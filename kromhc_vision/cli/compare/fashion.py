@@ -6,8 +6,9 @@
 
 A *row* is a config file ``configs/fashion_mnist_<row>.yaml`` (the model and its settings; every file shares the
 recipe). A row whose ``model_kwargs`` hold ``num_streams`` is a stream row: the comparison sets ``num_streams``
-(4, and 8 in the ``wide`` part); other rows run as they are (n = 1 in the tables). Every run sets ``depth`` in
-``model_kwargs``, so a row's model takes timm ViT's ``depth``. The three parts, in priority order:
+(4, and 8 in the ``wide`` part); other rows run as they are (n = 1 in the tables). A run sets ``depth`` in
+``model_kwargs`` where the row's model takes it (timm ViT's ``depth``); a row whose model does not (Terminator) is
+a *fixed-depth* row: it runs as its config builds it, in the grid only. The three parts, in priority order:
 
 - ``depth``: :data:`DEPTH_ROWS` at n = 4 and depth 6, 12, 24 (``--depths``), seed 0: final top-1, composite gain of
   H_res across depth, the gradient norm of the first block against the last, the update losses; a non-finite loss
@@ -50,7 +51,7 @@ from .runs import ROOT, run_failed, run_logged
 from .stats import mean_std
 
 # The rows of each part (configs/fashion_mnist_<row>.yaml); the command-line options --*-rows replace them.
-GRID_ROWS = ['residual', 'hc', 'mhc', 'mhclite', 'kromhc']
+GRID_ROWS = ['residual', 'hc', 'mhc', 'mhclite', 'kromhc', 'terminator']  # terminator: issue 20, fixed depth
 DEPTH_ROWS = ['residual', 'hc', 'mhc', 'mhclite', 'kromhc', 'plain', 'orthogonal']  # plain, orthogonal: issue 19
 WIDE_ROWS = ['hc', 'mhc', 'kromhc']
 PARTS = ('depth', 'grid', 'wide')
@@ -74,6 +75,30 @@ def stream_row(row: str) -> bool:
     return 'num_streams' in (row_config(row).get('model_kwargs') or {})
 
 
+def takes_depth(row: str) -> bool:
+    """Whether the row's model takes ``depth`` (built on meta with ``depth=1``: a TypeError says no)."""
+    if row not in _TAKES_DEPTH:
+        cfg = row_config(row)
+        try:
+            with torch.device('meta'):
+                create_model(cfg['model'], num_classes=10, in_chans=1, **dict(cfg.get('model_kwargs') or {}, depth=1))
+        except TypeError:
+            _TAKES_DEPTH[row] = False
+        else:
+            _TAKES_DEPTH[row] = True
+    return _TAKES_DEPTH[row]
+
+
+_TAKES_DEPTH = {}
+
+
+def recipe_differences(row: str, base: str = 'residual') -> dict:
+    """The settings of ``row``'s config, other than the model, that differ from ``base``'s: ``{key: value}``."""
+    cfg, ref = row_config(row), row_config(base)
+    return {k: cfg.get(k) for k in sorted(set(cfg) | set(ref))
+            if k not in ('model', 'model_kwargs') and cfg.get(k) != ref.get(k)}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog='compare.py --dataset fashion_mnist', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,7 +114,7 @@ def parse_args(argv=None):
     p.add_argument('--seeds', type=int, default=3, help='grid seeds 0 .. seeds-1')
     p.add_argument('--epochs', type=int, default=1)
     p.add_argument('--warmup-epochs', type=int, default=0, help='passed to train.py (the configs say 1)')
-    p.add_argument('--train-per-class', type=int, default=200,
+    p.add_argument('--train-per-class', type=int, default=600,
                    help='first k training images of each class (0: all 60,000); the test set is always whole')
     p.add_argument('--diag-images', type=int, default=128, help='test images for diagnostics and gradient norms')
     p.add_argument('--no-train', action='store_true', help='only report the finished runs')
@@ -110,6 +135,9 @@ def parse_args(argv=None):
         bad = [r for r in getattr(args, key) if r not in known]
         if bad:
             p.error(f'--{key.replace("_", "-")}: no configs/fashion_mnist_<row>.yaml for {bad}; rows: {known}')
+    bad = [r for r in args.depth_rows if not takes_depth(r)]
+    if bad:
+        p.error(f'--depth-rows: the models of {bad} take no depth (fixed-depth rows run in the grid only)')
     bad = [r for r in args.wide_rows if not stream_row(r)]
     if bad:
         p.error(f'--wide-rows: {bad} take no num_streams (their config has none), so n = {args.wide_streams} '
@@ -119,7 +147,8 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------------------------- runs
 def spec_name(row, depth, n, seed):
-    return f'{row}_d{depth}_n{n}_s{seed}'
+    """A run's name: ``<row>_d<depth>_n<n>_s<seed>`` (no ``_d<depth>`` for a fixed-depth row)."""
+    return f'{row}_d{depth}_n{n}_s{seed}' if takes_depth(row) else f'{row}_n{n}_s{seed}'
 
 
 def plan(args, rows=None) -> list:
@@ -150,7 +179,9 @@ def plan(args, rows=None) -> list:
 
 def model_settings(row, depth, n):
     cfg = row_config(row)
-    kwargs = dict(cfg.get('model_kwargs') or {}, depth=depth)
+    kwargs = dict(cfg.get('model_kwargs') or {})
+    if takes_depth(row):
+        kwargs['depth'] = depth
     if 'num_streams' in kwargs:
         kwargs['num_streams'] = n
     return cfg['model'], kwargs
@@ -388,7 +419,8 @@ def grid_table(table, refused):
         if r['diverged']:
             acc += f" ({r['diverged']} of {r['seeds']} diverged)"
         extra = r.get('extra_params')
-        lines.append(f"| {r['row']} | {r['n']} | {r['seeds']} | {acc} | {diff} | "
+        label = r['row'] if takes_depth(r['row']) else f"{r['row']} (its own depth)"
+        lines.append(f"| {label} | {r['n']} | {r['seeds']} | {acc} | {diff} | "
                      + ('' if extra is None else f"{extra:,} ({100 * extra / (r['facts']['params'] - extra):.1f} %)")
                      + f" | {fmt(r['img_per_sec'], '.0f')} | {fmt(r.get('speed_ratio'))} | "
                      f"{fmt(r.get('activation_ratio'))} | {fmt(r['ds_error'], '.1e')} | {fmt(r['gain'], '.6g')} |")
@@ -513,6 +545,17 @@ def reading(args, depth_records, table, wide, depth_rows) -> list:
     return out
 
 
+def recipe_note(report_rows) -> str:
+    """Which rows' configs differ from the residual one beyond the model, and how (else: only in the model)."""
+    rows = [r for part in PARTS for r in report_rows[part]]
+    diffs = {r: recipe_differences(r) for r in dict.fromkeys(rows)}
+    named = [f"{r}: " + ', '.join(f'{k} {v}' for k, v in d.items()) for r, d in diffs.items() if d]
+    fixed = [r for r in diffs if not takes_depth(r)]
+    return ('Rows differ from residual only in the model' + (', except ' + '; '.join(named) if named else '')
+            + '.' + (f" {', '.join(fixed)}: a model of its own depth and width (its config), in the grid only."
+                     if fixed else ''))
+
+
 def write_results_section(path: Path, body: str):
     """RESULTS.md's fashion_mnist section, placed before the digits section when it is new."""
     text = path.read_text() if path.exists() else '# Results\n'
@@ -602,7 +645,7 @@ def write_section_from(args, prov, records, missing, refused, report_rows, wall)
              f"{cfg['scale']} and horizontal flips, grayscale with `in_chans=1`, mean {cfg['mean'][0]} / std "
              f"{cfg['std'][0]}) with `--epochs {args.epochs} --warmup-epochs {args.warmup_epochs}`; the model: "
              f"`{cfg['model']}` with {cfg['model_kwargs']} (28×28 input, 7×7 patches, 64 wide), `depth` and "
-             '`num_streams` set per run. Rows differ only in the model.',
+             '`num_streams` set per run. ' + recipe_note(report_rows),
              '- Chosen for the budget (2 shared CPU cores, about an hour of training for every run together): the '
              'training subset and the epoch count above; the test set is never cut.',
              '- Extra params and activations (bytes autograd keeps for one training batch, `kromhc_vision.memory`): '
