@@ -1,23 +1,25 @@
 """Recomputing the stream mixing in the backward pass (the models' ``hc_recompute``).
 
 Autograd keeps, for every connection, what its pre and post steps save: the stream state ``X (..., n, C)``
-(twice referenced, stored once), the coefficients and the mixing. Across ``L`` connections that is about
-``n C L`` values per token on top of what the branches keep. With recomputation the connections are grouped
-into *segments* of ``L_r`` consecutive connections, each feeding the next (``X_next`` of one is ``X`` of the
-next). Per segment only these stay until the backward pass:
+(twice referenced, stored once), the coefficients and the mixing. Across ``L`` connections the states are about
+``n C L`` values per token on top of what the branches keep; everything else the connections save is a few
+values per token (coefficients, ``H_res`` and what its map ``Phi`` saves). With recomputation the connections are
+grouped into *segments* of ``L_r`` consecutive connections, each feeding the next (``X_next`` of one is ``X`` of
+the next). Per segment these stay until the backward pass:
 
 - the stream state at the segment's start (``n C`` per token);
-- each connection's branch output ``y`` (``C`` per token; the post step needs it, and recomputation starts
-  from it);
+- each connection's branch output ``y`` (``C`` per token; the post step needs it, and recomputation uses it);
+- the pre step's outputs ``h_pre, h_post, a_res`` and every other small tensor the ops save (``2n + m`` to a
+  few dozen values per token);
 - what the branches themselves save (their input ``u``, attention and MLP internals), untouched.
 
-Every other tensor a connection's ops save is replaced by a placeholder. When the backward pass first
-unpacks one of a segment's placeholders, the segment's connections are run forward again (pre and post
-steps only, never the branches, so no random numbers are drawn: drop-path and dropout are not replayed)
-from the kept start state and branch outputs, and the tensors their ops save are collected in the order
-they were saved in the forward pass. The same code on the same inputs gives the same values, so the
-gradients are those without recomputation. A connection's recomputed tensors are released once all of
-its placeholders have been unpacked; the transient is one segment's states and coefficients. Per token
+Every saved view of one of the other stream states is replaced by a placeholder. When the backward pass first
+unpacks one of a segment's placeholders, the segment's states are rebuilt, without grad, by the post steps
+alone: ``X_{i+1} = H_res,i X_i + H_post,i^T y_i`` from the start state, the kept branch outputs and the kept
+coefficients (``H_res`` again from ``a_res``). Neither the branches nor the pre steps run again (no random
+numbers are drawn: drop-path and dropout are not replayed; no projection GEMM). The same ops on the same inputs
+give the same values, so the gradients are those without recomputation. A connection's recomputed state is
+released once all of its placeholders have been unpacked; the transient is one segment's states. Per token
 the memory is about ``n C L / L_r + (n + 2) C L_r``, minimised by ``L_r = sqrt(n L / (n + 2))``
 (:func:`segment_length` with ``True``).
 
@@ -82,53 +84,85 @@ def _storage_key(t: torch.Tensor):
 
 
 class _Placeholder:
-    """What autograd holds instead of a tensor a connection saved: where to find its recomputed value."""
-    __slots__ = ("segment", "index", "position", "shape", "dtype")
+    """What autograd holds instead of a tensor a connection's op saved: connection ``index`` of ``segment``, and
+    either its stream state (``position`` None: the view that was saved, by size, stride and storage offset) or
+    the ``position``-th tensor its post step saved."""
+    __slots__ = ("segment", "index", "position", "size", "stride", "offset", "dtype")
 
     def __init__(self, segment, index, position, t):
-        self.segment, self.index, self.position, self.shape, self.dtype = segment, index, position, t.shape, t.dtype
+        self.segment, self.index, self.position, self.dtype = segment, index, position, t.dtype
+        self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
 
 
 class _Segment:
-    """Up to ``L_r`` chained connections: their modules, branch outputs, and the start state."""
+    """Up to ``L_r`` chained connections: their modules, the start state, and per connection the branch output
+    and the pre step's coefficients, from which the recomputation rebuilds the states and what the post steps
+    saved."""
 
-    def __init__(self, start: torch.Tensor, pre: Callable, post: Callable):
+    def __init__(self, start: torch.Tensor, post: Callable):
         # detached (same storage): a tensor with its grad_fn here would make a cycle through the autograd graph
         # (graph -> placeholder -> segment -> tensor -> graph) that Python's collector cannot see, leaking a
         # graph whose backward never runs
-        self.start, self.pre, self.post = start.detach(), pre, post
-        self.keep = {_storage_key(start)}
-        self.conns, self.ys, self.x_grad, self.y_grad, self.counts, self.placeholders = [], [], [], [], [], []
+        self.start, self.post = start.detach(), post
+        self.keep = {_storage_key(start)}  # storages kept as they are: the start, branch outputs, coefficients
+        self.conns, self.state_keys, self.ys, self.pres, self.counts, self.placeholders = [], [], [], [], [], []
         device = start.device.type
         self.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) \
             if torch.amp.is_autocast_available(device) else None
-        self.saved: Optional[List[Optional[list]]] = None  # recomputed saved tensors, per connection
+        self.states: Optional[List[Optional[torch.Tensor]]] = None  # recomputed stream states, per connection
+        self.saved: Optional[List[Optional[list]]] = None  # what each post step saved, recomputed
         self.remaining: List[int] = []
 
-    def hooks(self, index: int):
-        """Saved-tensor hooks for connection ``index``'s ops: keep parameters and the kept storages, else a
-        placeholder numbered in saving order."""
+    def add(self, conn, X: torch.Tensor) -> int:
+        """Connection ``conn`` on state ``X`` joins the segment; returns its index."""
+        key = _storage_key(X)
+        self.conns.append(conn)
+        self.state_keys.append(None if key in self.keep else key)
+        self.ys.append(None)
+        self.pres.append(None)
+        self.counts.append(0)
+        self.placeholders.append(0)
+        return len(self.conns) - 1
 
-        def pack(t: torch.Tensor):
-            position = self.counts[index]  # counts every saved tensor: the recomputation sees them all
-            self.counts[index] += 1
-            if (t.requires_grad and t.grad_fn is None) or _storage_key(t) in self.keep:
-                for observe in _keep_observers:
-                    observe(t)
-                return t.detach()  # what the backward needs is the value; detached, no cycle can form
+    def _kept(self, t: torch.Tensor) -> torch.Tensor:
+        for observe in _keep_observers:
+            observe(t)
+        return t.detach()  # what the backward needs is the value; detached, no cycle can form
+
+    def _pack(self, index: int, t: torch.Tensor, post: bool):
+        if self.state_keys[index] is not None and _storage_key(t) == self.state_keys[index]:
             self.placeholders[index] += 1
-            return _Placeholder(self, index, position, t)
+            return _Placeholder(self, index, None, t)
+        if not post or (t.requires_grad and t.grad_fn is None) or _storage_key(t) in self.keep:
+            return self._kept(t)
+        self.placeholders[index] += 1
+        return _Placeholder(self, index, self.counts[index] - 1, t)
+
+    def pre_hooks(self, index: int):
+        """Hooks for connection ``index``'s pre step: its stream state becomes a placeholder (unless it is the
+        segment's start); the rest it saves (parameters, a few coefficients per token) is kept."""
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(index, t, False), _unpack)
+
+    def post_hooks(self, index: int):
+        """Hooks for connection ``index``'s post step: the state, ``H_res`` and what its map saved become
+        placeholders, numbered in saving order; parameters and the kept storages stay."""
+
+        def pack(t):
+            self.counts[index] += 1  # counts every saved tensor: the recomputation sees them all
+            return self._pack(index, t, True)
 
         return torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
 
     def recompute(self) -> None:
-        """Run the connections forward again (pre and post only) and collect what their ops save."""
-        saved = []
+        """Run the post steps again from the start state, with the kept branch outputs and coefficients (the pre
+        steps and the branches are not run), and collect the states and what the post steps save."""
+        states, saved = [], []
         X = self.start
         autocast = contextlib.nullcontext() if self.autocast is None else torch.autocast(
             self.autocast[0], dtype=self.autocast[2], enabled=self.autocast[1])
         with torch.enable_grad(), autocast:
             for i, conn in enumerate(self.conns):
+                states.append(X)
                 got = []
 
                 def pack(t, got=got):
@@ -136,20 +170,21 @@ class _Segment:
                     # grad_fn would be a cycle through C++ that leaks the graph and these tensors
                     got.append(t.detach())
 
+                (y, y_grad), *pre = self.ys[i], *self.pres[i]
+                h_pre, h_post, a_res = (t.detach().requires_grad_(g) for t, g in pre)
                 with torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked):
-                    pre = self.pre(conn, X.detach().requires_grad_(self.x_grad[i]))
-                    out = self.post(conn, pre, self.ys[i].detach().requires_grad_(self.y_grad[i]))
+                    # y stands in for u, which the post step only checks the shape of
+                    out = self.post(conn, (y, h_pre, h_post, a_res, X.detach().requires_grad_(True)),
+                                    y.detach().requires_grad_(y_grad))
                 saved.append(got)
                 X = out.detach()
-                del pre, out
-        self.saved = saved
-        self.remaining = [0] * len(saved)
-        for i, got in enumerate(saved):
-            self.remaining[i] = self.placeholders[i]
-            if len(got) != self.counts[i]:
-                raise RuntimeError(f"hc_recompute: connection {i} of a segment saved {self.counts[i]} tensors in the "
-                                   f"forward pass but {len(got)} when recomputed; its ops are not deterministic in "
-                                   "what they save")
+                del out
+                if len(got) != self.counts[i]:
+                    raise RuntimeError(f"hc_recompute: the post step of connection {i} of a segment saved "
+                                       f"{self.counts[i]} tensors in the forward pass but {len(got)} when "
+                                       "recomputed; its ops are not deterministic in what they save")
+        self.states, self.saved = states, saved
+        self.remaining = list(self.placeholders)
 
 
 def _never_unpacked(packed):
@@ -160,15 +195,18 @@ def _unpack(packed):
     if not isinstance(packed, _Placeholder):
         return packed
     seg, i = packed.segment, packed.index
-    if seg.saved is None or seg.saved[i] is None:  # first use, or a second backward (retain_graph)
+    if seg.states is None or seg.states[i] is None:  # first use, or a second backward (retain_graph)
         seg.recompute()
-    t = seg.saved[i][packed.position]
-    if t.shape != packed.shape or t.dtype != packed.dtype:
+    if packed.position is None:
+        t = seg.states[i].as_strided(packed.size, packed.stride, packed.offset)
+    else:
+        t = seg.saved[i][packed.position]
+    if t.shape != packed.size or t.dtype != packed.dtype:
         raise RuntimeError(f"hc_recompute: a recomputed tensor of connection {i} has shape {tuple(t.shape)} "
-                           f"{t.dtype}, saved as {tuple(packed.shape)} {packed.dtype}")
+                           f"{t.dtype}, saved as {tuple(packed.size)} {packed.dtype}")
     seg.remaining[i] -= 1
-    if seg.remaining[i] == 0:
-        seg.saved[i] = None  # every placeholder of this connection unpacked: release its recomputed tensors
+    if seg.remaining[i] == 0:  # every placeholder of this connection unpacked: release what was recomputed
+        seg.states[i] = seg.saved[i] = None
     return t
 
 
@@ -183,22 +221,20 @@ class RecomputeSession:
         self._last: Optional[torch.Tensor] = None
 
     def connect(self, conn, X: torch.Tensor, branch: Callable, pre: Callable, post: Callable) -> torch.Tensor:
-        """``post(conn, pre(conn, X), branch(u))`` with the ops' saved tensors deferred to recomputation."""
+        """``post(conn, pre(conn, X), branch(u))`` with the stream state and what the post step saves deferred
+        to recomputation."""
         seg = self._segment
         if seg is None or X is not self._last or len(seg.conns) >= self.length:
-            seg = self._segment = _Segment(X, pre, post)
-        i = len(seg.conns)
-        seg.conns.append(conn)
-        seg.counts.append(0)
-        seg.placeholders.append(0)
-        seg.x_grad.append(X.requires_grad)
-        with seg.hooks(i):
+            seg = self._segment = _Segment(X, post)
+        i = seg.add(conn, X)
+        with seg.pre_hooks(i):
             p = pre(conn, X)
         y = branch(p[0])
-        seg.ys.append(y.detach())
-        seg.y_grad.append(y.requires_grad)
-        seg.keep.add(_storage_key(y))
-        with seg.hooks(i):
+        # h_pre, h_post, a_res (a few values per token) and y: what the post step is recomputed from
+        seg.pres[i] = [(t.detach(), t.requires_grad) for t in p[1:4]]
+        seg.ys[i] = (y.detach(), y.requires_grad)
+        seg.keep.update(_storage_key(t) for t in (y, *p[1:4]))
+        with seg.post_hooks(i):
             out = post(conn, p, y)
         self._last = out
         return out
