@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..reference import compute_dtype
+from .._custom_ops import apply, call, custom_op, register_autograd
 from ._common import match_torch_threads, numpy_view
 
 SPAN_LIMIT = {torch.float64: 200.0, torch.float32: 32.0}  # see the module docstring
@@ -189,7 +190,7 @@ def _tokens(t, dtype):
     return t.reshape(-1, n, n).to(dtype).contiguous()
 
 
-@torch.library.custom_op("kromhc_vision::cpu_sinkhorn_fwd", mutates_args=(), device_types="cpu")
+@custom_op("kromhc_vision::cpu_sinkhorn_fwd", device_types="cpu")
 def _sinkhorn_fwd(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
     dtype = compute_dtype(logits)
     flat = _tokens(logits, dtype)
@@ -203,7 +204,7 @@ def _(logits, num_iters):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("kromhc_vision::cpu_sinkhorn_bwd", mutates_args=(), device_types="cpu")
+@custom_op("kromhc_vision::cpu_sinkhorn_bwd", device_types="cpu")
 def _sinkhorn_bwd(logits: torch.Tensor, num_iters: int, dout: torch.Tensor) -> torch.Tensor:
     dtype = compute_dtype(logits)
     grad = torch.empty(dout.shape, dtype=dtype)
@@ -223,10 +224,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout):
-    return _sinkhorn_bwd(*ctx.saved_tensors, ctx.num_iters, dout), None
+    return call(_sinkhorn_bwd, *ctx.saved_tensors, ctx.num_iters, dout), None
 
 
-_sinkhorn_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_sinkhorn_fwd, _backward, _setup_context)
 
 
 def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
@@ -235,4 +236,4 @@ def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
         raise ValueError(f"sinkhorn expects logits of shape (..., n, n), got {tuple(logits.shape)}")
     if num_iters < 1:
         raise ValueError(f"num_iters must be >= 1, got {num_iters}")
-    return _sinkhorn_fwd(logits, num_iters)
+    return apply(_sinkhorn_fwd, logits, num_iters)

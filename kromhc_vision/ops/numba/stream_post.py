@@ -10,7 +10,7 @@ is in the coefficients' compute dtype. Reference: :func:`kromhc_vision.ops.refer
 import numba
 import torch
 
-from .._custom_ops import register_stream_post
+from .._custom_ops import custom_op, register_stream_post
 from ..reference import compute_dtype
 from ._common import match_torch_threads, numpy_view
 
@@ -68,7 +68,7 @@ def _flat(X, y, h_res, h_post):
             h_res.reshape(-1, n, n).to(dtype), h_post.reshape(-1, n).to(dtype))
 
 
-@torch.library.custom_op("kromhc_vision::cpu_stream_post_fwd", mutates_args=(), device_types="cpu")
+@custom_op("kromhc_vision::cpu_stream_post_fwd", device_types="cpu")
 def _stream_post_fwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor) -> torch.Tensor:
     flat = [t.contiguous() for t in _flat(X, y, h_res, h_post)]
     out = torch.empty_like(flat[0])
@@ -77,7 +77,7 @@ def _stream_post_fwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_po
     return out.view(X.shape).to(X.dtype)
 
 
-@torch.library.custom_op("kromhc_vision::cpu_stream_post_bwd", mutates_args=(), device_types="cpu")
+@custom_op("kromhc_vision::cpu_stream_post_bwd", device_types="cpu")
 def _stream_post_bwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor,
                      dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     flat = [t.contiguous() for t in _flat(X, y, h_res, h_post)]
@@ -88,7 +88,7 @@ def _stream_post_bwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_po
     return tuple(g.view(t.shape).to(t.dtype) for g, t in zip(grads, (X, y, h_res, h_post)))
 
 
-register_stream_post(_stream_post_fwd, _stream_post_bwd)
+_stream_post = register_stream_post(_stream_post_fwd, _stream_post_bwd)
 
 
 def stream_post(X, y, h_res, h_post):
@@ -96,4 +96,4 @@ def stream_post(X, y, h_res, h_post):
 
     Same signature and values as :func:`kromhc_vision.ops.reference.stream_post`.
     """
-    return _stream_post_fwd(X, y, h_res, h_post)
+    return _stream_post(X, y, h_res, h_post)

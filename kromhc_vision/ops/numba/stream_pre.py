@@ -20,6 +20,7 @@ import numba
 import torch
 
 from ..pytorch.stream_pre import stream_pre as _stream_pre_pytorch
+from .._custom_ops import call, custom_op
 from ._common import match_torch_threads, numpy_view
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
@@ -90,7 +91,7 @@ def _backward_kernel(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw
                     dx[t, j, c] = dX_post[t, j, c] + coef * x[t, j, c] + h * du[t, c]
 
 
-@torch.library.custom_op("kromhc_vision::cpu_stream_pre_fwd", mutates_args=(), device_types="cpu")
+@custom_op("kromhc_vision::cpu_stream_pre_fwd", device_types="cpu")
 def _stream_pre_fwd(x: torch.Tensor, raw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     outs = _forward_outputs(x, bias)
@@ -108,7 +109,7 @@ def _forward_outputs(x, bias):
 _stream_pre_fwd.register_fake(lambda x, raw, scale, bias, eps: _forward_outputs(x, bias))
 
 
-@torch.library.custom_op("kromhc_vision::cpu_stream_pre_bwd", mutates_args=(), device_types="cpu")
+@custom_op("kromhc_vision::cpu_stream_pre_bwd", device_types="cpu")
 def _stream_pre_bwd(x: torch.Tensor, dX_post: torch.Tensor, du: torch.Tensor, dh_pre: torch.Tensor,
                     dh_post: torch.Tensor, da_res: torch.Tensor, h_pre: torch.Tensor, h_post: torch.Tensor,
                     raw: torch.Tensor, inv_rms: torch.Tensor,
@@ -133,7 +134,7 @@ def pre_tokens_forward(x, raw, scale, bias, eps: float):
     ``a_res (T, m)``, ``inv_rms (T, 1)``; one dtype throughout.
     Same as :func:`..pytorch.stream_pre.pre_tokens_forward`.
     """
-    return _stream_pre_fwd(x, raw, scale, bias, eps)
+    return call(_stream_pre_fwd, x, raw, scale, bias, eps)
 
 
 def pre_tokens_backward(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale):
@@ -141,7 +142,7 @@ def pre_tokens_backward(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, 
     None (no gradient). Same as :func:`kromhc_vision.ops.pytorch.stream_pre.pre_tokens_backward`."""
     dX_post = x.new_empty(0, *x.shape[1:]) if dX_post is None else dX_post
     du = x.new_zeros(x.shape[0], x.shape[2]) if du is None else du
-    return _stream_pre_bwd(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale)
+    return call(_stream_pre_bwd, x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale)
 
 
 TOKEN_OPS = (pre_tokens_forward, pre_tokens_backward)

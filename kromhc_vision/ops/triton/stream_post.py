@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._custom_ops import register_stream_post
+from .._custom_ops import custom_op, register_stream_post
 from ..reference import compute_dtype
 from ._common import configs, nbytes, prune_by_resources, tl_dtype
 
@@ -99,7 +99,7 @@ def _grid(T):
     return lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)
 
 
-@torch.library.custom_op("kromhc_vision::stream_post_fwd", mutates_args=())
+@custom_op("kromhc_vision::stream_post_fwd")
 def _stream_post_fwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor) -> torch.Tensor:
     meta, T = _launch_args(X, h_res)
     X = X.contiguous()
@@ -108,7 +108,7 @@ def _stream_post_fwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_po
     return out
 
 
-@torch.library.custom_op("kromhc_vision::stream_post_bwd", mutates_args=())
+@custom_op("kromhc_vision::stream_post_bwd")
 def _stream_post_bwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor,
                      dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     meta, T = _launch_args(X, h_res)
@@ -118,7 +118,7 @@ def _stream_post_bwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_po
     return tuple(grads)
 
 
-register_stream_post(_stream_post_fwd, _stream_post_bwd)
+_stream_post = register_stream_post(_stream_post_fwd, _stream_post_bwd)
 
 
 def stream_post(X, y, h_res, h_post):
@@ -126,4 +126,4 @@ def stream_post(X, y, h_res, h_post):
 
     Same signature and values as :func:`kromhc_vision.ops.reference.stream_post`.
     """
-    return _stream_post_fwd(X, y, h_res, h_post)
+    return _stream_post(X, y, h_res, h_post)
