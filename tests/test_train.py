@@ -103,7 +103,7 @@ def test_every_config_validates_and_families_differ_only_in_model(tmp_path):
         recipe['model_kwargs'] = {k: v for k, v in cfg.get('model_kwargs', {}).items() if k != 'num_streams'}
         lines = yaml.safe_dump(recipe, sort_keys=True).splitlines()
         families.setdefault(family, []).append((path.name, lines))
-    assert len(families) == 8 and all(len(members) == 5 for members in families.values()), families.keys()
+    assert len(families) == 9 and all(len(members) == 5 for members in families.values()), families.keys()
     for members in families.values():
         (first, ref), *others = members
         for name, lines in others:
