@@ -13,13 +13,15 @@ the next). Per segment these stay until the backward pass:
   few dozen values per token);
 - what the branches themselves save (their input ``u``, attention and MLP internals), untouched.
 
-Every saved view of one of the other stream states is replaced by a placeholder. When the backward pass first
-unpacks one of a segment's placeholders, the segment's states are rebuilt, without grad, by the post steps
-alone: ``X_{i+1} = H_res,i X_i + H_post,i^T y_i`` from the start state, the kept branch outputs and the kept
-coefficients (``H_res`` again from ``a_res``). Neither the branches nor the pre steps run again (no random
-numbers are drawn: drop-path and dropout are not replayed; no projection GEMM). The same ops on the same inputs
-give the same values, so the gradients are those without recomputation. A connection's recomputed state is
-released once all of its placeholders have been unpacked; the transient is one segment's states. Per token
+Every saved view of one of the other stream states, and what the post steps save besides the kept tensors
+(``H_res`` and what its map saved), is replaced by a placeholder. When the backward pass first unpacks one of a
+segment's placeholders, the segment's post steps alone are run again, ``X_{i+1} = H_res,i X_i + H_post,i^T y_i``
+from the start state, the kept branch outputs and the kept coefficients (``H_res`` again from ``a_res``), and the
+states and what the post steps save are collected in saving order. Neither the branches nor the pre steps run
+again (no random numbers are drawn: drop-path and dropout are not replayed; no projection GEMM). The same ops on
+the same inputs give the same values, so the gradients are those without recomputation. A connection's
+recomputed tensors are released once all of its placeholders have been unpacked; the transient is one
+segment's states and coefficients. Per token
 the memory is about ``n C L / L_r + (n + 2) C L_r``, minimised by ``L_r = sqrt(n L / (n + 2))``
 (:func:`segment_length` with ``True``).
 
@@ -105,7 +107,8 @@ class _Segment:
         # graph whose backward never runs
         self.start, self.post = start.detach(), post
         self.keep = {_storage_key(start)}  # storages kept as they are: the start, branch outputs, coefficients
-        self.conns, self.state_keys, self.ys, self.pres, self.counts, self.placeholders = [], [], [], [], [], []
+        self.conns, self.state_keys, self.x_grad, self.ys, self.pres, self.counts, self.placeholders = \
+            [], [], [], [], [], [], []
         device = start.device.type
         self.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) \
             if torch.amp.is_autocast_available(device) else None
@@ -118,6 +121,7 @@ class _Segment:
         key = _storage_key(X)
         self.conns.append(conn)
         self.state_keys.append(None if key in self.keep else key)
+        self.x_grad.append(X.requires_grad)
         self.ys.append(None)
         self.pres.append(None)
         self.counts.append(0)
@@ -174,7 +178,7 @@ class _Segment:
                 h_pre, h_post, a_res = (t.detach().requires_grad_(g) for t, g in pre)
                 with torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked):
                     # y stands in for u, which the post step only checks the shape of
-                    out = self.post(conn, (y, h_pre, h_post, a_res, X.detach().requires_grad_(True)),
+                    out = self.post(conn, (y, h_pre, h_post, a_res, X.detach().requires_grad_(self.x_grad[i])),
                                     y.detach().requires_grad_(y_grad))
                 saved.append(got)
                 X = out.detach()

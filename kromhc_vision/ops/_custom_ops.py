@@ -58,7 +58,7 @@ def register_autograd(op, backward, setup_context):
         setup_context(ctx, args, out)
         return out
 
-    _EAGER_FUNCTIONS[op] = type(f"Eager_{op._name.replace('::', '_')}", (torch.autograd.Function,),
+    _EAGER_FUNCTIONS[op] = type(f"Eager_{fn.__name__}", (torch.autograd.Function,),
                                 dict(forward=staticmethod(forward), backward=staticmethod(backward)))
 
 

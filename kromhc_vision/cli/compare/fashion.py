@@ -25,6 +25,7 @@ were not made.
 """
 import argparse
 import csv
+import functools
 import gzip
 import hashlib
 import json
@@ -75,21 +76,23 @@ def stream_row(row: str) -> bool:
     return 'num_streams' in (row_config(row).get('model_kwargs') or {})
 
 
+def meta_model(row: str, **overrides):
+    """Build the row's model (its config's ``model_kwargs`` with ``overrides``) on the meta device: the settings'
+    checks run, no memory is used."""
+    cfg = row_config(row)
+    with torch.device('meta'):
+        return create_model(cfg['model'], num_classes=10, in_chans=1, **dict(cfg.get('model_kwargs') or {},
+                                                                             **overrides))
+
+
+@functools.lru_cache(maxsize=None)
 def takes_depth(row: str) -> bool:
     """Whether the row's model takes ``depth`` (built on meta with ``depth=1``: a TypeError says no)."""
-    if row not in _TAKES_DEPTH:
-        cfg = row_config(row)
-        try:
-            with torch.device('meta'):
-                create_model(cfg['model'], num_classes=10, in_chans=1, **dict(cfg.get('model_kwargs') or {}, depth=1))
-        except TypeError:
-            _TAKES_DEPTH[row] = False
-        else:
-            _TAKES_DEPTH[row] = True
-    return _TAKES_DEPTH[row]
-
-
-_TAKES_DEPTH = {}
+    try:
+        meta_model(row, depth=1)
+    except TypeError:
+        return False
+    return True
 
 
 def recipe_differences(row: str, base: str = 'residual') -> dict:
@@ -189,10 +192,9 @@ def model_settings(row, depth, n):
 
 def refusal(row, depth, n):
     """Why the model cannot be built with these settings (e.g. mHC-lite at n = 8), else None; builds on meta."""
-    name, kwargs = model_settings(row, depth, n)
+    _, kwargs = model_settings(row, depth, n)
     try:
-        with torch.device('meta'):
-            create_model(name, num_classes=10, in_chans=1, **kwargs)
+        meta_model(row, **kwargs)
     except (ValueError, TypeError, RuntimeError) as e:
         return str(e).split('. ')[0]
     return None
