@@ -23,6 +23,7 @@ from timm.models import safe_model_name
 from timm.task import ClassificationEvaluator
 from timm.utils import setup_default_logging
 
+from kromhc_vision.cpu_allocator import CPU_MALLOC_CHOICES, configure_cpu_malloc
 from kromhc_vision.data import DatasetIntegrityError, DatasetUnavailableError, digits_folder, torch_dataset_root
 from kromhc_vision.diagnostics import connection_diagnostics, plot_composite_gain, plot_h_res
 from kromhc_vision.cli import ConfigError, write_json
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument('-j', '--workers', type=int, default=2)
     p.add_argument('--device', default=None, help="default: 'cuda' when available, else 'cpu'")
     p.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'), help='autocast in this dtype')
+    p.add_argument('--cpu-malloc', default='retain', choices=CPU_MALLOC_CHOICES,
+                   help="on CPU: 'retain' keeps freed memory in glibc's heap (kromhc_vision.cpu_allocator)")
     p.add_argument('--diagnostics', action='store_true', help='hyper-connection diagnostics on one batch')
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
@@ -58,6 +61,7 @@ def main(argv=None):
         setup_default_logging()
     args = parse_args(argv)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    configure_cpu_malloc(args.cpu_malloc, device)
     try:  # what can be checked before the model and data are built: the data, the checkpoint, the split
         data_dir = torch_dataset_root(args.dataset, args.data_dir, download=False) or str(digits_folder())
         meta = check_checkpoint(args.model, args.checkpoint, args.use_ema) if args.checkpoint else {}

@@ -56,6 +56,7 @@ from kromhc_vision.cli.run_folder import open_run_dir, resumes_in
 from kromhc_vision.cli.train_config import is_folder_dataset, model_kwargs, parse_args, validate
 from kromhc_vision.cli.sampling import PerSampleSeeded, set_epoch_order
 from kromhc_vision.cli.train_state import StepLog, TrainTask, seed_epoch
+from kromhc_vision.cpu_allocator import configure_cpu_malloc
 from kromhc_vision.data import digits_folder
 from kromhc_vision.optim import project_orthogonal_
 
@@ -366,6 +367,7 @@ def train(args, args_text, run_dir):
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = init_distributed_device(args)
+    configure_cpu_malloc(args.cpu_malloc, device)
     primary = is_primary(args)
     if args.distributed:
         _logger.info(f'Process {args.rank} of {args.world_size} on {device}')

@@ -16,8 +16,10 @@ Reported per variant and ``hc_recompute`` setting (``off`` = False, ``on`` = the
 - ``infer``: inference images/s (eval mode, no grad) over the residual model's.
 
     python benchmarks/bench_models_cpu.py [--models vit convnext] [--streams 4 8] [--rounds 5] [--batch 16]
-        [--variants hc mhc mhclite kromhc] [--threads 2] [--no-time] [--write-section]
+        [--variants hc mhc mhclite kromhc] [--threads 2] [--cpu-malloc retain|default] [--no-time] [--write-section]
 
+``--cpu-malloc`` is train.py's setting (default ``retain``: glibc keeps freed activation memory for the next
+step, :mod:`kromhc_vision.cpu_allocator`; hyper-connected models page-fault more without it).
 ``--write-section`` writes the printed table into BENCHMARKS.md's ``bench_models`` section, with the
 command, the commit and the CPU.
 """
@@ -33,6 +35,7 @@ import torch
 
 import kromhc_vision as kv
 from kromhc_vision.cli.sections import write_command_section
+from kromhc_vision.cpu_allocator import CPU_MALLOC_CHOICES, configure_cpu_malloc
 from kromhc_vision.memory import peak_step_bytes, saved_activation_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,13 +177,17 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cpu-malloc", choices=CPU_MALLOC_CHOICES, default="retain",
+                        help="as train.py's (kromhc_vision.cpu_allocator); 'default' writes the section "
+                             "bench_models_malloc_default")
     parser.add_argument("--no-time", action="store_true", help="memory only")
     parser.add_argument("--write-section", action="store_true", help="write BENCHMARKS.md's bench_models section")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    retained = configure_cpu_malloc(args.cpu_malloc, device)
     lines = [f"CPU: {cpu_name()}; torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads; "
-             f"commit {commit()}", ""]
+             f"commit {commit()}; cpu malloc: {'retain' if retained else 'default'}", ""]
     print("\n".join(lines), flush=True)
     for family in args.models:
         for n in args.streams:
@@ -188,8 +195,10 @@ def main(argv=None):
             run_family(family, n, args, device, lines)
             print("\n".join(lines[start:]), flush=True)
     if args.write_section:
-        write_command_section(ROOT / "BENCHMARKS.md", "bench_models",
-                              "Whole models: memory and step time with and without `hc_recompute`",
+        name, title = "bench_models", "Whole models: memory and step time with and without `hc_recompute`"
+        if args.cpu_malloc == "default":
+            name, title = name + "_malloc_default", title + ", glibc's malloc left as it is"
+        write_command_section(ROOT / "BENCHMARKS.md", name, title,
                               "benchmarks/bench_models_cpu.py", argv, lines)
 
 

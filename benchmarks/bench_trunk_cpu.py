@@ -29,6 +29,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 
 import kromhc_vision as kv
+from kromhc_vision.cpu_allocator import CPU_MALLOC_CHOICES, configure_cpu_malloc
 from kromhc_vision.memory import saved_activation_bytes
 
 
@@ -80,7 +81,10 @@ def main():
     parser.add_argument("--backend", choices=["auto", "numba", "torch"], default="auto",
                         help="the connections' CPU path (auto: the numba kernels where numba imports)")
     parser.add_argument("--recompute", default="off", help="off, on (L_r from the depth) or an int L_r")
+    parser.add_argument("--cpu-malloc", choices=CPU_MALLOC_CHOICES, default="retain",
+                        help="as train.py's (kromhc_vision.cpu_allocator)")
     args = parser.parse_args()
+    configure_cpu_malloc(args.cpu_malloc, "cpu")
     value = {"off": False, "on": True}.get(args.recompute) if args.recompute in ("off", "on") else int(args.recompute)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -103,7 +107,8 @@ def main():
     saved = {v: saved_activation_bytes(model, x) for v, model in variants.items()}
     from bench_models_cpu import cpu_name
     print(f"ViT-Tiny trunk fwd+bwd, batch {args.batch}, n = {args.streams}, {args.threads} threads, "
-          f"{args.rounds} interleaved rounds, backend {args.backend}, recompute {args.recompute}; CPU: {cpu_name()}")
+          f"{args.rounds} interleaved rounds, backend {args.backend}, recompute {args.recompute}, "
+          f"cpu malloc {args.cpu_malloc}; CPU: {cpu_name()}")
     print(f"{'variant':<10}{'ms/step':>10}{'x residual':>12}{'quartiles':>13}{'saved MiB':>11}{'x residual':>12}")
     for v, ts in times.items():
         ratios = sorted(t / r for t, r in zip(ts, times["residual"]))  # paired: same round, so slow drifts cancel

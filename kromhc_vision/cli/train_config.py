@@ -17,6 +17,7 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ParseKwargs
 
+from ..cpu_allocator import CPU_MALLOC_CHOICES
 from ..data import DatasetIntegrityError, DatasetUnavailableError, torch_dataset_root
 from . import ConfigError, read_checkpoint
 from .run_folder import check_run_dir, choose_run_dir
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--device', default=None, help="default: 'cuda' when available, else 'cpu' (timm: 'cuda')")
     g.add_argument('--amp', **flag)
     g.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'))
+    g.add_argument('--cpu-malloc', default='retain', choices=CPU_MALLOC_CHOICES,
+                   help="on CPU: 'retain' keeps freed activation memory in glibc's heap for the next step "
+                        "(kromhc_vision.cpu_allocator); 'default' leaves malloc as it is")
     g.add_argument('--device-modules', nargs='+', default=None, help='modules to import first, e.g. kromhc_vision')
     g = p.add_argument_group('Optimizer')
     g.add_argument('--opt', default='sgd')
