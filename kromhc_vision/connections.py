@@ -20,7 +20,7 @@ from . import recompute
 from .ops import dispatch
 from .ops.reference import autocast_off
 from .permutations import check_permutation_size, kronecker_factors, permutation_matrices
-from .residual_maps import birkhoff, kronecker_birkhoff, stochasticity_error
+from .residual_maps import stochasticity_error
 
 INITS = ("published", "identity")
 # Off-identity logit of the published init: H_res starts close to the identity.
@@ -310,6 +310,7 @@ class MHCLite(HyperConnection):
     """mHC-lite: ``H_res = sum_k softmax(a_res)_k P_k`` over all n! permutations; exactly doubly stochastic."""
 
     variant = "mhclite"
+    OPS = ("stream_pre", "stream_post", "permutation_mix")
 
     def __init__(self, num_streams: int, dim: int, *args, **kwargs):
         super().__init__(num_streams, dim, *args, **kwargs)
@@ -327,7 +328,7 @@ class MHCLite(HyperConnection):
         return _permutation_bias(self.num_streams)
 
     def res_matrix(self, a_res):
-        return birkhoff(a_res, self.perms)
+        return dispatch.permutation_mix(a_res, [self.perms], self.backend)
 
 
 class KromHC(HyperConnection):
@@ -337,6 +338,7 @@ class KromHC(HyperConnection):
     """
 
     variant = "kromhc"
+    OPS = ("stream_pre", "stream_post", "permutation_mix")
 
     def __init__(self, num_streams: int, dim: int, *args, **kwargs):
         super().__init__(num_streams, dim, *args, **kwargs)
@@ -358,7 +360,7 @@ class KromHC(HyperConnection):
         return torch.cat([_permutation_bias(k) for k in kronecker_factors(self.num_streams)])
 
     def res_matrix(self, a_res):
-        return kronecker_birkhoff(a_res, [getattr(self, f"perms{k}") for k in self.factors])
+        return dispatch.permutation_mix(a_res, [getattr(self, f"perms{k}") for k in self.factors], self.backend)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", factors={self.factors}"

@@ -10,7 +10,8 @@ MAX_PERMUTATION_SIZE = 6
 
 
 @lru_cache(maxsize=None)
-def _permutation_table(k: int) -> tuple:
+def permutation_table(k: int) -> tuple:
+    """The ``k!`` permutations of ``range(k)`` in lexicographic order (index 0: the identity)."""
     return tuple(itertools.permutations(range(k)))
 
 
@@ -19,7 +20,7 @@ def permutation_matrices(k: int, dtype=torch.float32, device=None) -> torch.Tens
 
     Matrix ``p`` maps row ``i`` to column ``perm_p[i]``: ``P[p, i, perm_p[i]] = 1``.
     """
-    perms = torch.tensor(_permutation_table(k), dtype=torch.long, device=device)
+    perms = torch.tensor(permutation_table(k), dtype=torch.long, device=device)
     out = torch.zeros(len(perms), k, k, dtype=dtype, device=device)
     out.scatter_(2, perms.unsqueeze(-1), 1.0)
     return out

@@ -5,6 +5,8 @@
 - :mod:`.pytorch`, :mod:`.triton`, :mod:`.numba`: the backends, each with ``stream_pre``, ``stream_post`` and
   ``sinkhorn`` of the reference's signatures and values (one file per op).
 """
-from .dispatch import BACKENDS, OPS, backend_for, resolve_backend, sinkhorn, stream_post, stream_pre
+from .dispatch import (BACKENDS, OPS, backend_for, permutation_mix, resolve_backend, sinkhorn, stream_post,
+                       stream_pre)
 
-__all__ = ["BACKENDS", "OPS", "backend_for", "resolve_backend", "stream_pre", "stream_post", "sinkhorn"]
+__all__ = ["BACKENDS", "OPS", "backend_for", "resolve_backend", "stream_pre", "stream_post", "sinkhorn",
+           "permutation_mix"]

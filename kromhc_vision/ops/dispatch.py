@@ -1,7 +1,9 @@
 """Which backend runs each stream-mixing op: the one place that knows.
 
 Every backend package (``pytorch``, ``triton``, ``numba``) provides ``stream_pre``, ``stream_post`` and
-``sinkhorn`` with the signatures and values of :mod:`kromhc_vision.ops.reference`.
+``sinkhorn`` with the signatures and values of :mod:`kromhc_vision.ops.reference`, and ``permutation_mix``
+(mHC-lite's and KromHC's ``H_res``) with those of :func:`kromhc_vision.residual_maps.kronecker_birkhoff`
+(the Triton package's is PyTorch's: a few values per token, no kernel of its own yet).
 
 ``KROMHC_BACKEND`` (or the ``backend`` argument of the ops, connections and models) is one of:
 
@@ -21,7 +23,7 @@ import warnings
 import torch
 
 BACKENDS = ("auto", "triton", "numba", "torch")
-OPS = ("stream_pre", "stream_post", "sinkhorn")
+OPS = ("stream_pre", "stream_post", "sinkhorn", "permutation_mix")
 # Triton's Sinkhorn holds one token's n x n logits (padded to a power of two) in registers.
 TRITON_SINKHORN_MAX_STREAMS = 16
 # Above this many coefficients per token (2n + m; the kernels pad it to a power of two) Triton's stream_pre kernels spill
@@ -99,15 +101,19 @@ def check_backend(backend, ops, num_streams: int) -> str:
 
 
 def _auto_avoids(name: str, op: str, coefficients: int) -> bool:
-    """Kernels that run but badly, which ``auto`` leaves to PyTorch (see TRITON_STREAM_PRE_MAX_COEFFICIENTS)."""
-    return name == "triton" and op == "stream_pre" and coefficients > TRITON_STREAM_PRE_MAX_COEFFICIENTS
+    """Kernels that run but badly, which ``auto`` leaves to PyTorch: see TRITON_STREAM_PRE_MAX_COEFFICIENTS;
+    and numba's ``permutation_mix`` with one factor (mHC-lite: ``coefficients`` counts the factors), where its
+    scalar float64 ``exp`` per logit costs more than PyTorch's vectorised softmax saves (BENCHMARKS.md)."""
+    if name == "triton" and op == "stream_pre":
+        return coefficients > TRITON_STREAM_PRE_MAX_COEFFICIENTS
+    return name == "numba" and op == "permutation_mix" and coefficients == 1
 
 
 def backend_for(backend, device: torch.device, op: str = "stream_pre", num_streams: int = 0,
                 coefficients: int = 0) -> str:
     """The backend (``torch``, ``triton`` or ``numba``) that runs ``op`` on ``device`` when ``backend`` is
     asked for: ``auto``'s rules, or the named backend (an error saying why, if it cannot run).
-    ``coefficients``: stream_pre's ``2n + m`` per token."""
+    ``coefficients``: stream_pre's ``2n + m`` per token; permutation_mix's number of factors."""
     name = resolve_backend(backend)
     if name == "auto":
         preferred = {"cuda": "triton", "cpu": "numba"}.get(device.type)
@@ -127,7 +133,9 @@ def _shape_key(tensors):
 
 def _run(op: str, backend, num_streams: int, *args):
     device = args[0].device
-    coefficients = args[2].shape[1] if op == "stream_pre" else 0  # proj_weight (nC, 2n + m)
+    # stream_pre: proj_weight (nC, 2n + m); permutation_mix: its factors
+    coefficients = {"stream_pre": lambda: args[2].shape[1], "permutation_mix": lambda: len(args[1])}.get(
+        op, lambda: 0)()
     name = backend_for(backend, device, op, num_streams, coefficients)
     run = getattr(backend_module(name), op)
     if name != "triton" or resolve_backend(backend) != "auto" or torch.compiler.is_compiling():
@@ -160,3 +168,12 @@ def stream_post(X, y, h_res, h_post, backend=None):
 def sinkhorn(logits, num_iters: int, backend=None):
     """mHC's ``H_res`` from ``(..., n, n)`` logits on the backend in force (see :func:`.reference.sinkhorn`)."""
     return _run("sinkhorn", backend, logits.shape[-1], logits, num_iters)
+
+
+def permutation_mix(logits, perms, backend=None):
+    """mHC-lite's / KromHC's ``H_res (..., n, n)`` from ``(..., sum_k i_k!)`` logits and ``perms[k] =
+    permutation_matrices(i_k)`` on the backend in force (see :func:`kromhc_vision.residual_maps.kronecker_birkhoff`)."""
+    n = 1
+    for p in perms:
+        n *= p.shape[-1]
+    return _run("permutation_mix", backend, n, logits, perms)

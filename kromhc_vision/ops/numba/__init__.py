@@ -3,8 +3,9 @@ n x n products run as batched small GEMMs, chains of small ops that each pass ov
 ``torch.library`` custom op with an exact backward: the post step, the per-token part of the pre step around
 its BLAS projection, and mHC's Sinkhorn. Compiled on first use (cached on disk where the package is writable).
 """
+from .permutation_mix import permutation_mix
 from .sinkhorn import sinkhorn
 from .stream_post import stream_post
 from .stream_pre import stream_pre
 
-__all__ = ["stream_pre", "stream_post", "sinkhorn"]
+__all__ = ["stream_pre", "stream_post", "sinkhorn", "permutation_mix"]

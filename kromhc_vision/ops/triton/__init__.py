@@ -2,8 +2,9 @@
 
 Run on CUDA tensors, or on CPU with ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
+from ..pytorch import permutation_mix  # no Triton kernel: PyTorch's ops, on the GPU
 from .sinkhorn import sinkhorn
 from .stream_post import stream_post
 from .stream_pre import stream_pre
 
-__all__ = ["stream_pre", "stream_post", "sinkhorn"]
+__all__ = ["stream_pre", "stream_post", "sinkhorn", "permutation_mix"]

@@ -111,7 +111,8 @@ def _kernels():
 
 
 OP_KERNELS = {"stream_pre": ("stream_pre_fwd", "stream_pre_bwd", "stream_pre_dw"),
-              "stream_post": ("stream_post_fwd", "stream_post_bwd"), "sinkhorn": ("sinkhorn_fwd", "sinkhorn_bwd")}
+              "stream_post": ("stream_post_fwd", "stream_post_bwd"), "sinkhorn": ("sinkhorn_fwd", "sinkhorn_bwd"),
+              "permutation_mix": ()}  # no Triton kernel (PyTorch's ops on the GPU)
 
 
 def launches(archs, widths, dtypes=DTYPES, t16=(True, False), stream_counts=STREAM_COUNTS):

@@ -1,0 +1,58 @@
+"""numba ``permutation_mix`` (mHC-lite's and KromHC's ``H_res``) against
+:func:`kromhc_vision.residual_maps.kronecker_birkhoff` differentiated by autograd, for every factorisation shape."""
+import math
+
+import pytest
+import torch
+
+from kromhc_vision.ops import dispatch
+from kromhc_vision.ops.numba import permutation_mix
+from kromhc_vision.permutations import kronecker_factors, permutation_matrices
+from kromhc_vision.residual_maps import kronecker_birkhoff, stochasticity_error
+
+FACTORS = [(2,), (3,), (4,), (5,), (2, 2), (2, 3), (3, 2), (2, 2, 2), (3, 3), (2, 2, 3)]
+
+
+def logits_for(factors, lead, dtype, spread=2.0):
+    m = sum(math.factorial(k) for k in factors)
+    return (spread * torch.randn(*lead, m, dtype=dtype)).requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("factors", FACTORS)
+def test_matches_reference(factors, dtype, compare):
+    perms = [permutation_matrices(k, dtype=dtype) for k in factors]
+    compare(permutation_mix, kronecker_birkhoff, [logits_for(factors, (3, 7), dtype)], (perms,))
+
+
+@pytest.mark.parametrize("factors", [(4,), (2, 2, 2), (2, 3)])
+def test_doubly_stochastic_to_rounding(factors):
+    """Each entry rounded once from float64 sums: rows and columns sum to 1 within n float32 roundings, also
+    for saturated logits (the published init's -8 plus large values)."""
+    logits = logits_for(factors, (500,), torch.float32, spread=30.0)
+    H = permutation_mix(logits, [permutation_matrices(k) for k in factors])
+    n = math.prod(factors)
+    assert stochasticity_error(H) <= n * 2 ** -24
+
+
+def test_gradcheck():
+    for factors in [(3,), (2, 3)]:
+        perms = [permutation_matrices(k, dtype=torch.float64) for k in factors]
+        assert torch.autograd.gradcheck(lambda x: permutation_mix(x, perms), (logits_for(factors, (2, 3),
+                                                                                         torch.float64),))
+
+
+def test_opcheck():
+    logits = torch.randn(5, 8, requires_grad=True)  # KromHC n = 6: 2! + 3!
+    torch.library.opcheck(torch.ops.kromhc_vision.cpu_permutation_mix_fwd.default, (logits, [2, 3]))
+    _, weights = torch.ops.kromhc_vision.cpu_permutation_mix_fwd(logits.detach(), [2, 3])
+    torch.library.opcheck(torch.ops.kromhc_vision.cpu_permutation_mix_bwd.default,
+                          (weights, [2, 3], torch.randn(5, 6, 6), logits.detach()))
+
+
+@pytest.mark.parametrize("n, expected", [(4, "torch"), (8, "numba"), (6, "numba")])
+def test_auto_runs_numba_for_kronecker_products_only(n, expected):
+    """mHC-lite (one factor, n = 4) stays with PyTorch's softmax under 'auto'; KromHC's products run the kernel."""
+    factors = (n,) if expected == "torch" else kronecker_factors(n)
+    assert dispatch.backend_for("auto", torch.device("cpu"), "permutation_mix", n, len(factors)) == expected
+    assert dispatch.backend_for("numba", torch.device("cpu"), "permutation_mix", n, len(factors)) == "numba"
