@@ -273,3 +273,14 @@ def test_train_adds_and_logs_the_slow_loss(tmp_path):
     assert slow > 0
     assert first_loss[2] - first_loss[0] == pytest.approx(2 * slow, rel=1e-4, abs=1e-6)
     assert 'train_slow_loss' in summaries[2] and 'train_slow_loss' not in summaries[0]
+
+
+def test_torchscript_refused_with_the_alternatives_and_export_works():
+    """torch.jit.script fails inside TorchScript's compiler on the slow networks' zipped ModuleLists; the model
+    refuses it up front, naming what works: torch.export gives the eager outputs."""
+    model = randomize(create('terminator_micro')).eval()
+    with pytest.raises(kromhc_vision.TorchScriptUnsupportedError, match='torch.compile or torch.export'):
+        torch.jit.script(model)
+    x = torch.randn(2, 3, 32, 32)
+    exported = torch.export.export(model, (x,)).module()
+    torch.testing.assert_close(exported(x), model(x))

@@ -59,7 +59,8 @@ MODEL_ARGUMENT_NAMES = {'init': 'hc_init', 'backend': 'hc_backend', 'options': '
 
 
 class TorchScriptUnsupportedError(RuntimeError):
-    """Raised by ``torch.jit.script`` on a hyper-connected model."""
+    """Raised by ``torch.jit.script`` on a model of this zoo that TorchScript cannot compile (the hyper-connected
+    models, Terminator), with what to use instead."""
 
 
 class CheckpointMismatchError(ValueError):

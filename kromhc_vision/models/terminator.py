@@ -43,7 +43,8 @@ channel-repeated outputs of all earlier blocks; here each block concatenates its
 sequence (``features_only``, ``checkpoint_seq``). The kernel sizes, widths, ``ω₀`` and the context projection
 are this implementation's choices where the paper and spec leave them open.
 
-Not supported: TorchScript (untested, the operator helpers are plain Python). With grad checkpointing, a
+Not supported: TorchScript (``torch.jit.script`` raises :class:`TorchScriptUnsupportedError`, naming
+``torch.compile`` and ``torch.export``, which work: export is tested). With grad checkpointing, a
 recomputed block updates BatchNorm's running statistics a second time (as any BatchNorm network in timm).
 Parameter names: ``blocks.i.{global_slow, local_slow, ...}``, ``head.fc``.
 """
@@ -58,6 +59,8 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model, \
     register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices  # no public name in timm 1.0.31
+
+from ._hc_common import TorchScriptUnsupportedError
 
 __all__ = ['Terminator', 'SFNEBlock', 'SlowNet', 'Standardize', 'global_hyper_conv', 'dynamic_depthwise_conv',
            'coordinate_grid']
@@ -300,6 +303,12 @@ class Terminator(nn.Module):
                     nn.init.zeros_(m.bias)
 
     # -------------------------------------------------------------------------------------- timm's contract
+    def __prepare_scriptable__(self):
+        raise TorchScriptUnsupportedError(
+            "Terminator cannot be compiled by torch.jit.script: its slow networks call modules taken from "
+            "zipped ModuleLists, which TorchScript cannot type. Use torch.compile or torch.export instead "
+            "(both give the eager model's outputs).")
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r'^blocks\.0\.', blocks=r'^blocks\.(\d+)')
