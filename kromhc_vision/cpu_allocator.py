@@ -4,8 +4,8 @@ PyTorch's CPU tensors come from ``malloc``. glibc serves blocks above ``M_MMAP_T
 to at most 32 MiB as such blocks are freed) with fresh ``mmap`` pages and gives them back on ``free``, and trims
 the heap top above ``M_TRIM_THRESHOLD``: each training step then page-faults (and the kernel zeroes) its
 activations again, megabytes per op. A hyper-connected model allocates an ``n C`` stream state per connection,
-forward, backward and recomputed, so it pays this more than its residual counterpart (BENCHMARKS.md's
-``bench_models``, both settings side by side). PyTorch's performance tuning guide answers the same cost by
+forward, backward and recomputed, so it pays this more than its residual counterpart
+(``benchmarks/bench_models_cpu.py --cpu-malloc default`` measures the other setting). PyTorch's performance tuning guide answers the same cost by
 preloading jemalloc or tcmalloc; this is the same effect with the C library the process already has:
 
     M_MMAP_THRESHOLD = 1 GiB (fixed: blocks up to that size come from the heap and are reused),

@@ -133,9 +133,11 @@ def _shape_key(tensors):
 
 def _run(op: str, backend, num_streams: int, *args):
     device = args[0].device
-    # stream_pre: proj_weight (nC, 2n + m); permutation_mix: its factors
-    coefficients = {"stream_pre": lambda: args[2].shape[1], "permutation_mix": lambda: len(args[1])}.get(
-        op, lambda: 0)()
+    coefficients = 0  # what auto's rules read: stream_pre's 2n + m (proj_weight's columns), permutation_mix's K
+    if op == "stream_pre":
+        coefficients = args[2].shape[1]
+    elif op == "permutation_mix":
+        coefficients = len(args[1])
     name = backend_for(backend, device, op, num_streams, coefficients)
     run = getattr(backend_module(name), op)
     if name != "triton" or resolve_backend(backend) != "auto" or torch.compiler.is_compiling():
@@ -174,6 +176,6 @@ def permutation_mix(logits, perms, backend=None):
     """mHC-lite's / KromHC's ``H_res (..., n, n)`` from ``(..., sum_k i_k!)`` logits and ``perms[k] =
     permutation_matrices(i_k)`` on the backend in force (see :func:`kromhc_vision.residual_maps.kronecker_birkhoff`)."""
     n = 1
-    for p in perms:
+    for p in perms:  # a loop, which torch.compile(fullgraph=True) traces, where math.prod over a generator breaks
         n *= p.shape[-1]
     return _run("permutation_mix", backend, n, logits, perms)

@@ -23,6 +23,7 @@ import torch
 
 from .._custom_ops import apply, call, custom_op, register_autograd
 from ...permutations import permutation_table
+from ..reference import compute_dtype
 from ._common import match_torch_threads, numpy_view
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy")
@@ -127,8 +128,7 @@ def _backward_kernel(w, dout, columns, logit_index, starts, dw, dlogits):
 
 
 def _flat(logits):
-    dtype = logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
-    return logits.reshape(-1, logits.shape[-1]).to(dtype).contiguous()
+    return logits.reshape(-1, logits.shape[-1]).to(compute_dtype(logits)).contiguous()
 
 
 @custom_op("kromhc_vision::cpu_permutation_mix_fwd", device_types="cpu")
@@ -159,7 +159,7 @@ def _permutation_mix_bwd(weights: torch.Tensor, factors: list[int], dout: torch.
     """``weights``: the forward's second output; ``logits``: its input (for the gradient's shape and dtype)."""
     columns, logit_index, starts = mixture_tables(tuple(factors))
     n = columns.shape[1]
-    d = dout.reshape(-1, n, n).to(_flat(logits).dtype).contiguous()
+    d = dout.reshape(-1, n, n).to(compute_dtype(logits)).contiguous()
     dw = torch.empty_like(weights)
     grad = d.new_empty(weights.shape)
     match_torch_threads()
