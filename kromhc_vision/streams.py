@@ -1,16 +1,22 @@
 """The stream state: expand one residual vector per token into n streams and reduce back.
 
 Layout everywhere is ``(..., n, C)``: streams on the second-to-last axis, channels last and
-contiguous, so one token's ``n x C`` block is one contiguous run of memory.
+contiguous, so one token's ``n x C`` block is one contiguous run of memory; the one exception is the expanded
+input state, a broadcast view (see :func:`expand_streams`).
 """
 import torch
 
 
 def expand_streams(x: torch.Tensor, num_streams: int) -> torch.Tensor:
-    """``(..., C) -> (..., n, C)``: ``X = 1_n x^T``, every stream a copy of ``x``."""
+    """``(..., C) -> (..., n, C)``: ``X = 1_n x^T``, every stream ``x``.
+
+    A broadcast view of ``x`` (stride 0 over the streams), not n copies: what the first connection keeps for
+    its backward pass (under ``hc_recompute``, the first segment's start) is then ``C`` values per token, not
+    ``n C``; every op takes strided states (the kernels copy the view into their layout as they read it).
+    """
     if num_streams < 1:
         raise ValueError(f"num_streams must be >= 1, got {num_streams}")
-    return torch.stack([x] * num_streams, dim=-2)  # contiguous; no shape arithmetic, so torch.fx traces it
+    return x.unsqueeze(-2).expand(x.shape[:-1] + (num_streams, x.shape[-1]))  # shape arithmetic torch.fx traces
 
 
 def reduce_streams(X: torch.Tensor) -> torch.Tensor:

@@ -24,10 +24,12 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from timm.models import checkpoint_seq, register_model
 from timm.models._features import feature_take_indices  # no public name in timm 1.0.31
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock, _cfg, checkpoint_filter_fn
 
+from .. import recompute
 from ..streams import expand_streams, reduce_streams
 from ._hc_common import DEFAULT_HC_RECOMPUTE, HcModelMixin, HcSpec, create_hc_model, hc_default_cfgs, upcycled_cfg
 
@@ -63,13 +65,27 @@ class ConvNeXtBlockHC(nn.Module):
         return self.hc(x, self._branch)
 
 
+def _downsample_streams(downsample: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``downsample`` on every stream: ``(B, H, W, n, C) -> (B, H', W', n, C')``, the streams folded into the batch."""
+    B, H, W, n, C = x.shape
+    x = x.permute(0, 3, 1, 2, 4).reshape(B * n, H, W, C).permute(0, 3, 1, 2)  # (B*n, C, H, W) channels last
+    x = downsample(x)
+    return x.permute(0, 2, 3, 1).unflatten(0, (B, n)).permute(0, 2, 3, 1, 4).contiguous()
+
+
 def _stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One ConvNeXt stage on streams ``(B, H, W, n, C) -> (B, H', W', n, C')``; the downsample sees B*n images."""
+    """One ConvNeXt stage on streams ``(B, H, W, n, C) -> (B, H', W', n, C')``; the downsample sees B*n images.
+
+    Under ``hc_recompute`` the downsample is checkpointed (``torch.utils.checkpoint``, non-reentrant: it saves its
+    input through autograd, where ``saved_activation_bytes`` counts it): it keeps the stream state it reads
+    (``n C`` per token), where its norm and conv would keep two tensors of that size (the folded copy and the
+    normalised one); both are recomputed in the backward pass.
+    """
     if not isinstance(stage.downsample, nn.Identity):
-        B, H, W, n, C = x.shape
-        x = x.permute(0, 3, 1, 2, 4).reshape(B * n, H, W, C).permute(0, 3, 1, 2)  # (B*n, C, H, W) channels last
-        x = stage.downsample(x)
-        x = x.permute(0, 2, 3, 1).unflatten(0, (B, n)).permute(0, 2, 3, 1, 4).contiguous()
+        if recompute.active_session() is not None:
+            x = checkpoint(_downsample_streams, stage.downsample, x, use_reentrant=False)
+        else:
+            x = _downsample_streams(stage.downsample, x)
     if stage.grad_checkpointing and not torch.jit.is_scripting():
         with HcModelMixin._hc_suspended():
             return checkpoint_seq(stage.blocks, x)

@@ -1,6 +1,10 @@
 """Helpers shared by the CPU kernels: threads and array views."""
+import threading
+
 import numba
 import torch
+
+_thread_count = threading.local()  # what match_torch_threads last set in this thread (numba's setting is per thread)
 
 
 def numpy_view(t: torch.Tensor):
@@ -11,5 +15,7 @@ def numpy_view(t: torch.Tensor):
 def match_torch_threads() -> int:
     """Run the parallel loops on as many threads as PyTorch's intra-op pool; returns that number."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
+    if getattr(_thread_count, "value", None) != threads:  # numba.set_num_threads costs ~10 us a call
+        numba.set_num_threads(threads)
+        _thread_count.value = threads
     return threads

@@ -90,9 +90,10 @@ class StreamPre(torch.autograd.Function):
         dtype = compute_dtype(X, proj_weight)
         with autocast_off(X.device):
             x = X.reshape(-1, n, C).to(dtype).contiguous()  # the GEMMs and token ops take (T, n*C) rows
-            raw = x.view(-1, n * C) @ _gained_weight(norm_weight, proj_weight, dtype)  # (T, padded k)
+            weight = _gained_weight(norm_weight, proj_weight, dtype)  # (n*C, padded k), kept for the backward
+            raw = x.view(-1, n * C) @ weight
             u, h_pre, h_post, a_res, inv_rms = token_ops[0](x, raw, scale.to(dtype), bias.to(dtype), eps)
-        ctx.save_for_backward(X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post)
+        ctx.save_for_backward(X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post, weight)
         # sizes spelled out: T may be 0
         return (u.view(*lead, C).to(X.dtype), h_pre.view(*lead, n), h_post.view(*lead, n),
                 a_res.reshape(*lead, a_res.shape[1]), X)
@@ -100,7 +101,7 @@ class StreamPre(torch.autograd.Function):
     @staticmethod
     @once_differentiable('stream_pre')  # double backward raises DoubleBackwardUnsupportedError
     def backward(ctx, du, dh_pre, dh_post, da_res, dX_post):
-        X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post = ctx.saved_tensors
+        X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post, weight = ctx.saved_tensors
         n, C = X.shape[-2:]
         T, dtype = raw.shape[0], raw.dtype
         k = proj_weight.shape[1]
@@ -115,7 +116,6 @@ class StreamPre(torch.autograd.Function):
             h_post.new_zeros(T, n) if dh_post is None else grad(dh_post, n),
             raw.new_zeros(T, k - 2 * n) if da_res is None else grad(da_res, k - 2 * n),
             h_pre, h_post, raw, inv_rms, scale.to(dtype))
-        weight = _gained_weight(norm_weight, proj_weight, dtype)
         dx.view(T, n * C).addmm_(draw, weight.t())
         dweight = (x.view(T, n * C).t() @ draw)[:, :k]
         return (
