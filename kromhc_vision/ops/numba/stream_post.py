@@ -7,6 +7,8 @@ Per token (``X (n, C)``, ``y (C)``, ``H_res (n, n)``, ``H_post (n)``), backward 
 Each token's blocks are read once and stay in L1 while all four gradients are formed; accumulation
 is in the coefficients' compute dtype. Reference: :func:`kromhc_vision.ops.reference.stream_post`.
 """
+import functools
+
 import numba
 import torch
 
@@ -15,49 +17,52 @@ from ..reference import compute_dtype
 from ._common import match_torch_threads, numpy_view
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def _forward_kernel(X, y, H, hp, out):
-    T, n, C = X.shape
-    for t in numba.prange(T):
-        for i in range(n):
-            a = hp[t, i]
-            for c in range(C):
-                out[t, i, c] = a * y[t, c]
-            for j in range(n):
-                h = H[t, i, j]
-                for c in range(C):
-                    out[t, i, c] += h * X[t, j, c]
+@functools.lru_cache(maxsize=None)
+def _kernels(num_streams: int):
+    """The forward and backward kernels for ``num_streams`` streams: ``N`` is a compile-time constant, so the
+    loops over streams unroll and each output row is summed in registers (numba caches one pair per ``N``)."""
+    N = num_streams
 
-
-@numba.njit(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-def _backward_kernel(X, y, H, hp, dZ, dX, dy, dH, dhp):
-    T, n, C = X.shape
-    zero = X.dtype.type(0)  # dot products from a typed zero over the full row vectorise better than from term 0
-    for t in numba.prange(T):
-        for c in range(C):
-            dy[t, c] = hp[t, 0] * dZ[t, 0, c]
-        for i in range(1, n):
-            a = hp[t, i]
-            for c in range(C):
-                dy[t, c] += a * dZ[t, i, c]
-        for j in range(n):
-            h = H[t, 0, j]
-            for c in range(C):
-                dX[t, j, c] = h * dZ[t, 0, c]
-            for i in range(1, n):
-                h = H[t, i, j]
+    @numba.njit(parallel=True, cache=True, error_model="numpy")
+    def forward(X, y, H, hp, out):
+        T, _, C = X.shape
+        for t in numba.prange(T):
+            for i in range(N):
+                a = hp[t, i]
                 for c in range(C):
-                    dX[t, j, c] += h * dZ[t, i, c]
-        for i in range(n):
-            s = zero
+                    s = a * y[t, c]
+                    for j in range(N):
+                        s += H[t, i, j] * X[t, j, c]
+                    out[t, i, c] = s
+
+    @numba.njit(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+    def backward(X, y, H, hp, dZ, dX, dy, dH, dhp):
+        T, _, C = X.shape
+        zero = X.dtype.type(0)  # dot products from a typed zero over the full row vectorise better than from term 0
+        for t in numba.prange(T):
             for c in range(C):
-                s += dZ[t, i, c] * y[t, c]
-            dhp[t, i] = s
-            for j in range(n):
+                s = zero
+                for i in range(N):
+                    s += hp[t, i] * dZ[t, i, c]
+                dy[t, c] = s
+            for j in range(N):
+                for c in range(C):
+                    s = zero
+                    for i in range(N):
+                        s += H[t, i, j] * dZ[t, i, c]
+                    dX[t, j, c] = s
+            for i in range(N):
                 s = zero
                 for c in range(C):
-                    s += dZ[t, i, c] * X[t, j, c]
-                dH[t, i, j] = s
+                    s += dZ[t, i, c] * y[t, c]
+                dhp[t, i] = s
+                for j in range(N):
+                    s = zero
+                    for c in range(C):
+                        s += dZ[t, i, c] * X[t, j, c]
+                    dH[t, i, j] = s
+
+    return forward, backward
 
 
 def _flat(X, y, h_res, h_post):
@@ -73,7 +78,7 @@ def _stream_post_fwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_po
     flat = [t.contiguous() for t in _flat(X, y, h_res, h_post)]
     out = torch.empty_like(flat[0])
     match_torch_threads()
-    _forward_kernel(*map(numpy_view, flat), out.numpy())
+    _kernels(X.shape[-2])[0](*map(numpy_view, flat), out.numpy())
     return out.view(X.shape).to(X.dtype)
 
 
@@ -84,7 +89,7 @@ def _stream_post_bwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_po
     dZ = dout.reshape(flat[0].shape).to(flat[0].dtype).contiguous()
     grads = [torch.empty_like(t) for t in flat]
     match_torch_threads()
-    _backward_kernel(*map(numpy_view, flat), numpy_view(dZ), *(g.numpy() for g in grads))
+    _kernels(X.shape[-2])[1](*map(numpy_view, flat), numpy_view(dZ), *(g.numpy() for g in grads))
     return tuple(g.view(t.shape).to(t.dtype) for g, t in zip(grads, (X, y, h_res, h_post)))
 
 

@@ -14,6 +14,7 @@ reads it three times forward (norm, ``u``) and backward (``<du, x>``, ``coef x``
 and makes some ten small ops besides. The GEMM terms ``x W_g`` and ``dr W_g^T``, ``x^T dr`` stay with
 BLAS. Reference: :func:`..pytorch.stream_pre.pre_tokens_forward` / :func:`..pytorch.stream_pre.pre_tokens_backward`.
 """
+import functools
 import math
 
 import numba
@@ -26,69 +27,74 @@ from ._common import match_torch_threads, numpy_view
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 
 
-@numba.njit(**_FLAGS)
-def _forward_kernel(x, raw, scale, bias, eps, u, h_pre, h_post, a_res, inv_rms):
-    T, n, C = x.shape
-    k = bias.shape[0]
-    dt = x.dtype.type  # every value in x's dtype, as the reference
-    for t in numba.prange(T):
-        s = dt(0)
-        for j in range(n):
-            for c in range(C):
-                s += x[t, j, c] * x[t, j, c]
-        rho = dt(1.0 / math.sqrt(s / (n * C) + eps))
-        inv_rms[t, 0] = rho
-        for i in range(k):
-            a = bias[i] + scale[i] * (raw[t, i] * rho)
-            if i < n:
-                h_pre[t, i] = 1.0 / (1.0 + math.exp(-a))
-            elif i < 2 * n:
-                h_post[t, i - n] = 2.0 / (1.0 + math.exp(-a))
-            else:
-                a_res[t, i - 2 * n] = a
-        h = h_pre[t, 0]
-        for c in range(C):
-            u[t, c] = h * x[t, 0, c]
-        for j in range(1, n):
-            h = h_pre[t, j]
-            for c in range(C):
-                u[t, c] += h * x[t, j, c]
+@functools.lru_cache(maxsize=None)
+def _kernels(num_streams: int):
+    """The forward and backward kernels for ``num_streams`` streams: ``N`` is a compile-time constant, so the
+    loops over streams unroll and ``u`` is summed in registers (numba caches one pair per ``N``)."""
+    N = num_streams
 
-
-@numba.njit(**_FLAGS)
-def _backward_kernel(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale, dx, da, draw):
-    """``dX_post`` of 0 tokens stands for none (a zero gradient)."""
-    T, n, C = x.shape
-    k, padded = scale.shape[0], raw.shape[1]
-    dt = x.dtype.type  # a float64 coef would widen the loops over C
-    for t in numba.prange(T):
-        for j in range(n):
-            s = dh_pre[t, j]
+    @numba.njit(**_FLAGS)
+    def forward(x, raw, scale, bias, eps, u, h_pre, h_post, a_res, inv_rms):
+        T, _, C = x.shape
+        k = bias.shape[0]
+        dt = x.dtype.type  # every value in x's dtype, as the reference
+        for t in numba.prange(T):
+            s = dt(0)
+            for j in range(N):
+                for c in range(C):
+                    s += x[t, j, c] * x[t, j, c]
+            rho = dt(1.0 / math.sqrt(s / (N * C) + eps))
+            inv_rms[t, 0] = rho
+            for i in range(k):
+                a = bias[i] + scale[i] * (raw[t, i] * rho)
+                if i < N:
+                    h_pre[t, i] = 1.0 / (1.0 + math.exp(-a))
+                elif i < 2 * N:
+                    h_post[t, i - N] = 2.0 / (1.0 + math.exp(-a))
+                else:
+                    a_res[t, i - 2 * N] = a
             for c in range(C):
-                s += du[t, c] * x[t, j, c]
-            h = h_pre[t, j]
-            da[t, j] = s * h * (1.0 - h)
-            h = h_post[t, j]
-            da[t, n + j] = dh_post[t, j] * h * (1.0 - 0.5 * h)
-        for i in range(2 * n, k):
-            da[t, i] = da_res[t, i - 2 * n]
-        rho = inv_rms[t, 0]
-        q = dt(0)
-        for i in range(k):
-            d = da[t, i] * scale[i]
-            draw[t, i] = d * rho
-            q += d * raw[t, i]
-        for i in range(k, padded):
-            draw[t, i] = 0.0
-        coef = dt(-q * rho * rho * rho / (n * C))
-        for j in range(n):
-            h = h_pre[t, j]
-            if dX_post.shape[0] == 0:
+                v = h_pre[t, 0] * x[t, 0, c]
+                for j in range(1, N):
+                    v += h_pre[t, j] * x[t, j, c]
+                u[t, c] = v
+
+    @numba.njit(**_FLAGS)
+    def backward(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale, dx, da, draw):
+        """``dX_post`` of 0 tokens stands for none (a zero gradient)."""
+        T, _, C = x.shape
+        k, padded = scale.shape[0], raw.shape[1]
+        dt = x.dtype.type  # a float64 coef would widen the loops over C
+        for t in numba.prange(T):
+            for j in range(N):
+                s = dh_pre[t, j]
                 for c in range(C):
-                    dx[t, j, c] = coef * x[t, j, c] + h * du[t, c]
-            else:
-                for c in range(C):
-                    dx[t, j, c] = dX_post[t, j, c] + coef * x[t, j, c] + h * du[t, c]
+                    s += du[t, c] * x[t, j, c]
+                h = h_pre[t, j]
+                da[t, j] = s * h * (1.0 - h)
+                h = h_post[t, j]
+                da[t, N + j] = dh_post[t, j] * h * (1.0 - 0.5 * h)
+            for i in range(2 * N, k):
+                da[t, i] = da_res[t, i - 2 * N]
+            rho = inv_rms[t, 0]
+            q = dt(0)
+            for i in range(k):
+                d = da[t, i] * scale[i]
+                draw[t, i] = d * rho
+                q += d * raw[t, i]
+            for i in range(k, padded):
+                draw[t, i] = 0.0
+            coef = dt(-q * rho * rho * rho / (N * C))
+            for j in range(N):
+                h = h_pre[t, j]
+                if dX_post.shape[0] == 0:
+                    for c in range(C):
+                        dx[t, j, c] = coef * x[t, j, c] + h * du[t, c]
+                else:
+                    for c in range(C):
+                        dx[t, j, c] = dX_post[t, j, c] + coef * x[t, j, c] + h * du[t, c]
+
+    return forward, backward
 
 
 @custom_op("kromhc_vision::cpu_stream_pre_fwd", device_types="cpu")
@@ -96,7 +102,7 @@ def _stream_pre_fwd(x: torch.Tensor, raw: torch.Tensor, scale: torch.Tensor, bia
                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     outs = _forward_outputs(x, bias)
     match_torch_threads()
-    _forward_kernel(*map(numpy_view, (x, raw, scale, bias)), eps, *(o.numpy() for o in outs))
+    _kernels(x.shape[1])[0](*map(numpy_view, (x, raw, scale, bias)), eps, *(o.numpy() for o in outs))
     return outs
 
 
@@ -117,7 +123,7 @@ def _stream_pre_bwd(x: torch.Tensor, dX_post: torch.Tensor, du: torch.Tensor, dh
     outs = _backward_outputs(x, raw, scale)
     match_torch_threads()
     inputs = (x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale)
-    _backward_kernel(*map(numpy_view, inputs), *(o.numpy() for o in outs))
+    _kernels(x.shape[1])[1](*map(numpy_view, inputs), *(o.numpy() for o in outs))
     return outs
 
 
