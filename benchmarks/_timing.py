@@ -29,10 +29,17 @@ torch._functorch.config.donated_buffer = False  # the compiled reference's backw
 
 
 def configure(backend: str):
-    """Time the ``backend`` kernels (``triton`` or ``numba``); call before building the cases."""
+    """Time the ``backend`` kernels (``triton`` or ``numba``); call before building the cases.
+
+    On CPU, glibc's malloc is set as ``train.py`` sets it (``--cpu-malloc retain``): otherwise every output
+    above the mmap threshold comes from fresh pages, and the timings measure page faults (ConvNeXt's 38 MB
+    stream state: 7-10x the copy-bandwidth floor instead of the kernel's own cost)."""
     global BACKEND, DEVICE
+    from kromhc_vision.cpu_allocator import configure_cpu_malloc
+
     BACKEND = backend
     DEVICE = torch.device("cpu") if backend == "numba" else DEVICE
+    configure_cpu_malloc("retain", DEVICE)
 
 
 def kernel(name: str):
