@@ -61,7 +61,7 @@ def main(argv=None):
     times_res = self_ms_per_step(residual, x, args.steps, by_shape)
     times_hc = self_ms_per_step(hyper, x, args.steps, by_shape)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads; "
-          f"commit {commit()}; profiled (op times inflated by the profiler)")
+          f"commit {commit()}; cpu malloc: retain; profiled (op times inflated by the profiler)")
     print(f"{base}_{args.variant} (n = {args.streams}) vs {base}, batch {args.batch}, {args.steps} steps: "
           f"self CPU ms per step")
     print(f"{'residual':>9} {args.variant:>9} {'diff':>8}  op")
