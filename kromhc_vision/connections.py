@@ -218,7 +218,7 @@ class HyperConnection(nn.Module):
         """
         session = recompute.active_session()
         if session is not None:
-            return session.connect(self, X, branch, connection_pre, connection_post)
+            return session.connect(self, X, branch, connection_pre, connection_res_matrix, connection_post)
         pre = connection_pre(self, X)  # (u, h_pre, h_post, a_res, X for the post step), indexed: FX traces it
         return connection_post(self, pre, branch(pre[0]))
 
@@ -376,14 +376,21 @@ def connection_pre(conn: HyperConnection, X):
     return conn._pre(X)
 
 
-def connection_post(conn: HyperConnection, pre, y):
+def connection_res_matrix(conn: HyperConnection, a_res):
+    """``H_res (..., n, n) = Phi(a_res)`` of ``conn``, float32 under autocast."""
+    return conn._h_res(a_res)
+
+
+def connection_post(conn: HyperConnection, pre, y, h_res=None):
     """The post step of ``conn``: ``X_next = H_res X + H_post^T y`` from the pre step's outputs ``pre`` and the
-    branch output ``y`` (checked to have the shape of ``u``)."""
+    branch output ``y`` (checked to have the shape of ``u``); ``h_res``: ``H_res`` when already formed from
+    ``a_res`` by :func:`connection_res_matrix` (recomputation keeps it)."""
     u, _, h_post, a_res, X = pre
     if y.shape != u.shape:
         raise ValueError(f"the branch of {type(conn).__name__} returned shape {tuple(y.shape)}; "
                          f"it must return its input's shape {tuple(u.shape)} (width {conn.dim})")
-    return dispatch.stream_post(X, y, conn._h_res(a_res), h_post, conn.backend)
+    h_res = connection_res_matrix(conn, a_res) if h_res is None else h_res
+    return dispatch.stream_post(X, y, h_res, h_post, conn.backend)
 
 
 for _fn in (connection_pre, connection_post):

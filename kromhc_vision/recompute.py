@@ -9,21 +9,23 @@ the next). Per segment these stay until the backward pass:
 
 - the stream state at the segment's start (``n C`` per token);
 - each connection's branch output ``y`` (``C`` per token; the post step needs it, and recomputation uses it);
-- the pre step's outputs ``h_pre, h_post, a_res`` and every other small tensor the ops save (``2n + m`` to a
-  few dozen values per token);
+- the coefficients ``h_pre, h_post, a_res`` and every other small tensor the ops save (``2n + m`` to a few dozen
+  values per token); and where the width allows (``C >= RES_KEEP_WIDTH_RATIO n^2``, e.g. ViT-Tiny at n = 4),
+  ``H_res`` and what its map ``Phi`` saved, so that ``Phi`` (Sinkhorn's iterations, the permutation softmax)
+  is not run again: ``n^2`` more values per token, at most an eighth of ``y``;
 - what the branches themselves save (their input ``u``, attention and MLP internals), untouched.
 
-Every saved view of one of the other stream states, and what the post steps save besides the kept tensors
-(``H_res`` and what its map saved), is replaced by a placeholder. When the backward pass first unpacks one of a
-segment's placeholders, the segment's post steps alone are run again, ``X_{i+1} = H_res,i X_i + H_post,i^T y_i``
-from the start state, the kept branch outputs and the kept coefficients (``H_res`` again from ``a_res``), and the
-states and what the post steps save are collected in saving order. Neither the branches nor the pre steps run
-again (no random numbers are drawn: drop-path and dropout are not replayed; no projection GEMM). The same ops on
-the same inputs give the same values, so the gradients are those without recomputation. A connection's
-recomputed tensors are released once all of its placeholders have been unpacked; the transient is one
-segment's states and coefficients. Per token
-the memory is about ``n C L / L_r + (n + 2) C L_r``, minimised by ``L_r = sqrt(n L / (n + 2))``
-(:func:`segment_length` with ``True``).
+Every saved view of one of the other stream states, and what else the post steps save (a copy of the state
+in another dtype; ``H_res`` and what ``Phi`` saved where they are not kept), is replaced by a placeholder. When the backward pass first unpacks one of a segment's
+placeholders, the segment's post steps alone are run again, ``X_{i+1} = H_res,i X_i + H_post,i^T y_i`` from the
+start state, the kept branch outputs and the kept coefficients (``H_res`` again from ``a_res`` where it is not
+kept), as far as a placeholder needs (not the last connection's where its ``H_res`` is kept: its output is the
+next segment's start), and the states and what the post steps save are collected in saving order. Neither the branches nor the pre
+steps run again (no random numbers are drawn: drop-path and dropout are not replayed; no projection GEMM). The
+same ops on the same inputs give the same values, so the gradients are those without recomputation. A
+connection's recomputed tensors are released once all of its placeholders have been unpacked; the transient is
+one segment's states and coefficients. Per token the memory is about ``n C L / L_r + (n + 2) C L_r``, minimised by
+``L_r = sqrt(n L / (n + 2))`` (:func:`segment_length` with ``True``).
 
 The placeholders are made by :func:`torch.autograd.graph.saved_tensors_hooks` around the pre and post
 steps only. Hence:
@@ -49,8 +51,11 @@ from torch.fx import _symbolic_trace
 # answers True under torch.export, and warns)
 is_fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or _symbolic_trace.is_fx_tracing
 
-__all__ = ["RECOMPUTE_CHOICES", "check_recompute", "segment_length", "session", "suspended", "active_session",
-           "RecomputeSession"]
+__all__ = ["RECOMPUTE_CHOICES", "RES_KEEP_WIDTH_RATIO", "check_recompute", "segment_length", "session", "suspended",
+           "active_session", "RecomputeSession"]
+
+# H_res (n^2 values per token) and what Phi saved are kept, not recomputed, where C >= this * n^2
+RES_KEEP_WIDTH_RATIO = 8
 
 RECOMPUTE_CHOICES = "False, True (L_r = round(sqrt(n L / (n + 2)))) or an int L_r >= 1 (connections per segment)"
 
@@ -88,7 +93,7 @@ def _storage_key(t: torch.Tensor):
 class _Placeholder:
     """What autograd holds instead of a tensor a connection's op saved: connection ``index`` of ``segment``, and
     either its stream state (``position`` None: the view that was saved, by size, stride and storage offset) or
-    the ``position``-th tensor its post step saved."""
+    the ``position``-th tensor its post step saved (one made from the state, e.g. in another dtype)."""
     __slots__ = ("segment", "index", "position", "size", "stride", "offset", "dtype")
 
     def __init__(self, segment, index, position, t):
@@ -98,8 +103,8 @@ class _Placeholder:
 
 class _Segment:
     """Up to ``L_r`` chained connections: their modules, the start state, and per connection the branch output
-    and the pre step's coefficients, from which the recomputation rebuilds the states and what the post steps
-    saved."""
+    and the coefficients ``h_post``, ``a_res`` and ``H_res`` (or None where it is not kept), from which the
+    recomputation rebuilds the states and what the post steps saved."""
 
     def __init__(self, start: torch.Tensor, post: Callable):
         # detached (same storage): a tensor with its grad_fn here would make a cycle through the autograd graph
@@ -107,8 +112,8 @@ class _Segment:
         # graph whose backward never runs
         self.start, self.post = start.detach(), post
         self.keep = {_storage_key(start)}  # storages kept as they are: the start, branch outputs, coefficients
-        self.conns, self.state_keys, self.x_grad, self.ys, self.pres, self.counts, self.placeholders = \
-            [], [], [], [], [], [], []
+        self.conns, self.state_keys, self.x_grad, self.ys, self.coefs, self.counts = [], [], [], [], [], []
+        self.placeholders, self.positional = [], []  # per connection: all its placeholders, those by position
         device = start.device.type
         self.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) \
             if torch.amp.is_autocast_available(device) else None
@@ -123,9 +128,10 @@ class _Segment:
         self.state_keys.append(None if key in self.keep else key)
         self.x_grad.append(X.requires_grad)
         self.ys.append(None)
-        self.pres.append(None)
+        self.coefs.append(None)
         self.counts.append(0)
         self.placeholders.append(0)
+        self.positional.append(0)
         return len(self.conns) - 1
 
     def _kept(self, t: torch.Tensor) -> torch.Tensor:
@@ -140,6 +146,7 @@ class _Segment:
         if not post or (t.requires_grad and t.grad_fn is None) or _storage_key(t) in self.keep:
             return self._kept(t)
         self.placeholders[index] += 1
+        self.positional[index] += 1
         return _Placeholder(self, index, self.counts[index] - 1, t)
 
     def pre_hooks(self, index: int):
@@ -148,8 +155,9 @@ class _Segment:
         return torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(index, t, False), _unpack)
 
     def post_hooks(self, index: int):
-        """Hooks for connection ``index``'s post step: the state, ``H_res`` and what its map saved become
-        placeholders, numbered in saving order; parameters and the kept storages stay."""
+        """Hooks for connection ``index``'s post step: the state and what else it saves become placeholders,
+        numbered in saving order; parameters and the kept storages (``y``, the coefficients, a kept ``H_res``)
+        stay."""
 
         def pack(t):
             self.counts[index] += 1  # counts every saved tensor: the recomputation sees them all
@@ -157,36 +165,56 @@ class _Segment:
 
         return torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
 
+    def posts_to_run(self) -> int:
+        """How many of the segment's post steps the recomputation runs, from the first: up to the last one with a
+        placeholder by position, and up to the one before the last connection whose state is a placeholder."""
+        runs = 0
+        for i, (placeholders, positional) in enumerate(zip(self.placeholders, self.positional)):
+            if positional:
+                runs = i + 1
+            elif placeholders:
+                runs = max(runs, i)
+        return runs
+
     def recompute(self) -> None:
         """Run the post steps again from the start state, with the kept branch outputs and coefficients (the pre
-        steps and the branches are not run), and collect the states and what the post steps save."""
+        steps, ``Phi`` and the branches are not run), as far as :meth:`posts_to_run`, and collect the states and
+        what the post steps save from them (a post step with no placeholder by position runs without grad)."""
+        runs = self.posts_to_run()
         states, saved = [], []
         X = self.start
         autocast = contextlib.nullcontext() if self.autocast is None else torch.autocast(
             self.autocast[0], dtype=self.autocast[2], enabled=self.autocast[1])
-        with torch.enable_grad(), autocast:
+        with autocast:
             for i, conn in enumerate(self.conns):
-                states.append(X)
+                states.append(X if i <= runs else None)
+                if i >= runs:
+                    saved.append(None)
+                    continue
+                (y, y_grad), *coefs = self.ys[i], *self.coefs[i]
                 got = []
+                if not self.positional[i]:  # only the next state is needed
+                    h_post, a_res, h_res = (None if c is None else c[0] for c in coefs)
+                    with torch.no_grad():
+                        out = self.post(conn, (y, None, h_post, a_res, X), y, h_res)
+                else:
+                    def pack(t, got=got):
+                        # detached, and nothing left in this throw-away graph: a saved output holding its own
+                        # grad_fn would be a cycle through C++ that leaks the graph and these tensors
+                        got.append(t.detach())
 
-                def pack(t, got=got):
-                    # detached, and nothing left in this throw-away graph: a saved output holding its own
-                    # grad_fn would be a cycle through C++ that leaks the graph and these tensors
-                    got.append(t.detach())
-
-                (y, y_grad), *pre = self.ys[i], *self.pres[i]
-                h_pre, h_post, a_res = (t.detach().requires_grad_(g) for t, g in pre)
-                with torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked):
-                    # y stands in for u, which the post step only checks the shape of
-                    out = self.post(conn, (y, h_pre, h_post, a_res, X.detach().requires_grad_(self.x_grad[i])),
-                                    y.detach().requires_grad_(y_grad))
+                    X_, y_, h_post, a_res, h_res = (None if c is None else c[0].detach().requires_grad_(c[1])
+                                                    for c in ((X, self.x_grad[i]), (y, y_grad), *coefs))
+                    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked):
+                        # y stands in for u, which the post step only checks the shape of
+                        out = self.post(conn, (y_, None, h_post, a_res, X_), y_, h_res)
+                    if len(got) != self.counts[i]:
+                        raise RuntimeError(f"hc_recompute: the post step of connection {i} of a segment saved "
+                                           f"{self.counts[i]} tensors in the forward pass but {len(got)} when "
+                                           "recomputed; its ops are not deterministic in what they save")
                 saved.append(got)
                 X = out.detach()
                 del out
-                if len(got) != self.counts[i]:
-                    raise RuntimeError(f"hc_recompute: the post step of connection {i} of a segment saved "
-                                       f"{self.counts[i]} tensors in the forward pass but {len(got)} when "
-                                       "recomputed; its ops are not deterministic in what they save")
         self.states, self.saved = states, saved
         self.remaining = list(self.placeholders)
 
@@ -224,9 +252,12 @@ class RecomputeSession:
         self._segment: Optional[_Segment] = None
         self._last: Optional[torch.Tensor] = None
 
-    def connect(self, conn, X: torch.Tensor, branch: Callable, pre: Callable, post: Callable) -> torch.Tensor:
-        """``post(conn, pre(conn, X), branch(u))`` with the stream state and what the post step saves deferred
-        to recomputation."""
+    def connect(self, conn, X: torch.Tensor, branch: Callable, pre: Callable, res_matrix: Callable,
+                post: Callable) -> torch.Tensor:
+        """``post(conn, p, y, res_matrix(conn, a_res))`` with ``p = pre(conn, X)``, ``y = branch(u)``: the
+        stream state and what the post step saves from it deferred to recomputation. ``H_res`` is formed outside
+        the hooks (kept) where ``C >= RES_KEEP_WIDTH_RATIO n^2``; elsewhere ``post(conn, p, y)`` forms it
+        inside them (recomputed)."""
         seg = self._segment
         if seg is None or X is not self._last or len(seg.conns) >= self.length:
             seg = self._segment = _Segment(X, post)
@@ -234,12 +265,15 @@ class RecomputeSession:
         with seg.pre_hooks(i):
             p = pre(conn, X)
         y = branch(p[0])
-        # h_pre, h_post, a_res (a few values per token) and y: what the post step is recomputed from
-        seg.pres[i] = [(t.detach(), t.requires_grad) for t in p[1:4]]
+        n, C = X.shape[-2:]
+        # outside the hooks: H_res and what Phi saves are kept, and Phi is not run again
+        h_res = res_matrix(conn, p[3]) if C >= RES_KEEP_WIDTH_RATIO * n * n else None
+        # y, h_post, a_res, H_res (a few values per token): what the post step is recomputed from
+        seg.coefs[i] = [None if t is None else (t.detach(), t.requires_grad) for t in (p[2], p[3], h_res)]
         seg.ys[i] = (y.detach(), y.requires_grad)
-        seg.keep.update(_storage_key(t) for t in (y, *p[1:4]))
+        seg.keep.update(_storage_key(t) for t in (y, *p[1:4], h_res) if t is not None)
         with seg.post_hooks(i):
-            out = post(conn, p, y)
+            out = post(conn, p, y, h_res)
         self._last = out
         return out
 

@@ -71,13 +71,16 @@ def kronecker(factors: list) -> torch.Tensor:
     return tokens_first(_kronecker([tokens_last(f, 2) for f in factors]), factors[0].shape[:-2])
 
 
-def kronecker_birkhoff(logits: torch.Tensor, perms: list) -> torch.Tensor:
+def kronecker_birkhoff(logits: torch.Tensor, perms: list, factor_mix=None) -> torch.Tensor:
     """KromHC: ``(..., sum_k i_k!) -> (..., n, n)``, the Kronecker product of one Birkhoff mix per factor.
 
     ``perms[k]`` is ``(i_k!, i_k, i_k)``; ``logits`` holds the factors' logits one after the other.
+    ``factor_mix``: what forms each factor, ``(i_k!, T)`` logits -> ``(i_k, i_k, T)`` (default: this module's,
+    differentiated by autograd).
     """
+    factor_mix = _birkhoff if factor_mix is None else factor_mix
     chunks = tokens_last(logits, 1).split([p.shape[0] for p in perms], dim=0)
-    return tokens_first(_kronecker([_birkhoff(a, p) for a, p in zip(chunks, perms)]), logits.shape[:-1])
+    return tokens_first(_kronecker([factor_mix(a, p) for a, p in zip(chunks, perms)]), logits.shape[:-1])
 
 
 def stochasticity_error(h_res: torch.Tensor) -> torch.Tensor:

@@ -73,8 +73,9 @@ def test_gradients_equal_without_recompute_float64(family, variant, backend, rec
     assert not recompute_calls
     assert_same_grads(expected, step_grads(rec, x))
     # ViT: 3 segments of 2; ConvNeXt: stages of 2, 1, 3, 1 connections -> segments 2 | 1 | 2, 1 | 1 (a segment of
-    # one connection keeps its start state: it recomputes only H_res's saved tensors, which HC's H_res has none of)
-    ones = [] if variant == "hc" else [1, 1, 1]
+    # one connection keeps its start state: where C < 8 n^2 (the second stage's, C = 64) it recomputes only H_res's
+    # saved tensors, which HC's H_res has none of; the third and fourth stages' (C >= 128) keep H_res)
+    ones = [] if variant == "hc" else [1]
     assert sorted(recompute_calls) == ([2, 2, 2] if family == "vit" else ones + [2, 2])
 
 
@@ -87,6 +88,54 @@ def test_gradients_equal_float32_and_every_segment_length(recompute_calls):
         assert plain.hc_recompute_length == length
         assert_same_grads(expected, step_grads(plain, x), rtol=1e-6, atol=1e-7)
     assert recompute_calls == [1] * 6 + [2, 4] + [6] + [6]
+
+
+@pytest.mark.parametrize("keep_res", [True, False])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_what_the_backward_runs_again(variant, keep_res, monkeypatch):
+    """Where ``H_res`` is kept (``C >= RES_KEEP_WIDTH_RATIO n^2``) the backward pass runs no ``Phi`` and, per
+    segment of ``L_r`` connections, ``L_r - 1`` post steps (the last one's output is the next segment's start);
+    elsewhere ``Phi`` and every post step run again. The gradients are the same either way."""
+    monkeypatch.setattr(recompute, "RES_KEEP_WIDTH_RATIO", 0 if keep_res else 10 ** 9)
+    plain, rec = make_pair(f"vit_micro_patch4_32_{variant}", **VIT)  # 6 connections, segments of 2
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    expected = step_grads(plain, x)
+    calls = {"phi": 0, "post": 0}
+    cls = type(rec.blocks[0].hc_attn)
+    res_matrix, stream_post = cls.res_matrix, kv.ops.dispatch.stream_post
+
+    def count(name, fn):
+        def counted(*args):
+            calls[name] += 1
+            return fn(*args)
+        return counted
+
+    monkeypatch.setattr(cls, "res_matrix", count("phi", res_matrix))
+    monkeypatch.setattr(kv.ops.dispatch, "stream_post", count("post", stream_post))
+    assert_same_grads(expected, step_grads(rec, x))
+    # forward: 6 of each; backward: 3 post steps (kept H_res) or 6 post steps and 6 Phi; HC's H_res, a view of
+    # a_res, is kept either way: its last post steps are skipped too (each post step forms H_res in the backward)
+    if keep_res:
+        assert calls == {"phi": 6, "post": 9}
+    else:
+        assert calls == ({"phi": 9, "post": 9} if variant == "hc" else {"phi": 12, "post": 12})
+
+
+def test_state_copies_a_post_step_saves_are_recomputed(monkeypatch):
+    """A post step that saves a tensor made from the state (here the reference op on a bfloat16 state saves its
+    float32 copy) gets it back by recomputation, with grad: the gradients equal plain autograd's bit for bit."""
+    from kromhc_vision.ops import reference
+    monkeypatch.setattr(recompute, "RES_KEEP_WIDTH_RATIO", 0)  # H_res kept: only the state's copy is recomputed
+    monkeypatch.setattr(kv.ops.dispatch, "stream_post", lambda X, y, h_res, h_post, backend=None:
+                        reference.stream_post(X, y, h_res, h_post))
+    plain, rec = make_pair("vit_micro_patch4_32_mhc", torch.bfloat16, **VIT)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.bfloat16)
+    segments = []
+    original = recompute._Segment.recompute
+    monkeypatch.setattr(recompute._Segment, "recompute", lambda self: segments.append(self) or original(self))
+    assert_same_grads(step_grads(plain, x), step_grads(rec, x), atol=0.0)
+    # both post steps of each segment of 2 saved a copy (by position), so both run again
+    assert len(segments) == 3 and all(seg.posts_to_run() == 2 and all(seg.positional) for seg in segments)
 
 
 def test_triton_interpreter_gradients_equal(recompute_calls):

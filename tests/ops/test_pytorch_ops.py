@@ -113,3 +113,23 @@ def test_bf16_streams_keep_dtype_and_fp32_coefficients():
     out.float().sum().backward()
     assert Xb.grad.dtype == torch.bfloat16 and torch.isfinite(Xb.grad.float()).all()
     torch.testing.assert_close(out.float(), stream_post_reference(Xb, y, h_res, h_post).float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("factors", [(2,), (3,), (4,), (2, 2), (2, 3)])
+def test_permutation_mix_matches_reference_and_keeps_only_the_logits(factors, compare):
+    """The PyTorch backend's permutation_mix against autograd on the reference (values, gradients, second
+    gradients), keeping no float64 softmax weights for the backward (the reference keeps k! per token)."""
+    import math
+    from kromhc_vision.ops.pytorch import permutation_mix
+    from kromhc_vision.permutations import permutation_matrices
+    from kromhc_vision.residual_maps import kronecker_birkhoff
+    perms = [permutation_matrices(k, dtype=torch.float64) for k in factors]
+    m = sum(math.factorial(k) for k in factors)
+    logits = (2 * torch.randn(3, 5, m, dtype=torch.float64)).requires_grad_()
+    compare(permutation_mix, kronecker_birkhoff, [logits], (perms,))
+    assert torch.autograd.gradcheck(lambda a: permutation_mix(a, perms), [logits])
+    assert torch.autograd.gradgradcheck(lambda a: permutation_mix(a, perms), [logits])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        permutation_mix(logits.float().detach().requires_grad_(), [p.float() for p in perms])
+    assert not any(t.dtype == torch.float64 for t in saved), [(tuple(t.shape), t.dtype) for t in saved]

@@ -1,5 +1,5 @@
 """The PyTorch backend: the three ops with hand-written backwards, tuned for the CPU, runnable on any device."""
-from ...residual_maps import kronecker_birkhoff as permutation_mix
+from .permutation_mix import permutation_mix
 from .sinkhorn import sinkhorn
 from .stream_post import stream_post
 from .stream_pre import stream_pre
