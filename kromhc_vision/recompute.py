@@ -9,23 +9,24 @@ the next). Per segment these stay until the backward pass:
 
 - the stream state at the segment's start (``n C`` per token);
 - each connection's branch output ``y`` (``C`` per token; the post step needs it, and recomputation uses it);
-- the coefficients ``h_pre, h_post, a_res`` and every other small tensor the ops save (``2n + m`` to a few dozen
-  values per token); and where the width allows (``C >= RES_KEEP_WIDTH_RATIO n^2``, e.g. ViT-Tiny at n = 4),
-  ``H_res`` and what its map ``Phi`` saved, so that ``Phi`` (Sinkhorn's iterations, the permutation softmax)
-  is not run again: ``n^2`` more values per token, at most an eighth of ``y``;
+- the coefficients ``h_pre, h_post, a_res`` and every other small tensor the ops save (``2n + m`` to a few
+  dozen values per token); and where the width allows (``C >= RES_KEEP_WIDTH_RATIO n^2``: ViT-Tiny and
+  ViT-Micro at n = 4), ``H_res`` and what its map ``Phi`` saved, so that ``Phi`` (Sinkhorn's iterations, the
+  permutation softmax) is not run again: ``n^2`` more values per token, at most a quarter of ``y``;
 - what the branches themselves save (their input ``u``, attention and MLP internals), untouched.
 
-Every saved view of one of the other stream states, and what else the post steps save (a copy of the state
-in another dtype; ``H_res`` and what ``Phi`` saved where they are not kept), is replaced by a placeholder. When the backward pass first unpacks one of a segment's
-placeholders, the segment's post steps alone are run again, ``X_{i+1} = H_res,i X_i + H_post,i^T y_i`` from the
-start state, the kept branch outputs and the kept coefficients (``H_res`` again from ``a_res`` where it is not
-kept), as far as a placeholder needs (not the last connection's where its ``H_res`` is kept: its output is the
-next segment's start), and the states and what the post steps save are collected in saving order. Neither the branches nor the pre
-steps run again (no random numbers are drawn: drop-path and dropout are not replayed; no projection GEMM). The
-same ops on the same inputs give the same values, so the gradients are those without recomputation. A
-connection's recomputed tensors are released once all of its placeholders have been unpacked; the transient is
-one segment's states and coefficients. Per token the memory is about ``n C L / L_r + (n + 2) C L_r``, minimised by
-``L_r = sqrt(n L / (n + 2))`` (:func:`segment_length` with ``True``).
+Every saved view of one of the other stream states, and what else the post steps save (a copy of the state in
+another dtype; ``H_res`` and what ``Phi`` saved where they are not kept), is replaced by a placeholder. When the
+backward pass first unpacks one of a segment's placeholders, the segment's post steps alone are run again,
+``X_{i+1} = H_res,i X_i + H_post,i^T y_i``, from the start state, the kept branch outputs and the kept
+coefficients (``H_res`` again from ``a_res`` where it is not kept), as far as a placeholder needs (not the last
+connection's where its ``H_res`` is kept: its output is the next segment's start; without grad where all it
+saves is kept), and the states and what the post steps save are collected in saving order. Neither the
+branches nor the pre steps run again (no random numbers are drawn: drop-path and dropout are not replayed; no
+projection GEMM). The same ops on the same inputs give the same values, so the gradients are those without
+recomputation. A connection's recomputed tensors are released once all of its placeholders have been
+unpacked; the transient is one segment's states and coefficients. Per token the memory is about
+``n C L / L_r + (n + 2) C L_r``, minimised by ``L_r = sqrt(n L / (n + 2))`` (:func:`segment_length` with ``True``).
 
 The placeholders are made by :func:`torch.autograd.graph.saved_tensors_hooks` around the pre and post
 steps only. Hence:
@@ -55,7 +56,7 @@ __all__ = ["RECOMPUTE_CHOICES", "RES_KEEP_WIDTH_RATIO", "check_recompute", "segm
            "active_session", "RecomputeSession"]
 
 # H_res (n^2 values per token) and what Phi saved are kept, not recomputed, where C >= this * n^2
-RES_KEEP_WIDTH_RATIO = 8
+RES_KEEP_WIDTH_RATIO = 4
 
 RECOMPUTE_CHOICES = "False, True (L_r = round(sqrt(n L / (n + 2)))) or an int L_r >= 1 (connections per segment)"
 
@@ -268,8 +269,9 @@ class RecomputeSession:
         n, C = X.shape[-2:]
         # outside the hooks: H_res and what Phi saves are kept, and Phi is not run again
         h_res = res_matrix(conn, p[3]) if C >= RES_KEEP_WIDTH_RATIO * n * n else None
-        # y, h_post, a_res, H_res (a few values per token): what the post step is recomputed from
-        seg.coefs[i] = [None if t is None else (t.detach(), t.requires_grad) for t in (p[2], p[3], h_res)]
+        # y, h_post and H_res, or a_res where H_res is not kept: what the post step is recomputed from
+        seg.coefs[i] = [None if t is None else (t.detach(), t.requires_grad)
+                        for t in (p[2], p[3] if h_res is None else None, h_res)]
         seg.ys[i] = (y.detach(), y.requires_grad)
         seg.keep.update(_storage_key(t) for t in (y, *p[1:4], h_res) if t is not None)
         with seg.post_hooks(i):
