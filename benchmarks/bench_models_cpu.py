@@ -1,8 +1,11 @@
 """Whole timm models with every connection variant against timm's residual model: memory and step time,
 with and without ``hc_recompute``.
 
-Models: ``vit_tiny_patch16_224_<variant>`` against timm's ``vit_tiny_patch16_224``, and
-``convnext_atto_<variant>`` against timm's ``convnext_atto``; float32, training mode, default init.
+Models: ``vit_tiny_patch16_224_<variant>`` against timm's ``vit_tiny_patch16_224``,
+``convnext_atto_<variant>`` against timm's ``convnext_atto``, and (``micro``) the digits configs' model,
+``vit_micro_patch4_32_<variant>`` at 16 px with 10 classes, against timm's VisionTransformer of the same shape
+(``vit_tiny_patch16_224`` with ``patch_size=4, embed_dim=64, depth=6, num_heads=4``), where a connection's
+fixed cost per call shows (17 tokens of width 64 per image); float32, training mode, default init.
 Reported per variant and ``hc_recompute`` setting (``off`` = False, ``on`` = the default True):
 
 - ``saved``: bytes autograd keeps at the end of the forward pass (unique storages, parameters excluded;
@@ -15,7 +18,7 @@ Reported per variant and ``hc_recompute`` setting (``off`` = False, ``on`` = the
 - ``rc cost``: the paired ratio of the step with recompute to the step without (same round);
 - ``infer``: inference images/s (eval mode, no grad) over the residual model's.
 
-    python benchmarks/bench_models_cpu.py [--models vit convnext] [--streams 4 8] [--rounds 5] [--batch 16]
+    python benchmarks/bench_models_cpu.py [--models vit convnext micro] [--streams 4 8] [--rounds 5] [--batch 16]
         [--variants hc mhc mhclite kromhc] [--threads 2] [--cpu-malloc retain|default] [--no-time] [--write-section]
 
 ``--cpu-malloc`` is train.py's setting (default ``retain``: glibc keeps freed activation memory for the next
@@ -39,7 +42,14 @@ from kromhc_vision.cpu_allocator import CPU_MALLOC_CHOICES, configure_cpu_malloc
 from kromhc_vision.memory import peak_step_bytes, saved_activation_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-BASES = {"vit": ("vit_tiny_patch16_224", 224), "convnext": ("convnext_atto", 224)}
+_MICRO = dict(img_size=16, num_classes=10)
+# family -> (hyper-connected model's base name, its kwargs, timm's residual model, its kwargs, image size)
+BASES = {
+    "vit": ("vit_tiny_patch16_224", {}, "vit_tiny_patch16_224", {}, 224),
+    "convnext": ("convnext_atto", {}, "convnext_atto", {}, 224),
+    "micro": ("vit_micro_patch4_32", _MICRO, "vit_tiny_patch16_224",
+              dict(_MICRO, patch_size=4, embed_dim=64, depth=6, num_heads=4), 16),
+}
 
 
 def cpu_name() -> str:
@@ -107,14 +117,14 @@ def quart(ratios):
 
 
 def run_family(family, n, args, device, lines):
-    base, size = BASES[family]
+    base, kwargs, residual, residual_kwargs, size = BASES[family]
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, size, size, device=device)
-    models = {"residual": timm.create_model(base).to(device)}
+    models = {"residual": timm.create_model(residual, **residual_kwargs).to(device)}
     refused = {}
     for v in args.variants:
         try:
-            models[v] = timm.create_model(f"{base}_{v}", num_streams=n).to(device)
+            models[v] = timm.create_model(f"{base}_{v}", num_streams=n, **kwargs).to(device)
         except ValueError as e:  # mHC-lite beyond n = 6
             refused[v] = str(e).split(";")[0]
     mem = {("residual", "-"): memory(models["residual"], x)}
@@ -140,7 +150,9 @@ def run_family(family, n, args, device, lines):
                     inference[v].append(t)
     res_saved, res_peak = mem[("residual", "-")]
     default = kv.models._hc_common.DEFAULT_HC_RECOMPUTE
-    lines.append(f"{base}_<variant> vs timm's {base}, n = {n}, batch {args.batch}, {size}px, float32, {device}; "
+    spelled = "".join(f", {k}={v}" for k, v in residual_kwargs.items())
+    lines.append(f"{base}_<variant> vs timm's {residual}{spelled}, n = {n}, batch {args.batch}, {size}px, float32, "
+                 f"{device}; "
                  f"recompute on = hc_recompute=True (the default is {default}); L_r = "
                  f"{next((m.hc_recompute_length for v, m in models.items() if v != 'residual'), '-')}")
     head = (f"{'variant':<10}{'recompute':>10}{'saved MiB':>10}{'x res':>7}{'peak MiB':>10}{'x res':>7}")
