@@ -35,7 +35,7 @@ def tokens_first(x: torch.Tensor, lead) -> torch.Tensor:
     return _Permute.apply(x, (k, *range(k))).view(*lead, *x.shape[:-1])
 
 
-def _birkhoff(logits: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+def birkhoff_tokens_last(logits: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
     """``(k!, T)`` logits -> ``(k, k, T)``: ``sum_p softmax(logits)_p P_p`` for each token.
 
     The weights and their sums are formed in float64 and the result rounded once to the dtype of
@@ -63,7 +63,7 @@ def birkhoff(logits: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
     ``perms`` is ``(k!, k, k)``. Each row and column of the result sums to ``sum_k w_k = 1``
     (Birkhoff-von Neumann), up to the rounding of its k entries.
     """
-    return tokens_first(_birkhoff(tokens_last(logits, 1), perms), logits.shape[:-1])
+    return tokens_first(birkhoff_tokens_last(tokens_last(logits, 1), perms), logits.shape[:-1])
 
 
 def kronecker(factors: list) -> torch.Tensor:
@@ -78,7 +78,7 @@ def kronecker_birkhoff(logits: torch.Tensor, perms: list, factor_mix=None) -> to
     ``factor_mix``: what forms each factor, ``(i_k!, T)`` logits -> ``(i_k, i_k, T)`` (default: this module's,
     differentiated by autograd).
     """
-    factor_mix = _birkhoff if factor_mix is None else factor_mix
+    factor_mix = birkhoff_tokens_last if factor_mix is None else factor_mix
     chunks = tokens_last(logits, 1).split([p.shape[0] for p in perms], dim=0)
     return tokens_first(_kronecker([factor_mix(a, p) for a, p in zip(chunks, perms)]), logits.shape[:-1])
 

@@ -14,18 +14,18 @@ Reference: :func:`kromhc_vision.residual_maps.kronecker_birkhoff` differentiated
 """
 import torch
 
-from ...residual_maps import _birkhoff, kronecker_birkhoff
+from ...residual_maps import birkhoff_tokens_last, kronecker_birkhoff
 
 
 class BirkhoffMix(torch.autograd.Function):
     """One factor: ``(k!, T)`` logits and ``(k!, k, k)`` permutation matrices -> ``(k, k, T)``
-    (:func:`kromhc_vision.residual_maps._birkhoff`); saves the logits only. Its backward is made of
+    (:func:`kromhc_vision.residual_maps.birkhoff_tokens_last`); saves the logits only. Its backward is made of
     differentiable ops, so a second backward works."""
 
     @staticmethod
     def forward(ctx, logits, perms):
         ctx.save_for_backward(logits, perms)
-        return _birkhoff(logits, perms)
+        return birkhoff_tokens_last(logits, perms)
 
     @staticmethod
     def backward(ctx, grad):
