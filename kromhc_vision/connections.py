@@ -214,7 +214,7 @@ class HyperConnection(nn.Module):
         """``X (..., n, C)`` and ``branch: (..., C) -> (..., C)`` -> ``X_next (..., n, C)``.
 
         Inside a :func:`kromhc_vision.recompute.session` (a model's ``hc_recompute``), the tensors the pre and
-        post steps save are recomputed in the backward pass instead of kept.
+        post steps save from the stream state are recomputed in the backward pass instead of kept (see there).
         """
         session = recompute.active_session()
         if session is not None:

@@ -12,21 +12,22 @@ the next). Per segment these stay until the backward pass:
 - the coefficients ``h_pre, h_post, a_res`` and every other small tensor the ops save (``2n + m`` to a few
   dozen values per token); and where the width allows (``C >= RES_KEEP_WIDTH_RATIO n^2``: ViT-Tiny and
   ViT-Micro at n = 4), ``H_res`` and what its map ``Phi`` saved, so that ``Phi`` (Sinkhorn's iterations, the
-  permutation softmax) is not run again: ``n^2`` more values per token, at most a quarter of ``y``;
+  permutation softmax) is not run again: ``H_res`` is ``n^2`` values per token, at most a quarter of ``y``,
+  and ``Phi``'s saves come on top (the numba and Triton Sinkhorns: the logits; PyTorch's: its iterates);
 - what the branches themselves save (their input ``u``, attention and MLP internals), untouched.
 
 Every saved view of one of the other stream states, and what else the post steps save (a copy of the state in
 another dtype; ``H_res`` and what ``Phi`` saved where they are not kept), is replaced by a placeholder. When the
 backward pass first unpacks one of a segment's placeholders, the segment's post steps alone are run again,
 ``X_{i+1} = H_res,i X_i + H_post,i^T y_i``, from the start state, the kept branch outputs and the kept
-coefficients (``H_res`` again from ``a_res`` where it is not kept), as far as a placeholder needs (not the last
-connection's where its ``H_res`` is kept: its output is the next segment's start; without grad where all it
-saves is kept), and the states and what the post steps save are collected in saving order. Neither the
-branches nor the pre steps run again (no random numbers are drawn: drop-path and dropout are not replayed; no
+coefficients (``H_res`` again from ``a_res`` where it is not kept), as far as a placeholder needs (a segment's
+last post step only if it saved a placeholder by position: its output is the next segment's start; without grad
+where all it saves is kept), and the states and what the post steps save are collected in saving order. Neither
+the branches nor the pre steps run again (no random numbers are drawn: drop-path and dropout are not replayed; no
 projection GEMM). The same ops on the same inputs give the same values, so the gradients are those without
-recomputation. A connection's recomputed tensors are released once all of its placeholders have been
-unpacked; the transient is one segment's states and coefficients. Per token the memory is about
-``n C L / L_r + (n + 2) C L_r``, minimised by ``L_r = sqrt(n L / (n + 2))`` (:func:`segment_length` with ``True``).
+recomputation. A connection's recomputed tensors are released once all of its placeholders have been unpacked; the
+transient is one segment's states and coefficients. Per token the memory is about ``n C L / L_r + (n + 2) C L_r``,
+minimised by ``L_r = sqrt(n L / (n + 2))`` (:func:`segment_length` with ``True``).
 
 The placeholders are made by :func:`torch.autograd.graph.saved_tensors_hooks` around the pre and post
 steps only. Hence:

@@ -3,9 +3,9 @@
 backward pass from the logits instead of kept.
 
 Per token and factor of size ``k``, autograd would keep the ``k!`` float64 weights ``w = softmax(a)``: for
-mHC-lite at n = 4, 24 doubles per token and connection, three times ``H_res`` itself. The logits are kept
-anyway (the pre step's output ``a_res``, which recomputation keeps), and forming ``w`` again is one small
-softmax per factor::
+mHC-lite at n = 4, 24 doubles per token and connection, three times ``H_res`` itself. Kept instead: each
+factor's logits in their tokens-last copy (``k!`` values per token in the logits' dtype); forming ``w``
+again is one small softmax per factor::
 
     forward:   w = softmax(a),  H = sum_p w_p P_p          (float64, rounded once to a's dtype)
     backward:  dw_p = <dH, P_p>,  da = w * (dw - <dw, w>)  (w formed again from a)
