@@ -10,10 +10,11 @@ the next). Per segment these stay until the backward pass:
 - the stream state at the segment's start (``n C`` per token);
 - each connection's branch output ``y`` (``C`` per token; the post step needs it, and recomputation uses it);
 - the coefficients ``h_pre, h_post, a_res`` and every other small tensor the ops save (``2n + m`` to a few
-  dozen values per token); and where the width allows (``C >= RES_KEEP_WIDTH_RATIO n^2``: ViT-Tiny and
-  ViT-Micro at n = 4), ``H_res`` and what its map ``Phi`` saved, so that ``Phi`` (Sinkhorn's iterations, the
-  permutation softmax) is not run again: ``H_res`` is ``n^2`` values per token, at most a quarter of ``y``,
-  and ``Phi``'s saves come on top (the numba and Triton Sinkhorns: the logits; PyTorch's: its iterates);
+  dozen values per token); and ``H_res`` and what its map ``Phi`` saved, where these come to at most a
+  ``RES_KEEP_WIDTH_RATIO``-th (a quarter) of ``y``'s bytes, so that ``Phi`` (Sinkhorn's iterations, the
+  permutation softmax) is not run again. ``H_res`` is ``n^2`` values per token: ViT-Tiny and ViT-Micro at n = 4
+  keep it, n = 8 does not; ``Phi``'s saves are measured (the numba and Triton Sinkhorns save the logits, kept
+  anyway; PyTorch's saves its ``2 iters + 1`` iterates, which exceed any such width);
 - what the branches themselves save (their input ``u``, attention and MLP internals), untouched.
 
 Every saved view of one of the other stream states, and what else the post steps save (a copy of the state in
@@ -56,7 +57,7 @@ is_fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or _sym
 __all__ = ["RECOMPUTE_CHOICES", "RES_KEEP_WIDTH_RATIO", "check_recompute", "segment_length", "session", "suspended",
            "active_session", "RecomputeSession"]
 
-# H_res (n^2 values per token) and what Phi saved are kept, not recomputed, where C >= this * n^2
+# H_res and what Phi saved are kept, not recomputed, where their bytes times this are at most the branch output's
 RES_KEEP_WIDTH_RATIO = 4
 
 RECOMPUTE_CHOICES = "False, True (L_r = round(sqrt(n L / (n + 2)))) or an int L_r >= 1 (connections per segment)"
@@ -103,9 +104,31 @@ class _Placeholder:
         self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
 
 
+class _Pending:
+    """A tensor ``Phi`` saved, held until :meth:`_Segment.form_res_matrix` decides whether ``H_res`` is kept;
+    ``value`` is then the tensor kept or its :class:`_Placeholder`."""
+    __slots__ = ("position", "value")
+
+    def __init__(self, position, t):
+        self.position, self.value = position, t
+
+
+class _Link:
+    """One connection of a segment: its module, what the recomputation of its post step starts from (the branch
+    output ``y`` and the coefficients ``h_post``, ``a_res`` and ``H_res``, each None where not kept, with whether
+    it tracks grad), the storage of its state where that is to be recomputed (None for the segment's start), and
+    counts of what its steps saved: every tensor the post step (and a ``Phi`` run for it) saved, in order; the
+    placeholders among them; those of the placeholders held by position (not the state's views)."""
+    __slots__ = ("conn", "state_key", "x_grad", "y", "coefs", "saves", "placeholders", "positional")
+
+    def __init__(self, conn, state_key, x_grad):
+        self.conn, self.state_key, self.x_grad = conn, state_key, x_grad
+        self.y = self.coefs = None
+        self.saves = self.placeholders = self.positional = 0
+
+
 class _Segment:
-    """Up to ``L_r`` chained connections: their modules, the start state, and per connection the branch output
-    and the coefficients ``h_post``, ``a_res`` and ``H_res`` (or None where it is not kept), from which the
+    """Up to ``L_r`` chained connections (:class:`_Link` each) and the start state, from which the
     recomputation rebuilds the states and what the post steps saved."""
 
     def __init__(self, start: torch.Tensor, post: Callable):
@@ -114,8 +137,7 @@ class _Segment:
         # graph whose backward never runs
         self.start, self.post = start.detach(), post
         self.keep = {_storage_key(start)}  # storages kept as they are: the start, branch outputs, coefficients
-        self.conns, self.state_keys, self.x_grad, self.ys, self.coefs, self.counts = [], [], [], [], [], []
-        self.placeholders, self.positional = [], []  # per connection: all its placeholders, those by position
+        self.links: List[_Link] = []
         device = start.device.type
         self.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) \
             if torch.amp.is_autocast_available(device) else None
@@ -123,102 +145,132 @@ class _Segment:
         self.saved: Optional[List[Optional[list]]] = None  # what each post step saved, recomputed
         self.remaining: List[int] = []
 
+    @property
+    def conns(self) -> list:
+        return [link.conn for link in self.links]
+
     def add(self, conn, X: torch.Tensor) -> int:
         """Connection ``conn`` on state ``X`` joins the segment; returns its index."""
         key = _storage_key(X)
-        self.conns.append(conn)
-        self.state_keys.append(None if key in self.keep else key)
-        self.x_grad.append(X.requires_grad)
-        self.ys.append(None)
-        self.coefs.append(None)
-        self.counts.append(0)
-        self.placeholders.append(0)
-        self.positional.append(0)
-        return len(self.conns) - 1
+        self.links.append(_Link(conn, None if key in self.keep else key, X.requires_grad))
+        return len(self.links) - 1
 
     def _kept(self, t: torch.Tensor) -> torch.Tensor:
         for observe in _keep_observers:
             observe(t)
         return t.detach()  # what the backward needs is the value; detached, no cycle can form
 
-    def _pack(self, index: int, t: torch.Tensor, post: bool):
-        if self.state_keys[index] is not None and _storage_key(t) == self.state_keys[index]:
-            self.placeholders[index] += 1
+    def _pack(self, index: int, t: torch.Tensor, position: Optional[int]):
+        """The state's views become placeholders; of the rest, with ``position`` (a post step's saves) all but the
+        parameters and the kept storages too, by position; without (a pre step's), nothing."""
+        link = self.links[index]
+        if link.state_key is not None and _storage_key(t) == link.state_key:
+            link.placeholders += 1
             return _Placeholder(self, index, None, t)
-        if not post or (t.requires_grad and t.grad_fn is None) or _storage_key(t) in self.keep:
+        if position is None or (t.requires_grad and t.grad_fn is None) or _storage_key(t) in self.keep:
             return self._kept(t)
-        self.placeholders[index] += 1
-        self.positional[index] += 1
-        return _Placeholder(self, index, self.counts[index] - 1, t)
+        link.placeholders += 1
+        link.positional += 1
+        return _Placeholder(self, index, position, t)
+
+    def _post_pack(self, index: int, t: torch.Tensor):
+        link = self.links[index]
+        link.saves += 1  # counts every saved tensor: the recomputation sees them all
+        return self._pack(index, t, link.saves - 1)
 
     def pre_hooks(self, index: int):
         """Hooks for connection ``index``'s pre step: its stream state becomes a placeholder (unless it is the
         segment's start); the rest it saves (parameters, a few coefficients per token) is kept."""
-        return torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(index, t, False), _unpack)
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(index, t, None), _unpack)
 
     def post_hooks(self, index: int):
         """Hooks for connection ``index``'s post step: the state and what else it saves become placeholders,
         numbered in saving order; parameters and the kept storages (``y``, the coefficients, a kept ``H_res``)
         stay."""
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: self._post_pack(index, t), _unpack)
+
+    def form_res_matrix(self, index: int, res_matrix: Callable, a_res: torch.Tensor, y: torch.Tensor):
+        """``H_res = res_matrix(conn, a_res)`` for connection ``index``, and whether it is kept: where it and what
+        ``Phi`` saved (storages not kept already, not the connection's buffers) come to at most
+        ``1 / RES_KEEP_WIDTH_RATIO`` of the bytes of the branch output ``y``, all of it
+        stays until the backward and ``Phi`` is not run again; elsewhere what ``Phi`` saved becomes the first
+        placeholders of the post step (which, recomputed without ``H_res``, runs ``Phi`` first)."""
+        link = self.links[index]
+        pending = []
 
         def pack(t):
-            self.counts[index] += 1  # counts every saved tensor: the recomputation sees them all
-            return self._pack(index, t, True)
+            pending.append(_Pending(link.saves + len(pending), t))  # not detached until decided, below
+            return pending[-1]
 
-        return torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            h_res = res_matrix(link.conn, a_res)
+        buffers = {_storage_key(b) for b in link.conn.buffers()}
+        new = {}
+        for t in (h_res, *(p.value for p in pending)):
+            key = _storage_key(t)
+            if key not in self.keep and key not in buffers and not (t.requires_grad and t.grad_fn is None):
+                new[key] = t.untyped_storage().nbytes()
+        kept = sum(new.values()) * RES_KEEP_WIDTH_RATIO <= y.numel() * y.element_size()
+        if kept:
+            self.keep.add(_storage_key(h_res))
+        for p in pending:
+            p.value = self._kept(p.value) if kept else self._pack(index, p.value, p.position)
+        if not kept:  # the post step's first saves, when it runs Phi itself
+            link.saves += len(pending)
+        return h_res, kept
 
     def posts_to_run(self) -> int:
         """How many of the segment's post steps the recomputation runs, from the first: up to the last one with a
         placeholder by position, and up to the one before the last connection whose state is a placeholder."""
         runs = 0
-        for i, (placeholders, positional) in enumerate(zip(self.placeholders, self.positional)):
-            if positional:
+        for i, link in enumerate(self.links):
+            if link.positional:
                 runs = i + 1
-            elif placeholders:
+            elif link.placeholders:
                 runs = max(runs, i)
         return runs
 
     def recompute(self) -> None:
         """Run the post steps again from the start state, with the kept branch outputs and coefficients (the pre
-        steps, ``Phi`` and the branches are not run), as far as :meth:`posts_to_run`, and collect the states and
-        what the post steps save from them (a post step with no placeholder by position runs without grad)."""
+        steps, the branches and a kept ``H_res``'s ``Phi`` are not run), as far as :meth:`posts_to_run`, and
+        collect the states and what the post steps save from them (a post step with no placeholder by position
+        runs without grad)."""
         runs = self.posts_to_run()
         states, saved = [], []
         X = self.start
         autocast = contextlib.nullcontext() if self.autocast is None else torch.autocast(
             self.autocast[0], dtype=self.autocast[2], enabled=self.autocast[1])
         with autocast:
-            for i, conn in enumerate(self.conns):
+            for i, link in enumerate(self.links):
                 states.append(X if i <= runs else None)
                 if i >= runs:
                     saved.append(None)
                     continue
-                (y, y_grad), *coefs = self.ys[i], *self.coefs[i]
                 got = []
-                if not self.positional[i]:  # only the next state is needed
-                    h_post, a_res, h_res = (None if c is None else c[0] for c in coefs)
+                if not link.positional:  # only the next state is needed
+                    (y, _), (h_post, a_res, h_res) = link.y, (None if c is None else c[0] for c in link.coefs)
                     with torch.no_grad():
-                        out = self.post(conn, (y, None, h_post, a_res, X), y, h_res)
+                        out = self.post(link.conn, (y, None, h_post, a_res, X), y, h_res)
                 else:
                     def pack(t, got=got):
                         # detached, and nothing left in this throw-away graph: a saved output holding its own
                         # grad_fn would be a cycle through C++ that leaks the graph and these tensors
                         got.append(t.detach())
 
-                    X_, y_, h_post, a_res, h_res = (None if c is None else c[0].detach().requires_grad_(c[1])
-                                                    for c in ((X, self.x_grad[i]), (y, y_grad), *coefs))
+                    X_, y, h_post, a_res, h_res = (None if c is None else c[0].detach().requires_grad_(c[1])
+                                                   for c in ((X, link.x_grad), link.y, *link.coefs))
                     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked):
                         # y stands in for u, which the post step only checks the shape of
-                        out = self.post(conn, (y_, None, h_post, a_res, X_), y_, h_res)
-                    if len(got) != self.counts[i]:
+                        out = self.post(link.conn, (y, None, h_post, a_res, X_), y, h_res)
+                    if len(got) != link.saves:
                         raise RuntimeError(f"hc_recompute: the post step of connection {i} of a segment saved "
-                                           f"{self.counts[i]} tensors in the forward pass but {len(got)} when "
+                                           f"{link.saves} tensors in the forward pass but {len(got)} when "
                                            "recomputed; its ops are not deterministic in what they save")
                 saved.append(got)
                 X = out.detach()
                 del out
         self.states, self.saved = states, saved
-        self.remaining = list(self.placeholders)
+        self.remaining = [link.placeholders for link in self.links]
 
 
 def _never_unpacked(packed):
@@ -226,6 +278,8 @@ def _never_unpacked(packed):
 
 
 def _unpack(packed):
+    if isinstance(packed, _Pending):
+        packed = packed.value
     if not isinstance(packed, _Placeholder):
         return packed
     seg, i = packed.segment, packed.index
@@ -256,27 +310,26 @@ class RecomputeSession:
 
     def connect(self, conn, X: torch.Tensor, branch: Callable, pre: Callable, res_matrix: Callable,
                 post: Callable) -> torch.Tensor:
-        """``post(conn, p, y, res_matrix(conn, a_res))`` with ``p = pre(conn, X)``, ``y = branch(u)``: the
-        stream state and what the post step saves from it deferred to recomputation. ``H_res`` is formed outside
-        the hooks (kept) where ``C >= RES_KEEP_WIDTH_RATIO n^2``; elsewhere ``post(conn, p, y)`` forms it
-        inside them (recomputed)."""
+        """``post(conn, p, y, H_res)`` with ``p = pre(conn, X)``, ``y = branch(u)``, ``H_res = res_matrix(conn,
+        a_res)``: the stream state and what the post step saves from it deferred to recomputation, and ``H_res``
+        with what ``Phi`` saved kept where they come to at most ``1 / RES_KEEP_WIDTH_RATIO`` of ``y``'s bytes
+        (:meth:`_Segment.form_res_matrix`), recomputed from ``a_res`` elsewhere."""
         seg = self._segment
-        if seg is None or X is not self._last or len(seg.conns) >= self.length:
+        if seg is None or X is not self._last or len(seg.links) >= self.length:
             seg = self._segment = _Segment(X, post)
         i = seg.add(conn, X)
         with seg.pre_hooks(i):
             p = pre(conn, X)
         y = branch(p[0])
-        n, C = X.shape[-2:]
-        # outside the hooks: H_res and what Phi saves are kept, and Phi is not run again
-        h_res = res_matrix(conn, p[3]) if C >= RES_KEEP_WIDTH_RATIO * n * n else None
-        # y, h_post and H_res, or a_res where H_res is not kept: what the post step is recomputed from
-        seg.coefs[i] = [None if t is None else (t.detach(), t.requires_grad)
-                        for t in (p[2], p[3] if h_res is None else None, h_res)]
-        seg.ys[i] = (y.detach(), y.requires_grad)
-        seg.keep.update(_storage_key(t) for t in (y, *p[1:4], h_res) if t is not None)
+        seg.keep.update(_storage_key(t) for t in (y, *p[1:4]))
+        h_res, kept = seg.form_res_matrix(i, res_matrix, p[3], y)
+        link = seg.links[i]
+        # what the post step is recomputed from: y, h_post and H_res, or a_res where H_res is not kept
+        link.y = (y.detach(), y.requires_grad)
+        link.coefs = [None if t is None else (t.detach(), t.requires_grad)
+                      for t in (p[2], None if kept else p[3], h_res if kept else None)]
         with seg.post_hooks(i):
-            out = post(conn, p, y, h_res)
+            out = post(conn, p, y, h_res)  # a kept H_res's storage is kept; otherwise its save is a placeholder
         self._last = out
         return out
 

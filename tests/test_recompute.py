@@ -73,9 +73,14 @@ def test_gradients_equal_without_recompute_float64(family, variant, backend, rec
     assert not recompute_calls
     assert_same_grads(expected, step_grads(rec, x))
     # ViT: 3 segments of 2; ConvNeXt: stages of 2, 1, 3, 1 connections -> segments 2 | 1 | 2, 1 | 1 (a segment of
-    # one connection keeps its start state, and from the second stage on, C >= 4 n^2, H_res too: nothing to
-    # recompute there)
-    assert sorted(recompute_calls) == ([2, 2, 2] if family == "vit" else [2, 2])
+    # one connection keeps its start state, and H_res with what Phi saved where that is at most a quarter of y:
+    # nothing to recompute there; per token, H_res with Phi's saves: HC 0 new values (a view of a_res), mHC 16
+    # (numba) or 16 x 41 (PyTorch's iterates), KromHC 28, mHC-lite 40, against C / 4 = 8, 16, 32, 64 by stage
+    if family == "vit":
+        assert sorted(recompute_calls) == [2, 2, 2]
+    else:
+        single = {"hc": 0, "mhc": 0 if backend == "numba" else 3, "kromhc": 1, "mhclite": 2}[variant]
+        assert sorted(recompute_calls) == [1] * single + [2, 2]
 
 
 def test_gradients_equal_float32_and_every_segment_length(recompute_calls):
@@ -86,8 +91,9 @@ def test_gradients_equal_float32_and_every_segment_length(recompute_calls):
         plain.set_hc_recompute(length)
         assert plain.hc_recompute_length == length
         assert_same_grads(expected, step_grads(plain, x), rtol=1e-6, atol=1e-7)
-    # segments of 1 keep their start states (and ViT-Micro its H_res, C = 64 >= 4 n^2): nothing to recompute
-    assert recompute_calls == [2, 4] + [6] + [6]
+    # segments of 1 keep their start states, but not KromHC's H_res at C = 64: with its factors and their logits
+    # 28 values per token, more than a quarter of y's 64 (at C = 192, ViT-Tiny, they are kept): Phi runs again
+    assert recompute_calls == [1] * 6 + [2, 4] + [6] + [6]
 
 
 @pytest.mark.parametrize("keep_res", [True, False])
@@ -114,11 +120,11 @@ def test_what_the_backward_runs_again(variant, keep_res, monkeypatch):
     monkeypatch.setattr(kv.ops.dispatch, "stream_post", count("post", stream_post))
     assert_same_grads(expected, step_grads(rec, x))
     # forward: 6 of each; backward: 3 post steps (kept H_res) or 6 post steps and 6 Phi; HC's H_res, a view of
-    # a_res, is kept either way: its last post steps are skipped too (each post step forms H_res in the backward)
-    if keep_res:
+    # a_res, costs nothing to keep: it is kept either way
+    if keep_res or variant == "hc":
         assert calls == {"phi": 6, "post": 9}
     else:
-        assert calls == ({"phi": 9, "post": 9} if variant == "hc" else {"phi": 12, "post": 12})
+        assert calls == {"phi": 12, "post": 12}
 
 
 def test_state_copies_a_post_step_saves_are_recomputed(monkeypatch):
@@ -135,7 +141,8 @@ def test_state_copies_a_post_step_saves_are_recomputed(monkeypatch):
     monkeypatch.setattr(recompute._Segment, "recompute", lambda self: segments.append(self) or original(self))
     assert_same_grads(step_grads(plain, x), step_grads(rec, x), atol=0.0)
     # both post steps of each segment of 2 saved a copy (by position), so both run again
-    assert len(segments) == 3 and all(seg.posts_to_run() == 2 and all(seg.positional) for seg in segments)
+    assert len(segments) == 3 and all(seg.posts_to_run() == 2 and all(link.positional for link in seg.links)
+                                 for seg in segments)
 
 
 def test_triton_interpreter_gradients_equal(recompute_calls):
@@ -255,6 +262,21 @@ def test_keeps_less_and_only_in_training_with_grad():
         rec(x)
     rec(x)
     assert seen[:2] == [None, None] and isinstance(seen[2], recompute.RecomputeSession)
+
+
+@pytest.mark.parametrize("variant,backend", [("mhc", "torch"), ("mhc", "numba"), ("mhclite", "torch"),
+                                             ("kromhc", "torch"), ("kromhc", "numba")])
+def test_what_phi_saves_is_kept_only_when_small(variant, backend, monkeypatch):
+    """With recomputation a connection keeps H_res and what its map Phi saved only where these come to at most a
+    quarter of the branch output y (C / 4 values per token), whatever Phi saves: PyTorch's Sinkhorn saves its 41
+    iterates, recomputed, not kept (they were kept where the width alone allowed H_res, C >= 4 n^2)."""
+    x = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(0)
+    model = timm.create_model(f"vit_micro_patch4_32_{variant}", hc_backend=backend, **VIT)
+    saved = saved_activation_bytes(model, x)
+    monkeypatch.setattr(recompute, "RES_KEEP_WIDTH_RATIO", 10 ** 9)  # nothing Phi makes is kept
+    tokens, connections, C = 2 * 17, 6, 64
+    assert saved <= saved_activation_bytes(model, x) + connections * tokens * (C // 4) * 4
 
 
 def saved_shapes(model, x):
