@@ -6,8 +6,8 @@ input shapes) the self CPU time per step of each model and the difference, large
 profiler slows every op, so its step times are not the benchmark's: read the differences, not the totals, and
 time the step with ``bench_models_cpu.py``.
 
-    python benchmarks/profile_step_cpu.py [--model vit|convnext] [--variant kromhc] [--streams 4] [--steps 2]
-        [--batch 16] [--by op|shape] [--top 25] [--threads 2]
+    python benchmarks/profile_step_cpu.py [--model vit|convnext|micro] [--variant kromhc] [--streams 4] [--steps 2]
+        [--batch 16] [--by op|shape] [--top 25] [--threads 2] [--cpu-malloc retain|default]
 """
 import argparse
 import collections
@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import kromhc_vision
 from bench_models_cpu import BASES, commit, cpu_name, loss_of
-from kromhc_vision.cpu_allocator import configure_cpu_malloc
+from kromhc_vision.cpu_allocator import CPU_MALLOC_CHOICES, configure_cpu_malloc
 
 
 def self_ms_per_step(model, x, steps: int, by_shape: bool):
@@ -47,23 +47,26 @@ def main(argv=None):
     parser.add_argument("--by", choices=("op", "shape"), default="op")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpu-malloc", choices=CPU_MALLOC_CHOICES, default="retain",
+                        help="train.py's allocator setting (kromhc_vision.cpu_allocator)")
     args = parser.parse_args(argv)
     for name in ("steps", "batch", "top", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    base, size = BASES[args.model]
+    base, kwargs, residual_name, residual_kwargs, size = BASES[args.model]
     torch.set_num_threads(args.threads)
-    configure_cpu_malloc("retain", "cpu")
-    hyper = timm.create_model(f"{base}_{args.variant}", num_streams=args.streams).train()
-    residual = timm.create_model(base).train()
+    configure_cpu_malloc(args.cpu_malloc, "cpu")
+    hyper = timm.create_model(f"{base}_{args.variant}", num_streams=args.streams, **kwargs).train()
+    residual = timm.create_model(residual_name, **residual_kwargs).train()
     x = torch.randn(args.batch, 3, size, size)
     by_shape = args.by == "shape"
     times_res = self_ms_per_step(residual, x, args.steps, by_shape)
     times_hc = self_ms_per_step(hyper, x, args.steps, by_shape)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads; "
-          f"commit {commit()}; cpu malloc: retain; profiled (op times inflated by the profiler)")
-    print(f"{base}_{args.variant} (n = {args.streams}) vs {base}, batch {args.batch}, {args.steps} steps: "
-          f"self CPU ms per step")
+          f"commit {commit()}; cpu malloc: {args.cpu_malloc}; profiled (op times inflated by the profiler)")
+    overrides = "".join(f", {k}={v}" for k, v in residual_kwargs.items())
+    print(f"{base}_{args.variant} (n = {args.streams}) vs {residual_name}{overrides}, batch {args.batch}, "
+          f"{args.steps} steps: self CPU ms per step")
     print(f"{'residual':>9} {args.variant:>9} {'diff':>8}  op")
     keys = sorted(set(times_res) | set(times_hc), key=lambda k: -(times_hc[k] - times_res[k]))
     for key in keys[:args.top]:

@@ -1,5 +1,6 @@
 """``benchmarks/bench_models_cpu.py``: its baselines are the architectures they stand for, and a memory-only
-run on the micro family prints one row per variant and setting."""
+run on the micro family prints one row per variant and setting; the scripts built on its model table
+(``profile_step_cpu.py``) and ``bench_projection_gemms.py`` run."""
 import sys
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import kromhc_vision  # noqa: F401  (registers the models)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_models_cpu  # noqa: E402
+import bench_projection_gemms  # noqa: E402
+import profile_step_cpu  # noqa: E402
 
 
 def test_micro_baseline_is_timms_vit_of_the_hyper_connected_models_shape():
@@ -35,3 +38,25 @@ def test_memory_only_run_prints_a_row_per_variant_and_setting(capsys):
                                      ["kromhc", "on"]]
     saved = {tuple(r[:2]): float(r[3]) for r in rows}  # x res
     assert saved[("hc", "on")] < saved[("hc", "off")] and saved[("residual", "-")] == 1.0
+
+
+def test_profile_diff_runs_on_the_model_table(capsys):
+    """profile_step_cpu reads bench_models_cpu's BASES (it broke when their entries grew from 2 to 5 fields)."""
+    threads = torch.get_num_threads()
+    profile_step_cpu.main(["--model", "micro", "--variant", "kromhc", "--steps", "1", "--batch", "2", "--top", "3",
+                           "--threads", str(threads), "--cpu-malloc", "default"])
+    lines = capsys.readouterr().out.splitlines()
+    assert any("vit_micro_patch4_32_kromhc (n = 4) vs vit_tiny_patch16_224, img_size=16" in line for line in lines)
+    assert lines[-1].endswith(")") and "all ops" in lines[-1]
+
+
+def test_projection_gemm_spellings_agree_and_print(capsys):
+    """The spellings timed for each GEMM are the same product (a faster wrong one would mislead)."""
+    for fns in bench_projection_gemms.layouts(64, 32, 8).values():
+        values = [fn().clone() for fn in fns.values()]  # addmm_ accumulates: one spelling, one call
+        for v in values[1:]:
+            torch.testing.assert_close(v, values[0], rtol=1e-5, atol=1e-5)
+    bench_projection_gemms.main(["--tokens", "64", "--width", "32", "--columns", "8", "--rounds", "2",
+                                 "--repeats", "1", "--threads", str(torch.get_num_threads())])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["8"]]
+    assert len(rows) == 5
