@@ -1,6 +1,6 @@
 """``benchmarks/bench_models_cpu.py``: its baselines are the architectures they stand for, and a memory-only
 run on the micro family prints one row per variant and setting; the scripts built on its model table
-(``profile_step_cpu.py``) and ``bench_projection_gemms.py`` run."""
+(``profile_step_cpu.py``, ``time_ops_in_model.py``) and ``bench_projection_gemms.py`` run."""
 import sys
 from pathlib import Path
 
@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_models_cpu  # noqa: E402
 import bench_projection_gemms  # noqa: E402
 import profile_step_cpu  # noqa: E402
+import time_ops_in_model  # noqa: E402
 
 
 def test_micro_baseline_is_timms_vit_of_the_hyper_connected_models_shape():
@@ -60,3 +61,15 @@ def test_projection_gemm_spellings_agree_and_print(capsys):
                                  "--repeats", "1", "--threads", str(torch.get_num_threads())])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["8"]]
     assert len(rows) == 5
+
+
+def test_in_model_timers_see_every_part_and_are_undone(capsys):
+    from kromhc_vision.ops.pytorch.stream_pre import StreamPre
+    forward = StreamPre.__dict__["forward"]
+    time_ops_in_model.main(["--model", "micro", "--variant", "mhc", "--steps", "1", "--batch", "2",
+                            "--threads", str(torch.get_num_threads()), "--cpu-malloc", "default"])
+    assert StreamPre.__dict__["forward"] is forward
+    rows = {line[26:] for line in capsys.readouterr().out.splitlines()[3:]}
+    # 12 connections: one pre and one post step each, forward and backward; segments of 3 recomputed
+    assert {"Function StreamPre.forward", "Function StreamPre.backward", "Phi", "recompute",
+            "op numba.stream_post._stream_post_bwd", "op numba.stream_pre._stream_pre_fwd"} <= rows

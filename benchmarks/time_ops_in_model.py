@@ -1,0 +1,140 @@
+"""Where a hyper-connected model's training step spends its time, by wall clock inside the model (no profiler).
+
+``profile_step_cpu.py``'s profiler slows every op and attributes a Python autograd Function's kernels to it; this
+wraps the connections' parts in ``perf_counter`` timers instead and runs ordinary training steps:
+
+- ``Function``: each autograd Function of the ops layer (``StreamPre``, the numba ops' eager Functions,
+  PyTorch's ``StreamPost`` / ``BirkhoffMix``), forward and backward, inclusive of everything they call
+  (BLAS GEMMs, kernels, wrappers; a backward also whatever recomputation its saved tensors trigger);
+- ``op``: each kernel backend function the Functions reach through ``_custom_ops.call`` (the numba kernels
+  with their argument handling);
+- ``Phi``: forming ``H_res`` from ``a_res``; ``recompute``: ``hc_recompute``'s segment recomputations.
+
+Rows nest (a Function includes its ops): do not add them up. The step time of the residual model (timm's, the
+same pairs as ``bench_models_cpu.py``) is measured in the same process, interleaved, for scale.
+
+    python benchmarks/time_ops_in_model.py [--model vit|convnext|micro] [--variant kromhc] [--streams 4]
+        [--steps 4] [--batch 16] [--recompute on|off] [--threads 2] [--cpu-malloc retain|default]
+"""
+import argparse
+import collections
+import contextlib
+import statistics
+import time
+
+import timm
+import torch
+
+import kromhc_vision
+from bench_models_cpu import BASES, commit, cpu_name, loss_of
+from kromhc_vision import recompute
+from kromhc_vision.connections import HyperConnection
+from kromhc_vision.cpu_allocator import CPU_MALLOC_CHOICES, configure_cpu_malloc
+from kromhc_vision.ops import _custom_ops
+
+
+def _functions():
+    """The ops layer's autograd Functions: (label, class)."""
+    from importlib import import_module
+    found = [(cls.__name__.removeprefix("Eager_"), cls) for cls in _custom_ops._EAGER_FUNCTIONS.values()]
+    for module, name in (("stream_pre", "StreamPre"), ("stream_post", "StreamPost"), ("permutation_mix", "BirkhoffMix")):
+        found.append((name, getattr(import_module(f"kromhc_vision.ops.pytorch.{module}"), name)))
+    return found
+
+
+@contextlib.contextmanager
+def timers(totals: collections.defaultdict, calls: collections.Counter):
+    """Wrap the connections' parts in timers adding to ``totals[row]`` (seconds) and ``calls[row]``; undone on exit."""
+    undo = []
+
+    def timed(row, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[row] += time.perf_counter() - start
+                calls[row] += 1
+        return wrapper
+
+    def patch(owner, name, row, static=False):
+        original = owner.__dict__[name] if isinstance(owner, type) else owner[name]
+        fn = original.__func__ if static else original
+        new = staticmethod(timed(row, fn)) if static else timed(row, fn)
+        if isinstance(owner, type):
+            setattr(owner, name, new)
+            undo.append(lambda: setattr(owner, name, original))
+        else:
+            owner[name] = new
+            undo.append(lambda: owner.__setitem__(name, original))
+
+    for label, cls in _functions():
+        patch(cls, "forward", f"Function {label}.forward", static=True)
+        patch(cls, "backward", f"Function {label}.backward", static=True)
+    for op, fn in list(_custom_ops._IMPLEMENTATIONS.items()):
+        patch(_custom_ops._IMPLEMENTATIONS, op, f"op {'.'.join(fn.__module__.split('.')[-2:])}.{fn.__name__}")
+    patch(HyperConnection, "_h_res", "Phi")
+    patch(recompute._Segment, "recompute", "recompute")
+    try:
+        yield
+    finally:
+        for fn in reversed(undo):
+            fn()
+
+
+def step_time(model, x) -> float:
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    loss_of(model(x)).backward()
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(BASES), default="vit")
+    parser.add_argument("--variant", choices=[v for v in kromhc_vision.CONNECTIONS if v != "residual"],
+                        default="kromhc")
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--recompute", choices=("on", "off"), default="on", help="hc_recompute True (default) or False")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpu-malloc", choices=CPU_MALLOC_CHOICES, default="retain",
+                        help="train.py's allocator setting (kromhc_vision.cpu_allocator)")
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch", "threads", "streams"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    base, kwargs, residual_name, residual_kwargs, size = BASES[args.model]
+    torch.set_num_threads(args.threads)
+    configure_cpu_malloc(args.cpu_malloc, "cpu")
+    hyper = timm.create_model(f"{base}_{args.variant}", num_streams=args.streams, hc_recompute=args.recompute == "on",
+                              **kwargs).train()
+    residual = timm.create_model(residual_name, **residual_kwargs).train()
+    x = torch.randn(args.batch, 3, size, size)
+    totals, calls = collections.defaultdict(float), collections.Counter()
+    for model in (residual, hyper):  # warm-up: kernels compiled, allocator primed
+        step_time(model, x)
+    steps = {"residual": [], "hyper": []}
+    with timers(totals, calls):
+        step_time(hyper, x)
+        totals.clear()
+        calls.clear()
+        for _ in range(args.steps):
+            steps["residual"].append(step_time(residual, x))
+            steps["hyper"].append(step_time(hyper, x))
+    res_ms, hyper_ms = (statistics.median(steps[k]) * 1e3 for k in ("residual", "hyper"))
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads; "
+          f"commit {commit()}; cpu malloc: {args.cpu_malloc}")
+    overrides = "".join(f", {k}={v}" for k, v in residual_kwargs.items())
+    print(f"{base}_{args.variant} (n = {args.streams}, hc_recompute {args.recompute}) vs {residual_name}{overrides}, "
+          f"batch {args.batch}, {args.steps} steps: step {hyper_ms:.1f} ms (timed) vs residual {res_ms:.1f} ms, "
+          f"difference {hyper_ms - res_ms:.1f} ms")
+    print(f"{'ms/step':>8} {'calls':>6} {'ms/call':>8}  part (rows nest: a Function includes its ops)")
+    for row in sorted(totals, key=lambda r: -totals[r]):
+        per_step = totals[row] / args.steps * 1e3
+        print(f"{per_step:8.2f} {calls[row] / args.steps:6.0f} {per_step / (calls[row] / args.steps):8.3f}  {row}")
+
+
+if __name__ == "__main__":
+    main()
