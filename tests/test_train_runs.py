@@ -119,8 +119,9 @@ def test_resume_alone_continues_the_digits_config_run_with_its_settings(stopped_
     assert [r['epoch'] for r in json.loads((stopped_run / 'summary.json').read_text())] == [0, 1, 2]
     args = torch.load(stopped_run / 'last.pth.tar', weights_only=False)['args']
     assert (args.model, args.model_kwargs, args.img_size, args.opt, args.batch_size, args.epochs) == (
-        'vit_micro_patch4_32_kromhc', {'img_size': 16}, 16, 'adamw', 8, 3)
-    assert yaml.safe_load((stopped_run / 'args.yaml').read_text())['model_kwargs'] == {'img_size': 16}
+        'vit_micro_patch4_32_kromhc', {'img_size': 16, 'hc_recompute': False}, 16, 'adamw', 8, 3)
+    assert yaml.safe_load((stopped_run / 'args.yaml').read_text())['model_kwargs'] == {'img_size': 16,
+                                                                                        'hc_recompute': False}
 
 
 @pytest.mark.parametrize('argv, names', [
@@ -139,10 +140,11 @@ def test_resume_refuses_what_contradicts_the_run_naming_both_values(stopped_run,
 
 
 def test_resume_may_change_runtime_settings(stopped_run):
-    run('--resume', stopped_run / 'last.pth.tar', '--model-kwargs', 'hc_backend=torch', 'hc_recompute=False',
+    # the digits config sets hc_recompute false; the resumed run turns it on
+    run('--resume', stopped_run / 'last.pth.tar', '--model-kwargs', 'hc_backend=torch', 'hc_recompute=True',
         '--workers', 1)
     args = torch.load(stopped_run / 'last.pth.tar', weights_only=False)['args']
-    assert args.model_kwargs == {'img_size': 16, 'hc_backend': 'torch', 'hc_recompute': False}
+    assert args.model_kwargs == {'img_size': 16, 'hc_backend': 'torch', 'hc_recompute': True}
     assert args.workers == 1 and args.epochs == 3
 
 
