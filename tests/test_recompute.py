@@ -178,8 +178,13 @@ def test_composes_with_grad_checkpointing_and_forward_intermediates(family):
     assert_same_grads(expected_inter, step_grads(rec, x, forward=intermediates(rec)))
 
 
-def test_second_backward_with_retain_graph_recomputes_again(recompute_calls):
-    plain, rec = make_pair("vit_micro_patch4_32_hc", **VIT)
+@pytest.mark.parametrize("variant", ["hc", "mhc"])
+def test_second_backward_with_retain_graph_recomputes_again(variant, recompute_calls, monkeypatch):
+    """HC: only states are recomputed; mHC with nothing of Phi kept: Phi's saves are placeholders by position
+    too, and each backward gets them again."""
+    if variant == "mhc":
+        monkeypatch.setattr(recompute, "RES_KEEP_WIDTH_RATIO", 10 ** 9)
+    plain, rec = make_pair(f"vit_micro_patch4_32_{variant}", hc_backend="torch", **VIT)
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     for model in (plain, rec):
         model.zero_grad(set_to_none=True)
