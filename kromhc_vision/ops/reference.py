@@ -21,8 +21,9 @@ import torch
 
 
 def autocast_off(device: torch.device):
-    """A context with autocast disabled on ``device`` (nothing to disable where autocast does not exist, e.g. meta)."""
-    if torch.amp.is_autocast_available(device.type):
+    """A context with autocast disabled on ``device`` (nothing to disable where autocast does not exist, e.g. meta,
+    or is off: entering ``torch.autocast`` costs microseconds, and a connection enters this three times a call)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
