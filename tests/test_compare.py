@@ -25,7 +25,8 @@ def test_bad_arguments_are_refused(bad, capsys):
 
 def test_compare_writes_results_from_its_runs(tmp_path):
     out = tmp_path / 'runs'
-    argv = ['--variants', 'residual', 'kromhc', '--streams', '2', '--seeds', '2', '--epochs', '1',
+    # mhc too: the reading of its Sinkhorn iterations broke unseen when the option moved to MHC.OPTIONS
+    argv = ['--variants', 'residual', 'mhc', 'kromhc', '--streams', '2', '--seeds', '2', '--epochs', '1',
             '--bench-rounds', '1', '--bench-streams', '8', '--bench-batch', '2', '--no-kernel-benchmarks',
             '--diag-images', '32',
             '--output', str(out), '--results', str(tmp_path / 'RESULTS.md'),
@@ -34,7 +35,8 @@ def test_compare_writes_results_from_its_runs(tmp_path):
     (tmp_path / 'BENCHMARKS.md').write_text(f'# Benchmarks\n\n{gpu_section}\n')
     compare.main(argv)
     results = (tmp_path / 'RESULTS.md').read_text()
-    assert 'The 4 training runs took' in results and 'reused' not in results
+    assert 'The 6 training runs took' in results and 'reused' not in results
+    assert 'whose Sinkhorn-Knopp stops after 20 iterations' in results
     for figure in ('curves_micro.png', 'composite_gain_micro.png', 'params.png'):
         path = tmp_path / 'results' / figure
         assert path.read_bytes()[:4] == b'\x89PNG' and f'results/{figure}' in results
@@ -59,4 +61,4 @@ def test_compare_writes_results_from_its_runs(tmp_path):
     logs = {p: p.stat().st_mtime_ns for p in out.glob('*.log')}
     compare.main(argv)
     assert {p: p.stat().st_mtime_ns for p in out.glob('*.log')} == logs
-    assert '(4 reused from an earlier call)' in (tmp_path / 'RESULTS.md').read_text()
+    assert '(6 reused from an earlier call)' in (tmp_path / 'RESULTS.md').read_text()

@@ -1,5 +1,4 @@
 """RESULTS.md and BENCHMARKS.md: provenance, tables, the reading computed from the numbers."""
-import inspect
 import math
 import os
 import platform
@@ -122,7 +121,7 @@ def reading(rows, args, counts, size) -> list:
                    'gain exactly 1).')
     mhc = [r for r in others if r['variant'] == 'mhc']
     if mhc:
-        iters = inspect.signature(kv.MHC.__init__).parameters['sinkhorn_iters'].default
+        iters = kv.MHC.OPTIONS['sinkhorn_iters']
         out.append(f'mHC, whose Sinkhorn-Knopp stops after {iters} iterations, deviates by up to '
                    + ', '.join(f"{r['max_ds_error']:.1e} (n={r['n']})" for r in mhc)
                    + '; its composite gain at the end is ' + ', '.join(f"{r['final_gain']:.4f}" for r in mhc) + '.')
