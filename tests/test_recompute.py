@@ -99,7 +99,8 @@ def test_gradients_equal_float32_and_every_segment_length(recompute_calls):
 @pytest.mark.parametrize("keep_res", [True, False])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_what_the_backward_runs_again(variant, keep_res, monkeypatch):
-    """Where ``H_res`` is kept (``C >= RES_KEEP_WIDTH_RATIO n^2``) the backward pass runs no ``Phi`` and, per
+    """Where ``H_res`` is kept (it and what ``Phi`` saved within ``1 / RES_KEEP_WIDTH_RATIO`` of ``y``'s bytes;
+    here forced both ways by that ratio) the backward pass runs no ``Phi`` and, per
     segment of ``L_r`` connections, ``L_r - 1`` post steps (the last one's output is the next segment's start);
     elsewhere ``Phi`` and every post step run again. The gradients are the same either way."""
     monkeypatch.setattr(recompute, "RES_KEEP_WIDTH_RATIO", 0 if keep_res else 10 ** 9)
