@@ -75,6 +75,38 @@ def commit() -> str:
         return "unknown"
 
 
+def add_pair_arguments(parser, steps: int) -> None:
+    """The options of the scripts that study one pair of :data:`BASES` (``profile_step_cpu.py``,
+    ``time_ops_in_model.py``): ``--model --variant --streams --steps --batch --threads --cpu-malloc``."""
+    parser.add_argument("--model", choices=list(BASES), default="vit")
+    parser.add_argument("--variant", choices=[v for v in kv.CONNECTIONS if v != "residual"], default="kromhc")
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpu-malloc", choices=CPU_MALLOC_CHOICES, default="retain",
+                        help="train.py's allocator setting (kromhc_vision.cpu_allocator)")
+
+
+def build_pair(parser, args, positive=(), **hyper_kwargs):
+    """Check the options of :func:`add_pair_arguments` (and those named in ``positive``) are >= 1, set the threads
+    and the allocator, and build the pair in training mode: ``(hyper, residual, images, title)``, the title
+    naming both models, the batch and the steps."""
+    for name in ("streams", "steps", "batch", "threads", *positive):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    base, kwargs, residual_name, residual_kwargs, size = BASES[args.model]
+    torch.set_num_threads(args.threads)
+    configure_cpu_malloc(args.cpu_malloc, "cpu")
+    hyper = timm.create_model(f"{base}_{args.variant}", num_streams=args.streams, **kwargs, **hyper_kwargs).train()
+    residual = timm.create_model(residual_name, **residual_kwargs).train()
+    overrides = "".join(f", {k}={v}" for k, v in residual_kwargs.items())
+    settings = "".join(f", {k} {v}" for k, v in hyper_kwargs.items())
+    title = (f"{base}_{args.variant} (n = {args.streams}{settings}) vs {residual_name}{overrides}, "
+             f"batch {args.batch}, {args.steps} steps")
+    return hyper, residual, torch.randn(args.batch, 3, size, size), title
+
+
 def loss_of(out):
     return out.float().square().mean()
 

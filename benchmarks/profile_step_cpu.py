@@ -16,9 +16,7 @@ import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import kromhc_vision
-from bench_models_cpu import BASES, commit, cpu_name, loss_of
-from kromhc_vision.cpu_allocator import CPU_MALLOC_CHOICES, configure_cpu_malloc
+from bench_models_cpu import add_pair_arguments, build_pair, commit, cpu_name, loss_of
 
 
 def self_ms_per_step(model, x, steps: int, by_shape: bool):
@@ -38,35 +36,17 @@ def self_ms_per_step(model, x, steps: int, by_shape: bool):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=list(BASES), default="vit")
-    parser.add_argument("--variant", choices=[v for v in kromhc_vision.CONNECTIONS if v != "residual"],
-                        default="kromhc")
-    parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=16)
+    add_pair_arguments(parser, steps=2)
     parser.add_argument("--by", choices=("op", "shape"), default="op")
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cpu-malloc", choices=CPU_MALLOC_CHOICES, default="retain",
-                        help="train.py's allocator setting (kromhc_vision.cpu_allocator)")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch", "top", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    base, kwargs, residual_name, residual_kwargs, size = BASES[args.model]
-    torch.set_num_threads(args.threads)
-    configure_cpu_malloc(args.cpu_malloc, "cpu")
-    hyper = timm.create_model(f"{base}_{args.variant}", num_streams=args.streams, **kwargs).train()
-    residual = timm.create_model(residual_name, **residual_kwargs).train()
-    x = torch.randn(args.batch, 3, size, size)
+    hyper, residual, x, title = build_pair(parser, args, positive=("top",))
     by_shape = args.by == "shape"
     times_res = self_ms_per_step(residual, x, args.steps, by_shape)
     times_hc = self_ms_per_step(hyper, x, args.steps, by_shape)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads; "
           f"commit {commit()}; cpu malloc: {args.cpu_malloc}; profiled (op times inflated by the profiler)")
-    overrides = "".join(f", {k}={v}" for k, v in residual_kwargs.items())
-    print(f"{base}_{args.variant} (n = {args.streams}) vs {residual_name}{overrides}, batch {args.batch}, "
-          f"{args.steps} steps: self CPU ms per step")
+    print(f"{title}: self CPU ms per step")
     print(f"{'residual':>9} {args.variant:>9} {'diff':>8}  op")
     keys = sorted(set(times_res) | set(times_hc), key=lambda k: -(times_hc[k] - times_res[k]))
     for key in keys[:args.top]:

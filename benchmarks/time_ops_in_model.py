@@ -25,11 +25,9 @@ import time
 import timm
 import torch
 
-import kromhc_vision
-from bench_models_cpu import BASES, commit, cpu_name, loss_of
+from bench_models_cpu import add_pair_arguments, build_pair, commit, cpu_name, step
 from kromhc_vision import recompute
 from kromhc_vision.connections import HyperConnection
-from kromhc_vision.cpu_allocator import CPU_MALLOC_CHOICES, configure_cpu_malloc
 from kromhc_vision.ops import _custom_ops
 
 
@@ -82,54 +80,27 @@ def timers(totals: collections.defaultdict, calls: collections.Counter):
             fn()
 
 
-def step_time(model, x) -> float:
-    model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    loss_of(model(x)).backward()
-    return time.perf_counter() - start
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=list(BASES), default="vit")
-    parser.add_argument("--variant", choices=[v for v in kromhc_vision.CONNECTIONS if v != "residual"],
-                        default="kromhc")
-    parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=16)
+    add_pair_arguments(parser, steps=4)
     parser.add_argument("--recompute", choices=("on", "off"), default="on", help="hc_recompute True (default) or False")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cpu-malloc", choices=CPU_MALLOC_CHOICES, default="retain",
-                        help="train.py's allocator setting (kromhc_vision.cpu_allocator)")
     args = parser.parse_args(argv)
-    for name in ("steps", "batch", "threads", "streams"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    base, kwargs, residual_name, residual_kwargs, size = BASES[args.model]
-    torch.set_num_threads(args.threads)
-    configure_cpu_malloc(args.cpu_malloc, "cpu")
-    hyper = timm.create_model(f"{base}_{args.variant}", num_streams=args.streams, hc_recompute=args.recompute == "on",
-                              **kwargs).train()
-    residual = timm.create_model(residual_name, **residual_kwargs).train()
-    x = torch.randn(args.batch, 3, size, size)
+    hyper, residual, x, title = build_pair(parser, args, hc_recompute=args.recompute == "on")
     totals, calls = collections.defaultdict(float), collections.Counter()
     for model in (residual, hyper):  # warm-up: kernels compiled, allocator primed
-        step_time(model, x)
+        step(model, x)
     steps = {"residual": [], "hyper": []}
     with timers(totals, calls):
-        step_time(hyper, x)
+        step(hyper, x)
         totals.clear()
         calls.clear()
         for _ in range(args.steps):
-            steps["residual"].append(step_time(residual, x))
-            steps["hyper"].append(step_time(hyper, x))
+            steps["residual"].append(step(residual, x))
+            steps["hyper"].append(step(hyper, x))
     res_ms, hyper_ms = (statistics.median(steps[k]) * 1e3 for k in ("residual", "hyper"))
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads; "
           f"commit {commit()}; cpu malloc: {args.cpu_malloc}")
-    overrides = "".join(f", {k}={v}" for k, v in residual_kwargs.items())
-    print(f"{base}_{args.variant} (n = {args.streams}, hc_recompute {args.recompute}) vs {residual_name}{overrides}, "
-          f"batch {args.batch}, {args.steps} steps: step {hyper_ms:.1f} ms (timed) vs residual {res_ms:.1f} ms, "
-          f"difference {hyper_ms - res_ms:.1f} ms")
+    print(f"{title}: step {hyper_ms:.1f} ms (timed) vs residual {res_ms:.1f} ms, difference {hyper_ms - res_ms:.1f} ms")
     print(f"{'ms/step':>8} {'calls':>6} {'ms/call':>8}  part (rows nest: a Function includes its ops)")
     for row in sorted(totals, key=lambda r: -totals[r]):
         per_step = totals[row] / args.steps * 1e3

@@ -160,6 +160,10 @@ class _Segment:
             observe(t)
         return t.detach()  # what the backward needs is the value; detached, no cycle can form
 
+    def _kept_anyway(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` stays without costing the segment anything: a parameter, or a storage already kept."""
+        return (t.requires_grad and t.grad_fn is None) or _storage_key(t) in self.keep
+
     def _pack(self, index: int, t: torch.Tensor, position: Optional[int]):
         """The state's views become placeholders; of the rest, with ``position`` (a post step's saves) all but the
         parameters and the kept storages too, by position; without (a pre step's), nothing."""
@@ -167,7 +171,7 @@ class _Segment:
         if link.state_key is not None and _storage_key(t) == link.state_key:
             link.placeholders += 1
             return _Placeholder(self, index, None, t)
-        if position is None or (t.requires_grad and t.grad_fn is None) or _storage_key(t) in self.keep:
+        if position is None or self._kept_anyway(t):
             return self._kept(t)
         link.placeholders += 1
         link.positional += 1
@@ -205,11 +209,8 @@ class _Segment:
         with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
             h_res = res_matrix(link.conn, a_res)
         buffers = {_storage_key(b) for b in link.conn.buffers()}
-        new = {}
-        for t in (h_res, *(p.value for p in pending)):
-            key = _storage_key(t)
-            if key not in self.keep and key not in buffers and not (t.requires_grad and t.grad_fn is None):
-                new[key] = t.untyped_storage().nbytes()
+        new = {_storage_key(t): t.untyped_storage().nbytes() for t in (h_res, *(p.value for p in pending))
+               if not self._kept_anyway(t) and _storage_key(t) not in buffers}
         kept = sum(new.values()) * RES_KEEP_WIDTH_RATIO <= y.numel() * y.element_size()
         if kept:
             self.keep.add(_storage_key(h_res))
