@@ -1,5 +1,5 @@
-"""Benchmark of ``stream_pre`` (the fused Triton kernel, or on CPU with ``--backend numba`` the BLAS
-projection around the numba per-token kernels) against the PyTorch reference (eager and compiled).
+"""Benchmark of ``stream_pre`` (the fused Triton kernel, or on CPU with ``--backend numba`` the fused numba
+kernels, projection GEMMs included) against the PyTorch reference (eager and compiled).
 
 Floor per token: forward reads X and writes u, ``(n+1) C`` values; backward reads X and du and
 writes dX, ``(2n+1) C``. (The coefficients, ``2n+m`` fp32 per token, are left out.)

@@ -3,8 +3,8 @@
 ``profile_step_cpu.py``'s profiler slows every op and attributes a Python autograd Function's kernels to it; this
 wraps the connections' parts in ``perf_counter`` timers instead and runs ordinary training steps:
 
-- ``Function``: each autograd Function of the ops layer (``StreamPre``, the numba ops' eager Functions,
-  PyTorch's ``StreamPost`` / ``BirkhoffMix``), forward and backward, inclusive of everything they call
+- ``Function``: each autograd Function of the ops layer (the numba and PyTorch ``StreamPre``, the numba ops'
+  eager Functions, PyTorch's ``StreamPost`` / ``BirkhoffMix``), forward and backward, inclusive of everything they call
   (BLAS GEMMs, kernels, wrappers; a backward also whatever recomputation its saved tensors trigger);
 - ``op``: each kernel backend function the Functions reach through ``_custom_ops.call`` (the numba kernels
   with their argument handling);
@@ -35,8 +35,9 @@ def _functions():
     """The ops layer's autograd Functions: (label, class)."""
     from importlib import import_module
     found = [(cls.__name__.removeprefix("Eager_"), cls) for cls in _custom_ops._EAGER_FUNCTIONS.values()]
-    for module, name in (("stream_pre", "StreamPre"), ("stream_post", "StreamPost"), ("permutation_mix", "BirkhoffMix")):
-        found.append((name, getattr(import_module(f"kromhc_vision.ops.pytorch.{module}"), name)))
+    for package, module, name in (("numba", "stream_pre", "StreamPre"), ("pytorch", "stream_pre", "StreamPre"),
+                                  ("pytorch", "stream_post", "StreamPost"), ("pytorch", "permutation_mix", "BirkhoffMix")):
+        found.append((f"{package} {name}", getattr(import_module(f"kromhc_vision.ops.{package}.{module}"), name)))
     return found
 
 

@@ -51,3 +51,21 @@ def _compare(op, reference, inputs, args=()):
 @pytest.fixture
 def compare():
     return _compare
+
+
+def _stream_pre_inputs(lead, n, C, m, dtype=torch.float64):
+    """``stream_pre``'s tensors ``X (*lead, n, C), norm_weight (nC,), proj_weight (nC, 2n+m), scale, bias
+    (2n+m,)``, all requiring grad; the projection large enough that the coefficients vary."""
+    k = 2 * n + m
+    return [
+        torch.randn(*lead, n, C, dtype=dtype, requires_grad=True),
+        (1 + 0.3 * torch.randn(n * C, dtype=dtype)).requires_grad_(),
+        (0.5 * torch.randn(n * C, k, dtype=dtype)).requires_grad_(),
+        torch.randn(k, dtype=dtype, requires_grad=True),
+        torch.randn(k, dtype=dtype, requires_grad=True),
+    ]
+
+
+@pytest.fixture
+def stream_pre_inputs():
+    return _stream_pre_inputs

@@ -64,12 +64,12 @@ def test_projection_gemm_spellings_agree_and_print(capsys):
 
 
 def test_in_model_timers_see_every_part_and_are_undone(capsys):
-    from kromhc_vision.ops.pytorch.stream_pre import StreamPre
+    from kromhc_vision.ops.numba.stream_pre import StreamPre
     forward = StreamPre.__dict__["forward"]
     time_ops_in_model.main(["--model", "micro", "--variant", "mhc", "--steps", "1", "--batch", "2",
                             "--threads", str(torch.get_num_threads()), "--cpu-malloc", "default"])
     assert StreamPre.__dict__["forward"] is forward
     rows = {line[26:] for line in capsys.readouterr().out.splitlines()[3:]}
     # 12 connections: one pre and one post step each, forward and backward; segments of 3 recomputed
-    assert {"Function StreamPre.forward", "Function StreamPre.backward", "Phi", "recompute",
+    assert {"Function numba StreamPre.forward", "Function numba StreamPre.backward", "Phi", "recompute",
             "op numba.stream_post._stream_post_bwd", "op numba.stream_pre._stream_pre_fwd"} <= rows

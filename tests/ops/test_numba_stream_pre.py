@@ -1,85 +1,117 @@
-"""numba ``stream_pre`` token kernels against the PyTorch functions they replace (:mod:`kromhc_vision.ops.pytorch.stream_pre`)."""
+"""numba ``stream_pre`` (the whole pre step, projection GEMMs included) against
+:func:`kromhc_vision.ops.reference.stream_pre` differentiated by autograd."""
 import importlib
 
 import pytest
 import torch
 
-# the modules (each package's ``stream_pre`` attribute is the op)
-stream_pre = importlib.import_module("kromhc_vision.ops.numba.stream_pre")
-mixing = importlib.import_module("kromhc_vision.ops.pytorch.stream_pre")
+from kromhc_vision.ops.reference import stream_pre as stream_pre_reference
+
+# the module (the package's ``stream_pre`` attribute is the op)
+numba_pre = importlib.import_module("kromhc_vision.ops.numba.stream_pre")
+EPS = 1e-6
 
 
-def forward_inputs(T, n, m, C, dtype, padded=0):
-    k = 2 * n + m
-    return (torch.randn(T, n, C, dtype=dtype), torch.randn(T, k + padded, dtype=dtype),
-            torch.randn(k, dtype=dtype), torch.randn(k, dtype=dtype))
-
-
-def backward_inputs(T, n, m, C, dtype, padded=0):
-    x, raw, scale, _ = forward_inputs(T, n, m, C, dtype, padded)
-    h_pre, h_post = torch.rand(T, n, dtype=dtype), 2 * torch.rand(T, n, dtype=dtype)
-    inv_rms = torch.rand(T, 1, dtype=dtype) + 0.5
-    return (x, torch.randn(T, n, C, dtype=dtype), torch.randn(T, C, dtype=dtype), torch.randn(T, n, dtype=dtype),
-            torch.randn(T, n, dtype=dtype), torch.randn(T, m, dtype=dtype), h_pre, h_post, raw, inv_rms, scale)
-
-
-def tolerances(dtype):
-    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
-
-
-SHAPES = [(1, 2, 4, 1, 0), (7, 3, 6, 40, 2), (300, 4, 24, 72, 0), (5, 8, 4, 40, 4), (0, 4, 4, 8, 4)]
+# (lead, n, C, m): token counts on both sides of the blocks of four and of the per-thread chunks, one token,
+# none, a wide coefficient row (KromHC n = 8 has m = 6; mHC-lite n = 4 has 24; 80 is beyond both), n = 8
+SHAPES = [((1,), 2, 3, 2), ((7,), 3, 5, 6), ((2, 13), 4, 24, 4), ((0,), 4, 8, 4), ((3, 4), 4, 4, 72),
+          ((37,), 8, 16, 6), ((5,), 1, 7, 0)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("T, n, m, C, padded", SHAPES)
-def test_forward_matches_torch(T, n, m, C, padded, dtype):
-    inputs = forward_inputs(T, n, m, C, dtype, padded)
-    expected = mixing.pre_tokens_forward(*inputs, 1e-6)
-    torch.testing.assert_close(stream_pre.pre_tokens_forward(*inputs, 1e-6), expected, **tolerances(dtype))
+@pytest.mark.parametrize("lead, n, C, m", SHAPES)
+def test_matches_reference(lead, n, C, m, dtype, compare, stream_pre_inputs):
+    compare(numba_pre.stream_pre, stream_pre_reference, stream_pre_inputs(lead, n, C, m, dtype), (EPS,))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("T, n, m, C, padded", SHAPES)
-def test_backward_matches_torch(T, n, m, C, padded, dtype):
-    inputs = backward_inputs(T, n, m, C, dtype, padded)
-    dx, da, draw = stream_pre.pre_tokens_backward(*inputs)
-    torch.testing.assert_close((dx, da, draw), mixing.pre_tokens_backward(*inputs), **tolerances(dtype))
-    assert not draw[:, 2 * n + m:].any(), "the padding columns of draw must be zero (they meet W_g's zero columns)"
+def test_gradcheck(stream_pre_inputs):
+    assert torch.autograd.gradcheck(lambda *a: numba_pre.stream_pre(*a, EPS), stream_pre_inputs((2, 3), 3, 5, 6))
 
 
-def test_every_output_entry_is_written(monkeypatch):
-    """Outputs allocated full of NaN: the kernels must write every entry, the padding columns of draw included."""
+def grads_of(fn, inputs, used):
+    """Gradients of a random combination of the outputs in ``used``; an input the loss misses counts as zeros."""
+    outs = fn(*inputs, EPS)
+    g = torch.Generator()
+    loss = sum((outs[i] * torch.randn(outs[i].shape, generator=g.manual_seed(i), dtype=outs[i].dtype)).sum()
+               for i in used)
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [o.detach() for o in outs] + [torch.zeros_like(x) if d is None else d for x, d in zip(inputs, grads)]
+
+
+@pytest.mark.parametrize("used", [(0,), (1,), (2,), (3,), (4,), (0, 4), (1, 2, 3), (2, 3, 4)])
+def test_any_subset_of_outputs(used, stream_pre_inputs):
+    """Outputs that do not reach the loss get no gradient (None) and must count as zero, whichever they are
+    (the fifth, the alias of ``X``, carries the post step's gradient into the kernel as ``dX_post``)."""
+    inputs = stream_pre_inputs((6,), 3, 5, 6)
+    for a, b in zip(grads_of(numba_pre.stream_pre, inputs, used), grads_of(stream_pre_reference, inputs, used)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_every_output_entry_is_written(monkeypatch, stream_pre_inputs):
+    """Outputs allocated full of NaN: the kernels must write every entry of every output."""
     for name in ("_forward_outputs", "_backward_outputs"):
-        allocate = getattr(stream_pre, name)
-        monkeypatch.setattr(stream_pre, name, lambda *a, f=allocate: tuple(t.fill_(float("nan")) for t in f(*a)))
-    inputs = forward_inputs(7, 3, 6, 40, torch.float64, 2)
-    torch.testing.assert_close(stream_pre.pre_tokens_forward(*inputs, 1e-6), mixing.pre_tokens_forward(*inputs, 1e-6))
-    inputs = backward_inputs(7, 3, 6, 40, torch.float64, 2)
-    torch.testing.assert_close(stream_pre.pre_tokens_backward(*inputs), mixing.pre_tokens_backward(*inputs))
+        allocate = getattr(numba_pre, name)
+        monkeypatch.setattr(numba_pre, name, lambda *a, f=allocate: tuple(t.fill_(float("nan")) for t in f(*a)))
+    inputs = stream_pre_inputs((13,), 3, 5, 6)
+    every = (0, 1, 2, 3, 4)
+    for a, b in zip(grads_of(numba_pre.stream_pre, inputs, every), grads_of(stream_pre_reference, inputs, every)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("missing", ["dX_post", "du", "both"])
-def test_backward_without_state_or_u_gradient(missing):
-    inputs = list(backward_inputs(6, 3, 6, 20, torch.float64, 2))
-    if missing in ("dX_post", "both"):
-        inputs[1] = None
-    if missing in ("du", "both"):
-        inputs[2] = None
-    torch.testing.assert_close(stream_pre.pre_tokens_backward(*inputs), mixing.pre_tokens_backward(*inputs),
-                               rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_any_thread_count(threads, monkeypatch, stream_pre_inputs):
+    """Each thread sums its own chunk of tokens into partial ``dW``, ``ds``, ``db``: every split (chunks of
+    unequal length, a chunk shorter than a block) gives the reference's gradients."""
+    monkeypatch.setattr(numba_pre, "match_torch_threads", lambda: threads)
+    inputs = stream_pre_inputs((21,), 4, 6, 4)
+    for a, b in zip(grads_of(numba_pre.stream_pre, inputs, (0, 1, 3, 4)),
+                    grads_of(stream_pre_reference, inputs, (0, 1, 3, 4))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_forward_extreme_inputs_stay_finite():
-    """Saturated sigmoids (logits far beyond +-100) give exactly 0, 1 or 2, not NaN."""
-    x, raw, scale, bias = forward_inputs(9, 4, 8, 16, torch.float32)
-    bias = torch.where(torch.arange(bias.shape[0]) % 2 == 0, 1e4, -1e4)
-    u, h_pre, h_post, a_res, inv_rms = stream_pre.pre_tokens_forward(x, raw, scale, bias, 1e-6)
-    assert all(t.isfinite().all() for t in (u, h_pre, h_post, a_res, inv_rms))
-    assert set(h_pre.unique().tolist()) <= {0.0, 1.0} and set(h_post.unique().tolist()) <= {0.0, 2.0}
+def test_takes_a_strided_stream_state(stream_pre_inputs):
+    """``X`` sliced out of a wider tensor (not viewable as ``(T, n*C)`` rows): same values and gradients."""
+    _, *params = stream_pre_inputs((2, 3), 3, 5, 4)
+    wide = torch.randn(2, 3, 3, 9, dtype=torch.float64, requires_grad=True)
+    every = (0, 1, 2, 3, 4)
+    ours = grads_of(lambda w, *p: numba_pre.stream_pre(w[..., 2:7], *p), [wide, *params], every)
+    ref = grads_of(lambda w, *p: stream_pre_reference(w[..., 2:7], *p), [wide, *params], every)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_opcheck():
-    torch.library.opcheck(torch.ops.kromhc_vision.cpu_stream_pre_fwd.default,
-                          (*forward_inputs(5, 3, 6, 40, torch.float64, 2), 1e-6))
+def test_bf16_streams_keep_dtype_and_fp32_coefficients(stream_pre_inputs):
+    X, *params = stream_pre_inputs((3, 5), 4, 16, 4, torch.float32)
+    Xb = X.detach().bfloat16().requires_grad_()
+    u, h_pre, h_post, a_res, _ = numba_pre.stream_pre(Xb, *params, EPS)
+    assert u.dtype == torch.bfloat16 and h_pre.dtype == h_post.dtype == a_res.dtype == torch.float32
+    ref = stream_pre_reference(Xb, *params, EPS)
+    for a, b in zip((u, h_pre, h_post, a_res), ref):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    (u.float().sum() + a_res.sum()).backward()
+    assert Xb.grad.dtype == torch.bfloat16 and torch.isfinite(Xb.grad.float()).all()
+
+
+def test_extreme_inputs_stay_finite(stream_pre_inputs):
+    """Saturated sigmoids (logits far beyond +-100) give exactly 0, 1 or 2, not NaN, and finite gradients."""
+    X, g, W, s, b = stream_pre_inputs((9,), 4, 16, 8, torch.float32)
+    b = torch.where(torch.arange(b.shape[0]) % 2 == 0, 1e4, -1e4).requires_grad_()
+    outs = numba_pre.stream_pre(X, g, W, s, b, EPS)
+    assert all(t.isfinite().all() for t in outs)
+    assert set(outs[1].unique().tolist()) <= {0.0, 1.0} and set(outs[2].unique().tolist()) <= {0.0, 2.0}
+    grads = torch.autograd.grad(sum(o.sum() for o in outs[:4]), (X, g, W, s, b))
+    assert all(d.isfinite().all() for d in grads)
+
+
+def test_opcheck(stream_pre_inputs):
+    x, g, W, s, b = (t.detach() for t in stream_pre_inputs((5,), 3, 8, 6))
+    torch.library.opcheck(torch.ops.kromhc_vision.cpu_stream_pre_fwd.default, (x, g, W, s, b, EPS))
+    u, h_pre, h_post, a_res, raw, inv_rms = torch.ops.kromhc_vision.cpu_stream_pre_fwd(x, g, W, s, b, EPS)
+    T, n, C = x.shape
+    grads = (torch.randn(T, n, C, dtype=x.dtype), torch.randn(T, C, dtype=x.dtype), torch.randn_like(h_pre),
+             torch.randn_like(h_post), torch.randn_like(a_res))
     torch.library.opcheck(torch.ops.kromhc_vision.cpu_stream_pre_bwd.default,
-                          backward_inputs(5, 3, 6, 40, torch.float64, 2))
+                          (x, *grads, h_pre, h_post, raw, inv_rms, g, W, s))
+    no_post_no_u = (x.new_zeros(0, n, C), x.new_zeros(0, C), *grads[2:])
+    torch.library.opcheck(torch.ops.kromhc_vision.cpu_stream_pre_bwd.default,
+                          (x, *no_post_no_u, h_pre, h_post, raw, inv_rms, g, W, s))

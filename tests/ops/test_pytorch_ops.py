@@ -1,25 +1,10 @@
-"""The PyTorch path of the shared mixing steps against the autograd reference; ``StreamPre`` with either
-pair of per-token functions (PyTorch's, numba's)."""
+"""The PyTorch backend's mixing steps against the autograd reference."""
 import pytest
 import torch
 
-from kromhc_vision.ops.numba.stream_pre import TOKEN_OPS as STREAM_PRE_TOKEN_OPS
 from kromhc_vision.ops.pytorch.stream_post import stream_post as stream_post_torch
-from kromhc_vision.ops.pytorch.stream_pre import TOKEN_OPS as TORCH_TOKEN_OPS, stream_pre as stream_pre_torch
+from kromhc_vision.ops.pytorch.stream_pre import stream_pre as stream_pre_torch
 from kromhc_vision.ops.reference import stream_post as stream_post_reference, stream_pre as stream_pre_reference
-
-TOKEN_OPS = pytest.mark.parametrize("token_ops", [TORCH_TOKEN_OPS, STREAM_PRE_TOKEN_OPS], ids=["torch", "numba"])
-
-
-def pre_inputs(n, C, m, lead=(2, 3), dtype=torch.float64):
-    k = 2 * n + m
-    return [
-        torch.randn(*lead, n, C, dtype=dtype, requires_grad=True),
-        (1 + 0.3 * torch.randn(n * C, dtype=dtype)).requires_grad_(),
-        (0.5 * torch.randn(n * C, k, dtype=dtype)).requires_grad_(),
-        torch.randn(k, dtype=dtype, requires_grad=True),
-        torch.randn(k, dtype=dtype, requires_grad=True),
-    ]
 
 
 def post_inputs(n, C, lead=(2, 3), dtype=torch.float64):
@@ -36,17 +21,15 @@ def pre_reference_with_stream(X, *params):
     return stream_pre_reference(X, *params, 1e-6)
 
 
-@TOKEN_OPS
 @pytest.mark.parametrize("n, C, m", [(2, 3, 2), (3, 5, 6), (4, 7, 4)])
-def test_stream_pre_gradcheck(n, C, m, token_ops):
-    assert torch.autograd.gradcheck(lambda *a: stream_pre_torch(*a, 1e-6, token_ops), pre_inputs(n, C, m))
+def test_stream_pre_gradcheck(n, C, m, stream_pre_inputs):
+    assert torch.autograd.gradcheck(lambda *a: stream_pre_torch(*a, 1e-6), stream_pre_inputs((2, 3), n, C, m))
 
 
-@TOKEN_OPS
 @pytest.mark.parametrize("used", [(0,), (1,), (2,), (3,), (4,), (0, 4), (2, 3, 4)])
-def test_stream_pre_gradient_of_any_subset_of_outputs(used, token_ops):
+def test_stream_pre_gradient_of_any_subset_of_outputs(used, stream_pre_inputs):
     """Outputs that do not reach the loss get no gradient (None) and must count as zero, whichever they are."""
-    inputs = pre_inputs(3, 5, 6)
+    inputs = stream_pre_inputs((2, 3), 3, 5, 6)
 
     def grads(fn):
         outs = fn(*inputs)
@@ -56,16 +39,15 @@ def test_stream_pre_gradient_of_any_subset_of_outputs(used, token_ops):
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
         return [torch.zeros_like(x) if d is None else d for x, d in zip(inputs, grads)]
 
-    for a, b in zip(grads(lambda *a: stream_pre_torch(*a, 1e-6, token_ops)), grads(pre_reference_with_stream)):
+    for a, b in zip(grads(lambda *a: stream_pre_torch(*a, 1e-6)), grads(pre_reference_with_stream)):
         torch.testing.assert_close(a, b)
 
 
-@TOKEN_OPS
-def test_stream_pre_takes_a_strided_stream_state(token_ops):
+def test_stream_pre_takes_a_strided_stream_state(stream_pre_inputs):
     """``X`` sliced out of a wider tensor (not viewable as ``(T, n*C)`` rows): same values and gradients."""
-    _, *params = pre_inputs(3, 5, 4)
+    _, *params = stream_pre_inputs((2, 3), 3, 5, 4)
     wide = torch.randn(2, 3, 3, 9, dtype=torch.float64, requires_grad=True)
-    outs, grads = grads_of(lambda w, *p: stream_pre_torch(w[..., 2:7], *p, 1e-6, token_ops), [wide, *params])
+    outs, grads = grads_of(lambda w, *p: stream_pre_torch(w[..., 2:7], *p, 1e-6), [wide, *params])
     ref_outs, ref_grads = grads_of(lambda w, *p: pre_reference_with_stream(w[..., 2:7], *p), [wide, *params])
     for a, b in zip(outs + grads, ref_outs + ref_grads):
         torch.testing.assert_close(a, b)
@@ -85,8 +67,8 @@ def grads_of(fn, inputs, seed=1):
 
 
 @pytest.mark.parametrize("lead", [(5,), (2, 3, 4)])
-def test_stream_pre_matches_reference_float32(lead):
-    inputs = pre_inputs(4, 40, 4, lead, torch.float32)
+def test_stream_pre_matches_reference_float32(lead, stream_pre_inputs):
+    inputs = stream_pre_inputs(lead, 4, 40, 4, torch.float32)
     outs, grads = grads_of(lambda *a: stream_pre_torch(*a, 1e-6), inputs)
     ref_outs, ref_grads = grads_of(pre_reference_with_stream, inputs)
     for a, b in zip(outs + grads, ref_outs + ref_grads):
@@ -101,8 +83,8 @@ def test_stream_post_matches_reference_float32():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_streams_keep_dtype_and_fp32_coefficients():
-    X, g, W, s, b = pre_inputs(4, 16, 4, (3,), torch.float32)
+def test_bf16_streams_keep_dtype_and_fp32_coefficients(stream_pre_inputs):
+    X, g, W, s, b = stream_pre_inputs((3,), 4, 16, 4, torch.float32)
     Xb = X.detach().bfloat16().requires_grad_()
     u, h_pre, h_post, a_res, Xb_post = stream_pre_torch(Xb, g, W, s, b, 1e-6)
     assert u.dtype == torch.bfloat16 and h_pre.dtype == h_post.dtype == a_res.dtype == torch.float32

@@ -1,30 +1,40 @@
-"""The per-token part of ``stream_pre`` on CPU: everything around the projection GEMM, one pass each way.
+"""``stream_pre`` on CPU: the whole pre step, projection included, in one pass over the stream state each way.
 
-Per token, with ``x`` the stream state ``(n, C)``, ``r = x W_g`` the projection (a BLAS GEMM, padded to
-``k' >= k`` columns) and ``k = 2n + m``::
+Per token, with ``x`` the stream state ``(n, C)`` read as a row of ``nC`` values, ``W_g = g * W`` the gained
+projection ``(nC, k)`` and ``k = 2n + m``::
 
-    forward:   rho = (|x|^2 / nC + eps)^-1/2,   a = b + s * r * rho,
+    forward:   r = x W_g,   rho = (|x|^2 / nC + eps)^-1/2,   a = b + s * r * rho,
                H_pre = sigmoid(a[:n]),  H_post = 2 sigmoid(a[n:2n]),  a_res = a[2n:],  u = H_pre x
     backward:  dH_pre += <du, x_j>,   da = [dH_pre H_pre (1 - H_pre) | dH_post H_post (1 - H_post / 2) | da_res]
-               dr = s * da * rho (zero on the padding),   coef = -rho^3 / (nC) * sum_k s_k da_k r_k
-               dx = dX_post + coef * x + H_pre^T du
+               dr = s * da * rho,   coef = -rho^3 / (nC) * sum_k s_k da_k r_k
+               dx = dX_post + coef * x + H_pre^T du + dr W_g^T
+               dW_g = sum_t x_t^T dr_t,   dg = sum_k dW_g W,   dW = dW_g g,
+               ds = sum_t da r rho,   db = sum_t da
 
-``x`` is read once per direction and stays in L1 while the token's coefficients are formed; PyTorch
-reads it three times forward (norm, ``u``) and backward (``<du, x>``, ``coef x``, ``H_pre^T du``)
-and makes some ten small ops besides. The GEMM terms ``x W_g`` and ``dr W_g^T``, ``x^T dr`` stay with
-BLAS. Reference: :func:`..pytorch.stream_pre.pre_tokens_forward` / :func:`..pytorch.stream_pre.pre_tokens_backward`.
+Tokens go in blocks of four, so each row of ``W_g^T`` (``nC`` values, in L1/L2) is read once per four tokens
+for the four dot products ``r`` forward, and once per four for the four rows of ``dr W_g^T`` and the
+accumulation of ``dW_g`` backward; the block's ``x`` stays in L1 meanwhile. The tokens are split into one
+chunk per thread, each accumulating its own ``dW_g``, ``ds``, ``db``, summed at the end in a fixed order (the
+values depend on the thread count, not on scheduling). BLAS would run the three projections as three more
+passes over the state (``T x nC`` floats each) and PyTorch the small reductions as a dozen more ops
+(:mod:`kromhc_vision.ops.pytorch.stream_pre`, which this replaces on CPU; BENCHMARKS.md ``stream_pre_fused``).
+
+Reference: :func:`kromhc_vision.ops.reference.stream_pre`.
 """
 import functools
 import math
 
 import numba
+import numpy as np
 import torch
 
-from ..pytorch.stream_pre import stream_pre as _stream_pre_pytorch
 from .._custom_ops import call, custom_op
+from ..pytorch._once import once_differentiable
+from ..reference import autocast_off, compute_dtype
 from ._common import match_torch_threads, numpy_view
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+TOKEN_BLOCK = 4  # tokens per block of the projection loops (the loops below spell out four)
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,130 +43,267 @@ def _kernels(num_streams: int):
     loops over streams unroll and ``u`` is summed in registers (numba caches one pair per ``N``)."""
     N = num_streams
 
-    @numba.njit(**_FLAGS)
-    def forward(x, raw, scale, bias, eps, u, h_pre, h_post, a_res, inv_rms):
-        T, _, C = x.shape
-        k = bias.shape[0]
-        dt = x.dtype.type  # every value in x's dtype, as the reference
-        for t in numba.prange(T):
-            s = dt(0)
-            for j in range(N):
-                for c in range(C):
-                    s += x[t, j, c] * x[t, j, c]
-            rho = dt(1.0 / math.sqrt(s / (N * C) + eps))
-            inv_rms[t, 0] = rho
-            for i in range(k):
-                a = bias[i] + scale[i] * (raw[t, i] * rho)
-                if i < N:
-                    h_pre[t, i] = 1.0 / (1.0 + math.exp(-a))
-                elif i < 2 * N:
-                    h_post[t, i - N] = 2.0 / (1.0 + math.exp(-a))
-                else:
-                    a_res[t, i - 2 * N] = a
-            for c in range(C):
-                v = h_pre[t, 0] * x[t, 0, c]
-                for j in range(1, N):
-                    v += h_pre[t, j] * x[t, j, c]
-                u[t, c] = v
+    @numba.njit(cache=True, error_model="numpy")
+    def gained_transposed(g, W):
+        """``W_g^T = (g * W)^T`` as ``(k, nC)``: rows contiguous along the state."""
+        NC, k = W.shape
+        wt = np.empty((k, NC), W.dtype)
+        for i in range(k):
+            for c in range(NC):
+                wt[i, c] = g[c] * W[c, i]
+        return wt
 
     @numba.njit(**_FLAGS)
-    def backward(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale, dx, da, draw):
-        """``dX_post`` of 0 tokens stands for none (a zero gradient)."""
+    def forward(x, g, W, scale, bias, eps, u, h_pre, h_post, a_res, raw, inv_rms):
         T, _, C = x.shape
-        k, padded = scale.shape[0], raw.shape[1]
-        dt = x.dtype.type  # a float64 coef would widen the loops over C
-        for t in numba.prange(T):
-            for j in range(N):
-                s = dh_pre[t, j]
+        NC = N * C
+        k = bias.shape[0]
+        dt = x.dtype.type  # every value in x's dtype, as the reference
+        xf = x.reshape((T, NC))
+        wt = gained_transposed(g, W)
+        for b in numba.prange((T + TOKEN_BLOCK - 1) // TOKEN_BLOCK):
+            t0 = b * TOKEN_BLOCK
+            if t0 + TOKEN_BLOCK <= T:
+                for i in range(k):
+                    r0 = dt(0)
+                    r1 = dt(0)
+                    r2 = dt(0)
+                    r3 = dt(0)
+                    for c in range(NC):
+                        w = wt[i, c]
+                        r0 += xf[t0, c] * w
+                        r1 += xf[t0 + 1, c] * w
+                        r2 += xf[t0 + 2, c] * w
+                        r3 += xf[t0 + 3, c] * w
+                    raw[t0, i] = r0
+                    raw[t0 + 1, i] = r1
+                    raw[t0 + 2, i] = r2
+                    raw[t0 + 3, i] = r3
+            else:
+                for t in range(t0, T):
+                    for i in range(k):
+                        r = dt(0)
+                        for c in range(NC):
+                            r += xf[t, c] * wt[i, c]
+                        raw[t, i] = r
+            for t in range(t0, min(t0 + TOKEN_BLOCK, T)):
+                s = dt(0)
+                for c in range(NC):
+                    s += xf[t, c] * xf[t, c]
+                rho = dt(1.0 / math.sqrt(s / NC + eps))
+                inv_rms[t, 0] = rho
+                for i in range(k):
+                    a = bias[i] + scale[i] * (raw[t, i] * rho)
+                    if i < N:
+                        h_pre[t, i] = 1.0 / (1.0 + math.exp(-a))
+                    elif i < 2 * N:
+                        h_post[t, i - N] = 2.0 / (1.0 + math.exp(-a))
+                    else:
+                        a_res[t, i - 2 * N] = a
                 for c in range(C):
-                    s += du[t, c] * x[t, j, c]
-                h = h_pre[t, j]
-                da[t, j] = s * h * (1.0 - h)
-                h = h_post[t, j]
-                da[t, N + j] = dh_post[t, j] * h * (1.0 - 0.5 * h)
-            for i in range(2 * N, k):
-                da[t, i] = da_res[t, i - 2 * N]
-            rho = inv_rms[t, 0]
-            q = dt(0)
-            for i in range(k):
-                d = da[t, i] * scale[i]
-                draw[t, i] = d * rho
-                q += d * raw[t, i]
-            for i in range(k, padded):
-                draw[t, i] = 0.0
-            coef = dt(-q * rho * rho * rho / (N * C))
-            for j in range(N):
-                h = h_pre[t, j]
-                if dX_post.shape[0] == 0:
-                    for c in range(C):
-                        dx[t, j, c] = coef * x[t, j, c] + h * du[t, c]
+                    v = h_pre[t, 0] * x[t, 0, c]
+                    for j in range(1, N):
+                        v += h_pre[t, j] * x[t, j, c]
+                    u[t, c] = v
+
+    @numba.njit(**_FLAGS)
+    def backward(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, g, W, scale,
+                 dx, dg, dW, dscale, dbias, chunks):
+        """``dX_post`` of 0 tokens stands for none (a zero gradient), ``du`` of 0 tokens likewise; ``chunks``:
+        the threads (one chunk of tokens each)."""
+        T, _, C = x.shape
+        NC = N * C
+        k = scale.shape[0]
+        dt = x.dtype.type  # a float64 coef would widen the loops over C
+        xf = x.reshape((T, NC))
+        dxf = dx.reshape((T, NC))
+        wt = gained_transposed(g, W)
+        per = ((T + chunks - 1) // chunks + TOKEN_BLOCK - 1) // TOKEN_BLOCK * TOKEN_BLOCK  # tokens per chunk
+        dwt_parts = np.zeros((chunks, k, NC), x.dtype)  # each chunk's dW_g^T
+        sb_parts = np.zeros((chunks, 2, k), x.dtype)  # each chunk's ds, db (per coefficient)
+        has_post, has_du = dX_post.shape[0] != 0, du.shape[0] != 0
+        for p in numba.prange(chunks):
+            acc = dwt_parts[p]
+            sb = sb_parts[p]
+            dr = np.empty((TOKEN_BLOCK, k), x.dtype)
+            hi = min(T, (p + 1) * per)
+            for t0 in range(p * per, hi, TOKEN_BLOCK):
+                nt = min(TOKEN_BLOCK, hi - t0)
+                for q in range(nt):
+                    t = t0 + q
+                    rho = inv_rms[t, 0]
+                    qs = dt(0)
+                    for i in range(k):
+                        if i < N:
+                            s = dh_pre[t, i]
+                            if has_du:
+                                for c in range(C):
+                                    s += du[t, c] * x[t, i, c]
+                            h = h_pre[t, i]
+                            d = s * h * (1.0 - h)
+                        elif i < 2 * N:
+                            h = h_post[t, i - N]
+                            d = dh_post[t, i - N] * h * (1.0 - 0.5 * h)
+                        else:
+                            d = da_res[t, i - 2 * N]
+                        sb[0, i] += d * raw[t, i] * rho
+                        sb[1, i] += d
+                        d = d * scale[i]
+                        dr[q, i] = d * rho
+                        qs += d * raw[t, i]
+                    coef = dt(-qs * rho * rho * rho / NC)
+                    for j in range(N):
+                        if has_post:
+                            for c in range(C):
+                                dx[t, j, c] = dX_post[t, j, c] + coef * x[t, j, c]
+                        else:
+                            for c in range(C):
+                                dx[t, j, c] = coef * x[t, j, c]
+                        if has_du:
+                            h = h_pre[t, j]
+                            for c in range(C):
+                                dx[t, j, c] += h * du[t, c]
+                if nt == TOKEN_BLOCK:  # rows as 1-d views: LLVM vectorises these loops better than 2-d indexing
+                    x0, x1, x2, x3 = xf[t0], xf[t0 + 1], xf[t0 + 2], xf[t0 + 3]
+                    y0, y1, y2, y3 = dxf[t0], dxf[t0 + 1], dxf[t0 + 2], dxf[t0 + 3]
+                    for i in range(k):
+                        d0 = dr[0, i]
+                        d1 = dr[1, i]
+                        d2 = dr[2, i]
+                        d3 = dr[3, i]
+                        w = wt[i]
+                        a = acc[i]
+                        for c in range(NC):
+                            wc = w[c]
+                            y0[c] += d0 * wc
+                            y1[c] += d1 * wc
+                            y2[c] += d2 * wc
+                            y3[c] += d3 * wc
+                            a[c] += d0 * x0[c] + d1 * x1[c] + d2 * x2[c] + d3 * x3[c]
                 else:
-                    for c in range(C):
-                        dx[t, j, c] = dX_post[t, j, c] + coef * x[t, j, c] + h * du[t, c]
+                    for q in range(nt):
+                        t = t0 + q
+                        for i in range(k):
+                            d = dr[q, i]
+                            for c in range(NC):
+                                dxf[t, c] += d * wt[i, c]
+                                acc[i, c] += d * xf[t, c]
+        for i in range(k):
+            s0 = dt(0)
+            s1 = dt(0)
+            for p in range(chunks):
+                s0 += sb_parts[p, 0, i]
+                s1 += sb_parts[p, 1, i]
+            dscale[i] = s0
+            dbias[i] = s1
+        for c in numba.prange(NC):
+            sg = dt(0)
+            for i in range(k):
+                s = dt(0)
+                for p in range(chunks):
+                    s += dwt_parts[p, i, c]
+                sg += s * W[c, i]
+                dW[c, i] = s * g[c]
+            dg[c] = sg
 
     return forward, backward
 
 
-@custom_op("kromhc_vision::cpu_stream_pre_fwd", device_types="cpu")
-def _stream_pre_fwd(x: torch.Tensor, raw: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    outs = _forward_outputs(x, bias)
-    match_torch_threads()
-    _kernels(x.shape[1])[0](*map(numpy_view, (x, raw, scale, bias)), eps, *(o.numpy() for o in outs))
-    return outs
-
-
 def _forward_outputs(x, bias):
     T, n, C = x.shape
-    shapes = [(T, C), (T, n), (T, n), (T, bias.shape[0] - 2 * n), (T, 1)]
+    k = bias.shape[0]
+    shapes = [(T, C), (T, n), (T, n), (T, k - 2 * n), (T, k), (T, 1)]
     return tuple(x.new_empty(s) for s in shapes)
 
 
-_stream_pre_fwd.register_fake(lambda x, raw, scale, bias, eps: _forward_outputs(x, bias))
+@custom_op("kromhc_vision::cpu_stream_pre_fwd", device_types="cpu")
+def _stream_pre_fwd(x: torch.Tensor, norm_weight: torch.Tensor, proj_weight: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor, eps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    outs = _forward_outputs(x, bias)
+    match_torch_threads()
+    _kernels(x.shape[1])[0](*map(numpy_view, (x, norm_weight, proj_weight, scale, bias)), eps,
+                            *(o.numpy() for o in outs))
+    return outs
+
+
+_stream_pre_fwd.register_fake(lambda x, norm_weight, proj_weight, scale, bias, eps: _forward_outputs(x, bias))
+
+
+def _backward_outputs(x, norm_weight, proj_weight, scale):
+    return (x.new_empty(x.shape), x.new_empty(norm_weight.shape), x.new_empty(proj_weight.shape),
+            x.new_empty(scale.shape), x.new_empty(scale.shape))
 
 
 @custom_op("kromhc_vision::cpu_stream_pre_bwd", device_types="cpu")
 def _stream_pre_bwd(x: torch.Tensor, dX_post: torch.Tensor, du: torch.Tensor, dh_pre: torch.Tensor,
                     dh_post: torch.Tensor, da_res: torch.Tensor, h_pre: torch.Tensor, h_post: torch.Tensor,
-                    raw: torch.Tensor, inv_rms: torch.Tensor,
-                    scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    outs = _backward_outputs(x, raw, scale)
-    match_torch_threads()
-    inputs = (x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale)
-    _kernels(x.shape[1])[1](*map(numpy_view, inputs), *(o.numpy() for o in outs))
+                    raw: torch.Tensor, inv_rms: torch.Tensor, norm_weight: torch.Tensor, proj_weight: torch.Tensor,
+                    scale: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    outs = _backward_outputs(x, norm_weight, proj_weight, scale)
+    threads = match_torch_threads()
+    inputs = (x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, norm_weight, proj_weight, scale)
+    _kernels(x.shape[1])[1](*map(numpy_view, inputs), *(o.numpy() for o in outs), threads)
     return outs
 
 
-def _backward_outputs(x, raw, scale):
-    return x.new_empty(x.shape), x.new_empty(x.shape[0], scale.shape[0]), torch.empty_like(raw)
+_stream_pre_bwd.register_fake(lambda x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms,
+                              norm_weight, proj_weight, scale: _backward_outputs(x, norm_weight, proj_weight, scale))
 
 
-_stream_pre_bwd.register_fake(lambda x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale:
-                              _backward_outputs(x, raw, scale))
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
 
 
-def pre_tokens_forward(x, raw, scale, bias, eps: float):
-    """``x (T, n, C)``, ``raw (T, k')``, ``scale``, ``bias (k,)`` -> ``u (T, C)``, ``h_pre``, ``h_post (T, n)``,
-    ``a_res (T, m)``, ``inv_rms (T, 1)``; one dtype throughout.
-    Same as :func:`..pytorch.stream_pre.pre_tokens_forward`.
+class StreamPre(torch.autograd.Function):
+    """``stream_pre`` with the kernels above: tokens flattened to ``T``, values in the compute dtype.
+
+    A fifth output is ``X`` itself, for the post step: the gradient the post step sends to ``X`` then arrives
+    here as ``dX_post`` and is added in the kernel's one pass that forms ``dx``, instead of autograd summing
+    the two ``dX`` in a separate pass over the stream state.
     """
-    return call(_stream_pre_fwd, x, raw, scale, bias, eps)
 
+    @staticmethod
+    def forward(ctx, X, norm_weight, proj_weight, scale, bias, eps):
+        ctx.set_materialize_grads(False)
+        n, C = X.shape[-2:]
+        lead = X.shape[:-2]
+        dtype = compute_dtype(X, proj_weight)
+        with autocast_off(X.device):
+            x = _as(X.reshape(-1, n, C), dtype).contiguous()
+            params = [_as(p, dtype).contiguous() for p in (norm_weight, proj_weight, scale, bias)]
+            u, h_pre, h_post, a_res, raw, inv_rms = call(_stream_pre_fwd, x, *params, eps)
+        ctx.save_for_backward(X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post)
+        # sizes spelled out: T may be 0
+        return (_as(u.view(*lead, C), X.dtype), h_pre.view(*lead, n), h_post.view(*lead, n),
+                a_res.view(*lead, a_res.shape[1]), X)
 
-def pre_tokens_backward(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale):
-    """``dx (T, n, C)`` without its GEMM term, ``da (T, k)``, ``draw (T, k')``; ``dX_post`` and ``du`` may be
-    None (no gradient). Same as :func:`kromhc_vision.ops.pytorch.stream_pre.pre_tokens_backward`."""
-    dX_post = x.new_empty(0, *x.shape[1:]) if dX_post is None else dX_post
-    du = x.new_zeros(x.shape[0], x.shape[2]) if du is None else du
-    return call(_stream_pre_bwd, x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, scale)
+    @staticmethod
+    @once_differentiable('stream_pre')  # double backward raises DoubleBackwardUnsupportedError
+    def backward(ctx, du, dh_pre, dh_post, da_res, dX_post):
+        X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post = ctx.saved_tensors
+        n, C = X.shape[-2:]
+        (T, k), dtype = raw.shape, raw.dtype
+        x = _as(X.reshape(T, n, C), dtype).contiguous()
 
+        def grad(g, *shape, none_tokens=T):
+            if g is None:  # no gradient: zeros, or 0 tokens where the kernel reads that as none
+                return x.new_zeros(none_tokens, *shape)
+            return _as(g.reshape(T, *shape), dtype).contiguous()
 
-TOKEN_OPS = (pre_tokens_forward, pre_tokens_backward)
+        dx, dg, dW, dscale, dbias = call(
+            _stream_pre_bwd, x, grad(dX_post, n, C, none_tokens=0), grad(du, C, none_tokens=0), grad(dh_pre, n),
+            grad(dh_post, n), grad(da_res, k - 2 * n), h_pre, h_post, raw, inv_rms,
+            *(_as(p, dtype).contiguous() for p in (norm_weight, proj_weight, scale)))
+        return (_as(dx.view(X.shape), X.dtype), _as(dg, norm_weight.dtype), _as(dW, proj_weight.dtype),
+                _as(dscale, scale.dtype), _as(dbias, scale.dtype), None)
 
 
 def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
-    """``stream_pre`` of the PyTorch backend (its GEMMs in BLAS) with the per-token work in these kernels.
+    """``u, h_pre, h_post, a_res`` as :func:`kromhc_vision.ops.reference.stream_pre`, then an alias of ``X``.
 
-    Same signature and values as :func:`kromhc_vision.ops.reference.stream_pre`.
+    Same signature and values as the reference. Pass the last output (not ``X``) to the post step, so that its
+    gradient joins ``dX`` inside :class:`StreamPre`'s backward.
     """
-    return _stream_pre_pytorch(X, norm_weight, proj_weight, scale, bias, eps, TOKEN_OPS)
+    return StreamPre.apply(X, norm_weight, proj_weight, scale, bias, eps)

@@ -1,6 +1,6 @@
 """``stream_pre`` on the PyTorch backend: the projection and its two gradient GEMMs in BLAS, the per-token
-rest in a pair of token functions (these PyTorch ones, or the numba kernels of :mod:`..numba.stream_pre`),
-and a hand-written backward that makes fewer passes over the stream state than autograd would.
+rest in PyTorch ops, and a hand-written backward that makes fewer passes over the stream state than autograd
+would. (The numba backend, :mod:`..numba.stream_pre`, does the whole step, GEMMs included, in one kernel.)
 
 Reference: :func:`kromhc_vision.ops.reference.stream_pre`.
 """
@@ -63,16 +63,12 @@ def pre_tokens_backward(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, 
     return dx, da, draw
 
 
-TOKEN_OPS = (pre_tokens_forward, pre_tokens_backward)
-
-
 class StreamPre(torch.autograd.Function):
     """:func:`kromhc_vision.ops.reference.stream_pre` with a hand-written backward that makes fewer passes over X.
 
     Tokens are flattened to ``T``. The projection ``raw = vec(x) W_g`` (``W_g = g * W``) and its two
-    gradient GEMMs run in BLAS; the per-token rest runs in ``token_ops``, a pair of functions with the
-    signatures of :func:`pre_tokens_forward` and :func:`pre_tokens_backward` (these, or the numba
-    kernels of :mod:`kromhc_vision.ops.numba.stream_pre`)::
+    gradient GEMMs run in BLAS; the per-token rest in :func:`pre_tokens_forward` and
+    :func:`pre_tokens_backward`::
 
         dx = (dX_post + coef x + H_pre^T du) + dr W_g^T,   dW_g = x^T dr
 
@@ -82,9 +78,8 @@ class StreamPre(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, X, norm_weight, proj_weight, scale, bias, eps, token_ops=TOKEN_OPS):
+    def forward(ctx, X, norm_weight, proj_weight, scale, bias, eps):
         ctx.set_materialize_grads(False)
-        ctx.token_ops = token_ops
         n, C = X.shape[-2:]
         lead = X.shape[:-2]
         dtype = compute_dtype(X, proj_weight)
@@ -92,7 +87,7 @@ class StreamPre(torch.autograd.Function):
             x = X.reshape(-1, n, C).to(dtype).contiguous()  # the GEMMs and token ops take (T, n*C) rows
             weight = _gained_weight(norm_weight, proj_weight, dtype)  # (n*C, padded k), kept for the backward
             raw = x.view(-1, n * C) @ weight
-            u, h_pre, h_post, a_res, inv_rms = token_ops[0](x, raw, scale.to(dtype), bias.to(dtype), eps)
+            u, h_pre, h_post, a_res, inv_rms = pre_tokens_forward(x, raw, scale.to(dtype), bias.to(dtype), eps)
         ctx.save_for_backward(X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post, weight)
         # sizes spelled out: T may be 0
         return (u.view(*lead, C).to(X.dtype), h_pre.view(*lead, n), h_post.view(*lead, n),
@@ -110,7 +105,7 @@ class StreamPre(torch.autograd.Function):
         def grad(g, *shape):
             return None if g is None else g.reshape(T, *shape).to(dtype)
 
-        dx, da, draw = ctx.token_ops[1](
+        dx, da, draw = pre_tokens_backward(
             x, grad(dX_post, n, C), grad(du, C),
             h_pre.new_zeros(T, n) if dh_pre is None else grad(dh_pre, n),
             h_post.new_zeros(T, n) if dh_post is None else grad(dh_post, n),
@@ -126,14 +121,13 @@ class StreamPre(torch.autograd.Function):
             (da * raw[:, :k] * inv_rms).sum(0).to(scale.dtype),
             da.sum(0).to(scale.dtype),
             None,
-            None,
         )
 
 
-def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float, token_ops=TOKEN_OPS):
+def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
     """``u, h_pre, h_post, a_res`` as :func:`kromhc_vision.ops.reference.stream_pre`, then an alias of ``X``.
 
     Pass that last output (not ``X``) to the post step, so that its gradient joins ``dX`` inside
-    ``StreamPre``'s backward (see :class:`StreamPre`, also for ``token_ops``).
+    ``StreamPre``'s backward (see :class:`StreamPre`).
     """
-    return StreamPre.apply(X, norm_weight, proj_weight, scale, bias, eps, token_ops)
+    return StreamPre.apply(X, norm_weight, proj_weight, scale, bias, eps)
