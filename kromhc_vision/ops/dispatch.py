@@ -30,6 +30,8 @@ TRITON_SINKHORN_MAX_STREAMS = 16
 # kilobytes of registers at every tile (python -m kromhc_vision check-kernels): 'auto' runs PyTorch's there
 # (HC / mHC at n = 16, mHC-lite at n = 6); 'triton' still runs them.
 TRITON_STREAM_PRE_MAX_COEFFICIENTS = 256
+# mHC-lite's H_res on CPU: the numba kernel up to this n (24 logits per token), PyTorch's softmax above.
+NUMBA_MIXTURE_MAX_PERMUTATION_SIZE = 4
 
 _import_errors = {}  # backend -> None once imported, or the reason it cannot be
 _failed_kernels = {}  # (op, shape key) -> reason, for kernels that failed under 'auto'
@@ -100,13 +102,15 @@ def check_backend(backend, ops, num_streams: int) -> str:
     return name
 
 
-def _auto_avoids(name: str, op: str, coefficients: int) -> bool:
+def _auto_avoids(name: str, op: str, num_streams: int, coefficients: int) -> bool:
     """Kernels that run but badly, which ``auto`` leaves to PyTorch: see TRITON_STREAM_PRE_MAX_COEFFICIENTS;
-    and numba's ``permutation_mix`` with one factor (mHC-lite: ``coefficients`` counts the factors), where its
-    scalar float64 ``exp`` per logit costs more than PyTorch's vectorised softmax saves (BENCHMARKS.md)."""
+    and numba's ``permutation_mix`` with one factor (mHC-lite: ``coefficients`` counts the factors) of more than
+    NUMBA_MIXTURE_MAX_PERMUTATION_SIZE, where its scalar float64 ``exp`` per logit (120 or 720 of them) costs
+    more than PyTorch's vectorised softmax saves (BENCHMARKS.md ``bench_connection``)."""
     if name == "triton" and op == "stream_pre":
         return coefficients > TRITON_STREAM_PRE_MAX_COEFFICIENTS
-    return name == "numba" and op == "permutation_mix" and coefficients == 1
+    return (name == "numba" and op == "permutation_mix" and coefficients == 1
+            and num_streams > NUMBA_MIXTURE_MAX_PERMUTATION_SIZE)
 
 
 def backend_for(backend, device: torch.device, op: str = "stream_pre", num_streams: int = 0,
@@ -119,7 +123,7 @@ def backend_for(backend, device: torch.device, op: str = "stream_pre", num_strea
         preferred = {"cuda": "triton", "cpu": "numba"}.get(device.type)
         usable = (preferred is not None and unavailable_reason(preferred, device) is None
                   and unsupported_reason(preferred, op, num_streams) is None
-                  and not _auto_avoids(preferred, op, coefficients))
+                  and not _auto_avoids(preferred, op, num_streams, coefficients))
         return preferred if usable else "torch"
     reason = unavailable_reason(name, device) or unsupported_reason(name, op, num_streams)
     if reason is not None:

@@ -7,7 +7,7 @@ import torch
 
 from kromhc_vision.ops import dispatch
 from kromhc_vision.ops.numba import permutation_mix
-from kromhc_vision.permutations import kronecker_factors, permutation_matrices
+from kromhc_vision.permutations import permutation_matrices
 from kromhc_vision.residual_maps import kronecker_birkhoff, stochasticity_error
 
 FACTORS = [(2,), (3,), (4,), (5,), (2, 2), (2, 3), (3, 2), (2, 2, 2), (3, 3), (2, 2, 3)]
@@ -50,9 +50,12 @@ def test_opcheck():
                           (weights, [2, 3], torch.randn(5, 6, 6), logits.detach()))
 
 
-@pytest.mark.parametrize("n, expected", [(4, "torch"), (8, "numba"), (6, "numba")])
-def test_auto_runs_numba_for_kronecker_products_only(n, expected):
-    """mHC-lite (one factor, n = 4) stays with PyTorch's softmax under 'auto'; KromHC's products run the kernel."""
-    factors = (n,) if expected == "torch" else kronecker_factors(n)
+@pytest.mark.parametrize("factors, expected", [((2,), "numba"), ((3,), "numba"), ((4,), "numba"), ((5,), "torch"),
+                                                ((6,), "torch"), ((2, 2, 2), "numba"), ((2, 3), "numba"),
+                                                ((2, 5), "numba")])
+def test_auto_runs_numba_except_for_large_single_factors(factors, expected):
+    """mHC-lite at n = 5, 6 (120, 720 logits) stays with PyTorch's softmax under 'auto'; mHC-lite up to n = 4 and
+    KromHC's products run the kernel; 'numba' runs it always."""
+    n = math.prod(factors)
     assert dispatch.backend_for("auto", torch.device("cpu"), "permutation_mix", n, len(factors)) == expected
     assert dispatch.backend_for("numba", torch.device("cpu"), "permutation_mix", n, len(factors)) == "numba"

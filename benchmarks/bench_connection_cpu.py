@@ -1,0 +1,153 @@
+"""A connection's fixed cost on CPU: one eager connection step against the numba kernels inside it.
+
+At small widths (the digits configs' ViT-Micro: ``T = 544`` tokens of ``4 x 64`` per connection at batch 32)
+a hyper-connected step costs much more than its kernels: this measures by how much, and what the rest is made
+of. For each variant, one connection (default init, float32, training mode, the default ``auto`` backend)
+runs forward + backward on ``X (T, n, C)`` with an identity branch; reported per step:
+
+- ``step us``: wall-clock microseconds (median over interleaved rounds of the variants);
+- ``kernel us``: microseconds inside the numba kernels (their dispatchers' entries in a ``cProfile`` run of the
+  same steps: the kernel and numba's argument unboxing, no Python around it);
+- ``rest us``: ``step - kernel``, the wrappers, allocation, dispatch and the autograd engine;
+- ``py calls``: Python function calls per step (``cProfile``'s count: exact and machine-independent, the number
+  that falls when the wrappers lose work).
+
+Also printed: the time of an empty ``numba.prange`` loop call (the parallel launch cost of every kernel) beside
+a serial one, and timm's residual connection (``X + F(X)``) for scale.
+
+    python benchmarks/bench_connection_cpu.py [--variants hc mhc mhclite kromhc] [--streams 4] [--width 64]
+        [--tokens 544] [--rounds 15] [--steps 200] [--threads 2]
+"""
+import argparse
+import cProfile
+import gc
+import pstats
+import statistics
+import time
+import warnings
+
+import numba
+import numpy as np
+import torch
+
+from bench_models_cpu import commit, cpu_name
+from kromhc_vision.connections import CONNECTIONS, build_connection
+from kromhc_vision.cpu_allocator import configure_cpu_malloc
+
+VARIANTS = [v for v in CONNECTIONS if v != "residual"]
+
+
+def identity(u):
+    return u
+
+
+def connection_step(conn, X):
+    """One forward + backward of ``conn`` on ``X`` with an identity branch."""
+    conn(X, identity).sum().backward()
+
+
+def residual_step(X):
+    """timm's residual connection in stream layout (one stream): ``X + F(X)``."""
+    (X + identity(X.squeeze(-2)).unsqueeze(-2)).sum().backward()
+
+
+def time_us(fn, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps * 1e6
+
+
+def kernel_codes():
+    """``(filename, first line, name)`` of every compiled numba dispatcher: their entries in ``cProfile``'s stats."""
+    codes = set()
+    with warnings.catch_warnings():  # isinstance on some of torch's deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        dispatchers = [obj for obj in gc.get_objects() if isinstance(obj, numba.core.dispatcher.Dispatcher)]
+    for obj in dispatchers:
+        code = obj.py_func.__code__
+        codes.add((code.co_filename, code.co_firstlineno, code.co_name))
+    return codes
+
+
+def profile_step(fn, steps: int):
+    """``(kernel microseconds per step, Python calls per step)`` from a ``cProfile`` run of ``steps`` steps."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        fn()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # key -> (primitive calls, calls, tottime, cumtime, callers)
+    codes = kernel_codes()
+    kernel_s = sum(v[2] for k, v in stats.items() if k in codes)
+    calls = sum(v[1] for v in stats.values()) - 2  # less the profiler's own enable/disable entries
+    return kernel_s / steps * 1e6, calls / steps
+
+
+@numba.njit(parallel=True)
+def _empty_parallel(a):
+    for i in numba.prange(a.shape[0]):
+        a[i] += 1.0
+
+
+@numba.njit
+def _empty_serial(a):
+    for i in range(a.shape[0]):
+        a[i] += 1.0
+
+
+def launch_us(steps: int = 20000):
+    """Microseconds per call of an empty parallel loop (2 elements) and of the same loop serial."""
+    a = np.zeros(2)
+    out = []
+    for kernel in (_empty_parallel, _empty_serial):
+        kernel(a)
+        out.append(min(time_us(lambda: kernel(a), steps) for _ in range(3)))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=544)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=200, help="steps per round and per profile")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    for name in ("streams", "width", "tokens", "rounds", "steps", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    torch.set_num_threads(args.threads)
+    configure_cpu_malloc("retain", torch.device("cpu"))
+    torch.manual_seed(0)
+    n, C, T = args.streams, args.width, args.tokens
+    X = torch.randn(T, n, C, requires_grad=True)
+    X1 = torch.randn(T, 1, C, requires_grad=True)
+    steps = {"residual": lambda: residual_step(X1)}
+    for variant in args.variants:
+        conn = build_connection(variant, n, C)
+        steps[variant] = lambda conn=conn: connection_step(conn, X)
+    for fn in steps.values():  # compile the kernels, warm the allocator
+        for _ in range(20):
+            fn()
+    times = {name: [] for name in steps}
+    for _ in range(args.rounds):  # interleaved: each round times every variant once
+        for name, fn in steps.items():
+            times[name].append(time_us(fn, args.steps))
+    parallel, serial = launch_us()
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}, numba {numba.__version__}, {args.threads} threads; "
+          f"commit {commit()}; cpu malloc: retain")
+    print(f"one connection, forward + backward, identity branch: T = {T}, n = {n}, C = {C}, float32; "
+          f"{args.rounds} rounds of {args.steps} steps")
+    print(f"empty numba loop call: parallel (prange) {parallel:.2f} us, serial {serial:.2f} us")
+    print(f"{'variant':10} {'step us':>8} {'kernel us':>10} {'rest us':>8} {'kernels':>8} {'py calls':>9}")
+    for name, fn in steps.items():
+        step = statistics.median(times[name])
+        kernel, calls = profile_step(fn, args.steps)
+        print(f"{name:10} {step:8.0f} {kernel:10.0f} {step - kernel:8.0f} {kernel / step:8.0%} {calls:9.0f}")
+
+
+if __name__ == "__main__":
+    main()
