@@ -16,7 +16,7 @@ Also printed: the time of an empty ``numba.prange`` loop call (the parallel laun
 a serial one, and timm's residual connection (``X + F(X)``) for scale.
 
     python benchmarks/bench_connection_cpu.py [--variants hc mhc mhclite kromhc] [--streams 4] [--width 64]
-        [--tokens 544] [--rounds 15] [--steps 200] [--threads 2]
+        [--tokens 544] [--rounds 15] [--steps 200] [--threads 2] [--cpu-malloc retain|default]
 """
 import argparse
 import cProfile
@@ -32,7 +32,7 @@ import torch
 
 from bench_models_cpu import commit, cpu_name
 from kromhc_vision.connections import CONNECTIONS, build_connection
-from kromhc_vision.cpu_allocator import configure_cpu_malloc
+from kromhc_vision.cpu_allocator import CPU_MALLOC_CHOICES, configure_cpu_malloc
 
 VARIANTS = [v for v in CONNECTIONS if v != "residual"]
 
@@ -115,12 +115,14 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=200, help="steps per round and per profile")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpu-malloc", choices=CPU_MALLOC_CHOICES, default="retain",
+                        help="as train.py's (kromhc_vision.cpu_allocator)")
     args = parser.parse_args(argv)
     for name in ("streams", "width", "tokens", "rounds", "steps", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
-    configure_cpu_malloc("retain", torch.device("cpu"))
+    configure_cpu_malloc(args.cpu_malloc, torch.device("cpu"))
     torch.manual_seed(0)
     n, C, T = args.streams, args.width, args.tokens
     X = torch.randn(T, n, C, requires_grad=True)
@@ -138,7 +140,7 @@ def main(argv=None):
             times[name].append(time_us(fn, args.steps))
     parallel, serial = launch_us()
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, numba {numba.__version__}, {args.threads} threads; "
-          f"commit {commit()}; cpu malloc: retain")
+          f"commit {commit()}; cpu malloc: {args.cpu_malloc}")
     print(f"one connection, forward + backward, identity branch: T = {T}, n = {n}, C = {C}, float32; "
           f"{args.rounds} rounds of {args.steps} steps")
     print(f"empty numba loop call: parallel (prange) {parallel:.2f} us, serial {serial:.2f} us")

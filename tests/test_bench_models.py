@@ -1,6 +1,7 @@
 """``benchmarks/bench_models_cpu.py``: its baselines are the architectures they stand for, and a memory-only
 run on the micro family prints one row per variant and setting; the scripts built on its model table
-(``profile_step_cpu.py``, ``time_ops_in_model.py``) and ``bench_projection_gemms.py`` run."""
+(``profile_step_cpu.py``, ``time_ops_in_model.py``), ``bench_projection_gemms.py``, ``bench_connection_cpu.py``
+and ``bench_permutation_mix.py`` run."""
 import sys
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import torch
 import kromhc_vision  # noqa: F401  (registers the models)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_connection_cpu  # noqa: E402
 import bench_models_cpu  # noqa: E402
+import bench_permutation_mix  # noqa: E402
 import bench_projection_gemms  # noqa: E402
 import profile_step_cpu  # noqa: E402
 import time_ops_in_model  # noqa: E402
@@ -73,3 +76,26 @@ def test_in_model_timers_see_every_part_and_are_undone(capsys):
     # 12 connections: one pre and one post step each, forward and backward; segments of 3 recomputed
     assert {"Function numba StreamPre.forward", "Function numba StreamPre.backward", "Phi", "recompute",
             "op numba.stream_post._stream_post_bwd", "op numba.stream_pre._stream_pre_fwd"} <= rows
+
+
+def test_connection_benchmark_finds_the_kernels_inside_the_step(capsys):
+    """Kernel time is read from the numba dispatchers' profile entries: none for the residual connection, some
+    for KromHC's (whose step makes more Python calls); a key that stopped matching would print 0 for both."""
+    bench_connection_cpu.main(["--variants", "hc", "kromhc", "--tokens", "8", "--rounds", "1", "--steps", "2",
+                               "--threads", str(torch.get_num_threads()), "--cpu-malloc", "default"])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.split()[:1] in (["residual"], ["hc"], ["kromhc"])}
+    step, kernel, calls = (lambda v: float(rows[v][1]), lambda v: float(rows[v][2]), lambda v: float(rows[v][5]))
+    assert set(rows) == {"residual", "hc", "kromhc"}
+    assert kernel("residual") == 0 and 0 < kernel("kromhc") and 0 < kernel("hc")
+    assert calls("kromhc") > calls("hc") > calls("residual") > 0 and step("kromhc") > 0
+
+
+def test_permutation_mix_benchmark_compares_agreeing_backends(capsys):
+    """Every factorisation's numba and PyTorch values and gradients agree before they are timed, and the
+    ``auto`` column is dispatch's rule: PyTorch for mHC-lite at n = 5, 6 only."""
+    bench_permutation_mix.main(["--tokens", "8", "--rounds", "1", "--threads", str(torch.get_num_threads()),
+                                "--cpu-malloc", "default"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
+    assert {r[0]: r[-1] for r in rows} == {"2": "numba", "3": "numba", "4": "numba", "5": "torch", "6": "torch",
+                                          "2x2": "numba", "2x3": "numba", "2x2x2": "numba"}
