@@ -37,21 +37,26 @@ _FLAGS = dict(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc
 TOKEN_BLOCK = 4  # tokens per block of the projection loops (the loops below spell out four)
 
 
+@numba.njit(cache=True, error_model="numpy")
+def gained_transposed(g, W):
+    """``W_g^T = (g * W)^T`` as ``(k, nC)``: rows contiguous along the state."""
+    NC, k = W.shape
+    wt = np.empty((k, NC), W.dtype)
+    for i in range(k):
+        for c in range(NC):
+            wt[i, c] = g[c] * W[c, i]
+    return wt
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(num_streams: int):
     """The forward and backward kernels for ``num_streams`` streams: ``N`` is a compile-time constant, so the
-    loops over streams unroll and ``u`` is summed in registers (numba caches one pair per ``N``)."""
-    N = num_streams
+    loops over streams unroll and ``u`` is summed in registers (numba caches one pair per ``N`` on disk).
 
-    @numba.njit(cache=True, error_model="numpy")
-    def gained_transposed(g, W):
-        """``W_g^T = (g * W)^T`` as ``(k, nC)``: rows contiguous along the state."""
-        NC, k = W.shape
-        wt = np.empty((k, NC), W.dtype)
-        for i in range(k):
-            for c in range(NC):
-                wt[i, c] = g[c] * W[c, i]
-        return wt
+    ``N`` must stay the closures' only free variable: numba's disk cache keys a closure by the pickled contents of
+    its cells, and a dispatcher in a cell pickles differently in every process (the cache never hit, and each
+    process compiled these kernels again, ~10 s; ``tests/ops/test_numba_cache.py``)."""
+    N = num_streams
 
     @numba.njit(**_FLAGS)
     def forward(x, g, W, scale, bias, eps, u, h_pre, h_post, a_res, raw, inv_rms):
