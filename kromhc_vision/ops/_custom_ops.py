@@ -37,7 +37,12 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def _traced(args) -> bool:
     """Whether a compiler traces this call: torch.compile, or tensor subclasses as inputs (the fake and functional
     tensors of AOT autograd, torch.export, ``torch.library.opcheck``), which the custom op handles."""
-    return torch.compiler.is_compiling() or any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN for a in args)
+    if torch.compiler.is_compiling():
+        return True
+    for a in args:  # a loop, not any() over a generator: this runs for every op call (micro widths feel it)
+        if type(a) not in _PLAIN and isinstance(a, torch.Tensor):
+            return True
+    return False
 
 
 def call(op, *args):
