@@ -23,14 +23,13 @@ import cProfile
 import gc
 import pstats
 import statistics
-import time
 import warnings
 
 import numba
 import numpy as np
 import torch
 
-from bench_models_cpu import commit, cpu_name
+from bench_models_cpu import commit, cpu_name, seconds_per_call
 from kromhc_vision.connections import CONNECTIONS, build_connection
 from kromhc_vision.cpu_allocator import CPU_MALLOC_CHOICES, configure_cpu_malloc
 
@@ -52,10 +51,7 @@ def residual_step(X):
 
 
 def time_us(fn, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - start) / steps * 1e6
+    return seconds_per_call(fn, steps) * 1e6
 
 
 def kernel_codes():
@@ -70,15 +66,15 @@ def kernel_codes():
     return codes
 
 
-def profile_step(fn, steps: int):
-    """``(kernel microseconds per step, Python calls per step)`` from a ``cProfile`` run of ``steps`` steps."""
+def profile_step(fn, steps: int, codes):
+    """``(kernel microseconds per step, Python calls per step)`` from a ``cProfile`` run of ``steps`` steps;
+    ``codes``: :func:`kernel_codes`."""
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(steps):
         fn()
     profiler.disable()
     stats = pstats.Stats(profiler).stats  # key -> (primitive calls, calls, tottime, cumtime, callers)
-    codes = kernel_codes()
     kernel_s = sum(v[2] for k, v in stats.items() if k in codes)
     calls = sum(v[1] for v in stats.values()) - 2  # less the profiler's own enable/disable entries
     return kernel_s / steps * 1e6, calls / steps
@@ -145,9 +141,10 @@ def main(argv=None):
           f"{args.rounds} rounds of {args.steps} steps")
     print(f"empty numba loop call: parallel (prange) {parallel:.2f} us, serial {serial:.2f} us")
     print(f"{'variant':10} {'step us':>8} {'kernel us':>10} {'rest us':>8} {'kernels':>8} {'py calls':>9}")
+    codes = kernel_codes()  # every kernel has compiled in the warm-up
     for name, fn in steps.items():
         step = statistics.median(times[name])
-        kernel, calls = profile_step(fn, args.steps)
+        kernel, calls = profile_step(fn, args.steps, codes)
         print(f"{name:10} {step:8.0f} {kernel:10.0f} {step - kernel:8.0f} {kernel / step:8.0%} {calls:9.0f}")
 
 

@@ -107,6 +107,14 @@ def build_pair(parser, args, positive=(), **hyper_kwargs):
     return hyper, residual, torch.randn(args.batch, 3, size, size), title
 
 
+def seconds_per_call(fn, calls: int) -> float:
+    """Mean wall-clock seconds of ``fn()`` over ``calls`` calls in a row (the small-op benchmarks' timer)."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
 def loss_of(out):
     return out.float().square().mean()
 

@@ -13,11 +13,10 @@ the kernel is faster) and which of the two ``auto`` runs.
 import argparse
 import math
 import statistics
-import time
 
 import torch
 
-from bench_models_cpu import commit, cpu_name
+from bench_models_cpu import commit, cpu_name, seconds_per_call
 from kromhc_vision.cpu_allocator import CPU_MALLOC_CHOICES, configure_cpu_malloc
 from kromhc_vision.ops import dispatch
 from kromhc_vision.permutations import permutation_matrices
@@ -68,10 +67,8 @@ def main(argv=None):
                     step(logits, perms, cotangent, backend)
             for _ in range(args.rounds):
                 for backend in times:
-                    start = time.perf_counter()
-                    for _ in range(reps):
-                        step(logits, perms, cotangent, backend)
-                    times[backend].append((time.perf_counter() - start) / reps * 1e3)
+                    times[backend].append(1e3 * seconds_per_call(lambda: step(logits, perms, cotangent, backend),
+                                                                 reps))
             ratio = statistics.median(t / k for k, t in zip(times["numba"], times["torch"]))
             auto = dispatch.backend_for("auto", cpu, "permutation_mix", n, len(factors))
             print(f"{'x'.join(map(str, factors)):<10}{m:>7}{T:>7}{statistics.median(times['numba']):>10.3f}"
