@@ -41,9 +41,12 @@ def run(*argv):
 
 def test_command_line_overrides_config(tmp_path):
     cfg = tmp_path / 'c.yaml'
-    cfg.write_text('model: vit_micro_patch4_32_hc\nlr: 1.0e-3\nmodel_kwargs: {depth: 2}\nno_aug: true\n')
-    args, text = parse_args(['-c', str(cfg), '--lr', '0.5', '--model-kwargs', 'depth=3'])
-    assert (args.model, args.lr, args.model_kwargs, args.no_aug) == ('vit_micro_patch4_32_hc', 0.5, {'depth': 3}, True)
+    cfg.write_text('model: vit_micro_patch4_32_hc\nlr: 1.0e-3\nmodel_kwargs: {depth: 2, img_size: 28}\nno_aug: true\n')
+    args, text = parse_args(['-c', str(cfg), '--lr', '0.5', '--model-kwargs', 'depth=3', 'num_streams=2'])
+    # --model-kwargs overrides the config's model_kwargs key by key: img_size stays (before: the whole dict replaced)
+    assert (args.model, args.lr, args.no_aug) == ('vit_micro_patch4_32_hc', 0.5, True)
+    assert args.model_kwargs == {'depth': 3, 'img_size': 28, 'num_streams': 2}
+    assert parse_args(['-c', str(cfg)])[0].model_kwargs == {'depth': 2, 'img_size': 28}
     assert yaml.safe_load(text)['lr'] == 0.5 and 'config' not in yaml.safe_load(text)
 
 

@@ -271,7 +271,8 @@ def load_config(path, parser: argparse.ArgumentParser) -> dict:
 
 
 def parse_args(argv=None):
-    """``-c config.yaml`` then options; the command line overrides the config. Returns ``(args, args_text)``.
+    """``-c config.yaml`` then options; the command line overrides the config (``--model-kwargs k=v`` overrides
+    the config's ``model_kwargs`` key by key, the others stay). Returns ``(args, args_text)``.
 
     With ``--resume``, the settings of the run it continues (the checkpoint's args, else its folder's args.yaml)
     are the defaults under the config and the command line, which must not contradict them in :data:`RESUME_FIXED`.
@@ -291,6 +292,9 @@ def parse_args(argv=None):
             raise _unknown(key, [a.dest for a in parser._actions], 'command line')
         raise ConfigError(f"command line: unexpected argument {item!r}")
     del args.config
+    for action in parser._actions:  # key=value options: the command line's keys over the config's, not instead
+        if isinstance(action, ParseKwargs) and isinstance(cfg.get(action.dest), dict):
+            setattr(args, action.dest, {**cfg[action.dest], **getattr(args, action.dest)})
     if args.resume:
         options = {s: a.dest for a in parser._actions for s in a.option_strings}
         given = set(cfg) | {options[t.split('=')[0]] for t in remaining if t.split('=')[0] in options}
