@@ -8,6 +8,13 @@ runs forward + backward on ``X (T, n, C)`` with an identity branch; reported per
 - ``step us``: wall-clock microseconds (median over interleaved rounds of the variants);
 - ``kernel us``: microseconds inside the numba kernels (their dispatchers' entries in a ``cProfile`` run of the
   same steps: the kernel and numba's argument unboxing, no Python around it);
+- ``pre us``, ``post us``, ``phi us``: the kernel time split by op: ``stream_pre``'s two kernels, ``stream_post``'s,
+  and ``Phi``'s (``permutation_mix`` or ``sinkhorn``);
+- ``pre GMAC/s``: the rate of the projection arithmetic inside the pre kernels, ``3 T nC k`` multiply-adds per
+  step (``r = x W_g`` forward; ``dx += dr W_g^T`` and ``dW_g += x^T dr`` backward; ``k = 2n + m``) over ``pre us``:
+  how close the largest part of a connection's kernels runs to the CPU's arithmetic peak; ``blas GMAC/s``: the
+  same three products as PyTorch's BLAS GEMMs on their own (``x @ W_g``, ``dr @ W_g^T``, ``x^T @ dr``, no norm, no
+  coefficients), for scale;
 - ``rest us``: ``step - kernel``, the wrappers, allocation, dispatch and the autograd engine;
 - ``py calls``: Python function calls per step (``cProfile``'s count: exact and machine-independent, the number
   that falls when the wrappers lose work).
@@ -17,6 +24,8 @@ a serial one, and timm's residual connection (``X + F(X)``) for scale.
 
     python benchmarks/bench_connection_cpu.py [--variants hc mhc mhclite kromhc] [--streams 4] [--width 64]
         [--tokens 544] [--rounds 15] [--steps 200] [--threads 2] [--cpu-malloc retain|default]
+
+ViT-Tiny's connection: ``--width 192 --tokens 3152`` (batch 16).
 """
 import argparse
 import cProfile
@@ -66,18 +75,39 @@ def kernel_codes():
     return codes
 
 
+# the op each kernel belongs to, by the file that defines it (kromhc_vision/ops/numba/<file>.py)
+KERNEL_OPS = {"stream_pre.py": "pre", "stream_post.py": "post", "permutation_mix.py": "phi", "sinkhorn.py": "phi"}
+
+
 def profile_step(fn, steps: int, codes):
-    """``(kernel microseconds per step, Python calls per step)`` from a ``cProfile`` run of ``steps`` steps;
-    ``codes``: :func:`kernel_codes`."""
+    """``(kernel microseconds per step by op (:data:`KERNEL_OPS`' values), Python calls per step)`` from a
+    ``cProfile`` run of ``steps`` steps; ``codes``: :func:`kernel_codes`."""
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(steps):
         fn()
     profiler.disable()
     stats = pstats.Stats(profiler).stats  # key -> (primitive calls, calls, tottime, cumtime, callers)
-    kernel_s = sum(v[2] for k, v in stats.items() if k in codes)
+    kernel_us = dict.fromkeys(KERNEL_OPS.values(), 0.0)
+    for key, v in stats.items():
+        if key in codes:
+            op = KERNEL_OPS.get(key[0].replace("\\", "/").rpartition("/")[2])
+            if op is None:
+                raise RuntimeError(f"a numba kernel outside the known ops ran in the step: {key}")
+            kernel_us[op] += v[2] / steps * 1e6
     calls = sum(v[1] for v in stats.values()) - 2  # less the profiler's own enable/disable entries
-    return kernel_s / steps * 1e6, calls / steps
+    return kernel_us, calls / steps
+
+
+def blas_gmacs(T: int, nC: int, k: int, steps: int) -> float:
+    """GMAC/s of the pre step's three projection products as three BLAS GEMMs (float32), median of 5 runs."""
+    x, w, dr = torch.randn(T, nC), torch.randn(nC, k), torch.randn(T, k)
+
+    def gemms():
+        torch.mm(x, w), torch.mm(dr, w.t()), torch.mm(x.t(), dr)
+
+    gemms()
+    return 3 * T * nC * k / statistics.median(seconds_per_call(gemms, steps) for _ in range(5)) / 1e9
 
 
 @numba.njit(parallel=True)
@@ -140,12 +170,18 @@ def main(argv=None):
     print(f"one connection, forward + backward, identity branch: T = {T}, n = {n}, C = {C}, float32; "
           f"{args.rounds} rounds of {args.steps} steps")
     print(f"empty numba loop call: parallel (prange) {parallel:.2f} us, serial {serial:.2f} us")
-    print(f"{'variant':10} {'step us':>8} {'kernel us':>10} {'rest us':>8} {'kernels':>8} {'py calls':>9}")
+    print(f"{'variant':10} {'step us':>8} {'kernel us':>10} {'rest us':>8} {'kernels':>8} {'py calls':>9} "
+          f"{'pre us':>7} {'post us':>8} {'phi us':>7} {'pre GMAC/s':>11} {'blas GMAC/s':>12}")
     codes = kernel_codes()  # every kernel has compiled in the warm-up
     for name, fn in steps.items():
         step = statistics.median(times[name])
-        kernel, calls = profile_step(fn, args.steps, codes)
-        print(f"{name:10} {step:8.0f} {kernel:10.0f} {step - kernel:8.0f} {kernel / step:8.0%} {calls:9.0f}")
+        by_op, calls = profile_step(fn, args.steps, codes)
+        kernel = sum(by_op.values())
+        k = 0 if name == "residual" else 2 * n + CONNECTIONS[name].num_res_logits(n)
+        rate = f"{3 * T * n * C * k / by_op['pre'] / 1e3:11.1f}" if by_op["pre"] else f"{'-':>11}"
+        blas = f"{blas_gmacs(T, n * C, k, args.steps):12.1f}" if k else f"{'-':>12}"
+        print(f"{name:10} {step:8.0f} {kernel:10.0f} {step - kernel:8.0f} {kernel / step:8.0%} {calls:9.0f} "
+              f"{by_op['pre']:7.0f} {by_op['post']:8.0f} {by_op['phi']:7.0f} {rate} {blas}")
 
 
 if __name__ == "__main__":
