@@ -12,8 +12,9 @@ projection ``(nC, k)`` and ``k = 2n + m``::
                ds = sum_t da r rho,   db = sum_t da
 
 Tokens go in blocks of four, so each row of ``W_g^T`` (``nC`` values, in L1/L2) is read once per four tokens
-for the four dot products ``r`` forward, and once per four for the four rows of ``dr W_g^T`` and the
-accumulation of ``dW_g`` backward; the block's ``x`` stays in L1 meanwhile. The tokens are split into one
+for the four dot products ``r`` forward, and once per four for the four rows of ``dr W_g^T`` (two rows of
+``W_g^T`` per pass over them) and once for the accumulation of ``dW_g`` backward; the block's ``x`` stays in L1
+meanwhile. The tokens are split into one
 chunk per thread, each accumulating its own ``dW_g``, ``ds``, ``db``, summed at the end in a fixed order (the
 values depend on the thread count, not on scheduling). BLAS would run the three projections as three more
 passes over the state (``T x nC`` floats each) and PyTorch the small reductions as a dozen more ops
@@ -171,19 +172,40 @@ def _kernels(num_streams: int):
                 if nt == TOKEN_BLOCK:  # rows as 1-d views: LLVM vectorises these loops better than 2-d indexing
                     x0, x1, x2, x3 = xf[t0], xf[t0 + 1], xf[t0 + 2], xf[t0 + 3]
                     y0, y1, y2, y3 = dxf[t0], dxf[t0 + 1], dxf[t0 + 2], dxf[t0 + 3]
-                    for i in range(k):
+                    # dx: two rows of W_g^T per pass over the block's four dx rows (half the stores of one);
+                    # dW_g: its own loop (blocking it over coefficients too stops LLVM vectorising it)
+                    k2 = k - k % 2
+                    for i in range(0, k2, 2):
+                        d0, e0 = dr[0, i], dr[0, i + 1]
+                        d1, e1 = dr[1, i], dr[1, i + 1]
+                        d2, e2 = dr[2, i], dr[2, i + 1]
+                        d3, e3 = dr[3, i], dr[3, i + 1]
+                        w, v = wt[i], wt[i + 1]
+                        for c in range(NC):
+                            wc, vc = w[c], v[c]
+                            y0[c] += d0 * wc + e0 * vc
+                            y1[c] += d1 * wc + e1 * vc
+                            y2[c] += d2 * wc + e2 * vc
+                            y3[c] += d3 * wc + e3 * vc
+                    for i in range(k2, k):
                         d0 = dr[0, i]
                         d1 = dr[1, i]
                         d2 = dr[2, i]
                         d3 = dr[3, i]
                         w = wt[i]
-                        a = acc[i]
                         for c in range(NC):
                             wc = w[c]
                             y0[c] += d0 * wc
                             y1[c] += d1 * wc
                             y2[c] += d2 * wc
                             y3[c] += d3 * wc
+                    for i in range(k):
+                        d0 = dr[0, i]
+                        d1 = dr[1, i]
+                        d2 = dr[2, i]
+                        d3 = dr[3, i]
+                        a = acc[i]
+                        for c in range(NC):
                             a[c] += d0 * x0[c] + d1 * x1[c] + d2 * x2[c] + d3 * x3[c]
                 else:
                     for q in range(nt):
