@@ -103,12 +103,14 @@ def test_extreme_inputs_stay_finite(stream_pre_inputs):
     assert all(d.isfinite().all() for d in grads)
 
 
-def test_opcheck(stream_pre_inputs):
-    x, g, W, s, b = (t.detach() for t in stream_pre_inputs((5,), 3, 8, 6))
+@pytest.mark.parametrize("lead", [(5,), (2, 3)])
+def test_opcheck(lead, stream_pre_inputs):
+    """The ops read any leading dimensions as tokens; their fakes give the real outputs' shapes and dtypes."""
+    x, g, W, s, b = (t.detach() for t in stream_pre_inputs(lead, 3, 8, 6))
     torch.library.opcheck(torch.ops.kromhc_vision.cpu_stream_pre_fwd.default, (x, g, W, s, b, EPS))
     u, h_pre, h_post, a_res, raw, inv_rms = torch.ops.kromhc_vision.cpu_stream_pre_fwd(x, g, W, s, b, EPS)
-    T, n, C = x.shape
-    grads = (torch.randn(T, n, C, dtype=x.dtype), torch.randn(T, C, dtype=x.dtype), torch.randn_like(h_pre),
+    n, C = x.shape[-2:]
+    grads = (torch.randn_like(x), torch.randn(*lead, C, dtype=x.dtype), torch.randn_like(h_pre),
              torch.randn_like(h_post), torch.randn_like(a_res))
     torch.library.opcheck(torch.ops.kromhc_vision.cpu_stream_pre_bwd.default,
                           (x, *grads, h_pre, h_post, raw, inv_rms, g, W, s))

@@ -1,4 +1,11 @@
-"""Helpers shared by the CPU kernels: threads and array views."""
+"""Helpers shared by the CPU kernels: threads, and the tensors handed to and from the kernels.
+
+Every PyTorch call on the way to a kernel costs about a microsecond, even one that changes nothing
+(``to`` the same dtype, ``reshape`` to the same shape, ``view``), and a connection step runs some thirty
+arrays through its kernels: these helpers skip the calls that change nothing and reshape on the NumPy side
+(~0.15 us). What is gained is measured by ``benchmarks/bench_connection_cpu.py`` (BENCHMARKS.md).
+"""
+import math
 import threading
 
 import numba
@@ -7,14 +14,30 @@ import torch
 _thread_count = threading.local()  # what match_torch_threads last set in this thread (numba's setting is per thread)
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call where ``t`` already has ``dtype``."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def numpy_view(t: torch.Tensor):
     """A contiguous CPU tensor as a NumPy array sharing its memory (gradient tracking dropped).
 
-    ``detach`` only where needed: it makes a new tensor (microseconds), and a connection passes some thirty
-    arrays to its kernels per step, most of them outputs and gradients that track nothing."""
+    ``detach`` only where needed: it makes a new tensor (microseconds), and most of the arrays a connection
+    passes to its kernels are outputs and gradients that track nothing."""
     if t.requires_grad:
         t = t.detach()
     return t.contiguous().numpy()
+
+
+def kernel_array(t: torch.Tensor, dtype: torch.dtype, *shape: int):
+    """``t`` in ``dtype``, contiguous, as a NumPy array of ``shape`` (a view of ``t``'s memory where ``t`` is
+    already contiguous in ``dtype``; a copy otherwise). ``-1`` stands for the leading dimensions, as in
+    ``reshape``; it is spelled out here, so that tensors of 0 elements work."""
+    array = numpy_view(as_dtype(t, dtype))
+    if shape and shape[0] == -1:
+        rest = math.prod(shape[1:])
+        shape = (array.size // rest if rest else 0, *shape[1:])
+    return array.reshape(shape)
 
 
 def match_torch_threads() -> int:

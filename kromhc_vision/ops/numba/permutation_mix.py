@@ -24,7 +24,7 @@ import torch
 from .._custom_ops import apply, call, custom_op, register_autograd
 from ...permutations import permutation_table
 from ..reference import compute_dtype
-from ._common import match_torch_threads, numpy_view
+from ._common import as_dtype, kernel_array, match_torch_threads, numpy_view
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy")
 
@@ -127,23 +127,20 @@ def _backward_kernel(w, dout, columns, logit_index, starts, dw, dlogits):
                 dlogits[t, j] = w[t, j] * (dw[t, j] - s)
 
 
-def _flat(logits):
-    return logits.reshape(-1, logits.shape[-1]).to(compute_dtype(logits)).contiguous()
-
-
 @custom_op("kromhc_vision::cpu_permutation_mix_fwd", device_types="cpu")
 def _permutation_mix_fwd(logits: torch.Tensor, factors: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ``H_res (..., n, n)`` and the softmax weights ``(T, m)`` in float64, for the backward."""
     columns, logit_index, starts = mixture_tables(tuple(factors))
-    flat = _flat(logits)
+    dtype = compute_dtype(logits)
+    flat = kernel_array(logits, dtype, -1, logits.shape[-1])
     n = columns.shape[1]
-    out = flat.new_empty(flat.shape[0], n, n)
+    out = torch.empty((*logits.shape[:-1], n, n), dtype=dtype)
     w = torch.empty(flat.shape, dtype=torch.float64)
     weights = torch.empty(flat.shape[0], logit_index.shape[0], dtype=torch.float64)
     match_torch_threads()
-    _forward_kernel(numpy_view(flat), _members(tuple(factors)), logit_index, starts, w.numpy(), weights.numpy(),
-                    out.view(-1, n * n).numpy())
-    return out.view(*logits.shape[:-1], n, n).to(logits.dtype), w
+    _forward_kernel(flat, _members(tuple(factors)), logit_index, starts, w.numpy(), weights.numpy(),
+                    out.numpy().reshape(flat.shape[0], n * n))
+    return as_dtype(out, logits.dtype), w
 
 
 @_permutation_mix_fwd.register_fake
@@ -159,12 +156,13 @@ def _permutation_mix_bwd(weights: torch.Tensor, factors: list[int], dout: torch.
     """``weights``: the forward's second output; ``logits``: its input (for the gradient's shape and dtype)."""
     columns, logit_index, starts = mixture_tables(tuple(factors))
     n = columns.shape[1]
-    d = dout.reshape(-1, n, n).to(compute_dtype(logits)).contiguous()
-    dw = torch.empty_like(weights)
-    grad = d.new_empty(weights.shape)
+    dtype = compute_dtype(logits)
+    d = kernel_array(dout, dtype, -1, n, n)
+    dw = np.empty(weights.shape)  # float64 scratch
+    grad = torch.empty(logits.shape, dtype=dtype)
     match_torch_threads()
-    _backward_kernel(numpy_view(weights), numpy_view(d), columns, logit_index, starts, dw.numpy(), grad.numpy())
-    return grad.view(logits.shape).to(logits.dtype)
+    _backward_kernel(numpy_view(weights), d, columns, logit_index, starts, dw, grad.numpy().reshape(weights.shape))
+    return as_dtype(grad, logits.dtype)
 
 
 @_permutation_mix_bwd.register_fake

@@ -24,7 +24,7 @@ import torch
 
 from ..reference import compute_dtype
 from .._custom_ops import apply, call, custom_op, register_autograd
-from ._common import match_torch_threads, numpy_view
+from ._common import as_dtype, kernel_array, match_torch_threads
 
 SPAN_LIMIT = {torch.float64: 200.0, torch.float32: 32.0}  # see the module docstring
 _CHUNK = 128  # tokens per parallel task; the loops over a task's tokens are the vectorised ones
@@ -187,16 +187,16 @@ def _backward_kernel(logits, num_iters, span_limit, threads, dout, dlogits):
 
 def _tokens(t, dtype):
     n = t.shape[-1]
-    return t.reshape(-1, n, n).to(dtype).contiguous()
+    return kernel_array(t, dtype, -1, n, n)
 
 
 @custom_op("kromhc_vision::cpu_sinkhorn_fwd", device_types="cpu")
 def _sinkhorn_fwd(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
     dtype = compute_dtype(logits)
     flat = _tokens(logits, dtype)
-    out = torch.empty_like(flat)
-    _forward_kernel(numpy_view(flat), num_iters, SPAN_LIMIT[dtype], match_torch_threads(), out.numpy())
-    return out.view(logits.shape).to(logits.dtype)
+    out = torch.empty(logits.shape, dtype=dtype)
+    _forward_kernel(flat, num_iters, SPAN_LIMIT[dtype], match_torch_threads(), out.numpy().reshape(flat.shape))
+    return as_dtype(out, logits.dtype)
 
 
 @_sinkhorn_fwd.register_fake
@@ -208,9 +208,10 @@ def _(logits, num_iters):
 def _sinkhorn_bwd(logits: torch.Tensor, num_iters: int, dout: torch.Tensor) -> torch.Tensor:
     dtype = compute_dtype(logits)
     grad = torch.empty(dout.shape, dtype=dtype)
-    _backward_kernel(numpy_view(_tokens(logits, dtype)), num_iters, SPAN_LIMIT[dtype], match_torch_threads(),
-                     numpy_view(_tokens(dout, dtype)), grad.view(-1, *dout.shape[-2:]).numpy())
-    return grad.to(dout.dtype)
+    flat = _tokens(logits, dtype)
+    _backward_kernel(flat, num_iters, SPAN_LIMIT[dtype], match_torch_threads(), _tokens(dout, dtype),
+                     grad.numpy().reshape(flat.shape))
+    return as_dtype(grad, dout.dtype)
 
 
 @_sinkhorn_bwd.register_fake

@@ -14,7 +14,7 @@ import torch
 
 from .._custom_ops import custom_op, register_stream_post
 from ..reference import compute_dtype
-from ._common import match_torch_threads, numpy_view
+from ._common import as_dtype, kernel_array, match_torch_threads
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,32 +65,33 @@ def _kernels(num_streams: int):
     return forward, backward
 
 
-def _flat(X, y, h_res, h_post):
-    """The four inputs as ``(T, n, C)``, ``(T, C)``, ``(T, n, n)``, ``(T, n)`` in the compute dtype."""
+def _arrays(X, y, h_res, h_post, dtype):
+    """The four inputs as NumPy arrays ``(T, n, C)``, ``(T, C)``, ``(T, n, n)``, ``(T, n)`` in ``dtype``."""
     n, C = X.shape[-2:]
-    dtype = compute_dtype(X, h_res)
-    return (X.reshape(-1, n, C).to(dtype), y.reshape(-1, C).to(dtype),
-            h_res.reshape(-1, n, n).to(dtype), h_post.reshape(-1, n).to(dtype))
+    return (kernel_array(X, dtype, -1, n, C), kernel_array(y, dtype, -1, C), kernel_array(h_res, dtype, -1, n, n),
+            kernel_array(h_post, dtype, -1, n))
 
 
 @custom_op("kromhc_vision::cpu_stream_post_fwd", device_types="cpu")
 def _stream_post_fwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor) -> torch.Tensor:
-    flat = [t.contiguous() for t in _flat(X, y, h_res, h_post)]
-    out = torch.empty_like(flat[0])
+    dtype = compute_dtype(X, h_res)
+    arrays = _arrays(X, y, h_res, h_post, dtype)
+    out = torch.empty(X.shape, dtype=dtype)
     match_torch_threads()
-    _kernels(X.shape[-2])[0](*map(numpy_view, flat), out.numpy())
-    return out.view(X.shape).to(X.dtype)
+    _kernels(X.shape[-2])[0](*arrays, out.numpy().reshape(arrays[0].shape))
+    return as_dtype(out, X.dtype)
 
 
 @custom_op("kromhc_vision::cpu_stream_post_bwd", device_types="cpu")
 def _stream_post_bwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor,
                      dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    flat = [t.contiguous() for t in _flat(X, y, h_res, h_post)]
-    dZ = dout.reshape(flat[0].shape).to(flat[0].dtype).contiguous()
-    grads = [torch.empty_like(t) for t in flat]
+    dtype = compute_dtype(X, h_res)
+    arrays = _arrays(X, y, h_res, h_post, dtype)
+    dZ = kernel_array(dout, dtype, *arrays[0].shape)
+    grads = [torch.empty(t.shape, dtype=dtype) for t in (X, y, h_res, h_post)]
     match_torch_threads()
-    _kernels(X.shape[-2])[1](*map(numpy_view, flat), numpy_view(dZ), *(g.numpy() for g in grads))
-    return tuple(g.view(t.shape).to(t.dtype) for g, t in zip(grads, (X, y, h_res, h_post)))
+    _kernels(X.shape[-2])[1](*arrays, dZ, *(g.numpy().reshape(a.shape) for g, a in zip(grads, arrays)))
+    return tuple(as_dtype(g, t.dtype) for g, t in zip(grads, (X, y, h_res, h_post)))
 
 
 _stream_post = register_stream_post(_stream_post_fwd, _stream_post_bwd)

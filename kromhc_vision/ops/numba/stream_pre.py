@@ -32,7 +32,7 @@ import torch
 from .._custom_ops import call, custom_op
 from ..pytorch._once import once_differentiable
 from ..reference import autocast_off, compute_dtype
-from ._common import match_torch_threads, numpy_view
+from ._common import as_dtype, kernel_array, match_torch_threads
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 TOKEN_BLOCK = 4  # tokens per block of the projection loops (the loops below spell out four)
@@ -236,55 +236,73 @@ def _kernels(num_streams: int):
     return forward, backward
 
 
-def _forward_outputs(x, bias):
-    T, n, C = x.shape
-    k = bias.shape[0]
-    shapes = [(T, C), (T, n), (T, n), (T, k - 2 * n), (T, k), (T, 1)]
-    return tuple(x.new_empty(s) for s in shapes)
+def _forward_outputs(X, proj_weight, bias):
+    """``u, h_pre, h_post, a_res, raw, inv_rms``: ``X``'s leading dimensions, in the compute dtype."""
+    n, C = X.shape[-2:]
+    lead, k, dtype = X.shape[:-2], bias.shape[0], compute_dtype(X, proj_weight)
+    return tuple(X.new_empty((*lead, width), dtype=dtype) for width in (C, n, n, k - 2 * n, k, 1))
+
+
+def _token_rows(t, T):
+    """An output of ``t``'s leading dimensions as the kernels' ``(T, width)`` array."""
+    return t.numpy().reshape(T, t.shape[-1])
 
 
 @custom_op("kromhc_vision::cpu_stream_pre_fwd", device_types="cpu")
-def _stream_pre_fwd(x: torch.Tensor, norm_weight: torch.Tensor, proj_weight: torch.Tensor, scale: torch.Tensor,
+def _stream_pre_fwd(X: torch.Tensor, norm_weight: torch.Tensor, proj_weight: torch.Tensor, scale: torch.Tensor,
                     bias: torch.Tensor, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    outs = _forward_outputs(x, bias)
+    """``X (..., n, C)`` -> ``u (..., C), h_pre, h_post (..., n), a_res (..., m), raw (..., k), inv_rms (..., 1)``."""
+    n, C = X.shape[-2:]
+    outs = _forward_outputs(X, proj_weight, bias)
+    dtype = outs[0].dtype
+    x = kernel_array(X, dtype, -1, n, C)
     match_torch_threads()
-    _kernels(x.shape[1])[0](*map(numpy_view, (x, norm_weight, proj_weight, scale, bias)), eps,
-                            *(o.numpy() for o in outs))
+    _kernels(n)[0](x, *(kernel_array(p, dtype, *p.shape) for p in (norm_weight, proj_weight, scale, bias)), eps,
+                   *(_token_rows(o, x.shape[0]) for o in outs))
     return outs
 
 
-_stream_pre_fwd.register_fake(lambda x, norm_weight, proj_weight, scale, bias, eps: _forward_outputs(x, bias))
+_stream_pre_fwd.register_fake(lambda X, norm_weight, proj_weight, scale, bias, eps:
+                              _forward_outputs(X, proj_weight, bias))
 
 
-def _backward_outputs(x, norm_weight, proj_weight, scale):
-    return (x.new_empty(x.shape), x.new_empty(norm_weight.shape), x.new_empty(proj_weight.shape),
-            x.new_empty(scale.shape), x.new_empty(scale.shape))
+def _backward_outputs(X, norm_weight, proj_weight, scale, raw):
+    dtype = raw.dtype
+    return (X.new_empty(X.shape, dtype=dtype), *(X.new_empty(p.shape, dtype=dtype)
+                                                 for p in (norm_weight, proj_weight, scale, scale)))
 
 
 @custom_op("kromhc_vision::cpu_stream_pre_bwd", device_types="cpu")
-def _stream_pre_bwd(x: torch.Tensor, dX_post: torch.Tensor, du: torch.Tensor, dh_pre: torch.Tensor,
+def _stream_pre_bwd(X: torch.Tensor, dX_post: torch.Tensor, du: torch.Tensor, dh_pre: torch.Tensor,
                     dh_post: torch.Tensor, da_res: torch.Tensor, h_pre: torch.Tensor, h_post: torch.Tensor,
                     raw: torch.Tensor, inv_rms: torch.Tensor, norm_weight: torch.Tensor, proj_weight: torch.Tensor,
                     scale: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    outs = _backward_outputs(x, norm_weight, proj_weight, scale)
+    """-> ``dX`` (in the compute dtype, ``X``'s shape), ``dg, dW, dscale, dbias``. The gradients are of ``X``'s
+    leading dimensions, or of 0 tokens for none (``dX_post``, ``du``)."""
+    n, C = X.shape[-2:]
+    dtype = raw.dtype  # the compute dtype: the forward's
+    outs = _backward_outputs(X, norm_weight, proj_weight, scale, raw)
     threads = match_torch_threads()
-    inputs = (x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, norm_weight, proj_weight, scale)
-    _kernels(x.shape[1])[1](*map(numpy_view, inputs), *(o.numpy() for o in outs), threads)
+    x = kernel_array(X, dtype, -1, n, C)
+    T = x.shape[0]
+    grads = (kernel_array(dX_post, dtype, -1, n, C), kernel_array(du, dtype, -1, C), kernel_array(dh_pre, dtype, T, n),
+             kernel_array(dh_post, dtype, T, n), kernel_array(da_res, dtype, T, raw.shape[-1] - 2 * n))
+    saved = (kernel_array(t, dtype, T, t.shape[-1]) for t in (h_pre, h_post, raw, inv_rms))
+    params = (kernel_array(p, dtype, *p.shape) for p in (norm_weight, proj_weight, scale))
+    _kernels(n)[1](x, *grads, *saved, *params, outs[0].numpy().reshape(x.shape), *(o.numpy() for o in outs[1:]),
+                   threads)
     return outs
 
 
-_stream_pre_bwd.register_fake(lambda x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms,
-                              norm_weight, proj_weight, scale: _backward_outputs(x, norm_weight, proj_weight, scale))
-
-
-def _as(t, dtype):
-    return t if t.dtype == dtype else t.to(dtype)
+_stream_pre_bwd.register_fake(lambda X, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms,
+                              norm_weight, proj_weight, scale: _backward_outputs(X, norm_weight, proj_weight, scale,
+                                                                                 raw))
 
 
 class StreamPre(torch.autograd.Function):
-    """``stream_pre`` with the kernels above: tokens flattened to ``T``, values in the compute dtype.
+    """``stream_pre`` with the kernels above, in the compute dtype (the ops read any leading dimensions as tokens).
 
     A fifth output is ``X`` itself, for the post step: the gradient the post step sends to ``X`` then arrives
     here as ``dX_post`` and is added in the kernel's one pass that forms ``dx``, instead of autograd summing
@@ -294,37 +312,30 @@ class StreamPre(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, norm_weight, proj_weight, scale, bias, eps):
         ctx.set_materialize_grads(False)
-        n, C = X.shape[-2:]
-        lead = X.shape[:-2]
-        dtype = compute_dtype(X, proj_weight)
         with autocast_off(X.device):
-            x = _as(X.reshape(-1, n, C), dtype).contiguous()
-            params = [_as(p, dtype).contiguous() for p in (norm_weight, proj_weight, scale, bias)]
-            u, h_pre, h_post, a_res, raw, inv_rms = call(_stream_pre_fwd, x, *params, eps)
+            u, h_pre, h_post, a_res, raw, inv_rms = call(_stream_pre_fwd, X, norm_weight, proj_weight, scale, bias,
+                                                         eps)
         ctx.save_for_backward(X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post)
-        # sizes spelled out: T may be 0
-        return (_as(u.view(*lead, C), X.dtype), h_pre.view(*lead, n), h_post.view(*lead, n),
-                a_res.view(*lead, a_res.shape[1]), X)
+        return as_dtype(u, X.dtype), h_pre, h_post, a_res, X
 
     @staticmethod
     @once_differentiable('stream_pre')  # double backward raises DoubleBackwardUnsupportedError
     def backward(ctx, du, dh_pre, dh_post, da_res, dX_post):
         X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post = ctx.saved_tensors
         n, C = X.shape[-2:]
-        (T, k), dtype = raw.shape, raw.dtype
-        x = _as(X.reshape(T, n, C), dtype).contiguous()
+        k = raw.shape[-1]
 
-        def grad(g, *shape, none_tokens=T):
-            if g is None:  # no gradient: zeros, or 0 tokens where the kernel reads that as none
-                return x.new_zeros(none_tokens, *shape)
-            return _as(g.reshape(T, *shape), dtype).contiguous()
+        def grad(g, width, none_tokens=None):
+            """``g``, or zeros for none; 0 tokens where the kernel reads that as none"""
+            if g is not None:
+                return g
+            return raw.new_zeros(0, width) if none_tokens == 0 else raw.new_zeros(*raw.shape[:-1], width)
 
         dx, dg, dW, dscale, dbias = call(
-            _stream_pre_bwd, x, grad(dX_post, n, C, none_tokens=0), grad(du, C, none_tokens=0), grad(dh_pre, n),
-            grad(dh_post, n), grad(da_res, k - 2 * n), h_pre, h_post, raw, inv_rms,
-            *(_as(p, dtype).contiguous() for p in (norm_weight, proj_weight, scale)))
-        return (_as(dx.view(X.shape), X.dtype), _as(dg, norm_weight.dtype), _as(dW, proj_weight.dtype),
-                _as(dscale, scale.dtype), _as(dbias, scale.dtype), None)
+            _stream_pre_bwd, X, grad(dX_post, n * C, 0), grad(du, C, 0), grad(dh_pre, n), grad(dh_post, n),
+            grad(da_res, k - 2 * n), h_pre, h_post, raw, inv_rms, norm_weight, proj_weight, scale)
+        return (as_dtype(dx, X.dtype), as_dtype(dg, norm_weight.dtype), as_dtype(dW, proj_weight.dtype),
+                as_dtype(dscale, scale.dtype), as_dtype(dbias, scale.dtype), None)
 
 
 def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
