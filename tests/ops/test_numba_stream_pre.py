@@ -13,9 +13,10 @@ EPS = 1e-6
 
 
 # (lead, n, C, m): token counts on both sides of the blocks of four and of the per-thread chunks, one token,
-# none, a wide coefficient row (KromHC n = 8 has m = 6; mHC-lite n = 4 has 24; 80 is beyond both), n = 8
+# none, a wide coefficient row (KromHC n = 8 has m = 6; mHC-lite n = 4 has 24; 80 is beyond both), n = 8, and
+# every remainder of k = 2n + m after the kernels' blocks of four coefficients (k = 6, 12, 12, 12, 80, 22, 2, 7, 5)
 SHAPES = [((1,), 2, 3, 2), ((7,), 3, 5, 6), ((2, 13), 4, 24, 4), ((0,), 4, 8, 4), ((3, 4), 4, 4, 72),
-          ((37,), 8, 16, 6), ((5,), 1, 7, 0)]
+          ((37,), 8, 16, 6), ((5,), 1, 7, 0), ((11,), 3, 5, 1), ((9,), 2, 6, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -12,8 +12,9 @@ projection ``(nC, k)`` and ``k = 2n + m``::
                ds = sum_t da r rho,   db = sum_t da
 
 Tokens go in blocks of four, so each row of ``W_g^T`` (``nC`` values, in L1/L2) is read once per four tokens
-for the four dot products ``r`` forward, and once per four for the four rows of ``dr W_g^T`` (two rows of
-``W_g^T`` per pass over them) and once for the accumulation of ``dW_g`` backward; the block's ``x`` stays in L1
+for the dot products ``r`` forward (four rows of ``W_g^T`` per pass over the block's ``x``: 16 sums in registers),
+once per four for the four rows of ``dr W_g^T`` (four rows of ``W_g^T`` per pass over them) and once for the
+accumulation of ``dW_g`` backward (BENCHMARKS.md ``stream_pre_blocked``); the block's ``x`` stays in L1
 meanwhile. The tokens are split into one
 chunk per thread, each accumulating its own ``dW_g``, ``ds``, ``db``, summed at the end in a fixed order (the
 values depend on the thread count, not on scheduling). BLAS would run the three projections as three more
@@ -69,22 +70,63 @@ def _kernels(num_streams: int):
         wt = gained_transposed(g, W)
         for b in numba.prange((T + TOKEN_BLOCK - 1) // TOKEN_BLOCK):
             t0 = b * TOKEN_BLOCK
-            if t0 + TOKEN_BLOCK <= T:
-                for i in range(k):
+            if t0 + TOKEN_BLOCK <= T:  # rows as 1-d views, four coefficients per pass: 16 sums in registers
+                x0, x1, x2, x3 = xf[t0], xf[t0 + 1], xf[t0 + 2], xf[t0 + 3]
+                k4 = k - k % 4
+                for i in range(0, k4, 4):
+                    wa, wb, wc, wd = wt[i], wt[i + 1], wt[i + 2], wt[i + 3]
+                    a0 = dt(0)
+                    a1 = dt(0)
+                    a2 = dt(0)
+                    a3 = dt(0)
+                    b0 = dt(0)
+                    b1 = dt(0)
+                    b2 = dt(0)
+                    b3 = dt(0)
+                    c0 = dt(0)
+                    c1 = dt(0)
+                    c2 = dt(0)
+                    c3 = dt(0)
+                    d0 = dt(0)
+                    d1 = dt(0)
+                    d2 = dt(0)
+                    d3 = dt(0)
+                    for c in range(NC):
+                        ga, gb, gc, gd = wa[c], wb[c], wc[c], wd[c]
+                        v0, v1, v2, v3 = x0[c], x1[c], x2[c], x3[c]
+                        a0 += v0 * ga
+                        a1 += v1 * ga
+                        a2 += v2 * ga
+                        a3 += v3 * ga
+                        b0 += v0 * gb
+                        b1 += v1 * gb
+                        b2 += v2 * gb
+                        b3 += v3 * gb
+                        c0 += v0 * gc
+                        c1 += v1 * gc
+                        c2 += v2 * gc
+                        c3 += v3 * gc
+                        d0 += v0 * gd
+                        d1 += v1 * gd
+                        d2 += v2 * gd
+                        d3 += v3 * gd
+                    raw[t0, i], raw[t0 + 1, i], raw[t0 + 2, i], raw[t0 + 3, i] = a0, a1, a2, a3
+                    raw[t0, i + 1], raw[t0 + 1, i + 1], raw[t0 + 2, i + 1], raw[t0 + 3, i + 1] = b0, b1, b2, b3
+                    raw[t0, i + 2], raw[t0 + 1, i + 2], raw[t0 + 2, i + 2], raw[t0 + 3, i + 2] = c0, c1, c2, c3
+                    raw[t0, i + 3], raw[t0 + 1, i + 3], raw[t0 + 2, i + 3], raw[t0 + 3, i + 3] = d0, d1, d2, d3
+                for i in range(k4, k):
+                    w = wt[i]
                     r0 = dt(0)
                     r1 = dt(0)
                     r2 = dt(0)
                     r3 = dt(0)
                     for c in range(NC):
-                        w = wt[i, c]
-                        r0 += xf[t0, c] * w
-                        r1 += xf[t0 + 1, c] * w
-                        r2 += xf[t0 + 2, c] * w
-                        r3 += xf[t0 + 3, c] * w
-                    raw[t0, i] = r0
-                    raw[t0 + 1, i] = r1
-                    raw[t0 + 2, i] = r2
-                    raw[t0 + 3, i] = r3
+                        wi = w[c]
+                        r0 += x0[c] * wi
+                        r1 += x1[c] * wi
+                        r2 += x2[c] * wi
+                        r3 += x3[c] * wi
+                    raw[t0, i], raw[t0 + 1, i], raw[t0 + 2, i], raw[t0 + 3, i] = r0, r1, r2, r3
             else:
                 for t in range(t0, T):
                     for i in range(k):
@@ -172,33 +214,33 @@ def _kernels(num_streams: int):
                 if nt == TOKEN_BLOCK:  # rows as 1-d views: LLVM vectorises these loops better than 2-d indexing
                     x0, x1, x2, x3 = xf[t0], xf[t0 + 1], xf[t0 + 2], xf[t0 + 3]
                     y0, y1, y2, y3 = dxf[t0], dxf[t0 + 1], dxf[t0 + 2], dxf[t0 + 3]
-                    # dx: two rows of W_g^T per pass over the block's four dx rows (half the stores of one);
-                    # dW_g: its own loop (blocking it over coefficients too stops LLVM vectorising it)
-                    k2 = k - k % 2
-                    for i in range(0, k2, 2):
-                        d0, e0 = dr[0, i], dr[0, i + 1]
-                        d1, e1 = dr[1, i], dr[1, i + 1]
-                        d2, e2 = dr[2, i], dr[2, i + 1]
-                        d3, e3 = dr[3, i], dr[3, i + 1]
-                        w, v = wt[i], wt[i + 1]
+                    # dx: four rows of W_g^T per pass over the block's four dx rows (a quarter of the stores of
+                    # one); dW_g: its own loop (blocking it over coefficients too stops LLVM vectorising it)
+                    k4 = k - k % 4
+                    for i in range(0, k4, 4):
+                        a0, b0, c0, e0 = dr[0, i], dr[0, i + 1], dr[0, i + 2], dr[0, i + 3]
+                        a1, b1, c1, e1 = dr[1, i], dr[1, i + 1], dr[1, i + 2], dr[1, i + 3]
+                        a2, b2, c2, e2 = dr[2, i], dr[2, i + 1], dr[2, i + 2], dr[2, i + 3]
+                        a3, b3, c3, e3 = dr[3, i], dr[3, i + 1], dr[3, i + 2], dr[3, i + 3]
+                        wa, wb, wc, wd = wt[i], wt[i + 1], wt[i + 2], wt[i + 3]
                         for c in range(NC):
-                            wc, vc = w[c], v[c]
-                            y0[c] += d0 * wc + e0 * vc
-                            y1[c] += d1 * wc + e1 * vc
-                            y2[c] += d2 * wc + e2 * vc
-                            y3[c] += d3 * wc + e3 * vc
-                    for i in range(k2, k):
+                            ga, gb, gc, gd = wa[c], wb[c], wc[c], wd[c]
+                            y0[c] += a0 * ga + b0 * gb + c0 * gc + e0 * gd
+                            y1[c] += a1 * ga + b1 * gb + c1 * gc + e1 * gd
+                            y2[c] += a2 * ga + b2 * gb + c2 * gc + e2 * gd
+                            y3[c] += a3 * ga + b3 * gb + c3 * gc + e3 * gd
+                    for i in range(k4, k):
                         d0 = dr[0, i]
                         d1 = dr[1, i]
                         d2 = dr[2, i]
                         d3 = dr[3, i]
                         w = wt[i]
                         for c in range(NC):
-                            wc = w[c]
-                            y0[c] += d0 * wc
-                            y1[c] += d1 * wc
-                            y2[c] += d2 * wc
-                            y3[c] += d3 * wc
+                            wi = w[c]
+                            y0[c] += d0 * wi
+                            y1[c] += d1 * wi
+                            y2[c] += d2 * wi
+                            y3[c] += d3 * wi
                     for i in range(k):
                         d0 = dr[0, i]
                         d1 = dr[1, i]
