@@ -45,9 +45,19 @@ def test_gradcheck():
 def test_opcheck():
     logits = torch.randn(5, 8, requires_grad=True)  # KromHC n = 6: 2! + 3!
     torch.library.opcheck(torch.ops.kromhc_vision.cpu_permutation_mix_fwd.default, (logits, [2, 3]))
-    _, weights = torch.ops.kromhc_vision.cpu_permutation_mix_fwd(logits.detach(), [2, 3])
     torch.library.opcheck(torch.ops.kromhc_vision.cpu_permutation_mix_bwd.default,
-                          (weights, [2, 3], torch.randn(5, 6, 6), logits.detach()))
+                          (logits.detach(), [2, 3], torch.randn(5, 6, 6)))
+
+
+def test_backward_keeps_only_the_logits():
+    """The backward forms the softmax weights again from the logits (the connection keeps them anyway), so
+    that ``H_res`` with what its map saves fits recomputation's keep rule (mHC-lite at n = 4: 16 values per token,
+    not 16 + 24 float64 weights)."""
+    logits = logits_for((4,), (6,), torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        permutation_mix(logits, [permutation_matrices(4)])
+    assert len(saved) == 1 and saved[0] is logits
 
 
 @pytest.mark.parametrize("factors, expected", [((2,), "numba"), ((3,), "numba"), ((4,), "numba"), ((5,), "torch"),

@@ -24,7 +24,7 @@ import torch
 from .._custom_ops import apply, call, custom_op, register_autograd
 from ...permutations import permutation_table
 from ..reference import compute_dtype
-from ._common import as_dtype, kernel_array, match_torch_threads, numpy_view
+from ._common import as_dtype, kernel_array, match_torch_threads
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy")
 
@@ -102,11 +102,15 @@ def _forward_kernel(logits, members, logit_index, starts, w, weights, out):
 
 
 @numba.njit(**_FLAGS)
-def _backward_kernel(w, dout, columns, logit_index, starts, dw, dlogits):
-    """``w``: the forward's softmax weights (float64), kept rather than recomputed (``exp`` is the costly part)."""
-    T, n = w.shape[0], columns.shape[1]
+def _backward_kernel(logits, dout, columns, logit_index, starts, w, dw, dlogits):
+    """``w``, ``dw``: float64 scratch ``(T, m)``; the softmax weights are formed again from the logits, as the
+    forward formed them (the same values): what the backward keeps is the logits, which the connection keeps
+    anyway, instead of ``m`` float64 weights per token, so that recomputation can keep ``H_res`` (BENCHMARKS.md
+    ``permutation_mix_logits``)."""
+    T, n = logits.shape[0], columns.shape[1]
     R, K = logit_index.shape
     for t in numba.prange(T):
+        _softmax(logits, t, starts, w)
         for j in range(w.shape[1]):
             dw[t, j] = 0.0
         for r in range(R):
@@ -128,57 +132,55 @@ def _backward_kernel(w, dout, columns, logit_index, starts, dw, dlogits):
 
 
 @custom_op("kromhc_vision::cpu_permutation_mix_fwd", device_types="cpu")
-def _permutation_mix_fwd(logits: torch.Tensor, factors: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> ``H_res (..., n, n)`` and the softmax weights ``(T, m)`` in float64, for the backward."""
+def _permutation_mix_fwd(logits: torch.Tensor, factors: list[int]) -> torch.Tensor:
+    """``logits (..., m)`` -> ``H_res (..., n, n)``."""
     columns, logit_index, starts = mixture_tables(tuple(factors))
     dtype = compute_dtype(logits)
     flat = kernel_array(logits, dtype, -1, logits.shape[-1])
     n = columns.shape[1]
     out = torch.empty((*logits.shape[:-1], n, n), dtype=dtype)
-    w = torch.empty(flat.shape, dtype=torch.float64)
-    weights = torch.empty(flat.shape[0], logit_index.shape[0], dtype=torch.float64)
+    w = np.empty(flat.shape)  # float64 scratch: the softmax weights
+    weights = np.empty((flat.shape[0], logit_index.shape[0]))  # float64 scratch: the combined permutations'
     match_torch_threads()
-    _forward_kernel(flat, _members(tuple(factors)), logit_index, starts, w.numpy(), weights.numpy(),
+    _forward_kernel(flat, _members(tuple(factors)), logit_index, starts, w, weights,
                     out.numpy().reshape(flat.shape[0], n * n))
-    return as_dtype(out, logits.dtype), w
+    return as_dtype(out, logits.dtype)
 
 
 @_permutation_mix_fwd.register_fake
 def _(logits, factors):
     n = math.prod(factors)
-    w = logits.new_empty(math.prod(logits.shape[:-1]), logits.shape[-1], dtype=torch.float64)
-    return logits.new_empty(*logits.shape[:-1], n, n), w
+    return logits.new_empty(*logits.shape[:-1], n, n)
 
 
 @custom_op("kromhc_vision::cpu_permutation_mix_bwd", device_types="cpu")
-def _permutation_mix_bwd(weights: torch.Tensor, factors: list[int], dout: torch.Tensor,
-                         logits: torch.Tensor) -> torch.Tensor:
-    """``weights``: the forward's second output; ``logits``: its input (for the gradient's shape and dtype)."""
+def _permutation_mix_bwd(logits: torch.Tensor, factors: list[int], dout: torch.Tensor) -> torch.Tensor:
+    """``logits``: the forward's input; ``dout``: the gradient of ``H_res`` -> the gradient of ``logits``."""
     columns, logit_index, starts = mixture_tables(tuple(factors))
     n = columns.shape[1]
     dtype = compute_dtype(logits)
+    flat = kernel_array(logits, dtype, -1, logits.shape[-1])
     d = kernel_array(dout, dtype, -1, n, n)
-    dw = np.empty(weights.shape)  # float64 scratch
+    w, dw = np.empty(flat.shape), np.empty(flat.shape)  # float64 scratch
     grad = torch.empty(logits.shape, dtype=dtype)
     match_torch_threads()
-    _backward_kernel(numpy_view(weights), d, columns, logit_index, starts, dw, grad.numpy().reshape(weights.shape))
+    _backward_kernel(flat, d, columns, logit_index, starts, w, dw, grad.numpy().reshape(flat.shape))
     return as_dtype(grad, logits.dtype)
 
 
 @_permutation_mix_bwd.register_fake
-def _(weights, factors, dout, logits):
+def _(logits, factors, dout):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1], inputs[0])
+    ctx.save_for_backward(inputs[0])
     ctx.factors = inputs[1]
 
 
-def _backward(ctx, dout, dweights):
-    weights, logits = ctx.saved_tensors
-    return call(_permutation_mix_bwd, weights, ctx.factors, dout, logits), None
+def _backward(ctx, dout):
+    logits, = ctx.saved_tensors
+    return call(_permutation_mix_bwd, logits, ctx.factors, dout), None
 
 
 register_autograd(_permutation_mix_fwd, _backward, _setup_context)
@@ -190,4 +192,4 @@ def permutation_mix(logits: torch.Tensor, perms: list) -> torch.Tensor:
     numbers the permutations the same way). Same values as :func:`kromhc_vision.residual_maps.kronecker_birkhoff`.
     """
     factors = [int(p.shape[-1]) for p in perms]
-    return apply(_permutation_mix_fwd, logits, factors)[0]
+    return apply(_permutation_mix_fwd, logits, factors)
