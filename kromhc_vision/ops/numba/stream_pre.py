@@ -30,7 +30,7 @@ import numba
 import numpy as np
 import torch
 
-from .._custom_ops import call, custom_op
+from .._custom_ops import call, custom_op, needs_grad, traced
 from ..pytorch._once import once_differentiable
 from ..reference import autocast_off, compute_dtype
 from ._common import as_dtype, kernel_array, match_torch_threads
@@ -343,6 +343,13 @@ _stream_pre_bwd.register_fake(lambda X, dX_post, du, dh_pre, dh_post, da_res, h_
                                                                                  raw))
 
 
+def _forward(X, norm_weight, proj_weight, scale, bias, eps):
+    """The forward op: ``u`` in ``X``'s dtype, the rest in the compute dtype."""
+    with autocast_off(X.device):
+        u, h_pre, h_post, a_res, raw, inv_rms = call(_stream_pre_fwd, X, norm_weight, proj_weight, scale, bias, eps)
+    return as_dtype(u, X.dtype), h_pre, h_post, a_res, raw, inv_rms
+
+
 class StreamPre(torch.autograd.Function):
     """``stream_pre`` with the kernels above, in the compute dtype (the ops read any leading dimensions as tokens).
 
@@ -354,11 +361,9 @@ class StreamPre(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, norm_weight, proj_weight, scale, bias, eps):
         ctx.set_materialize_grads(False)
-        with autocast_off(X.device):
-            u, h_pre, h_post, a_res, raw, inv_rms = call(_stream_pre_fwd, X, norm_weight, proj_weight, scale, bias,
-                                                         eps)
+        u, h_pre, h_post, a_res, raw, inv_rms = _forward(X, norm_weight, proj_weight, scale, bias, eps)
         ctx.save_for_backward(X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post)
-        return as_dtype(u, X.dtype), h_pre, h_post, a_res, X
+        return u, h_pre, h_post, a_res, X
 
     @staticmethod
     @once_differentiable('stream_pre')  # double backward raises DoubleBackwardUnsupportedError
@@ -384,6 +389,10 @@ def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
     """``u, h_pre, h_post, a_res`` as :func:`kromhc_vision.ops.reference.stream_pre`, then an alias of ``X``.
 
     Same signature and values as the reference. Pass the last output (not ``X``) to the post step, so that its
-    gradient joins ``dX`` inside :class:`StreamPre`'s backward.
+    gradient joins ``dX`` inside :class:`StreamPre`'s backward. Where autograd records nothing (inference), the
+    forward op alone, without the Function.
     """
+    args = (X, norm_weight, proj_weight, scale, bias)
+    if not traced(args) and not needs_grad(args):
+        return (*_forward(X, norm_weight, proj_weight, scale, bias, eps)[:4], X)
     return StreamPre.apply(X, norm_weight, proj_weight, scale, bias, eps)
