@@ -16,6 +16,7 @@ implementation); eager mode does not, so:
 Both paths run the same function on the same inputs: the same values, bitwise.
 """
 import torch
+from torch.autograd import forward_ad
 
 _IMPLEMENTATIONS = {}  # custom op -> the Python function it was made from
 _EAGER_FUNCTIONS = {}  # custom op -> its torch.autograd.Function for eager mode
@@ -69,7 +70,11 @@ def register_autograd(op, backward, setup_context):
 
 
 def needs_grad(args) -> bool:
-    """Whether autograd records a call on ``args``: grad mode is on and some tensor among them requires grad."""
+    """Whether autograd records a call on ``args``: grad mode is on and some tensor among them requires grad, or
+    forward-mode AD is active (the Functions then refuse it, having no ``jvp``, where the functions alone would
+    drop the tangents)."""
+    if forward_ad._current_level >= 0:
+        return True
     if not torch.is_grad_enabled():
         return False
     for a in args:  # a loop, as in traced: this runs for every op call

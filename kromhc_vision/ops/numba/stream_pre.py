@@ -386,7 +386,8 @@ class StreamPre(torch.autograd.Function):
 
 
 def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
-    """``u, h_pre, h_post, a_res`` as :func:`kromhc_vision.ops.reference.stream_pre`, then an alias of ``X``.
+    """``u, h_pre, h_post, a_res`` as :func:`kromhc_vision.ops.reference.stream_pre`, then ``X`` (an alias of it
+    where autograd records the call).
 
     Same signature and values as the reference. Pass the last output (not ``X``) to the post step, so that its
     gradient joins ``dX`` inside :class:`StreamPre`'s backward. Where autograd records nothing (inference), the
