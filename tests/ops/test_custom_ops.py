@@ -43,7 +43,8 @@ def test_traced_inputs_take_the_custom_op():
 @pytest.mark.parametrize("variant", ["kromhc", "mhc"])
 def test_no_grad_builds_no_autograd_function(variant, monkeypatch):
     """Where autograd records nothing (inference), the numba ops run their functions without an autograd Function
-    (its context costs tens of microseconds a call); the values are those of the recorded path, bitwise."""
+    (its context costs tens of microseconds a call); the model's output is the recorded path's to rounding (the
+    ops' own outputs bitwise: the next test)."""
     import timm
 
     import kromhc_vision  # noqa: F401  (registers the models)

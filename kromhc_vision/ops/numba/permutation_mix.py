@@ -106,7 +106,7 @@ def _backward_kernel(logits, dout, columns, logit_index, starts, w, dw, dlogits)
     """``w``, ``dw``: float64 scratch ``(T, m)``; the softmax weights are formed again from the logits, as the
     forward formed them (the same values): what the backward keeps is the logits, which the connection keeps
     anyway, instead of ``m`` float64 weights per token, so that recomputation can keep ``H_res`` (BENCHMARKS.md
-    ``permutation_mix_logits``)."""
+    ``bench_models_xeon_blocked``)."""
     T, n = logits.shape[0], columns.shape[1]
     R, K = logit_index.shape
     for t in numba.prange(T):

@@ -14,7 +14,7 @@ projection ``(nC, k)`` and ``k = 2n + m``::
 Tokens go in blocks of four, so each row of ``W_g^T`` (``nC`` values, in L1/L2) is read once per four tokens
 for the dot products ``r`` forward (four rows of ``W_g^T`` per pass over the block's ``x``: 16 sums in registers),
 once per four for the four rows of ``dr W_g^T`` (four rows of ``W_g^T`` per pass over them) and once for the
-accumulation of ``dW_g`` backward (BENCHMARKS.md ``stream_pre_blocked``); the block's ``x`` stays in L1
+accumulation of ``dW_g`` backward (BENCHMARKS.md ``bench_models_xeon_blocked``); the block's ``x`` stays in L1
 meanwhile. The tokens are split into one
 chunk per thread, each accumulating its own ``dW_g``, ``ds``, ``db``, summed at the end in a fixed order (the
 values depend on the thread count, not on scheduling). BLAS would run the three projections as three more
