@@ -35,7 +35,8 @@ def _functions():
     """The ops layer's autograd Functions: (label, class)."""
     from importlib import import_module
     found = [(cls.__name__.removeprefix("Eager_"), cls) for cls in _custom_ops._EAGER_FUNCTIONS.values()]
-    for package, module, name in (("numba", "stream_pre", "StreamPre"), ("pytorch", "stream_pre", "StreamPre"),
+    for package, module, name in (("numba", "stream_pre", "StreamPre"), ("numba", "stream_post", "LinkedStreamPost"),
+                                  ("pytorch", "stream_pre", "StreamPre"),
                                   ("pytorch", "stream_post", "StreamPost"), ("pytorch", "permutation_mix", "BirkhoffMix")):
         found.append((f"{package} {name}", getattr(import_module(f"kromhc_vision.ops.{package}.{module}"), name)))
     return found

@@ -100,10 +100,12 @@ def _empty_like(*tensors):
 
 def register_stream_post(fwd, bwd):
     """Fakes and autograd for a pair of custom ops ``fwd(X, y, h_res, h_post) -> X_next`` and
-    ``bwd(X, y, h_res, h_post, dX_next) -> (dX, dy, dh_res, dh_post)``; the forward saves its inputs.
+    ``bwd(X, y, h_res, h_post, dX_next) -> (dX, dy, dh_res, dh_post)`` (the numba ``bwd`` also takes
+    ``form_dX=False``: ``dX`` of no tokens); the forward saves its inputs.
     Returns ``stream_post(X, y, h_res, h_post)``, which runs ``fwd`` with that autograd (see :func:`apply`)."""
     fwd.register_fake(lambda X, y, h_res, h_post: _empty_like(X)[0])
-    bwd.register_fake(lambda X, y, h_res, h_post, dout: _empty_like(X, y, h_res, h_post))
+    bwd.register_fake(lambda X, y, h_res, h_post, dout, form_dX=True:
+                      _empty_like(X if form_dX else X.new_empty(0, *X.shape[-2:]), y, h_res, h_post))
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)

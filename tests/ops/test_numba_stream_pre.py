@@ -111,10 +111,13 @@ def test_opcheck(lead, stream_pre_inputs):
     torch.library.opcheck(torch.ops.kromhc_vision.cpu_stream_pre_fwd.default, (x, g, W, s, b, EPS))
     u, h_pre, h_post, a_res, raw, inv_rms = torch.ops.kromhc_vision.cpu_stream_pre_fwd(x, g, W, s, b, EPS)
     n, C = x.shape[-2:]
+    mix = (torch.randn_like(x), torch.randn(*lead, n, n, dtype=x.dtype))  # the post step's dZ, H_res
+    no_mix = (x.new_zeros(0, n, C), x.new_zeros(0, n, n))
     grads = (torch.randn_like(x), torch.randn(*lead, C, dtype=x.dtype), torch.randn_like(h_pre),
              torch.randn_like(h_post), torch.randn_like(a_res))
-    torch.library.opcheck(torch.ops.kromhc_vision.cpu_stream_pre_bwd.default,
-                          (x, *grads, h_pre, h_post, raw, inv_rms, g, W, s))
-    no_post_no_u = (x.new_zeros(0, n, C), x.new_zeros(0, C), *grads[2:])
+    for dZ_h_res in (mix, no_mix):
+        torch.library.opcheck(torch.ops.kromhc_vision.cpu_stream_pre_bwd.default,
+                              (x, grads[0], *dZ_h_res, *grads[1:], h_pre, h_post, raw, inv_rms, g, W, s))
+    no_post_no_u = (x.new_zeros(0, n, C), *mix, x.new_zeros(0, C), *grads[2:])
     torch.library.opcheck(torch.ops.kromhc_vision.cpu_stream_pre_bwd.default,
                           (x, *no_post_no_u, h_pre, h_post, raw, inv_rms, g, W, s))

@@ -47,3 +47,48 @@ def match_torch_threads() -> int:
         numba.set_num_threads(threads)
         _thread_count.value = threads
     return threads
+
+
+class PostGradLink:
+    """The post step's gradient of the stream state, handed unformed to the pre step's backward.
+
+    The numba pre step returns the state ``X`` again for the post step (an alias: see
+    :class:`kromhc_vision.ops.numba.stream_pre.StreamPre`), carrying one of these as the attribute
+    :data:`LINK_ATTRIBUTE`. A post step that :meth:`claim` s it returns no gradient for ``X``: its backward
+    :meth:`put` s ``(dZ, H_res)`` here instead, and the pre step's backward, which autograd runs after it, adds
+    ``H_res^T dZ`` in the pass that forms ``dX``. The post step's backward then writes no ``dX`` (``n C`` values
+    per token) and the pre step's reads ``dZ`` where it read that ``dX``: one pass over the stream state fewer.
+    Gradients are those of the plain path, to the rounding of the sum's order.
+
+    Only the first post step to claim a link uses it (others return their gradient as usual, which autograd
+    sums into ``dX_post``); what is put in one backward pass (graph task) is taken only in the same one, and
+    the gradient *of the alias itself* (``torch.autograd.grad`` with respect to it) lacks the claiming post step's
+    part: the alias is the post step's input, nothing else's.
+    """
+    __slots__ = ("claimed", "task", "dZ", "h_res")
+
+    def __init__(self):
+        self.claimed = False
+        self.task = self.dZ = self.h_res = None
+
+    def claim(self) -> bool:
+        """True for the first caller (the post step that will put its gradient here), False after."""
+        if self.claimed:
+            return False
+        self.claimed = True
+        return True
+
+    def put(self, dZ: torch.Tensor, h_res: torch.Tensor) -> None:
+        """In the claiming post step's backward: its ``dX_next`` and ``H_res`` (``dX = H_res^T dZ``)."""
+        self.task, self.dZ, self.h_res = torch._C._current_graph_task_id(), dZ, h_res
+
+    def take(self):
+        """``(dZ, H_res)`` put in this backward pass, or None; empty after either way."""
+        task, dZ, h_res = self.task, self.dZ, self.h_res
+        self.task = self.dZ = self.h_res = None
+        if task is None or task != torch._C._current_graph_task_id():
+            return None
+        return dZ, h_res
+
+
+LINK_ATTRIBUTE = "_kromhc_post_grad_link"

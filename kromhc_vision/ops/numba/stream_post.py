@@ -12,9 +12,10 @@ import functools
 import numba
 import torch
 
-from .._custom_ops import custom_op, register_stream_post
+from .._custom_ops import call, custom_op, needs_grad, register_stream_post, traced
+from ..pytorch._once import once_differentiable
 from ..reference import compute_dtype
-from ._common import as_dtype, kernel_array, match_torch_threads
+from ._common import LINK_ATTRIBUTE, as_dtype, kernel_array, match_torch_threads
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,7 +38,9 @@ def _kernels(num_streams: int):
 
     @numba.njit(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
     def backward(X, y, H, hp, dZ, dX, dy, dH, dhp):
+        """``dX`` of 0 tokens: not formed (the pre step's backward forms it from ``dZ``, ``H``)."""
         T, _, C = X.shape
+        has_dX = dX.shape[0] != 0
         zero = X.dtype.type(0)  # dot products from a typed zero over the full row vectorise better than from term 0
         for t in numba.prange(T):
             for c in range(C):
@@ -45,7 +48,7 @@ def _kernels(num_streams: int):
                 for i in range(N):
                     s += hp[t, i] * dZ[t, i, c]
                 dy[t, c] = s
-            for j in range(N):
+            for j in range(N if has_dX else 0):
                 for c in range(C):
                     s = zero
                     for i in range(N):
@@ -84,22 +87,53 @@ def _stream_post_fwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_po
 
 @custom_op("kromhc_vision::cpu_stream_post_bwd", device_types="cpu")
 def _stream_post_bwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor,
-                     dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     dout: torch.Tensor, form_dX: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ``dX, dy, dh_res, dh_post``; ``form_dX=False``: ``dX`` of 0 tokens, not formed (see
+    :class:`LinkedStreamPost`)."""
     dtype = compute_dtype(X, h_res)
     arrays = _arrays(X, y, h_res, h_post, dtype)
     dZ = kernel_array(dout, dtype, *arrays[0].shape)
-    grads = [torch.empty(t.shape, dtype=dtype) for t in (X, y, h_res, h_post)]
+    grads = [torch.empty(t.shape, dtype=dtype)
+             for t in (X if form_dX else X.new_empty(0, *X.shape[-2:]), y, h_res, h_post)]
+    kernel_shapes = [a.shape for a in arrays]
+    if not form_dX:
+        kernel_shapes[0] = (0, *kernel_shapes[0][1:])
     match_torch_threads()
-    _kernels(X.shape[-2])[1](*arrays, dZ, *(g.numpy().reshape(a.shape) for g, a in zip(grads, arrays)))
+    _kernels(X.shape[-2])[1](*arrays, dZ, *(g.numpy().reshape(shape) for g, shape in zip(grads, kernel_shapes)))
     return tuple(as_dtype(g, t.dtype) for g, t in zip(grads, (X, y, h_res, h_post)))
 
 
 _stream_post = register_stream_post(_stream_post_fwd, _stream_post_bwd)
 
 
+class LinkedStreamPost(torch.autograd.Function):
+    """The post step on the state the numba pre step returned, in eager mode: the forward and what it saves as
+    the plain step's, and a backward that puts ``(dZ, H_res)`` into the pre step's
+    :class:`~kromhc_vision.ops.numba._common.PostGradLink` instead of forming and returning ``dX = H_res^T dZ``."""
+
+    @staticmethod
+    def forward(ctx, X, y, h_res, h_post, link):
+        ctx.save_for_backward(X, y, h_res, h_post)
+        ctx.link = link
+        return call(_stream_post_fwd, X, y, h_res, h_post)
+
+    @staticmethod
+    @once_differentiable("stream_post")
+    def backward(ctx, dout):
+        X, y, h_res, h_post = ctx.saved_tensors
+        _, dy, dh_res, dh_post = call(_stream_post_bwd, X, y, h_res, h_post, dout, False)
+        ctx.link.put(dout, h_res)
+        return None, dy, dh_res, dh_post, None
+
+
 def stream_post(X, y, h_res, h_post):
     """``X (..., n, C)``, ``y (..., C)``, ``h_res (..., n, n)``, ``h_post (..., n)`` -> ``X_next (..., n, C)``.
 
-    Same signature and values as :func:`kromhc_vision.ops.reference.stream_post`.
+    Same signature and values as :func:`kromhc_vision.ops.reference.stream_post`. On the state the numba pre step
+    returned (its link unclaimed), where autograd records the call in eager mode: :class:`LinkedStreamPost`.
     """
+    link = getattr(X, LINK_ATTRIBUTE, None)
+    if link is not None and not traced((X, y, h_res, h_post)) and needs_grad((X, y, h_res, h_post)) and link.claim():
+        return LinkedStreamPost.apply(X, y, h_res, h_post, link)
     return _stream_post(X, y, h_res, h_post)

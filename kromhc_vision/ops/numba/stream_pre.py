@@ -7,7 +7,7 @@ projection ``(nC, k)`` and ``k = 2n + m``::
                H_pre = sigmoid(a[:n]),  H_post = 2 sigmoid(a[n:2n]),  a_res = a[2n:],  u = H_pre x
     backward:  dH_pre += <du, x_j>,   da = [dH_pre H_pre (1 - H_pre) | dH_post H_post (1 - H_post / 2) | da_res]
                dr = s * da * rho,   coef = -rho^3 / (nC) * sum_k s_k da_k r_k
-               dx = dX_post + coef * x + H_pre^T du + dr W_g^T
+               dx = dX_post + coef * x + H_pre^T du + dr W_g^T   (+ H_res^T dZ, the post step's dX, when linked)
                dW_g = sum_t x_t^T dr_t,   dg = sum_k dW_g W,   dW = dW_g g,
                ds = sum_t da r rho,   db = sum_t da
 
@@ -33,7 +33,7 @@ import torch
 from .._custom_ops import call, custom_op, needs_grad, traced
 from ..pytorch._once import once_differentiable
 from ..reference import autocast_off, compute_dtype
-from ._common import as_dtype, kernel_array, match_torch_threads
+from ._common import LINK_ATTRIBUTE, PostGradLink, as_dtype, kernel_array, match_torch_threads
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 TOKEN_BLOCK = 4  # tokens per block of the projection loops (the loops below spell out four)
@@ -155,10 +155,11 @@ def _kernels(num_streams: int):
                     u[t, c] = v
 
     @numba.njit(**_FLAGS)
-    def backward(x, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, g, W, scale,
+    def backward(x, dX_post, dZ, H, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, g, W, scale,
                  dx, dg, dW, dscale, dbias, chunks):
-        """``dX_post`` of 0 tokens stands for none (a zero gradient), ``du`` of 0 tokens likewise; ``chunks``:
-        the threads (one chunk of tokens each)."""
+        """``dX_post`` of 0 tokens stands for none (a zero gradient), ``du`` of 0 tokens likewise, and ``dZ``,
+        ``H`` (the post step's ``dX_next`` and ``H_res``) of 0 tokens for no ``H_res^T dZ`` term; ``chunks``: the
+        threads (one chunk of tokens each)."""
         T, _, C = x.shape
         NC = N * C
         k = scale.shape[0]
@@ -169,7 +170,7 @@ def _kernels(num_streams: int):
         per = ((T + chunks - 1) // chunks + TOKEN_BLOCK - 1) // TOKEN_BLOCK * TOKEN_BLOCK  # tokens per chunk
         dwt_parts = np.zeros((chunks, k, NC), x.dtype)  # each chunk's dW_g^T
         sb_parts = np.zeros((chunks, 2, k), x.dtype)  # each chunk's ds, db (per coefficient)
-        has_post, has_du = dX_post.shape[0] != 0, du.shape[0] != 0
+        has_post, has_mix, has_du = dX_post.shape[0] != 0, dZ.shape[0] != 0, du.shape[0] != 0
         for p in numba.prange(chunks):
             acc = dwt_parts[p]
             sb = sb_parts[p]
@@ -200,6 +201,27 @@ def _kernels(num_streams: int):
                         dr[q, i] = d * rho
                         qs += d * raw[t, i]
                     coef = dt(-qs * rho * rho * rho / NC)
+                    if has_mix and has_du and not has_post:  # the linked post step's case: one pass over dx
+                        ut = du[t]
+                        if N == 4:  # 1-d row views, every coefficient a scalar: one vectorised pass per row
+                            z0, z1, z2, z3 = dZ[t, 0], dZ[t, 1], dZ[t, 2], dZ[t, 3]
+                            for j in range(N):
+                                hj, d, xj = h_pre[t, j], dx[t, j], x[t, j]
+                                a0, a1, a2, a3 = H[t, 0, j], H[t, 1, j], H[t, 2, j], H[t, 3, j]
+                                for c in range(C):
+                                    d[c] = (coef * xj[c] + hj * ut[c]
+                                            + a0 * z0[c] + a1 * z1[c] + a2 * z2[c] + a3 * z3[c])
+                        else:
+                            for j in range(N):  # rows as 1-d views, each coefficient a scalar
+                                h = h_pre[t, j]
+                                d, xj = dx[t, j], x[t, j]
+                                for c in range(C):
+                                    d[c] = coef * xj[c] + h * ut[c]
+                                for i in range(N):
+                                    hij, z = H[t, i, j], dZ[t, i]
+                                    for c in range(C):
+                                        d[c] += hij * z[c]
+                        continue
                     for j in range(N):
                         if has_post:
                             for c in range(C):
@@ -207,6 +229,12 @@ def _kernels(num_streams: int):
                         else:
                             for c in range(C):
                                 dx[t, j, c] = coef * x[t, j, c]
+                        if has_mix:  # the post step's dX = H_res^T dZ, formed here instead of written there
+                            for c in range(C):
+                                v = dx[t, j, c]
+                                for i in range(N):
+                                    v += H[t, i, j] * dZ[t, i, c]
+                                dx[t, j, c] = v
                         if has_du:
                             h = h_pre[t, j]
                             for c in range(C):
@@ -316,20 +344,22 @@ def _backward_outputs(X, norm_weight, proj_weight, scale, raw):
 
 
 @custom_op("kromhc_vision::cpu_stream_pre_bwd", device_types="cpu")
-def _stream_pre_bwd(X: torch.Tensor, dX_post: torch.Tensor, du: torch.Tensor, dh_pre: torch.Tensor,
-                    dh_post: torch.Tensor, da_res: torch.Tensor, h_pre: torch.Tensor, h_post: torch.Tensor,
-                    raw: torch.Tensor, inv_rms: torch.Tensor, norm_weight: torch.Tensor, proj_weight: torch.Tensor,
-                    scale: torch.Tensor
+def _stream_pre_bwd(X: torch.Tensor, dX_post: torch.Tensor, dZ: torch.Tensor, h_res: torch.Tensor, du: torch.Tensor,
+                    dh_pre: torch.Tensor, dh_post: torch.Tensor, da_res: torch.Tensor, h_pre: torch.Tensor,
+                    h_post: torch.Tensor, raw: torch.Tensor, inv_rms: torch.Tensor, norm_weight: torch.Tensor,
+                    proj_weight: torch.Tensor, scale: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``dX`` (in the compute dtype, ``X``'s shape), ``dg, dW, dscale, dbias``. The gradients are of ``X``'s
-    leading dimensions, or of 0 tokens for none (``dX_post``, ``du``)."""
+    leading dimensions, or of 0 tokens for none (``dX_post``, ``du``); ``dZ (..., n, C)`` and ``h_res (..., n, n)``
+    add ``H_res^T dZ`` to ``dX`` (the post step's gradient of ``X``, not formed there; 0 tokens: none)."""
     n, C = X.shape[-2:]
     dtype = raw.dtype  # the compute dtype: the forward's
     outs = _backward_outputs(X, norm_weight, proj_weight, scale, raw)
     threads = match_torch_threads()
     x = kernel_array(X, dtype, -1, n, C)
     T = x.shape[0]
-    grads = (kernel_array(dX_post, dtype, -1, n, C), kernel_array(du, dtype, -1, C), kernel_array(dh_pre, dtype, T, n),
+    grads = (kernel_array(dX_post, dtype, -1, n, C), kernel_array(dZ, dtype, -1, n, C),
+             kernel_array(h_res, dtype, -1, n, n), kernel_array(du, dtype, -1, C), kernel_array(dh_pre, dtype, T, n),
              kernel_array(dh_post, dtype, T, n), kernel_array(da_res, dtype, T, raw.shape[-1] - 2 * n))
     saved = (kernel_array(t, dtype, T, t.shape[-1]) for t in (h_pre, h_post, raw, inv_rms))
     params = (kernel_array(p, dtype, *p.shape) for p in (norm_weight, proj_weight, scale))
@@ -338,7 +368,7 @@ def _stream_pre_bwd(X: torch.Tensor, dX_post: torch.Tensor, du: torch.Tensor, dh
     return outs
 
 
-_stream_pre_bwd.register_fake(lambda X, dX_post, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms,
+_stream_pre_bwd.register_fake(lambda X, dX_post, dZ, h_res, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms,
                               norm_weight, proj_weight, scale: _backward_outputs(X, norm_weight, proj_weight, scale,
                                                                                  raw))
 
@@ -355,14 +385,17 @@ class StreamPre(torch.autograd.Function):
 
     A fifth output is ``X`` itself, for the post step: the gradient the post step sends to ``X`` then arrives
     here as ``dX_post`` and is added in the kernel's one pass that forms ``dx``, instead of autograd summing
-    the two ``dX`` in a separate pass over the stream state.
+    the two ``dX`` in a separate pass over the stream state. With a ``link`` (eager mode), the numba post step
+    puts ``(dZ, H_res)`` there instead of forming ``dX_post = H_res^T dZ``, and this backward adds that term in
+    the same pass (:class:`~kromhc_vision.ops.numba._common.PostGradLink`).
     """
 
     @staticmethod
-    def forward(ctx, X, norm_weight, proj_weight, scale, bias, eps):
+    def forward(ctx, X, norm_weight, proj_weight, scale, bias, eps, link=None):
         ctx.set_materialize_grads(False)
         u, h_pre, h_post, a_res, raw, inv_rms = _forward(X, norm_weight, proj_weight, scale, bias, eps)
         ctx.save_for_backward(X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post)
+        ctx.link = link
         return u, h_pre, h_post, a_res, X
 
     @staticmethod
@@ -378,11 +411,13 @@ class StreamPre(torch.autograd.Function):
                 return g
             return raw.new_zeros(0, width) if none_tokens == 0 else raw.new_zeros(*raw.shape[:-1], width)
 
+        mix = None if ctx.link is None else ctx.link.take()
+        dZ, h_res = mix if mix is not None else (raw.new_zeros(0, n * C), raw.new_zeros(0, n * n))
         dx, dg, dW, dscale, dbias = call(
-            _stream_pre_bwd, X, grad(dX_post, n * C, 0), grad(du, C, 0), grad(dh_pre, n), grad(dh_post, n),
-            grad(da_res, k - 2 * n), h_pre, h_post, raw, inv_rms, norm_weight, proj_weight, scale)
+            _stream_pre_bwd, X, grad(dX_post, n * C, 0), dZ, h_res, grad(du, C, 0), grad(dh_pre, n),
+            grad(dh_post, n), grad(da_res, k - 2 * n), h_pre, h_post, raw, inv_rms, norm_weight, proj_weight, scale)
         return (as_dtype(dx, X.dtype), as_dtype(dg, norm_weight.dtype), as_dtype(dW, proj_weight.dtype),
-                as_dtype(dscale, scale.dtype), as_dtype(dbias, scale.dtype), None)
+                as_dtype(dscale, scale.dtype), as_dtype(dbias, scale.dtype), None, None)
 
 
 def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
@@ -390,10 +425,16 @@ def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
     where autograd records the call).
 
     Same signature and values as the reference. Pass the last output (not ``X``) to the post step, so that its
-    gradient joins ``dX`` inside :class:`StreamPre`'s backward. Where autograd records nothing (inference), the
-    forward op alone, without the Function.
+    gradient joins ``dX`` inside :class:`StreamPre`'s backward (in eager mode the alias carries a
+    :class:`~kromhc_vision.ops.numba._common.PostGradLink` for the numba post step). Where autograd records nothing
+    (inference), the forward op alone, without the Function.
     """
     args = (X, norm_weight, proj_weight, scale, bias)
-    if not traced(args) and not needs_grad(args):
+    if traced(args):
+        return StreamPre.apply(X, norm_weight, proj_weight, scale, bias, eps)
+    if not needs_grad(args):
         return (*_forward(X, norm_weight, proj_weight, scale, bias, eps)[:4], X)
-    return StreamPre.apply(X, norm_weight, proj_weight, scale, bias, eps)
+    link = PostGradLink()
+    outs = StreamPre.apply(X, norm_weight, proj_weight, scale, bias, eps, link)
+    setattr(outs[4], LINK_ATTRIBUTE, link)
+    return outs
