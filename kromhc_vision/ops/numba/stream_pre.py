@@ -13,9 +13,10 @@ projection ``(nC, k)`` and ``k = 2n + m``::
 
 Tokens go in blocks of four, so each row of ``W_g^T`` (``nC`` values, in L1/L2) is read once per four tokens
 for the dot products ``r`` forward (four rows of ``W_g^T`` per pass over the block's ``x``: 16 sums in registers),
-once per four for the four rows of ``dr W_g^T`` (four rows of ``W_g^T`` per pass over them) and once for the
-accumulation of ``dW_g`` backward (BENCHMARKS.md ``bench_models_xeon_blocked``); the block's ``x`` stays in L1
-meanwhile. The tokens are split into one
+once per four for the four rows of ``dr W_g^T`` (four rows of ``W_g^T`` per pass over them) backward
+(BENCHMARKS.md ``bench_models_xeon_blocked``); the block's ``x`` stays in L1 meanwhile. The partial sums of
+``dW_g`` (``k x nC``, in L2) take two blocks' ``x`` per pass: one read and write per eight tokens (BENCHMARKS.md
+``xeon_link_dw8``; a BLAS ``dr^T x`` was slower). The tokens are split into one
 chunk per thread, each accumulating its own ``dW_g``, ``ds``, ``db``, summed at the end in a fixed order (the
 values depend on the thread count, not on scheduling). BLAS would run the three projections as three more
 passes over the state (``T x nC`` floats each) and PyTorch the small reductions as a dozen more ops
@@ -174,10 +175,12 @@ def _kernels(num_streams: int):
         for p in numba.prange(chunks):
             acc = dwt_parts[p]
             sb = sb_parts[p]
-            dr = np.empty((TOKEN_BLOCK, k), x.dtype)
+            dr = np.empty((2 * TOKEN_BLOCK, k), x.dtype)  # dr of two blocks: dW_g takes a pair of blocks a pass
+            pending = False  # the previous block's dW_g term is not added yet (its dr in rows 0-3)
             hi = min(T, (p + 1) * per)
             for t0 in range(p * per, hi, TOKEN_BLOCK):
                 nt = min(TOKEN_BLOCK, hi - t0)
+                r0 = TOKEN_BLOCK if pending else 0  # this block's first row of dr
                 for q in range(nt):
                     t = t0 + q
                     rho = inv_rms[t, 0]
@@ -198,7 +201,7 @@ def _kernels(num_streams: int):
                         sb[0, i] += d * raw[t, i] * rho
                         sb[1, i] += d
                         d = d * scale[i]
-                        dr[q, i] = d * rho
+                        dr[r0 + q, i] = d * rho
                         qs += d * raw[t, i]
                     coef = dt(-qs * rho * rho * rho / NC)
                     if has_mix and has_du and not has_post:  # the linked post step's case: one pass over dx
@@ -246,10 +249,10 @@ def _kernels(num_streams: int):
                     # one); dW_g: its own loop (blocking it over coefficients too stops LLVM vectorising it)
                     k4 = k - k % 4
                     for i in range(0, k4, 4):
-                        a0, b0, c0, e0 = dr[0, i], dr[0, i + 1], dr[0, i + 2], dr[0, i + 3]
-                        a1, b1, c1, e1 = dr[1, i], dr[1, i + 1], dr[1, i + 2], dr[1, i + 3]
-                        a2, b2, c2, e2 = dr[2, i], dr[2, i + 1], dr[2, i + 2], dr[2, i + 3]
-                        a3, b3, c3, e3 = dr[3, i], dr[3, i + 1], dr[3, i + 2], dr[3, i + 3]
+                        a0, b0, c0, e0 = dr[r0, i], dr[r0, i + 1], dr[r0, i + 2], dr[r0, i + 3]
+                        a1, b1, c1, e1 = dr[r0 + 1, i], dr[r0 + 1, i + 1], dr[r0 + 1, i + 2], dr[r0 + 1, i + 3]
+                        a2, b2, c2, e2 = dr[r0 + 2, i], dr[r0 + 2, i + 1], dr[r0 + 2, i + 2], dr[r0 + 2, i + 3]
+                        a3, b3, c3, e3 = dr[r0 + 3, i], dr[r0 + 3, i + 1], dr[r0 + 3, i + 2], dr[r0 + 3, i + 3]
                         wa, wb, wc, wd = wt[i], wt[i + 1], wt[i + 2], wt[i + 3]
                         for c in range(NC):
                             ga, gb, gc, gd = wa[c], wb[c], wc[c], wd[c]
@@ -258,10 +261,10 @@ def _kernels(num_streams: int):
                             y2[c] += a2 * ga + b2 * gb + c2 * gc + e2 * gd
                             y3[c] += a3 * ga + b3 * gb + c3 * gc + e3 * gd
                     for i in range(k4, k):
-                        d0 = dr[0, i]
-                        d1 = dr[1, i]
-                        d2 = dr[2, i]
-                        d3 = dr[3, i]
+                        d0 = dr[r0, i]
+                        d1 = dr[r0 + 1, i]
+                        d2 = dr[r0 + 2, i]
+                        d3 = dr[r0 + 3, i]
                         w = wt[i]
                         for c in range(NC):
                             wi = w[c]
@@ -269,16 +272,29 @@ def _kernels(num_streams: int):
                             y1[c] += d1 * wi
                             y2[c] += d2 * wi
                             y3[c] += d3 * wi
-                    for i in range(k):
-                        d0 = dr[0, i]
-                        d1 = dr[1, i]
-                        d2 = dr[2, i]
-                        d3 = dr[3, i]
-                        a = acc[i]
-                        for c in range(NC):
-                            a[c] += d0 * x0[c] + d1 * x1[c] + d2 * x2[c] + d3 * x3[c]
+                    if pending:  # dW_g over eight tokens a pass: half the passes over its k x nC partial sums
+                        w0, w1, w2, w3 = xf[t0 - 4], xf[t0 - 3], xf[t0 - 2], xf[t0 - 1]
+                        for i in range(k):
+                            d0, d1, d2, d3 = dr[0, i], dr[1, i], dr[2, i], dr[3, i]
+                            d4, d5, d6, d7 = dr[4, i], dr[5, i], dr[6, i], dr[7, i]
+                            a = acc[i]
+                            for c in range(NC):
+                                a[c] += (d0 * w0[c] + d1 * w1[c] + d2 * w2[c] + d3 * w3[c]
+                                         + d4 * x0[c] + d5 * x1[c] + d6 * x2[c] + d7 * x3[c])
+                        pending = False
+                    elif t0 + 2 * TOKEN_BLOCK <= hi:  # a whole block follows: add this one's with it
+                        pending = True
+                    else:
+                        for i in range(k):
+                            d0 = dr[0, i]
+                            d1 = dr[1, i]
+                            d2 = dr[2, i]
+                            d3 = dr[3, i]
+                            a = acc[i]
+                            for c in range(NC):
+                                a[c] += d0 * x0[c] + d1 * x1[c] + d2 * x2[c] + d3 * x3[c]
                 else:
-                    for q in range(nt):
+                    for q in range(nt):  # not after a pending block: that needs a whole block to follow
                         t = t0 + q
                         for i in range(k):
                             d = dr[q, i]
