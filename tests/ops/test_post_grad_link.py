@@ -99,3 +99,20 @@ def test_not_linked_without_grad(inputs):
     with torch.no_grad():
         state = numba_pre.stream_pre(*inputs[:5], EPS)[4]
     assert state is inputs[0] and getattr(state, numba_post.LINK_ATTRIBUTE, None) is None
+
+
+def test_broadcast_gradient_is_laid_out_once(inputs, monkeypatch):
+    """A sum's gradient arrives at the post step as a broadcast view: the linked pair lays it out once, and the
+    pre step's backward gets that contiguous ``dZ`` (not the view, which its kernel would copy again)."""
+    seen = []
+    impl = _custom_ops._IMPLEMENTATIONS[numba_pre._stream_pre_bwd]
+
+    def spy(X, dX_post, dZ, *rest):
+        seen.append(dZ.is_contiguous() and dZ.shape[0] != 0)
+        return impl(X, dX_post, dZ, *rest)
+
+    monkeypatch.setitem(_custom_ops._IMPLEMENTATIONS, numba_pre._stream_pre_bwd, spy)
+    X, g, W, s, b, y = inputs
+    u, _, h_post, a_res, state = numba_pre.stream_pre(X, g, W, s, b, EPS)
+    numba_post.stream_post(state, y * u, a_res.unflatten(-1, X.shape[-2:-1] * 2), h_post).sum().backward()
+    assert seen == [True]

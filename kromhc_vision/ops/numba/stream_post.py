@@ -122,6 +122,8 @@ class LinkedStreamPost(torch.autograd.Function):
     @once_differentiable("stream_post")
     def backward(ctx, dout):
         X, y, h_res, h_post = ctx.saved_tensors
+        # in the kernels' layout once for both backwards (a sum's gradient arrives as a broadcast view)
+        dout = as_dtype(dout, compute_dtype(X, h_res)).contiguous()
         _, dy, dh_res, dh_post = call(_stream_post_bwd, X, y, h_res, h_post, dout, False)
         ctx.link.put(dout, h_res)
         return None, dy, dh_res, dh_post, None
