@@ -16,7 +16,10 @@ for the dot products ``r`` forward (four rows of ``W_g^T`` per pass over the blo
 once per four for the four rows of ``dr W_g^T`` (four rows of ``W_g^T`` per pass over them) backward
 (BENCHMARKS.md ``bench_models_xeon_blocked``); the block's ``x`` stays in L1 meanwhile. The partial sums of
 ``dW_g`` (``k x nC``, in L2) take two blocks' ``x`` per pass: one read and write per eight tokens (BENCHMARKS.md
-``xeon_link_dw8``; a BLAS ``dr^T x`` was slower). The tokens are split into one
+``xeon_link_dw8``; a BLAS ``dr^T x`` was slower), four of its rows per pass (BENCHMARKS.md ``dw_rows4``; ``k`` is
+padded to a multiple of four for it: with a loop bound of ``k - k % 4`` the vectorised loop was compiled but not
+run, its runtime overlap check of the four rows, hoisted out of the coefficient loop, failing). The tokens are
+split into one
 chunk per thread, each accumulating its own ``dW_g``, ``ds``, ``db``, summed at the end in a fixed order (the
 values depend on the thread count, not on scheduling). BLAS would run the three projections as three more
 passes over the state (``T x nC`` floats each) and PyTorch the small reductions as a dozen more ops
@@ -169,13 +172,14 @@ def _kernels(num_streams: int):
         dxf = dx.reshape((T, NC))
         wt = gained_transposed(g, W)
         per = ((T + chunks - 1) // chunks + TOKEN_BLOCK - 1) // TOKEN_BLOCK * TOKEN_BLOCK  # tokens per chunk
-        dwt_parts = np.zeros((chunks, k, NC), x.dtype)  # each chunk's dW_g^T
+        kp = (k + 3) // 4 * 4  # k padded to whole groups of four coefficients (dr's extra columns stay 0)
+        dwt_parts = np.zeros((chunks, kp, NC), x.dtype)  # each chunk's dW_g^T (rows past k: unused)
         sb_parts = np.zeros((chunks, 2, k), x.dtype)  # each chunk's ds, db (per coefficient)
         has_post, has_mix, has_du = dX_post.shape[0] != 0, dZ.shape[0] != 0, du.shape[0] != 0
         for p in numba.prange(chunks):
             acc = dwt_parts[p]
             sb = sb_parts[p]
-            dr = np.empty((2 * TOKEN_BLOCK, k), x.dtype)  # dr of two blocks: dW_g takes a pair of blocks a pass
+            dr = np.zeros((2 * TOKEN_BLOCK, kp), x.dtype)  # dr of two blocks: dW_g takes a pair of blocks a pass
             pending = False  # the previous block's dW_g term is not added yet (its dr in rows 0-3)
             hi = min(T, (p + 1) * per)
             for t0 in range(p * per, hi, TOKEN_BLOCK):
@@ -272,15 +276,24 @@ def _kernels(num_streams: int):
                             y1[c] += d1 * wi
                             y2[c] += d2 * wi
                             y3[c] += d3 * wi
-                    if pending:  # dW_g over eight tokens a pass: half the passes over its k x nC partial sums
+                    if pending:  # dW_g: four coefficients x eight tokens a pass over their rows of the partial sums
                         w0, w1, w2, w3 = xf[t0 - 4], xf[t0 - 3], xf[t0 - 2], xf[t0 - 1]
-                        for i in range(k):
-                            d0, d1, d2, d3 = dr[0, i], dr[1, i], dr[2, i], dr[3, i]
-                            d4, d5, d6, d7 = dr[4, i], dr[5, i], dr[6, i], dr[7, i]
-                            a = acc[i]
+                        for i in range(0, acc.shape[0], 4):  # kp, not k - k % 4: see the docstring
+                            a, b, e, f = acc[i], acc[i + 1], acc[i + 2], acc[i + 3]
+                            a0, a1, a2, a3, a4, a5, a6, a7 = (dr[0, i], dr[1, i], dr[2, i], dr[3, i],
+                                                              dr[4, i], dr[5, i], dr[6, i], dr[7, i])
+                            b0, b1, b2, b3, b4, b5, b6, b7 = (dr[0, i + 1], dr[1, i + 1], dr[2, i + 1], dr[3, i + 1],
+                                                              dr[4, i + 1], dr[5, i + 1], dr[6, i + 1], dr[7, i + 1])
+                            e0, e1, e2, e3, e4, e5, e6, e7 = (dr[0, i + 2], dr[1, i + 2], dr[2, i + 2], dr[3, i + 2],
+                                                              dr[4, i + 2], dr[5, i + 2], dr[6, i + 2], dr[7, i + 2])
+                            f0, f1, f2, f3, f4, f5, f6, f7 = (dr[0, i + 3], dr[1, i + 3], dr[2, i + 3], dr[3, i + 3],
+                                                              dr[4, i + 3], dr[5, i + 3], dr[6, i + 3], dr[7, i + 3])
                             for c in range(NC):
-                                a[c] += (d0 * w0[c] + d1 * w1[c] + d2 * w2[c] + d3 * w3[c]
-                                         + d4 * x0[c] + d5 * x1[c] + d6 * x2[c] + d7 * x3[c])
+                                v0, v1, v2, v3, v4, v5, v6, v7 = w0[c], w1[c], w2[c], w3[c], x0[c], x1[c], x2[c], x3[c]
+                                a[c] += (a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3 + a4 * v4 + a5 * v5 + a6 * v6 + a7 * v7)
+                                b[c] += (b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3 + b4 * v4 + b5 * v5 + b6 * v6 + b7 * v7)
+                                e[c] += (e0 * v0 + e1 * v1 + e2 * v2 + e3 * v3 + e4 * v4 + e5 * v5 + e6 * v6 + e7 * v7)
+                                f[c] += (f0 * v0 + f1 * v1 + f2 * v2 + f3 * v3 + f4 * v4 + f5 * v5 + f6 * v6 + f7 * v7)
                         pending = False
                     elif t0 + 2 * TOKEN_BLOCK <= hi:  # a whole block follows: add this one's with it
                         pending = True
