@@ -250,7 +250,7 @@ def _kernels(num_streams: int):
                     x0, x1, x2, x3 = xf[t0], xf[t0 + 1], xf[t0 + 2], xf[t0 + 3]
                     y0, y1, y2, y3 = dxf[t0], dxf[t0 + 1], dxf[t0 + 2], dxf[t0 + 3]
                     # dx: four rows of W_g^T per pass over the block's four dx rows (a quarter of the stores of
-                    # one); dW_g: its own loop (blocking it over coefficients too stops LLVM vectorising it)
+                    # one); dW_g: its own loop below, over two blocks' x, four of its rows a pass
                     k4 = k - k % 4
                     for i in range(0, k4, 4):
                         a0, b0, c0, e0 = dr[r0, i], dr[r0, i + 1], dr[r0, i + 2], dr[r0, i + 3]
