@@ -1,7 +1,7 @@
 """``benchmarks/bench_models_cpu.py``: its baselines are the architectures they stand for, and a memory-only
 run on the micro family prints one row per variant and setting; the scripts built on its model table
-(``profile_step_cpu.py``, ``time_ops_in_model.py``), ``bench_projection_gemms.py``, ``bench_connection_cpu.py``
-and ``bench_permutation_mix.py`` run."""
+(``profile_step_cpu.py``, ``time_ops_in_model.py``), ``bench_projection_gemms.py``, ``bench_connection_cpu.py``,
+``bench_permutation_mix.py`` and ``bench_numba_cache.py`` run."""
 import sys
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import kromhc_vision  # noqa: F401  (registers the models)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_connection_cpu  # noqa: E402
 import bench_models_cpu  # noqa: E402
+import bench_numba_cache  # noqa: E402
 import bench_permutation_mix  # noqa: E402
 import bench_projection_gemms  # noqa: E402
 import profile_step_cpu  # noqa: E402
@@ -104,3 +105,23 @@ def test_permutation_mix_benchmark_compares_agreeing_backends(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
     assert {r[0]: r[-1] for r in rows} == {"2": "numba", "3": "numba", "4": "numba", "5": "torch", "6": "torch",
                                           "2x2": "numba", "2x3": "numba", "2x2x2": "numba"}
+
+
+def test_numba_cache_benchmark_runs_kernels_compiled_here_against_the_packages(capsys):
+    """Inside ``FreshKernels`` the op calls new dispatchers of the same functions (compiled in this process, not
+    the package's cached ones) and computes the same values; outside, the package's are back; one row per op."""
+    module = bench_numba_cache.MODULES["stream_post"]
+    op = bench_numba_cache._custom_ops._IMPLEMENTATIONS[module._stream_post_fwd]
+    X, y, h_res, h_post = torch.randn(5, 4, 8), torch.randn(5, 8), torch.rand(5, 4, 4), torch.rand(5, 4)
+    package = module._kernels(4)
+    expected = op(X, y, h_res, h_post)
+    fresh = bench_numba_cache.FreshKernels(module)
+    with fresh:
+        kernels = module._kernels(4)
+        assert all(k is not p and k.py_func is p.py_func for k, p in zip(kernels, package))
+        assert torch.equal(op(X, y, h_res, h_post), expected) and kernels[0].overloads
+    assert module._kernels(4) is package
+    bench_numba_cache.main(["--ops", "stream_post", "--tokens", "8", "--width", "8", "--rounds", "1",
+                            "--threads", str(torch.get_num_threads())])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("stream_post")]
+    assert [r[:2] for r in rows] == [["stream_post", "fwd"], ["stream_post", "bwd"]]
