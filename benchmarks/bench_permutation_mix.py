@@ -1,5 +1,5 @@
 """Benchmark of ``permutation_mix`` (mHC-lite's and KromHC's ``H_res``) on CPU: the numba kernel against the
-PyTorch backend's op, the two that ``auto`` chooses between (``dispatch.NUMBA_MIXTURE_MAX_PERMUTATION_SIZE``).
+PyTorch backend's op (``auto`` runs the kernel for every factorisation; the last column says which it runs).
 
 Forward + backward of ``(T, sum_k i_k!)`` logits to ``(T, n, n)``, float32, for single factors (mHC-lite,
 ``n!`` logits) and Kronecker products (KromHC), at the digits model's ``T = 544`` (ViT-Micro, batch 32) and

@@ -30,8 +30,6 @@ TRITON_SINKHORN_MAX_STREAMS = 16
 # kilobytes of registers at every tile (python -m kromhc_vision check-kernels): 'auto' runs PyTorch's there
 # (HC / mHC at n = 16, mHC-lite at n = 6); 'triton' still runs them.
 TRITON_STREAM_PRE_MAX_COEFFICIENTS = 256
-# mHC-lite's H_res on CPU: the numba kernel up to this n (24 logits per token), PyTorch's softmax above.
-NUMBA_MIXTURE_MAX_PERMUTATION_SIZE = 4
 
 _import_errors = {}  # backend -> None once imported, or the reason it cannot be
 _failed_kernels = {}  # (op, shape key) -> reason, for kernels that failed under 'auto'
@@ -102,28 +100,22 @@ def check_backend(backend, ops, num_streams: int) -> str:
     return name
 
 
-def _auto_avoids(name: str, op: str, num_streams: int, coefficients: int) -> bool:
-    """Kernels that run but badly, which ``auto`` leaves to PyTorch: see TRITON_STREAM_PRE_MAX_COEFFICIENTS;
-    and numba's ``permutation_mix`` with one factor (mHC-lite: ``coefficients`` counts the factors) of more than
-    NUMBA_MIXTURE_MAX_PERMUTATION_SIZE, where its scalar float64 ``exp`` per logit (120 or 720 of them) costs
-    more than PyTorch's vectorised softmax saves (BENCHMARKS.md ``bench_connection``)."""
-    if name == "triton" and op == "stream_pre":
-        return coefficients > TRITON_STREAM_PRE_MAX_COEFFICIENTS
-    return (name == "numba" and op == "permutation_mix" and coefficients == 1
-            and num_streams > NUMBA_MIXTURE_MAX_PERMUTATION_SIZE)
+def _auto_avoids(name: str, op: str, coefficients: int) -> bool:
+    """Kernels that run but badly, which ``auto`` leaves to PyTorch: see TRITON_STREAM_PRE_MAX_COEFFICIENTS."""
+    return name == "triton" and op == "stream_pre" and coefficients > TRITON_STREAM_PRE_MAX_COEFFICIENTS
 
 
 def backend_for(backend, device: torch.device, op: str = "stream_pre", num_streams: int = 0,
                 coefficients: int = 0) -> str:
     """The backend (``torch``, ``triton`` or ``numba``) that runs ``op`` on ``device`` when ``backend`` is
     asked for: ``auto``'s rules, or the named backend (an error saying why, if it cannot run).
-    ``coefficients``: stream_pre's ``2n + m`` per token; permutation_mix's number of factors."""
+    ``coefficients``: stream_pre's ``2n + m`` per token."""
     name = resolve_backend(backend)
     if name == "auto":
         preferred = {"cuda": "triton", "cpu": "numba"}.get(device.type)
         usable = (preferred is not None and unavailable_reason(preferred, device) is None
                   and unsupported_reason(preferred, op, num_streams) is None
-                  and not _auto_avoids(preferred, op, num_streams, coefficients))
+                  and not _auto_avoids(preferred, op, coefficients))
         return preferred if usable else "torch"
     reason = unavailable_reason(name, device) or unsupported_reason(name, op, num_streams)
     if reason is not None:
@@ -137,11 +129,7 @@ def _shape_key(tensors):
 
 def _run(op: str, backend, num_streams: int, *args):
     device = args[0].device
-    coefficients = 0  # what auto's rules read: stream_pre's 2n + m (proj_weight's columns), permutation_mix's K
-    if op == "stream_pre":
-        coefficients = args[2].shape[1]
-    elif op == "permutation_mix":
-        coefficients = len(args[1])
+    coefficients = args[2].shape[1] if op == "stream_pre" else 0  # what auto's rules read: 2n + m
     name = backend_for(backend, device, op, num_streams, coefficients)
     run = getattr(backend_module(name), op)
     if name != "triton" or resolve_backend(backend) != "auto" or torch.compiler.is_compiling():

@@ -9,9 +9,12 @@ logits per factor, the Kronecker product of the factors' Birkhoff mixes is itsel
                dlogits^(k) = w^(k) (dw^(k) - <w^(k), dw^(k)>)
 
 Weights, products and sums are float64 per token, each entry of ``H`` rounded once to the logits' dtype, so
-every row and column sums to 1 up to the rounding of its n entries. PyTorch runs the same map as a dozen small
-ops with tokens moved to the last axis and back (:func:`kromhc_vision.residual_maps.kronecker_birkhoff`, the
-reference; the Kronecker product there is formed in the logits' dtype, so float32 values agree to rounding).
+every row and column sums to 1 up to the rounding of its n entries. Tokens go in blocks of ``TOKEN_BLOCK``, moved
+to the last axis of a float64 scratch, so that every loop runs over the block's tokens in vector registers, the
+softmax's ``exp`` included (a polynomial: :func:`_exp_nonpositive`; LLVM leaves ``math.exp`` a scalar call).
+PyTorch runs the same map as a dozen small ops with tokens moved to the last axis and back
+(:func:`kromhc_vision.residual_maps.kronecker_birkhoff`, the reference; the Kronecker product there is formed in
+the logits' dtype, so float32 values agree to rounding).
 """
 import itertools
 import math
@@ -20,6 +23,9 @@ from functools import lru_cache
 import numba
 import numpy as np
 import torch
+from llvmlite import ir as llvm_ir
+from numba.core import types
+from numba.extending import intrinsic
 
 from .._custom_ops import apply, call, custom_op, register_autograd
 from ...permutations import permutation_table
@@ -68,67 +74,179 @@ def _members(factors: tuple):
     return np.array(members, dtype=np.int64)
 
 
+TOKEN_BLOCK = 32  # tokens per block: the innermost, vectorised axis of every loop below (four 512-bit vectors)
+# exp(x) for x <= 0: x = k ln 2 + r (Cody and Waite's two-part ln 2: k ln2_hi is exact for |k| < 2^11), exp(r) by its
+# Taylor polynomial of degree 13 on |r| <= ln(2) / 2 (truncation below 1e-17), times 2^k built from its bits
+_LOG2E, _LN2_HI, _LN2_LO = 1.4426950408889634, 6.93147180369123816490e-01, 1.90821492927058770002e-10
+_EXP_MIN = -708.0  # below: 0 (exp < 2^-1021: a weight off by under 5e-308; above, 2^k is a normal number)
+
+
+@intrinsic
+def _float64_from_bits(typingctx, bits):
+    """The float64 whose bit pattern is the int64 ``bits``."""
+    if bits != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
 @numba.njit(inline="always")
-def _softmax(logits, t, starts, w):
-    """``w[t]`` = the per-chunk softmax of ``logits[t]``, in float64."""
+def _exp_nonpositive(x):
+    """``exp(x)`` in float64 for ``x <= 0`` (NaN for NaN, 0 below ``_EXP_MIN``), within an ulp of libm's: arithmetic
+    that LLVM vectorises (``math.exp`` stays a scalar library call)."""
+    xc = x if x > _EXP_MIN else _EXP_MIN  # NaN -> _EXP_MIN here: the int conversion below must see a number
+    k = np.floor(xc * _LOG2E + 0.5)
+    r = (xc - k * _LN2_HI) - k * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    y = p * _float64_from_bits((np.int64(k) + 1023) << 52)
+    if x >= _EXP_MIN:
+        return y
+    return x if x != x else 0.0
+
+
+@numba.njit(inline="always")
+def _softmax_block(logits, t0, nt, starts, w, top, total):
+    """``w (m, B)`` = the per-chunk softmax of the logits of tokens ``t0 .. t0 + nt``, token ``q`` in column
+    ``q`` (columns past ``nt``: the softmax of zeros), in float64; ``top``, ``total``: ``(B,)`` scratch."""
+    for j in range(w.shape[0]):
+        row = w[j]
+        for q in range(nt):
+            row[q] = np.float64(logits[t0 + q, j])
+        for q in range(nt, TOKEN_BLOCK):
+            row[q] = 0.0
     for k in range(starts.shape[0] - 1):
-        top = -np.inf
+        first = w[starts[k]]
+        for q in range(TOKEN_BLOCK):
+            top[q] = max(-np.inf, first[q])
+            total[q] = 0.0
+        for j in range(starts[k] + 1, starts[k + 1]):
+            row = w[j]
+            for q in range(TOKEN_BLOCK):
+                top[q] = max(top[q], row[q])
         for j in range(starts[k], starts[k + 1]):
-            top = max(top, np.float64(logits[t, j]))
-        s = 0.0
+            row = w[j]
+            for q in range(TOKEN_BLOCK):
+                e = _exp_nonpositive(row[q] - top[q])
+                row[q] = e
+                total[q] += e
         for j in range(starts[k], starts[k + 1]):
-            e = math.exp(np.float64(logits[t, j]) - top)
-            w[t, j] = e
-            s += e
-        for j in range(starts[k], starts[k + 1]):
-            w[t, j] /= s
+            row = w[j]
+            for q in range(TOKEN_BLOCK):
+                row[q] /= total[q]
 
 
 @numba.njit(**_FLAGS)
-def _forward_kernel(logits, members, logit_index, starts, w, weights, out):
-    T, R, K = logits.shape[0], logit_index.shape[0], logit_index.shape[1]
-    for t in numba.prange(T):
-        _softmax(logits, t, starts, w)
-        for r in range(R):
-            W = w[t, logit_index[r, 0]]
-            for k in range(1, K):
-                W *= w[t, logit_index[r, k]]
-            weights[t, r] = W
-        for e in range(members.shape[0]):
-            s = 0.0
-            for q in range(members.shape[1]):
-                s += weights[t, members[e, q]]
-            out[t, e] = s
-
-
-@numba.njit(**_FLAGS)
-def _backward_kernel(logits, dout, columns, logit_index, starts, w, dw, dlogits):
-    """``w``, ``dw``: float64 scratch ``(T, m)``; the softmax weights are formed again from the logits, as the
-    forward formed them (the same values): what the backward keeps is the logits, which the connection keeps
-    anyway, instead of ``m`` float64 weights per token, so that recomputation can keep ``H_res`` (BENCHMARKS.md
-    ``bench_models_xeon_blocked``)."""
-    T, n = logits.shape[0], columns.shape[1]
+def _forward_kernel(logits, members, logit_index, starts, threads, out):
+    """``out (T, n*n)``; tokens in blocks of ``TOKEN_BLOCK``, a run of blocks per thread (``threads`` runs)."""
+    T, m = logits.shape
     R, K = logit_index.shape
-    for t in numba.prange(T):
-        _softmax(logits, t, starts, w)
-        for j in range(w.shape[1]):
-            dw[t, j] = 0.0
-        for r in range(R):
-            dW = 0.0
-            for i in range(n):
-                dW += np.float64(dout[t, i, columns[r, i]])
-            for k in range(K):
-                p = dW
-                for q in range(K):
-                    if q != k:
-                        p *= w[t, logit_index[r, q]]
-                dw[t, logit_index[r, k]] += p
-        for k in range(starts.shape[0] - 1):
-            s = 0.0
-            for j in range(starts[k], starts[k + 1]):
-                s += w[t, j] * dw[t, j]
-            for j in range(starts[k], starts[k + 1]):
-                dlogits[t, j] = w[t, j] * (dw[t, j] - s)
+    blocks = (T + TOKEN_BLOCK - 1) // TOKEN_BLOCK
+    per = (blocks + threads - 1) // threads
+    for p in numba.prange(threads):
+        w = np.empty((m, TOKEN_BLOCK))  # the softmax weights
+        weights = np.empty((R if K > 1 else 0, TOKEN_BLOCK))  # the combined permutations' (w itself for K = 1)
+        top, total, acc = np.empty(TOKEN_BLOCK), np.empty(TOKEN_BLOCK), np.empty(TOKEN_BLOCK)
+        for b in range(p * per, min(blocks, (p + 1) * per)):
+            t0 = b * TOKEN_BLOCK
+            nt = min(TOKEN_BLOCK, T - t0)
+            _softmax_block(logits, t0, nt, starts, w, top, total)
+            W = w
+            if K > 1:
+                for r in range(R):
+                    row, first = weights[r], w[logit_index[r, 0]]
+                    for q in range(TOKEN_BLOCK):
+                        row[q] = first[q]
+                    for k in range(1, K):
+                        f = w[logit_index[r, k]]
+                        for q in range(TOKEN_BLOCK):
+                            row[q] *= f[q]
+                W = weights
+            for e in range(members.shape[0]):
+                for q in range(TOKEN_BLOCK):
+                    acc[q] = 0.0
+                for i in range(members.shape[1]):
+                    row = W[members[e, i]]
+                    for q in range(TOKEN_BLOCK):
+                        acc[q] += row[q]
+                for q in range(nt):
+                    out[t0 + q, e] = acc[q]
+
+
+@numba.njit(**_FLAGS)
+def _backward_kernel(logits, dout, columns, logit_index, starts, threads, dlogits):
+    """``dout (T, n*n)`` -> ``dlogits (T, m)``, blocked as the forward. The softmax weights are formed again from
+    the logits, as the forward formed them (the same values): what the backward keeps is the logits, which the
+    connection keeps anyway, instead of ``m`` float64 weights per token, so that recomputation can keep ``H_res``
+    (BENCHMARKS.md ``bench_models_xeon_blocked``)."""
+    T, m = logits.shape
+    R, K = logit_index.shape
+    n = columns.shape[1]
+    blocks = (T + TOKEN_BLOCK - 1) // TOKEN_BLOCK
+    per = (blocks + threads - 1) // threads
+    for p in numba.prange(threads):
+        w, dw = np.empty((m, TOKEN_BLOCK)), np.empty((m, TOKEN_BLOCK))
+        d = np.empty((n * n, TOKEN_BLOCK))  # dout of the block, token q in column q
+        top, total, dW, prod = (np.empty(TOKEN_BLOCK), np.empty(TOKEN_BLOCK), np.empty(TOKEN_BLOCK),
+                                np.empty(TOKEN_BLOCK))
+        for b in range(p * per, min(blocks, (p + 1) * per)):
+            t0 = b * TOKEN_BLOCK
+            nt = min(TOKEN_BLOCK, T - t0)
+            _softmax_block(logits, t0, nt, starts, w, top, total)
+            for e in range(n * n):
+                row = d[e]
+                for q in range(nt):
+                    row[q] = np.float64(dout[t0 + q, e])
+                for q in range(nt, TOKEN_BLOCK):
+                    row[q] = 0.0
+            for j in range(m):
+                row = dw[j]
+                for q in range(TOKEN_BLOCK):
+                    row[q] = 0.0
+            for r in range(R):
+                for q in range(TOKEN_BLOCK):
+                    dW[q] = 0.0
+                for i in range(n):
+                    row = d[i * n + columns[r, i]]
+                    for q in range(TOKEN_BLOCK):
+                        dW[q] += row[q]
+                for k in range(K):
+                    for q in range(TOKEN_BLOCK):
+                        prod[q] = dW[q]
+                    for k2 in range(K):
+                        if k2 != k:
+                            f = w[logit_index[r, k2]]
+                            for q in range(TOKEN_BLOCK):
+                                prod[q] *= f[q]
+                    row = dw[logit_index[r, k]]
+                    for q in range(TOKEN_BLOCK):
+                        row[q] += prod[q]
+            for k in range(starts.shape[0] - 1):
+                for q in range(TOKEN_BLOCK):
+                    total[q] = 0.0
+                for j in range(starts[k], starts[k + 1]):
+                    wj, dj = w[j], dw[j]
+                    for q in range(TOKEN_BLOCK):
+                        total[q] += wj[q] * dj[q]
+                for j in range(starts[k], starts[k + 1]):
+                    wj, dj = w[j], dw[j]
+                    for q in range(nt):
+                        dlogits[t0 + q, j] = wj[q] * (dj[q] - total[q])
 
 
 @custom_op("kromhc_vision::cpu_permutation_mix_fwd", device_types="cpu")
@@ -139,10 +257,7 @@ def _permutation_mix_fwd(logits: torch.Tensor, factors: list[int]) -> torch.Tens
     flat = kernel_array(logits, dtype, -1, logits.shape[-1])
     n = columns.shape[1]
     out = torch.empty((*logits.shape[:-1], n, n), dtype=dtype)
-    w = np.empty(flat.shape)  # float64 scratch: the softmax weights
-    weights = np.empty((flat.shape[0], logit_index.shape[0]))  # float64 scratch: the combined permutations'
-    match_torch_threads()
-    _forward_kernel(flat, _members(tuple(factors)), logit_index, starts, w, weights,
+    _forward_kernel(flat, _members(tuple(factors)), logit_index, starts, match_torch_threads(),
                     out.numpy().reshape(flat.shape[0], n * n))
     return as_dtype(out, logits.dtype)
 
@@ -160,11 +275,9 @@ def _permutation_mix_bwd(logits: torch.Tensor, factors: list[int], dout: torch.T
     n = columns.shape[1]
     dtype = compute_dtype(logits)
     flat = kernel_array(logits, dtype, -1, logits.shape[-1])
-    d = kernel_array(dout, dtype, -1, n, n)
-    w, dw = np.empty(flat.shape), np.empty(flat.shape)  # float64 scratch
+    d = kernel_array(dout, dtype, -1, n * n)
     grad = torch.empty(logits.shape, dtype=dtype)
-    match_torch_threads()
-    _backward_kernel(flat, d, columns, logit_index, starts, w, dw, grad.numpy().reshape(flat.shape))
+    _backward_kernel(flat, d, columns, logit_index, starts, match_torch_threads(), grad.numpy().reshape(flat.shape))
     return as_dtype(grad, logits.dtype)
 
 
