@@ -1,7 +1,6 @@
 """numba ``permutation_mix`` (mHC-lite's and KromHC's ``H_res``) against
 :func:`kromhc_vision.residual_maps.kronecker_birkhoff` differentiated by autograd, for every factorisation shape."""
 import functools
-import importlib
 import math
 
 import numba
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from kromhc_vision.ops import dispatch
-from kromhc_vision.ops.numba import permutation_mix
+from kromhc_vision.ops.numba import _exp, permutation_mix
 from kromhc_vision.permutations import permutation_matrices
 from kromhc_vision.residual_maps import kronecker_birkhoff, stochasticity_error
 
@@ -42,7 +41,7 @@ def test_doubly_stochastic_to_rounding(factors):
 @functools.lru_cache(maxsize=None)
 def _exp_loop():
     """``exp(x, out)``: the kernels' ``exp`` over an array (compiled once, kept for the session)."""
-    scalar_exp = importlib.import_module("kromhc_vision.ops.numba.permutation_mix")._exp_nonpositive
+    scalar_exp = _exp.exp_nonpositive
 
     @numba.njit
     def exp(x, out):
@@ -53,16 +52,15 @@ def _exp_loop():
 
 
 def test_exp_within_an_ulp_of_libm():
-    """The kernels' polynomial ``exp`` on ``x <= 0`` (the softmax's shifted logits): within one ulp of NumPy's
-    ``exp`` from 0 down to ``_EXP_MIN``, 0 below it and for -inf, NaN for NaN."""
-    kernels = importlib.import_module("kromhc_vision.ops.numba.permutation_mix")
+    """The kernels' polynomial ``exp`` on ``x <= 0`` (the softmaxes' shifted logits): within one ulp of NumPy's
+    ``exp`` from 0 down to ``EXP_MIN``, 0 below it and for -inf, NaN for NaN."""
     exp = _exp_loop()
-    x = np.concatenate([-np.logspace(-320, math.log10(-kernels._EXP_MIN), 40001),
-                        np.linspace(kernels._EXP_MIN, 0.0, 40001), [0.0, -0.0, -1e-310]])
+    x = np.concatenate([-np.logspace(-320, math.log10(-_exp.EXP_MIN), 40001),
+                        np.linspace(_exp.EXP_MIN, 0.0, 40001), [0.0, -0.0, -1e-310]])
     got, want = np.empty_like(x), np.exp(x)
     exp(x, got)
     assert np.all(np.abs(got - want) <= np.spacing(want)), np.max(np.abs(got - want) / np.spacing(want))
-    special = np.array([kernels._EXP_MIN - 1e-9, -745.2, -1e300, -np.inf, np.nan])
+    special = np.array([_exp.EXP_MIN - 1e-9, -745.2, -1e300, -np.inf, np.nan])
     out = np.empty_like(special)
     exp(special, out)
     assert np.array_equal(out[:4], np.zeros(4)) and np.isnan(out[4])

@@ -11,7 +11,8 @@ logits per factor, the Kronecker product of the factors' Birkhoff mixes is itsel
 Weights, products and sums are float64 per token, each entry of ``H`` rounded once to the logits' dtype, so
 every row and column sums to 1 up to the rounding of its n entries. Tokens go in blocks of ``TOKEN_BLOCK``, moved
 to the last axis of a float64 scratch, so that every loop runs over the block's tokens in vector registers, the
-softmax's ``exp`` included (a polynomial: :func:`_exp_nonpositive`; LLVM leaves ``math.exp`` a scalar call).
+softmax's ``exp`` included (:func:`~kromhc_vision.ops.numba._exp.exp_nonpositive`: ``math.exp`` is a scalar
+call).
 PyTorch runs the same map as a dozen small ops with tokens moved to the last axis and back
 (:func:`kromhc_vision.residual_maps.kronecker_birkhoff`, the reference; the Kronecker product there is formed in
 the logits' dtype, so float32 values agree to rounding).
@@ -23,14 +24,12 @@ from functools import lru_cache
 import numba
 import numpy as np
 import torch
-from llvmlite import ir as llvm_ir
-from numba.core import types
-from numba.extending import intrinsic
 
 from .._custom_ops import apply, call, custom_op, register_autograd
 from ...permutations import permutation_table
 from ..reference import compute_dtype
 from ._common import as_dtype, kernel_array, match_torch_threads
+from ._exp import exp_nonpositive
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy")
 
@@ -75,51 +74,6 @@ def _members(factors: tuple):
 
 
 TOKEN_BLOCK = 32  # tokens per block: the innermost, vectorised axis of every loop below (four 512-bit vectors)
-# exp(x) for x <= 0: x = k ln 2 + r (Cody and Waite's two-part ln 2: k ln2_hi is exact for |k| < 2^11), exp(r) by its
-# Taylor polynomial of degree 13 on |r| <= ln(2) / 2 (truncation below 1e-17), times 2^k built from its bits
-_LOG2E, _LN2_HI, _LN2_LO = 1.4426950408889634, 6.93147180369123816490e-01, 1.90821492927058770002e-10
-_EXP_MIN = -708.0  # below: 0 (exp < 2^-1021: a weight off by under 5e-308; above, 2^k is a normal number)
-
-
-@intrinsic
-def _float64_from_bits(typingctx, bits):
-    """The float64 whose bit pattern is the int64 ``bits``."""
-    if bits != types.int64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], llvm_ir.DoubleType())
-
-    return types.float64(types.int64), codegen
-
-
-@numba.njit(inline="always")
-def _exp_nonpositive(x):
-    """``exp(x)`` in float64 for ``x <= 0`` (NaN for NaN, 0 below ``_EXP_MIN``), within an ulp of libm's: arithmetic
-    that LLVM vectorises (``math.exp`` stays a scalar library call)."""
-    xc = x if x > _EXP_MIN else _EXP_MIN  # NaN -> _EXP_MIN here: the int conversion below must see a number
-    k = np.floor(xc * _LOG2E + 0.5)
-    r = (xc - k * _LN2_HI) - k * _LN2_LO
-    p = 1.0 / 6227020800.0
-    p = p * r + 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
-    p = p * r + 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
-    y = p * _float64_from_bits((np.int64(k) + 1023) << 52)
-    if x >= _EXP_MIN:
-        return y
-    return x if x != x else 0.0
-
-
 @numba.njit(inline="always")
 def _softmax_block(logits, t0, nt, starts, w, top, total):
     """``w (m, B)`` = the per-chunk softmax of the logits of tokens ``t0 .. t0 + nt``, token ``q`` in column
@@ -142,7 +96,7 @@ def _softmax_block(logits, t0, nt, starts, w, top, total):
         for j in range(starts[k], starts[k + 1]):
             row = w[j]
             for q in range(TOKEN_BLOCK):
-                e = _exp_nonpositive(row[q] - top[q])
+                e = exp_nonpositive(row[q] - top[q])
                 row[q] = e
                 total[q] += e
         for j in range(starts[k], starts[k + 1]):

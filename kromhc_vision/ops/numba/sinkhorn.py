@@ -25,6 +25,7 @@ import torch
 from ..reference import compute_dtype
 from .._custom_ops import apply, call, custom_op, register_autograd
 from ._common import as_dtype, kernel_array, match_torch_threads
+from ._exp import exp_nonpositive
 
 SPAN_LIMIT = {torch.float64: 200.0, torch.float32: 32.0}  # see the module docstring
 _CHUNK = 128  # tokens per parallel task; the loops over a task's tokens are the vectorised ones
@@ -95,7 +96,7 @@ def _task_forward(logits, t0, m, num_iters, span_limit, P, sums, acc):
     if not log_domain:
         for e in range(n * n):
             for t in range(m):
-                P[e, t] = math.exp(P[e, t] - acc[t])
+                P[e, t] = exp_nonpositive(P[e, t] - acc[t])  # vectorised over t, where math.exp is a scalar call
     for k in range(2 * num_iters):
         _half_step(P, m, n, k, sums, log_domain, acc)
     return log_domain
