@@ -21,11 +21,12 @@ def logits_for(factors, lead, dtype, spread=2.0):
     return (spread * torch.randn(*lead, m, dtype=dtype)).requires_grad_()
 
 
+@pytest.mark.parametrize("lead", [(3, 7), (5, 23)])  # one partial block of 32 tokens; four, the last partial
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("factors", FACTORS)
-def test_matches_reference(factors, dtype, compare):
+def test_matches_reference(factors, dtype, lead, compare):
     perms = [permutation_matrices(k, dtype=dtype) for k in factors]
-    compare(permutation_mix, kronecker_birkhoff, [logits_for(factors, (3, 7), dtype)], (perms,))
+    compare(permutation_mix, kronecker_birkhoff, [logits_for(factors, lead, dtype)], (perms,))
 
 
 @pytest.mark.parametrize("factors", [(4,), (2, 2, 2), (2, 3)])
