@@ -70,7 +70,7 @@ def main(argv=None):
                     times[backend].append(1e3 * seconds_per_call(lambda: step(logits, perms, cotangent, backend),
                                                                  reps))
             ratio = statistics.median(t / k for k, t in zip(times["numba"], times["torch"]))
-            auto = dispatch.backend_for("auto", cpu, "permutation_mix", n, len(factors))
+            auto = dispatch.backend_for("auto", cpu, "permutation_mix", n)
             print(f"{'x'.join(map(str, factors)):<10}{m:>7}{T:>7}{statistics.median(times['numba']):>10.3f}"
                   f"{statistics.median(times['torch']):>10.3f}{ratio:>12.2f}  {auto}")
 

@@ -108,5 +108,5 @@ def test_auto_runs_numba_for_every_factorisation(factors):
     """mHC-lite up to n = 6 (720 logits: its vectorised softmax beats PyTorch's, BENCHMARKS.md
     ``permutation_mix_blocked``) and KromHC's products run the kernel under 'auto', as under 'numba'."""
     n = math.prod(factors)
-    assert dispatch.backend_for("auto", torch.device("cpu"), "permutation_mix", n, len(factors)) == "numba"
-    assert dispatch.backend_for("numba", torch.device("cpu"), "permutation_mix", n, len(factors)) == "numba"
+    assert dispatch.backend_for("auto", torch.device("cpu"), "permutation_mix", n) == "numba"
+    assert dispatch.backend_for("numba", torch.device("cpu"), "permutation_mix", n) == "numba"

@@ -2,7 +2,7 @@
 
 numba compiles ``math.exp`` to a call of the C library's ``exp`` (``expf`` in float32), one scalar call per value
 inside loops that are otherwise vectorised. :func:`exp_nonpositive` computes the same function with
-``x = k ln 2 + r`` (Cody and Waite's two-part ``ln 2``: ``k ln2_hi`` is exact for ``|k| < 2^11``), ``exp(r)`` by its
+``x = k ln 2 + r`` (Cody and Waite's two-part ``ln 2``: ``k ln2_hi`` is exact for the ``|k| <= 1021`` used here), ``exp(r)`` by its
 Taylor polynomial of degree 13 on ``|r| <= ln(2) / 2`` (truncation below 1e-17) and ``2^k`` built from its bits,
 in float64: within an ulp of libm's ``exp`` (``tests/ops/test_numba_permutation_mix.py``), so a float32 result
 rounded from it is as close as ``expf``'s or closer.
@@ -34,7 +34,8 @@ def _float64_from_bits(typingctx, bits):
 
 @numba.njit(inline="always")
 def exp_nonpositive(x):
-    """``exp(x)`` in float64 for ``x <= 0`` (any float; NaN for NaN, 0 below ``EXP_MIN`` and for -inf)."""
+    """``exp(x)`` in float64 for ``x <= 0`` of any float dtype (NaN for NaN, 0 below ``EXP_MIN`` and for -inf; not
+    for ``x > 0``: ``2^k`` overflows its exponent bits above ~709)."""
     x = np.float64(x)
     xc = x if x > EXP_MIN else EXP_MIN  # NaN -> EXP_MIN here: the int conversion below must see a number
     k = np.floor(xc * LOG2E + 0.5)

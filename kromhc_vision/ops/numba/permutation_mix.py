@@ -107,16 +107,16 @@ def _softmax_block(logits, t0, nt, starts, w, top, total):
 
 @numba.njit(**_FLAGS)
 def _forward_kernel(logits, members, logit_index, starts, threads, out):
-    """``out (T, n*n)``; tokens in blocks of ``TOKEN_BLOCK``, a run of blocks per thread (``threads`` runs)."""
+    """``out (T, n*n)``; tokens in blocks of ``TOKEN_BLOCK``, thread ``p`` of ``threads`` taking blocks ``p, p +
+    threads, ...`` with its own scratch."""
     T, m = logits.shape
     R, K = logit_index.shape
     blocks = (T + TOKEN_BLOCK - 1) // TOKEN_BLOCK
-    per = (blocks + threads - 1) // threads
     for p in numba.prange(threads):
         w = np.empty((m, TOKEN_BLOCK))  # the softmax weights
         weights = np.empty((R if K > 1 else 0, TOKEN_BLOCK))  # the combined permutations' (w itself for K = 1)
         top, total, acc = np.empty(TOKEN_BLOCK), np.empty(TOKEN_BLOCK), np.empty(TOKEN_BLOCK)
-        for b in range(p * per, min(blocks, (p + 1) * per)):
+        for b in range(p, blocks, threads):  # every threads-th block: balanced for any count
             t0 = b * TOKEN_BLOCK
             nt = min(TOKEN_BLOCK, T - t0)
             _softmax_block(logits, t0, nt, starts, w, top, total)
@@ -152,13 +152,12 @@ def _backward_kernel(logits, dout, columns, logit_index, starts, threads, dlogit
     R, K = logit_index.shape
     n = columns.shape[1]
     blocks = (T + TOKEN_BLOCK - 1) // TOKEN_BLOCK
-    per = (blocks + threads - 1) // threads
     for p in numba.prange(threads):
         w, dw = np.empty((m, TOKEN_BLOCK)), np.empty((m, TOKEN_BLOCK))
         d = np.empty((n * n, TOKEN_BLOCK))  # dout of the block, token q in column q
         top, total, dW, prod = (np.empty(TOKEN_BLOCK), np.empty(TOKEN_BLOCK), np.empty(TOKEN_BLOCK),
                                 np.empty(TOKEN_BLOCK))
-        for b in range(p * per, min(blocks, (p + 1) * per)):
+        for b in range(p, blocks, threads):  # every threads-th block: balanced for any count
             t0 = b * TOKEN_BLOCK
             nt = min(TOKEN_BLOCK, T - t0)
             _softmax_block(logits, t0, nt, starts, w, top, total)
