@@ -2,10 +2,10 @@
 
 numba compiles ``math.exp`` to a call of the C library's ``exp`` (``expf`` in float32), one scalar call per value
 inside loops that are otherwise vectorised. :func:`exp_nonpositive` computes the same function with
-``x = k ln 2 + r`` (Cody and Waite's two-part ``ln 2``: ``k ln2_hi`` is exact for the ``|k| <= 1021`` used here), ``exp(r)`` by its
-Taylor polynomial of degree 13 on ``|r| <= ln(2) / 2`` (truncation below 1e-17) and ``2^k`` built from its bits,
-in float64: within an ulp of libm's ``exp`` (``tests/ops/test_numba_permutation_mix.py``), so a float32 result
-rounded from it is as close as ``expf``'s or closer.
+``x = k ln 2 + r`` (Cody and Waite's two-part ``ln 2``: ``k ln2_hi`` is exact for the ``|k| <= 1021`` used here),
+``exp(r)`` by its Taylor polynomial of degree 13 on ``|r| <= ln(2) / 2`` (truncation below 1e-17) and ``2^k`` built
+from its bits, in float64: within an ulp of libm's ``exp`` (``tests/ops/test_numba_permutation_mix.py``), so a float32
+result rounded from it is as close as ``expf``'s or closer.
 
 numba's disk cache does not see edits to this file in the kernels that inline it (``permutation_mix``,
 ``sinkhorn``): after changing it, touch those files (or clear their ``__pycache__``) so that they compile again.

@@ -74,16 +74,25 @@ def _members(factors: tuple):
 
 
 TOKEN_BLOCK = 32  # tokens per block: the innermost, vectorised axis of every loop below (four 512-bit vectors)
+
+
+@numba.njit(inline="always")
+def _load_block(src, t0, nt, block):
+    """``block (width, B)`` = rows ``t0 .. t0 + nt`` of ``src (T, width)`` transposed, in float64: token ``q`` in
+    column ``q``, columns past ``nt`` zero."""
+    for j in range(block.shape[0]):
+        row = block[j]
+        for q in range(nt):
+            row[q] = np.float64(src[t0 + q, j])
+        for q in range(nt, TOKEN_BLOCK):
+            row[q] = 0.0
+
+
 @numba.njit(inline="always")
 def _softmax_block(logits, t0, nt, starts, w, top, total):
     """``w (m, B)`` = the per-chunk softmax of the logits of tokens ``t0 .. t0 + nt``, token ``q`` in column
     ``q`` (columns past ``nt``: the softmax of zeros), in float64; ``top``, ``total``: ``(B,)`` scratch."""
-    for j in range(w.shape[0]):
-        row = w[j]
-        for q in range(nt):
-            row[q] = np.float64(logits[t0 + q, j])
-        for q in range(nt, TOKEN_BLOCK):
-            row[q] = 0.0
+    _load_block(logits, t0, nt, w)
     for k in range(starts.shape[0] - 1):
         first = w[starts[k]]
         for q in range(TOKEN_BLOCK):
@@ -161,16 +170,8 @@ def _backward_kernel(logits, dout, columns, logit_index, starts, threads, dlogit
             t0 = b * TOKEN_BLOCK
             nt = min(TOKEN_BLOCK, T - t0)
             _softmax_block(logits, t0, nt, starts, w, top, total)
-            for e in range(n * n):
-                row = d[e]
-                for q in range(nt):
-                    row[q] = np.float64(dout[t0 + q, e])
-                for q in range(nt, TOKEN_BLOCK):
-                    row[q] = 0.0
-            for j in range(m):
-                row = dw[j]
-                for q in range(TOKEN_BLOCK):
-                    row[q] = 0.0
+            _load_block(dout, t0, nt, d)
+            dw[:, :] = 0.0
             for r in range(R):
                 for q in range(TOKEN_BLOCK):
                     dW[q] = 0.0
