@@ -1,7 +1,7 @@
 """``benchmarks/bench_models_cpu.py``: its baselines are the architectures they stand for, and a memory-only
 run on the micro family prints one row per variant and setting; the scripts built on its model table
 (``profile_step_cpu.py``, ``time_ops_in_model.py``), ``bench_projection_gemms.py``, ``bench_connection_cpu.py``,
-``bench_permutation_mix.py`` and ``bench_numba_cache.py`` run."""
+``bench_permutation_mix.py``, ``bench_numba_cache.py`` and ``bench_pre_scaling_cpu.py`` run."""
 import sys
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import bench_connection_cpu  # noqa: E402
 import bench_models_cpu  # noqa: E402
 import bench_numba_cache  # noqa: E402
 import bench_permutation_mix  # noqa: E402
+import bench_pre_scaling_cpu  # noqa: E402
 import bench_projection_gemms  # noqa: E402
 import profile_step_cpu  # noqa: E402
 import time_ops_in_model  # noqa: E402
@@ -124,3 +125,17 @@ def test_numba_cache_benchmark_runs_kernels_compiled_here_against_the_packages(c
                             "--threads", str(torch.get_num_threads())])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("stream_post")]
     assert [r[:2] for r in rows] == [["stream_post", "fwd"], ["stream_post", "bwd"]]
+
+
+def test_pre_scaling_benchmark_fits_time_against_coefficients(capsys):
+    """The fit recovers a line; a run prints one row per ``k`` and the fitted rows; a ``k`` the pre step cannot
+    have (``k <= 2n``) is refused before any work."""
+    assert bench_pre_scaling_cpu.fit([12, 24, 32], [1 + 0.5 * k for k in (12, 24, 32)]) == pytest.approx((1, 0.5))
+    bench_pre_scaling_cpu.main(["--coefficients", "9", "12", "--tokens", "8", "--width", "8", "--rounds", "1",
+                                "--calls", "1", "--flush-mib", "1", "--threads", str(torch.get_num_threads())])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [r[0] for r in rows if r[0].isdigit()] == ["9", "12"]
+    assert [r[0] for r in rows if r[0] in ("fwd", "bwd")] == ["fwd", "bwd"]
+    with pytest.raises(SystemExit):
+        bench_pre_scaling_cpu.main(["--coefficients", "8", "12", "--streams", "4"])
+    assert "needs at least two distinct values > 2n = 8" in capsys.readouterr().err

@@ -1,0 +1,155 @@
+"""How the numba pre step's time grows with the coefficient count ``k``: what its projection costs, what the rest
+costs, each against the CPU's own yardstick.
+
+The pre kernels (``kromhc_vision/ops/numba/stream_pre.py``) do two kinds of work per connection: the projection
+products, ``T nC k`` multiply-adds each (``r = x W_g`` forward; ``dx += dr W_g^T`` and ``dW_g += x^T dr``
+backward), and everything else (the norm, the coefficients, ``u``, the elementwise part of ``dx``), whose cost does
+not depend on ``k`` and is mostly passes over the stream state. At ViT-Tiny's shape (``T = 3152`` tokens of
+``n x C = 4 x 192``, batch 16) the kernels are timed for several ``k`` (HC / mHC have 24 coefficients at n = 4,
+mHC-lite 32, KromHC 12), interleaved, each call after a write of a buffer larger than the caches (as in a model,
+where the branches run between the connection's kernels). A least-squares line ``t = a + b k`` per direction gives:
+
+- ``marginal GMAC/s``: the projection's rate, ``T nC`` (forward) or ``2 T nC`` (backward) multiply-adds per
+  coefficient over ``b``, beside BLAS's rate for the same products alone (PyTorch's ``mm``, ``k = 32``);
+- ``k-free ms``: ``a``, beside ``floor ms``: the bytes the kernel must move at least (forward: read ``X``, write
+  ``u``; backward, as the models run it with the post step's gradient linked: read ``X``, ``dZ``, ``du``, write
+  ``dX``) over this machine's copy bandwidth (read + write bytes/s of a copy larger than the caches).
+
+Where the marginal rate is near BLAS's and the k-free part near its floor, the pre step has no slack left on this
+CPU but the passes themselves (fusing them with the post step's). Prints the CPU's name beside the figures.
+
+    python benchmarks/bench_pre_scaling_cpu.py [--coefficients 12 24 32 48] [--tokens 3152] [--width 192]
+        [--streams 4] [--rounds 7] [--calls 10] [--threads 2] [--hot] [--flush-mib 256]
+"""
+import argparse
+import importlib
+import statistics
+import time
+
+import numba
+import torch
+
+from bench_models_cpu import commit, cpu_name
+from kromhc_vision.cpu_allocator import configure_cpu_malloc
+from kromhc_vision.ops import _custom_ops
+
+# the module (the package's attribute of that name is its stream_pre function)
+_pre_module = importlib.import_module("kromhc_vision.ops.numba.stream_pre")
+
+
+def make_inputs(T: int, n: int, C: int, k: int):
+    """The forward's and the backward's arguments for ``k`` coefficients, as a model's linked backward passes
+    them (no ``dX_post``; the post step's ``dZ`` and ``H_res``; every coefficient gradient)."""
+    g = torch.Generator().manual_seed(k)
+    X = torch.randn(T, n, C, generator=g)
+    params = (1 + 0.1 * torch.randn(n * C, generator=g), 0.02 * torch.randn(n * C, k, generator=g),
+              0.01 * torch.randn(k, generator=g), torch.randn(k, generator=g))
+    fwd_args = (X, *params, 1e-6)
+    u, h_pre, h_post, a_res, raw, inv_rms = _custom_ops.call(_pre_module._stream_pre_fwd, *fwd_args)
+    bwd_args = (X, X.new_zeros(0, n * C), torch.randn(T, n, C, generator=g), torch.rand(T, n, n, generator=g),
+                torch.randn(T, C, generator=g), torch.randn(T, n, generator=g), torch.randn(T, n, generator=g),
+                torch.randn(T, k - 2 * n, generator=g), h_pre, h_post, raw, inv_rms, *params[:3])
+    return fwd_args, bwd_args
+
+
+def timed_ms(fn, flush: torch.Tensor, calls: int, hot: bool = False) -> float:
+    """Median milliseconds of ``fn()`` over ``calls`` calls, each after a write of ``flush`` (not timed; none with
+    ``hot``: the inputs stay in the caches as far as they fit)."""
+    times = []
+    for _ in range(calls):
+        if not hot:
+            flush.fill_(1.0)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def copy_gbs(flush: torch.Tensor) -> float:
+    """Read + write GB/s of copying half of ``flush`` into its other half (median of 9)."""
+    half = flush.numel() // 2
+    src, dst = flush[:half], flush[half:]
+    times = []
+    for _ in range(9):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.nbytes / statistics.median(times) / 1e9
+
+
+def blas_gmacs(T: int, nC: int, k: int, flush: torch.Tensor, calls: int, hot: bool):
+    """GMAC/s of the forward's product and of the backward's two, as PyTorch ``mm`` s (timed as the kernels)."""
+    x, w, dr = torch.randn(T, nC), torch.randn(nC, k), torch.randn(T, k)
+    fwd = timed_ms(lambda: torch.mm(x, w), flush, calls, hot)
+    bwd = timed_ms(lambda: (torch.mm(dr, w.t()), torch.mm(x.t(), dr)), flush, calls, hot)
+    macs = T * nC * k
+    return macs / fwd / 1e6, 2 * macs / bwd / 1e6
+
+
+def fit(ks, times):
+    """Least squares ``t = a + b k``: ``(a, b)``."""
+    b, a = statistics.linear_regression(ks, times)
+    return a, b
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--coefficients", nargs="+", type=int, default=[12, 24, 32, 48])
+    parser.add_argument("--tokens", type=int, default=3152)
+    parser.add_argument("--width", type=int, default=192)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=10, help="timed calls per round and k")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hot", action="store_true", help="no write between the kernels' calls (BLAS's too)")
+    parser.add_argument("--flush-mib", type=int, default=256,
+                        help="MiB written before every timed call: more than the CPU's caches")
+    args = parser.parse_args(argv)
+    n, C, T = args.streams, args.width, args.tokens
+    for name in ("tokens", "width", "rounds", "calls", "threads", "flush_mib"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if n < 2:
+        parser.error(f"--streams must be >= 2, got {n}")
+    bad = [k for k in args.coefficients if k <= 2 * n]
+    if bad or len(set(args.coefficients)) < 2:
+        parser.error(f"--coefficients needs at least two distinct values > 2n = {2 * n} "
+                     f"(k = 2n + m, m >= 1); got {args.coefficients}")
+    torch.set_num_threads(args.threads)
+    configure_cpu_malloc("retain", torch.device("cpu"))
+    flush = torch.ones(args.flush_mib << 18)  # written once: a never-written buffer reads the zero page
+    fwd_op, bwd_op = _pre_module._stream_pre_fwd, _pre_module._stream_pre_bwd
+    cases = {k: make_inputs(T, n, C, k) for k in args.coefficients}
+    for fwd_args, bwd_args in cases.values():  # compile, warm the allocator
+        for _ in range(3):
+            _custom_ops.call(fwd_op, *fwd_args), _custom_ops.call(bwd_op, *bwd_args)
+    times = {k: ([], []) for k in cases}
+    for _ in range(args.rounds):  # interleaved over k
+        for k, (fwd_args, bwd_args) in cases.items():
+            times[k][0].append(timed_ms(lambda: _custom_ops.call(fwd_op, *fwd_args), flush, args.calls, args.hot))
+            times[k][1].append(timed_ms(lambda: _custom_ops.call(bwd_op, *bwd_args), flush, args.calls, args.hot))
+    bandwidth = copy_gbs(flush)
+    blas = blas_gmacs(T, n * C, 32, flush, args.calls, args.hot)
+    ks = sorted(cases)
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}, numba {numba.__version__}, {args.threads} threads; "
+          f"commit {commit()}")
+    setting = "no write between calls (hot)" if args.hot else f"each after a {args.flush_mib} MiB write"
+    print(f"numba stream_pre kernels, T = {T}, n = {n}, C = {C}, float32; median of {args.rounds} rounds x "
+          f"{args.calls} calls, {setting}; copy bandwidth {bandwidth:.1f} GB/s")
+    print(f"{'k':>4} {'fwd ms':>8} {'bwd ms':>8}")
+    medians = {k: tuple(statistics.median(t) for t in times[k]) for k in ks}
+    for k in ks:
+        print(f"{k:4d} {medians[k][0]:8.3f} {medians[k][1]:8.3f}")
+    state = T * n * C * 4
+    floors = ((state + T * C * 4) / bandwidth / 1e6,  # read X, write u
+              (3 * state + T * C * 4) / bandwidth / 1e6)  # read X, dZ, du, write dX
+    print(f"{'':4} {'k-free ms':>10} {'floor ms':>9} {'ms/coef':>8} {'marginal GMAC/s':>16} {'BLAS GMAC/s':>12}")
+    for i, name in enumerate(("fwd", "bwd")):
+        a, b = fit(ks, [medians[k][i] for k in ks])
+        products = 1 + i  # forward: r = x W_g; backward: dx and dW_g
+        print(f"{name:4} {a:10.3f} {floors[i]:9.3f} {b:8.4f} {products * T * n * C / b / 1e6:16.1f} "
+              f"{blas[i]:12.1f}")
+
+
+if __name__ == "__main__":
+    main()
