@@ -121,3 +121,16 @@ def test_opcheck(lead, stream_pre_inputs):
     no_post_no_u = (x.new_zeros(0, n, C), *mix, x.new_zeros(0, C), *grads[2:])
     torch.library.opcheck(torch.ops.kromhc_vision.cpu_stream_pre_bwd.default,
                           (x, *no_post_no_u, h_pre, h_post, raw, inv_rms, g, W, s))
+
+
+@pytest.mark.parametrize("span, parts, line", [(3072, 8, 16), (3072, 3, 16), (100, 8, 16), (5, 8, 16), (0, 4, 16),
+                                               (777, 6, 8)])
+def test_prefetch_parts_cover_the_next_block_once(span, parts, line):
+    """The pre kernels prefetch the next token block a part per coefficient group: the parts are consecutive,
+    whole cache lines but the last, and together cover the block's elements exactly once."""
+    from kromhc_vision.ops.numba._prefetch import part_bounds
+
+    bounds = [part_bounds(span, p, parts, line) for p in range(parts)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == span
+    assert all(hi == nxt for (_, hi), (nxt, _) in zip(bounds, bounds[1:]))
+    assert all(lo <= hi and (lo % line == 0 or lo == hi == span) for lo, hi in bounds)  # empty parts at the end

@@ -38,6 +38,7 @@ from .._custom_ops import call, custom_op, needs_grad, traced
 from ..pytorch._once import once_differentiable
 from ..reference import autocast_off, compute_dtype
 from ._common import LINK_ATTRIBUTE, PostGradLink, as_dtype, kernel_array, match_torch_threads
+from ._prefetch import prefetch_part
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 TOKEN_BLOCK = 4  # tokens per block of the projection loops (the loops below spell out four)
@@ -77,7 +78,9 @@ def _kernels(num_streams: int):
             if t0 + TOKEN_BLOCK <= T:  # rows as 1-d views, four coefficients per pass: 16 sums in registers
                 x0, x1, x2, x3 = xf[t0], xf[t0 + 1], xf[t0 + 2], xf[t0 + 3]
                 k4 = k - k % 4
+                ahead = t0 + TOKEN_BLOCK  # the next block: this thread's next (prange's chunks are contiguous)
                 for i in range(0, k4, 4):
+                    prefetch_part(xf, ahead * NC, min(TOKEN_BLOCK, T - ahead) * NC, i // 4, k4 // 4)
                     wa, wb, wc, wd = wt[i], wt[i + 1], wt[i + 2], wt[i + 3]
                     a0 = dt(0)
                     a1 = dt(0)
@@ -252,7 +255,16 @@ def _kernels(num_streams: int):
                     # dx: four rows of W_g^T per pass over the block's four dx rows (a quarter of the stores of
                     # one); dW_g: its own loop below, over two blocks' x, four of its rows a pass
                     k4 = k - k % 4
+                    ahead, groups = t0 + TOKEN_BLOCK, k4 // 4  # the next block's inputs, a part per group
+                    rows = min(TOKEN_BLOCK, hi - ahead)
                     for i in range(0, k4, 4):
+                        prefetch_part(xf, ahead * NC, rows * NC, i // 4, groups)
+                        if has_mix:
+                            prefetch_part(dZ, ahead * NC, rows * NC, i // 4, groups)
+                        if has_post:
+                            prefetch_part(dX_post, ahead * NC, rows * NC, i // 4, groups)
+                        if has_du:
+                            prefetch_part(du, ahead * C, rows * C, i // 4, groups)
                         a0, b0, c0, e0 = dr[r0, i], dr[r0, i + 1], dr[r0, i + 2], dr[r0, i + 3]
                         a1, b1, c1, e1 = dr[r0 + 1, i], dr[r0 + 1, i + 1], dr[r0 + 1, i + 2], dr[r0 + 1, i + 3]
                         a2, b2, c2, e2 = dr[r0 + 2, i], dr[r0 + 2, i + 1], dr[r0 + 2, i + 2], dr[r0 + 2, i + 3]
