@@ -2,11 +2,11 @@
 a time.
 
 The pre kernels stream over the stream state a block of tokens at a time, and the first pass over a block's rows
-(the projection's first coefficients) waits for them from memory: the hardware prefetchers do not run far enough
-ahead of that access pattern (four rows 3 KB apart, page after page). Asking for the next block's rows while the
-current one is computed, spread over its coefficient loop, takes 8-15 % off the kernels' time at ViT-Tiny's width
-when the caches hold other data, as in a model (BENCHMARKS.md ``pre_prefetch``). A prefetch is a hint: it changes
-no value and never faults.
+(the projection's first coefficients) waits for them from memory: evidently the hardware prefetchers do not run
+far enough ahead of that access pattern (four rows 3 KB apart, page after page). Asking for the next block's rows
+while the current one is computed, spread over its coefficient loop, takes 3-15 % off the kernels' time at
+ViT-Tiny's width when the caches hold other data, as in a model (BENCHMARKS.md ``pre_prefetch``). A prefetch is a
+hint: it changes no value and never faults.
 
 numba's disk cache does not see edits to this file in the kernels that use it (``stream_pre``): after changing
 it, touch that file (or clear its ``__pycache__``) so that it compiles again.
