@@ -10,13 +10,17 @@ mHC-lite 32, KromHC 12), interleaved, each call after a write of a buffer larger
 where the branches run between the connection's kernels). A least-squares line ``t = a + b k`` per direction gives:
 
 - ``marginal GMAC/s``: the projection's rate, ``T nC`` (forward) or ``2 T nC`` (backward) multiply-adds per
-  coefficient over ``b``, beside BLAS's rate for the same products alone (PyTorch's ``mm``, ``k = 32``);
-- ``k-free ms``: ``a``, beside ``floor ms``: the bytes the kernel must move at least (forward: read ``X``, write
+  coefficient over ``b``; ``BLAS marginal``: the same for the same products as PyTorch ``mm`` s alone (``x W``;
+  ``dr W^T`` and ``x^T dr``), timed the same way at the same ``k`` and fitted the same way, so that both rates
+  leave out what does not grow with ``k`` (BLAS's own output writes included);
+- ``k-free ms``: ``a``, beside ``copy ms``: the bytes the kernel must move at least (forward: read ``X``, write
   ``u``; backward, as the models run it with the post step's gradient linked: read ``X``, ``dZ``, ``du``, write
-  ``dX``) over this machine's copy bandwidth (read + write bytes/s of a copy larger than the caches).
+  ``dX``) over this machine's copy bandwidth (read + write bytes/s of a copy larger than the caches): a floor
+  for data that comes from memory, not for ``--hot`` calls, whose data partly stays in the caches;
+- ``max resid``: the largest distance of a measured time from its line, for how well ``a + b k`` fits.
 
-Where the marginal rate is near BLAS's and the k-free part near its floor, the pre step has no slack left on this
-CPU but the passes themselves (fusing them with the post step's). Prints the CPU's name beside the figures.
+Where the marginal rate is near BLAS's and the k-free part near its copy time, the pre step has no slack left on
+this CPU but the passes themselves (fusing them with the post step's). Prints the CPU's name beside the figures.
 
     python benchmarks/bench_pre_scaling_cpu.py [--coefficients 12 24 32 48] [--tokens 3152] [--width 192]
         [--streams 4] [--rounds 7] [--calls 10] [--threads 2] [--hot] [--flush-mib 256]
@@ -77,13 +81,10 @@ def copy_gbs(flush: torch.Tensor) -> float:
     return 2 * src.nbytes / statistics.median(times) / 1e9
 
 
-def blas_gmacs(T: int, nC: int, k: int, flush: torch.Tensor, calls: int, hot: bool):
-    """GMAC/s of the forward's product and of the backward's two, as PyTorch ``mm`` s (timed as the kernels)."""
+def blas_steps(T: int, nC: int, k: int):
+    """The forward's product and the backward's two as PyTorch ``mm`` s at ``k`` coefficients: ``(fwd, bwd)``."""
     x, w, dr = torch.randn(T, nC), torch.randn(nC, k), torch.randn(T, k)
-    fwd = timed_ms(lambda: torch.mm(x, w), flush, calls, hot)
-    bwd = timed_ms(lambda: (torch.mm(dr, w.t()), torch.mm(x.t(), dr)), flush, calls, hot)
-    macs = T * nC * k
-    return macs / fwd / 1e6, 2 * macs / bwd / 1e6
+    return (lambda: torch.mm(x, w)), (lambda: (torch.mm(dr, w.t()), torch.mm(x.t(), dr)))
 
 
 def fit(ks, times):
@@ -123,32 +124,37 @@ def main(argv=None):
     for fwd_args, bwd_args in cases.values():  # compile, warm the allocator
         for _ in range(3):
             _custom_ops.call(fwd_op, *fwd_args), _custom_ops.call(bwd_op, *bwd_args)
-    times = {k: ([], []) for k in cases}
+    steps = {k: (lambda a=fwd_args: _custom_ops.call(fwd_op, *a), lambda a=bwd_args: _custom_ops.call(bwd_op, *a),
+                 *blas_steps(T, n * C, k)) for k, (fwd_args, bwd_args) in cases.items()}
+    times = {k: ([], [], [], []) for k in cases}  # kernel fwd, kernel bwd, BLAS fwd, BLAS bwd
     for _ in range(args.rounds):  # interleaved over k
-        for k, (fwd_args, bwd_args) in cases.items():
-            times[k][0].append(timed_ms(lambda: _custom_ops.call(fwd_op, *fwd_args), flush, args.calls, args.hot))
-            times[k][1].append(timed_ms(lambda: _custom_ops.call(bwd_op, *bwd_args), flush, args.calls, args.hot))
+        for k, fns in steps.items():
+            for series, fn in zip(times[k], fns):
+                series.append(timed_ms(fn, flush, args.calls, args.hot))
     bandwidth = copy_gbs(flush)
-    blas = blas_gmacs(T, n * C, 32, flush, args.calls, args.hot)
     ks = sorted(cases)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, numba {numba.__version__}, {args.threads} threads; "
           f"commit {commit()}")
     setting = "no write between calls (hot)" if args.hot else f"each after a {args.flush_mib} MiB write"
     print(f"numba stream_pre kernels, T = {T}, n = {n}, C = {C}, float32; median of {args.rounds} rounds x "
           f"{args.calls} calls, {setting}; copy bandwidth {bandwidth:.1f} GB/s")
-    print(f"{'k':>4} {'fwd ms':>8} {'bwd ms':>8}")
+    print(f"{'k':>4} {'fwd ms':>8} {'bwd ms':>8} {'BLAS fwd ms':>12} {'BLAS bwd ms':>12}")
     medians = {k: tuple(statistics.median(t) for t in times[k]) for k in ks}
     for k in ks:
-        print(f"{k:4d} {medians[k][0]:8.3f} {medians[k][1]:8.3f}")
+        print(f"{k:4d} {medians[k][0]:8.3f} {medians[k][1]:8.3f} {medians[k][2]:12.3f} {medians[k][3]:12.3f}")
     state = T * n * C * 4
-    floors = ((state + T * C * 4) / bandwidth / 1e6,  # read X, write u
-              (3 * state + T * C * 4) / bandwidth / 1e6)  # read X, dZ, du, write dX
-    print(f"{'':4} {'k-free ms':>10} {'floor ms':>9} {'ms/coef':>8} {'marginal GMAC/s':>16} {'BLAS GMAC/s':>12}")
+    copy_ms = ((state + T * C * 4) / bandwidth / 1e6,  # read X, write u
+               (3 * state + T * C * 4) / bandwidth / 1e6)  # read X, dZ, du, write dX
+    print(f"{'':4} {'k-free ms':>10} {'copy ms':>8} {'ms/coef':>8} {'max resid':>10} {'marginal GMAC/s':>16} "
+          f"{'BLAS marginal':>14}")
     for i, name in enumerate(("fwd", "bwd")):
-        a, b = fit(ks, [medians[k][i] for k in ks])
-        products = 1 + i  # forward: r = x W_g; backward: dx and dW_g
-        print(f"{name:4} {a:10.3f} {floors[i]:9.3f} {b:8.4f} {products * T * n * C / b / 1e6:16.1f} "
-              f"{blas[i]:12.1f}")
+        measured = [medians[k][i] for k in ks]
+        a, b = fit(ks, measured)
+        resid = max(abs(t - (a + b * k)) for k, t in zip(ks, measured))
+        blas_b = fit(ks, [medians[k][2 + i] for k in ks])[1]
+        macs = (1 + i) * T * n * C  # per coefficient: forward r = x W_g; backward dx and dW_g
+        print(f"{name:4} {a:10.3f} {copy_ms[i]:8.3f} {b:8.4f} {resid:10.3f} {macs / b / 1e6:16.1f} "
+              f"{macs / blas_b / 1e6:14.1f}")
 
 
 if __name__ == "__main__":

@@ -127,10 +127,13 @@ def test_opcheck(lead, stream_pre_inputs):
                                                (777, 6, 8)])
 def test_prefetch_parts_cover_the_next_block_once(span, parts, line):
     """The pre kernels prefetch the next token block a part per coefficient group: the parts are consecutive,
-    whole cache lines but the last, and together cover the block's elements exactly once."""
+    whole cache lines but the last, together cover the block's elements exactly once, and none is larger than
+    an equal share rounded up to whole lines (the prefetches are spread over the groups, not issued at once)."""
     from kromhc_vision.ops.numba._prefetch import part_bounds
 
     bounds = [part_bounds(span, p, parts, line) for p in range(parts)]
     assert bounds[0][0] == 0 and bounds[-1][1] == span
     assert all(hi == nxt for (_, hi), (nxt, _) in zip(bounds, bounds[1:]))
     assert all(lo <= hi and (lo % line == 0 or lo == hi == span) for lo, hi in bounds)  # empty parts at the end
+    share = -(-span // parts)
+    assert max(hi - lo for lo, hi in bounds) <= -(-share // line) * line

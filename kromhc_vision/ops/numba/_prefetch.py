@@ -23,7 +23,7 @@ LOCALITY = 2  # llvm.prefetch's: 2 is x86's prefetcht1, into L2 (the setting mea
 @intrinsic
 def prefetch(typingctx, array, index):
     """Prefetch (for reading) the cache line of the element at flat ``index`` of the C-contiguous ``array``."""
-    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+    if not isinstance(array, types.Array) or array.layout != "C" or not isinstance(index, types.Integer):
         return None
 
     def codegen(context, builder, signature, args):
@@ -53,8 +53,11 @@ def part_bounds(span, part, parts, line):
 @numba.njit(inline="always")
 def prefetch_part(array, start, span, part, parts):
     """Prefetch the ``part``-th of ``parts`` pieces of the flat elements ``[start, start + span)`` of ``array``
-    (``span <= 0``: nothing), one call per cache line."""
+    (``span <= 0``: nothing), one call per line's worth of elements and one for the piece's last element (the
+    piece need not start on a cache line's boundary)."""
     line = max(1, CACHE_LINE_BYTES // array.itemsize)
     lo, hi = part_bounds(max(span, 0), part, parts, line)
     for i in range(start + lo, start + hi, line):
         prefetch(array, i)
+    if hi > lo:
+        prefetch(array, start + hi - 1)
