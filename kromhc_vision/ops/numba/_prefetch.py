@@ -4,7 +4,7 @@ a time.
 The pre kernels stream over the stream state a block of tokens at a time, and the first pass over a block's rows
 (the projection's first coefficients) waits for them from memory: evidently the hardware prefetchers do not run
 far enough ahead of that access pattern (four rows 3 KB apart, page after page). Asking for the next block's rows
-while the current one is computed, spread over its coefficient loop, takes 3-15 % off the kernels' time at
+while the current one is computed, spread over its coefficient loop, takes 3-19 % off the kernels' time at
 ViT-Tiny's width when the caches hold other data, as in a model (BENCHMARKS.md ``pre_prefetch``). A prefetch is a
 hint: it changes no value and never faults.
 
