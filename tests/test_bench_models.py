@@ -1,7 +1,9 @@
 """``benchmarks/bench_models_cpu.py``: its baselines are the architectures they stand for, and a memory-only
 run on the micro family prints one row per variant and setting; the scripts built on its model table
 (``profile_step_cpu.py``, ``time_ops_in_model.py``), ``bench_projection_gemms.py``, ``bench_connection_cpu.py``,
-``bench_permutation_mix.py``, ``bench_numba_cache.py`` and ``bench_pre_scaling_cpu.py`` run."""
+``bench_permutation_mix.py``, ``bench_numba_cache.py``, ``bench_pre_scaling_cpu.py`` and ``ab_numba_kernels.py``
+run."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 import kromhc_vision  # noqa: F401  (registers the models)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import ab_numba_kernels  # noqa: E402
 import bench_connection_cpu  # noqa: E402
 import bench_models_cpu  # noqa: E402
 import bench_numba_cache  # noqa: E402
@@ -140,3 +143,24 @@ def test_pre_scaling_benchmark_fits_time_against_coefficients(capsys):
     with pytest.raises(SystemExit):
         bench_pre_scaling_cpu.main(["--coefficients", "8", "12", "--streams", "4"])
     assert "needs at least two distinct values > 2n = 8" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / ".git").exists(), reason="needs the git history")
+def test_kernel_ab_loads_a_commits_ops_beside_the_trees(capsys):
+    """The ops of a commit (here HEAD's sinkhorn) load beside the working tree's under their own op names, run on
+    the same inputs and, where the code is the same, compute the same values; an unknown commit is refused."""
+    ab_numba_kernels.main(["HEAD", "--ops", "sinkhorn", "--tokens", "8", "--width", "8", "--calls", "2",
+                           "--flush-mib", "1", "--threads", str(torch.get_num_threads())])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("sinkhorn")]
+    assert [r[:2] for r in rows] == [["sinkhorn", "fwd"], ["sinkhorn", "bwd"]]
+    root = Path(__file__).resolve().parents[1]
+    edited = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "kromhc_vision/ops/numba/sinkhorn.py"],
+                            cwd=root).returncode
+    assert edited or all(r[-1] == "yes" for r in rows)  # the same code computes the same values
+    old = ab_numba_kernels.module_at("HEAD", "sinkhorn")
+    assert old is not bench_numba_cache.MODULES["sinkhorn"] and old._sinkhorn_fwd is not \
+        bench_numba_cache.MODULES["sinkhorn"]._sinkhorn_fwd
+    with pytest.raises(SystemExit):
+        ab_numba_kernels.main(["no-such-commit-xyz", "--ops", "sinkhorn"])
+    assert "no-such-commit-xyz" in capsys.readouterr().err
