@@ -20,7 +20,6 @@ import argparse
 import statistics
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 
 from bench_models_cpu import commit, cpu_name
 from bench_numba_cache import MODULES, FreshKernels, cases
+from bench_pre_scaling_cpu import add_cache_arguments, call_s, flush_buffer
 from kromhc_vision.cpu_allocator import configure_cpu_malloc
 from kromhc_vision.ops import _custom_ops
 
@@ -81,9 +81,7 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=192, help="channels C")
     parser.add_argument("--calls", type=int, default=60, help="timed calls of each version per op")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--hot", action="store_true", help="no write between calls")
-    parser.add_argument("--flush-mib", type=int, default=256,
-                        help="MiB written before every timed call: more than the CPU's caches")
+    add_cache_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("tokens", "width", "calls", "threads", "flush_mib"):
         if getattr(args, name) < 1:
@@ -94,7 +92,7 @@ def main(argv=None):
         parser.error(f"cannot load the ops of {args.rev!r}: {getattr(e, 'stderr', None) or e}")
     torch.set_num_threads(args.threads)
     configure_cpu_malloc("retain", torch.device("cpu"))
-    flush = torch.ones(args.flush_mib << 18)  # written once: a never-written buffer reads the zero page
+    flush = flush_buffer(args)
     setting = "no write between calls (hot)" if args.hot else f"each call after a {args.flush_mib} MiB write"
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, numba {numba.__version__}, {args.threads} threads; "
           f"tree: commit {commit()}; REV: {args.rev}")
@@ -116,12 +114,8 @@ def main(argv=None):
             times = {"old": [], "new": []}
             for call in range(args.calls):
                 for which in (("old", "new") if call % 2 else ("new", "old")):
-                    if not args.hot:
-                        flush.fill_(1.0)
                     fn = old_fn if which == "old" else new_fn
-                    start = time.perf_counter()
-                    fn(*inputs)
-                    times[which].append(time.perf_counter() - start)
+                    times[which].append(call_s(lambda: fn(*inputs), flush, args.hot))
         ratio = statistics.median(b / a for a, b in zip(times["old"], times["new"]))
         print(f"{label:<30}{1e3 * statistics.median(times['old']):>9.3f}{1e3 * statistics.median(times['new']):>9.3f}"
               f"{ratio:>10.3f}  {same}", flush=True)

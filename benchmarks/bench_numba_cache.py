@@ -97,6 +97,21 @@ def once_optimised():
     codegen.CPUCodeLibrary._optimize_final_module = optimize_final_module
 
 
+def stream_pre_args(X, dZ, du, h_res, h_pre, h_post, k, rand):
+    """The numba ``stream_pre`` forward's and backward's arguments on the state ``X (T, n, C)`` at ``k``
+    coefficients, the backward as a model's linked one (no ``dX_post``; the post step's ``dZ`` and ``H_res``; every
+    coefficient gradient): ``(fwd_args, bwd_args)``. ``rand(*shape, scale=1.0)`` draws the rest."""
+    T, n, C = X.shape
+    W, scale, bias = rand(n * C, k, scale=0.05), rand(k, scale=0.1), rand(k)
+    g_norm = torch.ones(n * C)
+    fwd_args = (X, g_norm, W, scale, bias, 1e-6)
+    outs = _custom_ops._IMPLEMENTATIONS[MODULES["stream_pre"]._stream_pre_fwd](*fwd_args)
+    raw, inv_rms = outs[4], outs[5]
+    bwd_args = (X, X.new_zeros(0, n * C), dZ, h_res, du, rand(T, n), rand(T, n), rand(T, k - 2 * n), h_pre, h_post,
+                raw, inv_rms, g_norm, W, scale)
+    return fwd_args, bwd_args
+
+
 def cases(T, C, ops):
     """(module, label, op, argument tuple): the numba ops named in ``ops``, forward and backward, at these shapes,
     float32, n = 4 (stream_pre at the coefficient counts of its variants)."""
@@ -112,14 +127,9 @@ def cases(T, C, ops):
     h_pre, h_post = torch.sigmoid(rand(T, n)), 2 * torch.sigmoid(rand(T, n))
     sp = MODULES["stream_pre"]
     for k in (12, 24, 32) if "stream_pre" in ops else ():  # KromHC, HC / mHC, mHC-lite at n = 4
-        W, scale, bias = rand(n * C, k, scale=0.05), rand(k, scale=0.1), rand(k)
-        g_norm = torch.ones(n * C)
-        outs = _custom_ops._IMPLEMENTATIONS[sp._stream_pre_fwd](X, g_norm, W, scale, bias, 1e-6)
-        raw, inv_rms = outs[4], outs[5]
-        out.append((sp, f"stream_pre fwd k={k}", sp._stream_pre_fwd, (X, g_norm, W, scale, bias, 1e-6)))
-        out.append((sp, f"stream_pre bwd k={k}", sp._stream_pre_bwd,
-                    (X, X.new_zeros(0, n * C), dZ, h_res, u, rand(T, n), rand(T, n), rand(T, k - 2 * n), h_pre,
-                     h_post, raw, inv_rms, g_norm, W, scale)))
+        fwd_args, bwd_args = stream_pre_args(X, dZ, u, h_res, h_pre, h_post, k, rand)
+        out.append((sp, f"stream_pre fwd k={k}", sp._stream_pre_fwd, fwd_args))
+        out.append((sp, f"stream_pre bwd k={k}", sp._stream_pre_bwd, bwd_args))
     spo = MODULES["stream_post"]
     if "stream_post" in ops:
         out.append((spo, "stream_post fwd", spo._stream_post_fwd, (X, u, h_res, h_post)))

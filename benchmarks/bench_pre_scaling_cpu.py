@@ -28,7 +28,6 @@ name beside the figures.
         [--streams 4] [--rounds 7] [--calls 10] [--threads 2] [--hot] [--flush-mib 256]
 """
 import argparse
-import importlib
 import statistics
 import time
 
@@ -36,39 +35,50 @@ import numba
 import torch
 
 from bench_models_cpu import commit, cpu_name
+from bench_numba_cache import MODULES, stream_pre_args
 from kromhc_vision.cpu_allocator import configure_cpu_malloc
 from kromhc_vision.ops import _custom_ops
 
-# the module (the package's attribute of that name is its stream_pre function)
-_pre_module = importlib.import_module("kromhc_vision.ops.numba.stream_pre")
+
+def make_inputs(T: int, n: int, C: int, ks):
+    """``{k: (fwd_args, bwd_args)}`` of the numba pre kernels on one stream state (:func:`stream_pre_args`)."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    X, dZ, du = rand(T, n, C), rand(T, n, C), rand(T, C)
+    h_res = torch.softmax(rand(T, n, n), -1)
+    h_pre, h_post = torch.sigmoid(rand(T, n)), 2 * torch.sigmoid(rand(T, n))
+    return {k: stream_pre_args(X, dZ, du, h_res, h_pre, h_post, k, rand) for k in ks}
 
 
-def make_inputs(T: int, n: int, C: int, k: int):
-    """The forward's and the backward's arguments for ``k`` coefficients, as a model's linked backward passes
-    them (no ``dX_post``; the post step's ``dZ`` and ``H_res``; every coefficient gradient)."""
-    g = torch.Generator().manual_seed(k)
-    X = torch.randn(T, n, C, generator=g)
-    params = (1 + 0.1 * torch.randn(n * C, generator=g), 0.02 * torch.randn(n * C, k, generator=g),
-              0.01 * torch.randn(k, generator=g), torch.randn(k, generator=g))
-    fwd_args = (X, *params, 1e-6)
-    u, h_pre, h_post, a_res, raw, inv_rms = _custom_ops.call(_pre_module._stream_pre_fwd, *fwd_args)
-    bwd_args = (X, X.new_zeros(0, n * C), torch.randn(T, n, C, generator=g), torch.rand(T, n, n, generator=g),
-                torch.randn(T, C, generator=g), torch.randn(T, n, generator=g), torch.randn(T, n, generator=g),
-                torch.randn(T, k - 2 * n, generator=g), h_pre, h_post, raw, inv_rms, *params[:3])
-    return fwd_args, bwd_args
+def add_cache_arguments(parser) -> None:
+    """``--hot`` and ``--flush-mib``: whether the timed calls find their data in the caches (see :func:`call_s`)."""
+    parser.add_argument("--hot", action="store_true", help="no write between timed calls")
+    parser.add_argument("--flush-mib", type=int, default=256,
+                        help="MiB written before every timed call: more than the CPU's caches")
+
+
+def flush_buffer(args) -> torch.Tensor:
+    """The buffer :func:`call_s` writes: ``--flush-mib`` MiB, written once here (a never-written buffer reads the
+    zero page)."""
+    return torch.ones(args.flush_mib << 18)
+
+
+def call_s(fn, flush: torch.Tensor, hot: bool = False) -> float:
+    """Seconds of one call of ``fn()``, after a write of ``flush`` (not timed; none with ``hot``: the inputs stay in
+    the caches as far as they fit), as in a model, where the branches run between a connection's kernels."""
+    if not hot:
+        flush.fill_(1.0)
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def timed_ms(fn, flush: torch.Tensor, calls: int, hot: bool = False) -> float:
-    """Median milliseconds of ``fn()`` over ``calls`` calls, each after a write of ``flush`` (not timed; none with
-    ``hot``: the inputs stay in the caches as far as they fit)."""
-    times = []
-    for _ in range(calls):
-        if not hot:
-            flush.fill_(1.0)
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    """Median milliseconds of ``fn()`` over ``calls`` calls timed by :func:`call_s`."""
+    return 1e3 * statistics.median(call_s(fn, flush, hot) for _ in range(calls))
 
 
 def copy_gbs(flush: torch.Tensor) -> float:
@@ -104,9 +114,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=10, help="timed calls per round and k")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--hot", action="store_true", help="no write between the kernels' calls (BLAS's too)")
-    parser.add_argument("--flush-mib", type=int, default=256,
-                        help="MiB written before every timed call: more than the CPU's caches")
+    add_cache_arguments(parser)
     args = parser.parse_args(argv)
     n, C, T = args.streams, args.width, args.tokens
     for name in ("tokens", "width", "rounds", "calls", "threads", "flush_mib"):
@@ -120,9 +128,9 @@ def main(argv=None):
                      f"(k = 2n + m, m >= 1); got {args.coefficients}")
     torch.set_num_threads(args.threads)
     configure_cpu_malloc("retain", torch.device("cpu"))
-    flush = torch.ones(args.flush_mib << 18)  # written once: a never-written buffer reads the zero page
-    fwd_op, bwd_op = _pre_module._stream_pre_fwd, _pre_module._stream_pre_bwd
-    cases = {k: make_inputs(T, n, C, k) for k in args.coefficients}
+    flush = flush_buffer(args)
+    fwd_op, bwd_op = MODULES["stream_pre"]._stream_pre_fwd, MODULES["stream_pre"]._stream_pre_bwd
+    cases = make_inputs(T, n, C, args.coefficients)
     for fwd_args, bwd_args in cases.values():  # compile, warm the allocator
         for _ in range(3):
             _custom_ops.call(fwd_op, *fwd_args), _custom_ops.call(bwd_op, *bwd_args)
