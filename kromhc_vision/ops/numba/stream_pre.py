@@ -78,9 +78,11 @@ def _kernels(num_streams: int):
             if t0 + TOKEN_BLOCK <= T:  # rows as 1-d views, four coefficients per pass: 16 sums in registers
                 x0, x1, x2, x3 = xf[t0], xf[t0 + 1], xf[t0 + 2], xf[t0 + 3]
                 k4 = k - k % 4
-                ahead = t0 + TOKEN_BLOCK  # the next block: this thread's next (prange's chunks are contiguous)
+                # the next block (this thread's next: prange's chunks are contiguous), a part per group
+                ahead, groups = t0 + TOKEN_BLOCK, k4 // 4
+                rows = min(TOKEN_BLOCK, T - ahead)
                 for i in range(0, k4, 4):
-                    prefetch_part(xf, ahead * NC, min(TOKEN_BLOCK, T - ahead) * NC, i // 4, k4 // 4)
+                    prefetch_part(xf, ahead * NC, rows * NC, i // 4, groups)
                     wa, wb, wc, wd = wt[i], wt[i + 1], wt[i + 2], wt[i + 3]
                     a0 = dt(0)
                     a1 = dt(0)
