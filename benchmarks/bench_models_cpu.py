@@ -16,7 +16,12 @@ Reported per variant and ``hc_recompute`` setting (``off`` = False, ``on`` = the
 - ``step``: forward + backward time (median over interleaved rounds of the paired ratio to the residual
   step in the same round, quartiles beside it; the ``ms`` column is the median time);
 - ``rc cost``: the paired ratio of the step with recompute to the step without (same round);
-- ``infer``: inference images/s (eval mode, no grad) over the residual model's.
+- ``infer``: inference images/s (eval mode, no grad) over the residual model's;
+- ``MAC x res``: the forward pass's multiply-adds over the residual model's (machine-independent, the same for
+  both settings): timm's ops as ``torch.utils.flop_counter`` counts them (the branches, the same in both models),
+  plus the connections' projections, ``tokens x nC x (2n + m)`` each (inside the kernels, which it cannot see;
+  the backward does twice that of both). The step ratio cannot fall below it unless the projections run faster
+  than the branches' GEMMs: at ViT-Micro's width (C = 64) the projections are a large part of the arithmetic.
 
     python benchmarks/bench_models_cpu.py [--models vit convnext micro] [--streams 4 8] [--rounds 5] [--batch 16]
         [--variants hc mhc mhclite kromhc] [--threads 2] [--cpu-malloc retain|default] [--no-time] [--write-section]
@@ -151,6 +156,30 @@ def memory(model, x):
     return saved, peak
 
 
+def forward_macs(model, x):
+    """Multiply-adds of one forward pass of ``model`` on ``x``: ``torch.utils.flop_counter``'s count of its
+    PyTorch ops (GEMMs, convolutions, attention) plus, for each hyper-connection, its projection ``X W_g``
+    (``tokens x nC x (2n + m)``), which the numba and Triton kernels run unseen by the counter (a backend that
+    runs it as a PyTorch GEMM is counted by the counter: the torch backend; not these benchmarks' ``auto``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    projection = []
+
+    def count(conn, args):
+        X = args[0]
+        projection.append(X[..., 0, 0].numel() * conn.proj_weight.shape[0] * conn.proj_weight.shape[1])
+
+    hooks = [m.register_forward_pre_hook(count) for m in model.modules() if isinstance(m, kv.HyperConnection)]
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counter.get_total_flops() // 2 + sum(projection)
+
+
 def quart(ratios):
     ratios = sorted(ratios)
     return f"{ratios[len(ratios) // 4]:.2f}-{ratios[(3 * len(ratios)) // 4]:.2f}"
@@ -167,6 +196,7 @@ def run_family(family, n, args, device, lines):
             models[v] = timm.create_model(f"{base}_{v}", num_streams=n, **kwargs).to(device)
         except ValueError as e:  # mHC-lite beyond n = 6
             refused[v] = str(e).split(";")[0]
+    macs = {v: forward_macs(model, x) for v, model in models.items()}
     mem = {("residual", "-"): memory(models["residual"], x)}
     for v in models:
         if v != "residual":
@@ -195,13 +225,14 @@ def run_family(family, n, args, device, lines):
                  f"{device}; "
                  f"recompute on = hc_recompute=True (the default is {default}); L_r = "
                  f"{next((m.hc_recompute_length for v, m in models.items() if v != 'residual'), '-')}")
-    head = (f"{'variant':<10}{'recompute':>10}{'saved MiB':>10}{'x res':>7}{'peak MiB':>10}{'x res':>7}")
+    head = (f"{'variant':<10}{'recompute':>10}{'saved MiB':>10}{'x res':>7}{'peak MiB':>10}{'x res':>7}"
+            f"{'MAC x res':>10}")
     if not args.no_time:
         head += f"{'ms/step':>9}{'x res':>7}{'quartiles':>11}{'rc cost':>9}{'infer img/s':>12}{'x res':>7}"
     lines.append(head)
     for (v, setting), (saved, peak) in mem.items():
         row = (f"{v:<10}{setting:>10}{saved / 2**20:>10.1f}{saved / res_saved:>7.2f}{peak / 2**20:>10.1f}"
-               f"{peak / res_peak:>7.2f}")
+               f"{peak / res_peak:>7.2f}{macs[v] / macs['residual']:>10.3f}")
         if not args.no_time:
             ts = times[(v, setting)]
             ratios = [t / r for t, r in zip(ts, times[("residual", "-")])]

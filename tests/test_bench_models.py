@@ -48,6 +48,23 @@ def test_memory_only_run_prints_a_row_per_variant_and_setting(capsys):
                                      ["kromhc", "on"]]
     saved = {tuple(r[:2]): float(r[3]) for r in rows}  # x res
     assert saved[("hc", "on")] < saved[("hc", "off")] and saved[("residual", "-")] == 1.0
+    macs = {tuple(r[:2]): float(r[6]) for r in rows}  # MAC x res: the projections on top, the same in both settings
+    assert macs[("residual", "-")] == 1.0 and macs[("hc", "on")] == macs[("hc", "off")] > macs[("kromhc", "on")] > 1
+
+
+def test_forward_macs_adds_each_connections_projection_to_the_branches():
+    """ViT-Micro's hyper-connected model: the residual model's multiply-adds (its branches are the same) plus,
+    per connection, tokens x nC x (2n + m); the count also leaves the model's hooks as they were."""
+    base, kwargs, residual, residual_kwargs, size = bench_models_cpu.BASES["micro"]
+    x = torch.randn(3, 3, size, size)
+    hc = timm.create_model(f"{base}_hc", num_streams=2, **kwargs)
+    tokens = 3 * (1 + (size // 4) ** 2)  # class token + patches, per image
+    n, C, k = 2, hc.embed_dim, 2 * 2 + 2 * 2
+    connections = 2 * len(hc.blocks)
+    expected = bench_models_cpu.forward_macs(timm.create_model(residual, **residual_kwargs), x) \
+        + connections * tokens * n * C * k
+    assert bench_models_cpu.forward_macs(hc, x) == expected
+    assert not any(m._forward_pre_hooks for m in hc.modules())
 
 
 def test_profile_diff_runs_on_the_model_table(capsys):
