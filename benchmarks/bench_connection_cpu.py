@@ -17,7 +17,10 @@ runs forward + backward on ``X (T, n, C)`` with an identity branch; reported per
   coefficients), for scale;
 - ``rest us``: ``step - kernel``, the wrappers, allocation, dispatch and the autograd engine;
 - ``py calls``: Python function calls per step (``cProfile``'s count: exact and machine-independent, the number
-  that falls when the wrappers lose work).
+  that falls when the wrappers lose work);
+- ``aten ops``: PyTorch operator calls per step (ATen ops, counted by a ``TorchDispatchMode``: also exact, each
+  costing a fraction of a microsecond to a few), ``detach`` of them (``Tensor.numpy()`` detaches inside: every
+  array handed to a kernel is one).
 
 Also printed: the time of an empty ``numba.prange`` loop call (the parallel launch cost of every kernel) beside
 a serial one, and timm's residual connection (``X + F(X)``) for scale.
@@ -28,6 +31,7 @@ a serial one, and timm's residual connection (``X + F(X)``) for scale.
 ViT-Tiny's connection: ``--width 192 --tokens 3152`` (batch 16).
 """
 import argparse
+import collections
 import cProfile
 import functools
 import gc
@@ -38,6 +42,7 @@ import warnings
 import numba
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench_models_cpu import commit, cpu_name, seconds_per_call
 from kromhc_vision.connections import CONNECTIONS, build_connection
@@ -98,6 +103,25 @@ def profile_step(fn, steps: int, codes):
             kernel_us[op] += v[2] / steps * 1e6
     calls = sum(v[1] for v in stats.values()) - 2  # less the profiler's own enable/disable entries
     return kernel_us, calls / steps
+
+
+class _AtenCounter(TorchDispatchMode):
+    """Counts the ATen operator calls made while it is active, by operator name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_calls(fn):
+    """``(ATen operator calls, detach calls among them)`` of one call of ``fn``."""
+    with _AtenCounter() as counter:
+        fn()
+    return sum(counter.calls.values()), counter.calls["detach"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,17 +198,18 @@ def main(argv=None):
           f"{args.rounds} rounds of {args.steps} steps")
     print(f"empty numba loop call: parallel (prange) {parallel:.2f} us, serial {serial:.2f} us")
     print(f"{'variant':10} {'step us':>8} {'kernel us':>10} {'rest us':>8} {'kernels':>8} {'py calls':>9} "
-          f"{'pre us':>7} {'post us':>8} {'phi us':>7} {'pre GMAC/s':>11} {'blas GMAC/s':>12}")
+          f"{'aten ops':>9} {'detach':>7} {'pre us':>7} {'post us':>8} {'phi us':>7} {'pre GMAC/s':>11} {'blas GMAC/s':>12}")
     codes = kernel_codes()  # every kernel has compiled in the warm-up
     for name, fn in steps.items():
         step = statistics.median(times[name])
         by_op, calls = profile_step(fn, args.steps, codes)
+        aten, detach = aten_calls(fn)
         kernel = sum(by_op.values())
         k = 0 if name == "residual" else 2 * n + CONNECTIONS[name].num_res_logits(n)
         rate = f"{3 * T * n * C * k / by_op['pre'] / 1e3:11.1f}" if by_op["pre"] else f"{'-':>11}"
         blas = f"{blas_gmacs(T, n * C, k, args.steps):12.1f}" if k else f"{'-':>12}"
         print(f"{name:10} {step:8.0f} {kernel:10.0f} {step - kernel:8.0f} {kernel / step:8.0%} {calls:9.0f} "
-              f"{by_op['pre']:7.0f} {by_op['post']:8.0f} {by_op['phi']:7.0f} {rate} {blas}")
+              f"{aten:9d} {detach:7d} {by_op['pre']:7.0f} {by_op['post']:8.0f} {by_op['phi']:7.0f} {rate} {blas}")
 
 
 if __name__ == "__main__":

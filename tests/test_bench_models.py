@@ -112,10 +112,12 @@ def test_connection_benchmark_finds_the_kernels_inside_the_step(capsys):
     assert set(rows) == {"residual", "hc", "kromhc"}
     assert kernel("residual") == 0 and 0 < kernel("kromhc") and 0 < kernel("hc")
     assert calls("kromhc") > calls("hc") > calls("residual") > 0 and step("kromhc") > 0
-    pre, post, phi = (lambda v, i=i: float(rows[v][i]) for i in (6, 7, 8))  # kernel time by op: HC has no Phi kernel
+    aten, detach = (lambda v: int(rows[v][6])), (lambda v: int(rows[v][7]))
+    assert aten("hc") > aten("residual") > 0 and aten("hc") >= detach("hc") > detach("residual")
+    pre, post, phi = (lambda v, i=i: float(rows[v][i]) for i in (8, 9, 10))  # kernel time by op: HC has no Phi kernel
     assert pre("hc") > 0 and post("hc") > 0 and phi("hc") == 0 and phi("kromhc") > 0
-    assert pre("hc") + post("hc") == pytest.approx(kernel("hc"), abs=1.5) and rows["residual"][9:] == ["-", "-"]
-    assert float(rows["hc"][10]) > 0
+    assert pre("hc") + post("hc") == pytest.approx(kernel("hc"), abs=1.5) and rows["residual"][11:] == ["-", "-"]
+    assert float(rows["hc"][12]) > 0
 
 
 def test_permutation_mix_benchmark_compares_agreeing_backends(capsys):
