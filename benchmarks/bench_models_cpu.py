@@ -20,8 +20,8 @@ Reported per variant and ``hc_recompute`` setting (``off`` = False, ``on`` = the
 - ``MAC x res``: the forward pass's multiply-adds over the residual model's (machine-independent, the same for
   both settings): timm's ops as ``torch.utils.flop_counter`` counts them (the branches, the same in both models),
   plus the connections' projections, ``tokens x nC x (2n + m)`` each (inside the kernels, which it cannot see;
-  the backward does twice that of both). The step ratio cannot fall below it unless the projections run faster
-  than the branches' GEMMs: at ViT-Micro's width (C = 64) the projections are a large part of the arithmetic.
+  the backward does twice that of both). Roughly the floor of the step ratio, for kernels that ran the projections
+  as fast as the branches' GEMMs run: at ViT-Micro's width (C = 64) they are a large part of the arithmetic.
 
     python benchmarks/bench_models_cpu.py [--models vit convnext micro] [--streams 4 8] [--rounds 5] [--batch 16]
         [--variants hc mhc mhclite kromhc] [--threads 2] [--cpu-malloc retain|default] [--no-time] [--write-section]
@@ -159,17 +159,22 @@ def memory(model, x):
 def forward_macs(model, x):
     """Multiply-adds of one forward pass of ``model`` on ``x``: ``torch.utils.flop_counter``'s count of its
     PyTorch ops (GEMMs, convolutions, attention) plus, for each hyper-connection, its projection ``X W_g``
-    (``tokens x nC x (2n + m)``), which the numba and Triton kernels run unseen by the counter (a backend that
-    runs it as a PyTorch GEMM is counted by the counter: the torch backend; not these benchmarks' ``auto``)."""
+    (``tokens x nC x (2n + m)``) where the numba or Triton kernels run it, unseen by the counter (PyTorch's
+    backend runs it as a GEMM, which the counter counts). Eval mode, no grad; the model's mode is restored."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from kromhc_vision.ops import dispatch
 
     projection = []
 
     def count(conn, args):
         X = args[0]
-        projection.append(X[..., 0, 0].numel() * conn.proj_weight.shape[0] * conn.proj_weight.shape[1])
+        nC, k = conn.proj_weight.shape
+        if dispatch.backend_for(conn.backend, X.device, "stream_pre", conn.num_streams, k) != "torch":
+            projection.append(X[..., 0, 0].numel() * nC * k)
 
     hooks = [m.register_forward_pre_hook(count) for m in model.modules() if isinstance(m, kv.HyperConnection)]
+    training = model.training
     counter = FlopCounterMode(display=False)
     try:
         with torch.no_grad(), counter:
@@ -177,6 +182,7 @@ def forward_macs(model, x):
     finally:
         for h in hooks:
             h.remove()
+        model.train(training)
     return counter.get_total_flops() // 2 + sum(projection)
 
 
