@@ -13,8 +13,8 @@ the next). Per segment these stay until the backward pass:
   dozen values per token); and ``H_res`` and what its map ``Phi`` saved, where these come to at most a
   ``RES_KEEP_WIDTH_RATIO``-th (a quarter) of ``y``'s bytes, so that ``Phi`` (Sinkhorn's iterations, the
   permutation softmax) is not run again. ``H_res`` is ``n^2`` values per token: ViT-Tiny and ViT-Micro at n = 4
-  keep it, n = 8 does not; ``Phi``'s saves are measured (the numba and Triton Sinkhorns save the logits, kept
-  anyway; PyTorch's saves its ``2 iters + 1`` iterates, which exceed any such width);
+  keep it, n = 8 does not; ``Phi``'s saves are measured (every backend's Sinkhorn saves only the logits, kept
+  anyway);
 - what the branches themselves save (their input ``u``, attention and MLP internals), untouched.
 
 Every saved view of one of the other stream states, and what else the post steps save (a copy of the state in
