@@ -301,8 +301,9 @@ def test_float64_and_bf16_streams():
     torch.testing.assert_close(out16.float(), out32, rtol=2e-2, atol=2e-2)
 
 
-def test_torch_compile_matches_eager():
-    conn = randomize(kv.build_connection("kromhc", num_streams=4, dim=16))
+@pytest.mark.parametrize("variant, backend", [("kromhc", None), ("mhc", "torch")])  # mhc/torch: PyTorch's Sinkhorn
+def test_torch_compile_matches_eager(variant, backend):
+    conn = randomize(kv.build_connection(variant, num_streams=4, dim=16, backend=backend))
     lin = torch.nn.Linear(16, 16)
     X = torch.randn(2, 5, 4, 16, requires_grad=True)
     compiled = torch.compile(conn, fullgraph=True)

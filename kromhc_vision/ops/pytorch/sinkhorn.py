@@ -19,6 +19,11 @@ def _iterate(L: torch.Tensor, num_iters: int, keep: bool = False):
     return iterates if keep else L
 
 
+def _forward(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
+    """``H_res = exp(L)`` after the iterations, in the logits' layout ``(..., n, n)``."""
+    return tokens_first(_iterate(tokens_last(logits, 2), num_iters).exp(), logits.shape[:-2])
+
+
 class Sinkhorn(torch.autograd.Function):
     """Saves the logits alone (``n^2`` values per token) and runs the iterations again in the backward, where plain
     autograd would keep all ``2 num_iters + 1`` iterates (41 ``(n, n)`` per token at 20 iterations: at n = 4 about
@@ -30,7 +35,7 @@ class Sinkhorn(torch.autograd.Function):
     def forward(ctx, logits, num_iters):
         ctx.save_for_backward(logits)
         ctx.num_iters = num_iters
-        return tokens_first(_iterate(tokens_last(logits, 2), num_iters).exp(), logits.shape[:-2])
+        return _forward(logits, num_iters)
 
     @staticmethod
     def backward(ctx, grad):
@@ -50,9 +55,9 @@ def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
     Each iteration normalises rows then columns: ``L = log_softmax(L, rows)``,
     ``L = log_softmax(L, columns)`` (i.e. ``L -= logsumexp(L)`` along each). The result's columns
     sum to 1 to rounding; its rows only approximately (the error shrinks with ``num_iters`` but is
-    not zero). Where autograd records the call (eager mode), :class:`Sinkhorn` keeps only the logits for the
-    backward; under ``torch.compile`` the plain iterations, whose saving the compiler's partitioner decides.
+    not zero). Where autograd records the call, :class:`Sinkhorn` keeps only the logits for the backward
+    (torch.compile traces it as it traces the backend's other Functions); elsewhere the iterations alone.
     """
-    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and logits.requires_grad):
-        return tokens_first(_iterate(tokens_last(logits, 2), num_iters).exp(), logits.shape[:-2])
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return _forward(logits, num_iters)
     return Sinkhorn.apply(logits, num_iters)
