@@ -3,6 +3,7 @@ import itertools
 import math
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 # Largest permutation size whose k! coefficient vector we are willing to build (6! = 720).
@@ -58,3 +59,32 @@ def kronecker_factors(n: int) -> tuple:
     if n < 2:
         raise ValueError(f"KromHC needs num_streams >= 2, got {n}")
     return prime_factors(n)
+
+
+@lru_cache(maxsize=None)
+def mixture_tables(factors: tuple):
+    """``columns (R, n)``: ``sigma_r(i)`` of each combined permutation; ``logit_index (R, K)``: the logit of each
+    factor's permutation in ``r``; ``starts (K + 1,)``: where each factor's chunk of logits begins (and ends).
+
+    The Kronecker product of one Birkhoff mix per factor (sizes ``factors``, ``R = prod_k i_k!``) is the mixture
+    over these ``R`` combined permutations with weights ``W_r = prod_k w^(k)_{r_k}``: the tables of the kernels
+    that form it (numba's and Triton's ``permutation_mix``). Rows and columns of a Kronecker product are
+    numbered with the first factor most significant (``(a, b) -> a i_2 + b``), the convention of
+    :func:`kromhc_vision.residual_maps.kronecker`; the permutations of size k are numbered as
+    :func:`permutation_matrices` numbers them.
+    """
+    tables = [permutation_table(k) for k in factors]
+    starts = np.cumsum([0] + [len(t) for t in tables]).astype(np.int64)
+    n = math.prod(factors)
+    columns, logit_index = [], []
+    for combo in itertools.product(*[range(len(t)) for t in tables]):
+        cols = []
+        for digits in itertools.product(*[range(k) for k in factors]):
+            col = 0
+            for k, table, p, a in zip(factors, tables, combo, digits):
+                col = col * k + table[p][a]
+            cols.append(col)
+        columns.append(cols)
+        logit_index.append([starts[k] + p for k, p in enumerate(combo)])
+    assert all(len(c) == n for c in columns)
+    return np.array(columns, dtype=np.int64), np.array(logit_index, dtype=np.int64), starts

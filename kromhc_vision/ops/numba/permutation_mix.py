@@ -17,7 +17,6 @@ PyTorch runs the same map as a dozen small ops with tokens moved to the last axi
 (:func:`kromhc_vision.residual_maps.kronecker_birkhoff`, the reference; the Kronecker product there is formed in
 the logits' dtype, so float32 values agree to rounding).
 """
-import itertools
 import math
 from functools import lru_cache
 
@@ -26,38 +25,12 @@ import numpy as np
 import torch
 
 from .._custom_ops import apply, call, custom_op, register_autograd
-from ...permutations import permutation_table
+from ...permutations import mixture_tables
 from ..reference import compute_dtype
 from ._common import as_dtype, kernel_array, match_torch_threads
 from ._exp import exp_nonpositive
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy")
-
-
-@lru_cache(maxsize=None)
-def mixture_tables(factors: tuple):
-    """``columns (R, n)``: ``sigma_r(i)`` of each combined permutation; ``logit_index (R, K)``: the logit of each
-    factor's permutation in ``r``; ``starts (K + 1,)``: where each factor's chunk of logits begins (and ends).
-
-    Rows and columns of a Kronecker product are numbered with the first factor most significant (``(a, b) ->
-    a i_2 + b``), the convention of :func:`kromhc_vision.residual_maps.kronecker`; the permutations of size k
-    are numbered as :func:`kromhc_vision.permutations.permutation_matrices` numbers them.
-    """
-    tables = [permutation_table(k) for k in factors]
-    starts = np.cumsum([0] + [len(t) for t in tables]).astype(np.int64)
-    n = math.prod(factors)
-    columns, logit_index = [], []
-    for combo in itertools.product(*[range(len(t)) for t in tables]):
-        cols = []
-        for digits in itertools.product(*[range(k) for k in factors]):
-            col = 0
-            for k, table, p, a in zip(factors, tables, combo, digits):
-                col = col * k + table[p][a]
-            cols.append(col)
-        columns.append(cols)
-        logit_index.append([starts[k] + p for k, p in enumerate(combo)])
-    assert all(len(c) == n for c in columns)
-    return np.array(columns, dtype=np.int64), np.array(logit_index, dtype=np.int64), starts
 
 
 @lru_cache(maxsize=None)

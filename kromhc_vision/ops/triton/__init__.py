@@ -2,7 +2,7 @@
 
 Run on CUDA tensors, or on CPU with ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
-from ..pytorch import permutation_mix  # no Triton kernel: PyTorch's ops, on the GPU
+from .permutation_mix import permutation_mix
 from .sinkhorn import sinkhorn
 from .stream_post import stream_post
 from .stream_pre import stream_pre

@@ -98,7 +98,8 @@ def variant_streams(stream_counts=STREAM_COUNTS):
 def _kernels():
     """The autotuned kernels by name (the package's ``stream_pre`` etc. are the ops, not the modules)."""
     import importlib
-    mods = {m: importlib.import_module(f"{__package__}.{m}") for m in ("stream_pre", "stream_post", "sinkhorn")}
+    mods = {m: importlib.import_module(f"{__package__}.{m}")
+            for m in ("stream_pre", "stream_post", "sinkhorn", "permutation_mix")}
     return {
         "stream_pre_fwd": mods["stream_pre"]._stream_pre_fwd_kernel,
         "stream_pre_bwd": mods["stream_pre"]._stream_pre_bwd_kernel,
@@ -107,28 +108,39 @@ def _kernels():
         "stream_post_bwd": mods["stream_post"]._stream_post_bwd_kernel,
         "sinkhorn_fwd": mods["sinkhorn"]._sinkhorn_fwd_kernel,
         "sinkhorn_bwd": mods["sinkhorn"]._sinkhorn_bwd_kernel,
+        "permutation_mix_fwd": mods["permutation_mix"]._permutation_mix_fwd_kernel,
+        "permutation_mix_bwd": mods["permutation_mix"]._permutation_mix_bwd_kernel,
     }
 
 
 OP_KERNELS = {"stream_pre": ("stream_pre_fwd", "stream_pre_bwd", "stream_pre_dw"),
               "stream_post": ("stream_post_fwd", "stream_post_bwd"), "sinkhorn": ("sinkhorn_fwd", "sinkhorn_bwd"),
-              "permutation_mix": ()}  # no Triton kernel (PyTorch's ops on the GPU)
+              "permutation_mix": ("permutation_mix_fwd", "permutation_mix_bwd")}
+
+
+def mixture_factors(variant: str, n: int) -> tuple:
+    """The factor sizes of ``variant``'s ``permutation_mix`` at ``n`` streams (mHC-lite: one, of size n)."""
+    from ...permutations import kronecker_factors
+    return (n,) if variant == "mhclite" else kronecker_factors(n)
 
 
 def launches(archs, widths, dtypes=DTYPES, t16=(True, False), stream_counts=STREAM_COUNTS):
     """Every kernel launch of every variant / n / width / dtype combination, deduplicated."""
     from ..dispatch import unsupported_reason
+    from .permutation_mix import runs_kernel
     seen = set()
     for variant, n, m, ops in variant_streams(stream_counts):
         for op in ops:
             if unsupported_reason("triton", op, n) is not None:
                 continue
+            if op == "permutation_mix" and not runs_kernel(mixture_factors(variant, n)):
+                continue  # PyTorch's ops run these shapes
             for kernel, C, xd, pd, t, arch in itertools.product(OP_KERNELS[op], widths, dtypes, dtypes, t16, archs):
-                K = 2 * n + m if op == "stream_pre" else 0
-                C_ = 0 if op == "sinkhorn" else C
+                K = {"stream_pre": 2 * n + m, "permutation_mix": m}.get(op, 0)
+                C_ = 0 if op in ("sinkhorn", "permutation_mix") else C
                 pd_ = pd if op == "stream_pre" else "fp32"  # coefficients are float32 whatever the params
-                xd_ = "fp32" if op == "sinkhorn" else xd
-                key = (kernel, n, C_, K, xd_, pd_, t, arch)
+                xd_ = "fp32" if op in ("sinkhorn", "permutation_mix") else xd
+                key = (kernel, n, C_, K, xd_, pd_, t, arch) + ((mixture_factors(variant, n),) if op == "permutation_mix" else ())
                 if key not in seen:
                     seen.add(key)
                     yield Launch(kernel, n, C_, K, xd_, pd_, t, variant, arch)
@@ -143,7 +155,7 @@ class _Fake:
 
 def _torch_dtype(name):
     import torch
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[name]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64, "i32": torch.int32}[name]
 
 
 def launch_args(launch: Launch):
@@ -182,6 +194,12 @@ def launch_args(launch: Launch):
         ptrs = dict(LOGITS=f, OUT=f) if name == "sinkhorn_fwd" else dict(LOGITS=f, DOUT=f, DLOGITS=f)
         scalars = dict(T="i32", num_iters="i32")
         const = dict(n=n, NP=NP, BLOCK_T=max(1, 1024 // (NP * NP)))
+    elif name in ("permutation_mix_fwd", "permutation_mix_bwd"):
+        from .permutation_mix import padded_sizes
+        ptrs = dict(LOGITS=f, IDX="i32", STARTS="i32", MIX="fp64")
+        ptrs |= dict(OUT=f) if name == "permutation_mix_fwd" else dict(SEL="fp64", DOUT=f, DLOGITS=f)
+        scalars = dict(T="i32")
+        const = padded_sizes(mixture_factors(launch.variant, n))
     else:
         raise KeyError(name)
     signature = {k: "*" + v for k, v in ptrs.items()} | scalars
@@ -406,7 +424,7 @@ def matrix(full: bool, archs=None):
         widths = model_widths()
         return list(launches(archs, sorted(set(widths["vit"]) | set(widths["convnext"]))))
     return [la for la in launches(archs, (QUICK_WIDTH,), t16=(False,))
-            if (la.x_dtype, la.p_dtype) == ("bf16", "fp32") or la.kernel.startswith("sinkhorn")]
+            if (la.x_dtype, la.p_dtype) == ("bf16", "fp32") or la.kernel.startswith(("sinkhorn", "permutation_mix"))]
 
 
 def main(argv=None):
