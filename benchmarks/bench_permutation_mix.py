@@ -1,5 +1,7 @@
-"""Benchmark of ``permutation_mix`` (mHC-lite's and KromHC's ``H_res``) on CPU: the numba kernel against the
-PyTorch backend's op (``auto`` runs the kernel for every factorisation; the last column says which it runs).
+"""Benchmark of ``permutation_mix`` (mHC-lite's and KromHC's ``H_res``): a kernel backend's op against the PyTorch
+backend's, the numba kernel on CPU (``auto`` runs it for every factorisation; the last column says which op
+``auto`` runs) or, with ``--backend triton``, the Triton kernel on CUDA (timed by ``triton.testing.do_bench``;
+without a GPU in Triton's interpreter on CPU: a smoke run, its timings meaningless).
 
 Forward + backward of ``(T, sum_k i_k!)`` logits to ``(T, n, n)``, float32, for single factors (mHC-lite,
 ``n!`` logits) and Kronecker products (KromHC), at the digits model's ``T = 544`` (ViT-Micro, batch 32) and
@@ -8,13 +10,20 @@ medians over interleaved rounds (numba, PyTorch, numba, ...), with the paired ra
 the kernel is faster) and which of the two ``auto`` runs.
 
     python benchmarks/bench_permutation_mix.py [--tokens 544 3152] [--rounds 7] [--threads 2]
-        [--cpu-malloc retain|default]
+        [--cpu-malloc retain|default] [--backend numba|triton]
+
+On a GPU: ``--backend triton --tokens 12608 25216`` (ViT-B at batch 64 and 128).
 """
 import argparse
 import math
+import os
 import statistics
+import sys
 
 import torch
+
+if "triton" in sys.argv[1:] and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (by kromhc_vision.ops.triton)
 
 from bench_models_cpu import commit, cpu_name, seconds_per_call
 from kromhc_vision.cpu_allocator import CPU_MALLOC_CHOICES, configure_cpu_malloc
@@ -28,6 +37,14 @@ def step(logits, perms, cotangent, backend):
     dispatch.permutation_mix(logits, perms, backend).backward(cotangent)
 
 
+def milliseconds(fn, reps: int, device: torch.device) -> float:
+    """Milliseconds per call of ``fn``: ``do_bench``'s median on CUDA, else over ``reps`` calls."""
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, return_mode="median")
+    return 1e3 * seconds_per_call(fn, reps)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[544, 3152])
@@ -35,44 +52,52 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu-malloc", choices=CPU_MALLOC_CHOICES, default="retain",
                         help="as train.py's (kromhc_vision.cpu_allocator)")
+    parser.add_argument("--backend", choices=("numba", "triton"), default="numba",
+                        help="whose kernel: numba on CPU, Triton on CUDA (in its interpreter without a GPU)")
     args = parser.parse_args(argv)
     for name, values in (("tokens", args.tokens), ("rounds", [args.rounds]), ("threads", [args.threads])):
         if min(values) < 1:
             parser.error(f"--{name} must be >= 1, got {min(values)}")
+    kernel = args.backend
+    device = torch.device("cuda" if kernel == "triton" and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads)
-    configure_cpu_malloc(args.cpu_malloc, torch.device("cpu"))
+    configure_cpu_malloc(args.cpu_malloc, device)
     torch.manual_seed(0)
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}, {args.threads} threads; commit {commit()}; "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu_name()}"
+    print(f"{where}; torch {torch.__version__}, {args.threads} threads; commit {commit()}; "
           f"cpu malloc: {args.cpu_malloc}")
+    if kernel == "triton" and device.type == "cpu":
+        print("NOTE: no GPU, the Triton kernel runs in Triton's CPU interpreter: its timings are meaningless.")
     print(f"permutation_mix forward + backward, float32; median ms over {args.rounds} interleaved rounds")
-    print(f"{'factors':<10}{'logits':>7}{'T':>7}{'numba ms':>10}{'torch ms':>10}{'torch/numba':>12}  auto runs")
-    cpu = torch.device("cpu")
+    print(f"{'factors':<10}{'logits':>7}{'T':>7}{kernel + ' ms':>10}{'torch ms':>10}{'torch/' + kernel:>13}"
+          "  auto runs")
     for T in args.tokens:
         for factors in FACTORS:
             n = math.prod(factors)
             m = sum(math.factorial(k) for k in factors)
-            perms = [permutation_matrices(k) for k in factors]
-            logits = (2 * torch.randn(T, m)).requires_grad_()
-            cotangent = torch.randn(T, n, n)
+            perms = [permutation_matrices(k, device=device) for k in factors]
+            logits = (2 * torch.randn(T, m, device=device)).requires_grad_()
+            cotangent = torch.randn(T, n, n, device=device)
             values = {}
-            for backend in ("numba", "torch"):
+            for backend in (kernel, "torch"):
                 out = dispatch.permutation_mix(logits, perms, backend)
                 values[backend] = (out, torch.autograd.grad(out, logits, cotangent)[0])
-            for a, b in zip(values["numba"], values["torch"]):
+            for a, b in zip(values[kernel], values["torch"]):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
             reps = max(2, round(20000 / T / max(1.0, m / 24)))  # some 10-50 ms per timing
-            times = {"numba": [], "torch": []}
+            smoke = kernel == "triton" and device.type == "cpu"  # the interpreter: tens of ms a call
+            reps = 1 if smoke else reps
+            times = {kernel: [], "torch": []}
             for backend in times:  # warm-up (the kernels compile on first use)
-                for _ in range(3):
+                for _ in range(1 if smoke else 3):
                     step(logits, perms, cotangent, backend)
             for _ in range(args.rounds):
                 for backend in times:
-                    times[backend].append(1e3 * seconds_per_call(lambda: step(logits, perms, cotangent, backend),
-                                                                 reps))
-            ratio = statistics.median(t / k for k, t in zip(times["numba"], times["torch"]))
-            auto = dispatch.backend_for("auto", cpu, "permutation_mix", n)
-            print(f"{'x'.join(map(str, factors)):<10}{m:>7}{T:>7}{statistics.median(times['numba']):>10.3f}"
-                  f"{statistics.median(times['torch']):>10.3f}{ratio:>12.2f}  {auto}")
+                    times[backend].append(milliseconds(lambda: step(logits, perms, cotangent, backend), reps, device))
+            ratio = statistics.median(t / k for k, t in zip(times[kernel], times["torch"]))
+            auto = dispatch.backend_for("auto", device, "permutation_mix", n)
+            print(f"{'x'.join(map(str, factors)):<10}{m:>7}{T:>7}{statistics.median(times[kernel]):>10.3f}"
+                  f"{statistics.median(times['torch']):>10.3f}{ratio:>13.2f}  {auto}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ so that a run cut off keeps what it measured:
    variant takes it, streams and parameters in float32 and in bfloat16: ``X_next = conn(X, branch)`` and the
    gradients wrt X and every parameter, Triton backend against the PyTorch backend (same parameters).
 2. ``ops``: ``bench_stream_pre.py``, ``bench_stream_post.py``, ``bench_sinkhorn.py`` (time, GB/s, ratio to the
-   memory-traffic floor at the measured copy bandwidth), their output verbatim.
+   memory-traffic floor at the measured copy bandwidth) and ``bench_permutation_mix.py --backend triton`` (the
+   Triton kernel against PyTorch's ops at ViT-B's token counts), their output verbatim.
 3. ``vit``: a ViT-B/16 bf16-autocast training step (forward, backward, AdamW step) at batch 128, residual and
    every variant at n = 4: milliseconds per step and peak memory, and both as ratios to residual.
 
@@ -135,7 +136,8 @@ def stage_correctness(smoke: bool):
 def stage_ops(smoke: bool):
     outputs = {}
     for script, extra in (("bench_stream_pre.py", ["--variant", "kromhc"]), ("bench_stream_post.py", []),
-                          ("bench_sinkhorn.py", [])):
+                          ("bench_sinkhorn.py", []),
+                          ("bench_permutation_mix.py", ["--backend", "triton", "--tokens", "12608", "25216"])):
         cmd = [sys.executable, str(HERE / script), *extra]
         start = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)

@@ -133,6 +133,15 @@ def test_permutation_mix_benchmark_compares_agreeing_backends(capsys):
     assert {r[0]: r[-1] for r in rows} == {f: "numba" for f in ("2", "3", "4", "5", "6", "2x2", "2x3", "2x2x2")}
 
 
+def test_permutation_mix_benchmark_times_the_triton_kernel(capsys):
+    """``--backend triton`` (in Triton's interpreter here): the kernel's values and gradients agree with PyTorch's
+    before they are timed, for every factorisation, and the output says the timings are a smoke run's."""
+    bench_permutation_mix.main(["--tokens", "8", "--rounds", "1", "--backend", "triton", "--cpu-malloc", "default"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    assert "interpreter" in out and "triton ms" in out and len(rows) == 8
+
+
 def test_numba_cache_benchmark_runs_kernels_compiled_here_against_the_packages(capsys):
     """Inside ``FreshKernels`` the op calls new dispatchers of the same functions (compiled in this process, not
     the package's cached ones) and computes the same values; outside, the package's are back; one row per op."""

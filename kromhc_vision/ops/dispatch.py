@@ -3,7 +3,7 @@
 Every backend package (``pytorch``, ``triton``, ``numba``) provides ``stream_pre``, ``stream_post`` and
 ``sinkhorn`` with the signatures and values of :mod:`kromhc_vision.ops.reference`, and ``permutation_mix``
 (mHC-lite's and KromHC's ``H_res``) with those of :func:`kromhc_vision.residual_maps.kronecker_birkhoff`
-(the Triton package's is PyTorch's: a few values per token, no kernel of its own yet).
+(the Triton package's runs PyTorch's ops for the shapes its kernels do not take: more than 128 logits, n > 16).
 
 ``KROMHC_BACKEND`` (or the ``backend`` argument of the ops, connections and models) is one of:
 
