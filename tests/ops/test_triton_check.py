@@ -1,5 +1,6 @@
 """``python -m kromhc_vision check-kernels``: real compiles (in a subprocess without TRITON_INTERPRET, which
 the other tests set) on a tiny matrix, and the report's verdicts on made-up results."""
+import io
 import os
 import subprocess
 import sys
@@ -47,6 +48,15 @@ def test_report_fails_without_a_fitting_config_or_on_a_compile_error():
     assert check.report({la: [a, b]}, over, out=open(os.devnull, "w")) == 1
     broken = {a: check.Result(shared=1000, regs=40), b: check.Result(error="CompilationError: x")}
     assert check.report({la: [a, b]}, broken, out=open(os.devnull, "w")) == 1
+
+
+def test_report_lists_spills_of_the_per_token_kernels():
+    """Kernels without a width (Sinkhorn, permutation_mix: C = 0) are held to the no-spill rule too."""
+    la = check.Launch("permutation_mix_bwd", 8, 0, 6, "fp32", "fp32", False, "kromhc", 90)
+    job = check.Job("permutation_mix_bwd", (), (("BLOCK_T", 64),), (), 8, 3, 90)
+    out = io.StringIO()
+    check.report({la: [job]}, {job: check.Result(shared=1000, regs=255, stack=400)}, out=out)
+    assert "or per token, n <= 8 (1):" in out.getvalue()
 
 
 def test_compiles_for_sm80_and_sm90_and_reports():

@@ -140,7 +140,8 @@ def launches(archs, widths, dtypes=DTYPES, t16=(True, False), stream_counts=STRE
                 C_ = 0 if op in ("sinkhorn", "permutation_mix") else C
                 pd_ = pd if op == "stream_pre" else "fp32"  # coefficients are float32 whatever the params
                 xd_ = "fp32" if op in ("sinkhorn", "permutation_mix") else xd
-                key = (kernel, n, C_, K, xd_, pd_, t, arch) + ((mixture_factors(variant, n),) if op == "permutation_mix" else ())
+                factors = (mixture_factors(variant, n),) if op == "permutation_mix" else ()
+                key = (kernel, n, C_, K, xd_, pd_, t, arch) + factors
                 if key not in seen:
                     seen.add(key)
                     yield Launch(kernel, n, C_, K, xd_, pd_, t, variant, arch)
@@ -362,7 +363,7 @@ def report(per_launch, results, out=sys.stdout, verbose=False):
         elif len(fitting) < len(res):
             rows.setdefault((launch.kernel, launch.arch), {}).setdefault("dropped", set()).update(
                 _describe(j) for j, r in res if (j, r) not in fitting)
-        if launch.C in NO_SPILL_WIDTHS and launch.n <= 8:
+        if (launch.C in NO_SPILL_WIDTHS or launch.C == 0) and launch.n <= 8:  # C = 0: per-token kernels
             for j, r in fitting:
                 if r.stack:
                     why = spill_reason(launch, r)
@@ -394,11 +395,12 @@ def report(per_launch, results, out=sys.stdout, verbose=False):
         for (kernel, arch), ds in sorted(dropped.items()):
             print(f"- {kernel} sm_{arch}: {', '.join(sorted(ds))}", file=out)
     if spills_known:
-        print(f"\nConfigs with a stack frame at ViT-B / ConvNeXt-T widths, n <= 8, for a stated reason "
+        print(f"\nConfigs with a stack frame at ViT-B / ConvNeXt-T widths or per token, n <= 8, for a stated reason "
               f"({len(spills_known)}):", file=out)
         for line in spills_known[: None if verbose else 12]:
             print(f"- {line}", file=out)
-    print(f"\nUnexplained spills at ViT-B / ConvNeXt-T widths, n <= 8 ({len(spills_hot)}):", file=out)
+    print(f"\nUnexplained spills at ViT-B / ConvNeXt-T widths or per token, n <= 8 ({len(spills_hot)}):",
+              file=out)
     for line in spills_hot[: None if verbose else 30]:
         print(f"- {line}", file=out)
     if failures:
