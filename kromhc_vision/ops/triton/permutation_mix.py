@@ -173,6 +173,8 @@ def runs_kernel(factors) -> bool:
 def _launch(kernel, factors, logits, *tensors):
     sizes = padded_sizes(factors)
     T = logits.numel() // sizes["m"]
+    if T == 0:
+        return  # no tokens: nothing to launch (the autotuner would time empty grids)
     idx, starts, mix, sel = _tables(tuple(factors), logits.device)
     tables = (idx, starts, mix, sel) if kernel is _permutation_mix_bwd_kernel else (idx, starts, mix)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)  # noqa: E731
