@@ -13,7 +13,7 @@ from kromhc_vision.permutations import permutation_matrices
 from kromhc_vision.residual_maps import kronecker_birkhoff, stochasticity_error
 
 module = importlib.import_module("kromhc_vision.ops.triton.permutation_mix")  # the package's name is the op
-FACTORS = [(2,), (3,), (4,), (5,), (2, 2), (2, 3), (3, 2), (2, 2, 2), (2, 2, 3), (2, 2, 2, 2), (3, 5)]
+FACTORS = [(2,), (3,), (4,), (5,), (2, 2), (2, 3), (3, 2), (2, 2, 2), (2, 2, 3), (2, 2, 2, 2), (2, 5), (3, 5)]
 
 
 def logits_for(factors, lead, dtype, spread=2.0):
@@ -62,6 +62,46 @@ def test_non_finite_logits_give_what_the_reference_gives(factors):
     expected, got = kronecker_birkhoff(logits, perms_for(factors)), permutation_mix(logits, perms_for(factors))
     assert torch.equal(got.isnan(), expected.isnan()) and got.isnan()[1:].all() and not got[0].isnan().any()
     torch.testing.assert_close(got[0], expected[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_are_taken_in_float32(dtype):
+    """Half-precision logits (which the GPU compiler cannot convert to float64 for ``tl.dot``) give the float32
+    result rounded to their dtype, and the float32 gradient rounded likewise."""
+    factors = (2, 2)
+    logits = logits_for(factors, (7,), torch.float32).detach()
+    half = logits.to(dtype).requires_grad_()
+    single = half.detach().float().requires_grad_()
+    H, H32 = permutation_mix(half, perms_for(factors, dtype)), permutation_mix(single, perms_for(factors))
+    assert H.dtype == dtype and torch.equal(H, H32.to(dtype))
+    dout = torch.randn_like(H32).to(dtype).float()  # representable in dtype
+    grad, grad32 = (torch.autograd.grad(h, x, d)[0] for h, x, d in ((H, half, dout.to(dtype)), (H32, single, dout)))
+    assert grad.dtype == dtype and torch.equal(grad, grad32.to(dtype))
+
+
+def test_zero_tokens_and_non_contiguous_logits(compare):
+    perms = perms_for((2, 3), torch.float64)
+    empty = logits_for((2, 3), (0,), torch.float64)
+    H = permutation_mix(empty, perms)
+    assert H.shape == (0, 6, 6) and torch.autograd.grad(H.sum(), empty)[0].shape == (0, 8)
+    strided = logits_for((2, 3), (9, 16), torch.float64).detach()[:, ::2].requires_grad_()  # (9, 8), stride 16
+    assert not strided.is_contiguous()
+    compare(permutation_mix, kronecker_birkhoff, [strided], (perms,))
+
+
+def test_gradient_of_non_finite_logits_stays_in_its_token():
+    """A NaN logit makes its own token's gradient NaN and no other's; a -inf logit among finite ones has the
+    reference's gradient (its weight is 0)."""
+    factors = (2, 3)
+    perms = perms_for(factors, torch.float64)
+    logits = logits_for(factors, (5,), torch.float64).detach()
+    logits[1, 3], logits[2, 0] = float("nan"), float("-inf")
+    logits.requires_grad_()
+    dout = torch.randn(5, 6, 6, dtype=torch.float64)
+    grad = torch.autograd.grad(permutation_mix(logits, perms), logits, dout)[0]
+    expected = torch.autograd.grad(kronecker_birkhoff(logits, perms), logits, dout)[0]
+    assert grad[1].isnan().all() and not grad[[0, 2, 3, 4]].isnan().any()
+    torch.testing.assert_close(grad[[0, 2, 3, 4]], expected[[0, 2, 3, 4]])
 
 
 def test_gradcheck():

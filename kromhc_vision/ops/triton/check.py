@@ -27,6 +27,9 @@ SHARED_LIMITS = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 100: 232_44
 QUICK_ARCHS = (80, 90)
 FULL_ARCHS = (80, 90, 100)
 STREAM_COUNTS = tuple(range(2, 9)) + (16,)
+# KromHC's further stream counts up to 16, for permutation_mix alone: its tiles grow with the factorisation
+# (n = 15: 3! x 5! = 720 combined permutations, 126 logits), not with the width.
+MIXTURE_STREAM_COUNTS = (9, 10, 12, 15)
 DTYPES = ("fp32", "bf16")
 SINKHORN_ITERS = 20
 
@@ -129,8 +132,10 @@ def launches(archs, widths, dtypes=DTYPES, t16=(True, False), stream_counts=STRE
     from ..dispatch import unsupported_reason
     from .permutation_mix import runs_kernel
     seen = set()
-    for variant, n, m, ops in variant_streams(stream_counts):
+    for variant, n, m, ops in variant_streams(tuple(stream_counts) + MIXTURE_STREAM_COUNTS):
         for op in ops:
+            if n in MIXTURE_STREAM_COUNTS and n not in stream_counts and op != "permutation_mix":
+                continue
             if unsupported_reason("triton", op, n) is not None:
                 continue
             if op == "permutation_mix" and not runs_kernel(mixture_factors(variant, n)):
@@ -139,7 +144,9 @@ def launches(archs, widths, dtypes=DTYPES, t16=(True, False), stream_counts=STRE
                 K = {"stream_pre": 2 * n + m, "permutation_mix": m}.get(op, 0)
                 C_ = 0 if op in ("sinkhorn", "permutation_mix") else C
                 pd_ = pd if op == "stream_pre" else "fp32"  # coefficients are float32 whatever the params
-                xd_ = "fp32" if op in ("sinkhorn", "permutation_mix") else xd
+                xd_ = "fp32" if op == "sinkhorn" else xd
+                if op == "permutation_mix":  # logits are float32 (float64 in float64 models; half: taken in float32)
+                    xd_ = "fp64" if xd == "bf16" else "fp32"
                 factors = (mixture_factors(variant, n),) if op == "permutation_mix" else ()
                 key = (kernel, n, C_, K, xd_, pd_, t, arch) + factors
                 if key not in seen:

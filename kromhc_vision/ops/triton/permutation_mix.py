@@ -10,8 +10,10 @@ logits per factor, the Kronecker product of the factors' Birkhoff mixes is the m
 with ``MIX (R, n^2)`` the 0/1 matrix of ``H[i, sigma_r(i)] += W_r`` and ``SEL (R, m)`` that of the logits each
 ``r`` multiplies (``w_j dw_j = sum_{r uses j} G_r`` and ``sum_j w_j dw_j = sum_r G_r`` in every chunk). A
 program takes ``BLOCK_T`` tokens; the products with ``MIX`` and ``SEL`` are ``tl.dot`` s over chunks of ``RB``
-combined permutations. Everything is float64, each entry of ``H`` rounded once to the logits' dtype, as in
-the reference and the numba kernel: rows and columns sum to 1 up to the rounding of their n entries. The backward
+combined permutations. Everything is float64, each entry of ``H`` rounded once to the logits' dtype, as in the
+numba kernel: rows and columns sum to 1 up to the rounding of their n entries (the reference rounds each factor and
+forms their Kronecker product in the logits' dtype: float32 values agree to rounding). Half-precision logits are
+taken in float32 (the compiler does not convert them to float64 for ``tl.dot``) and ``H`` rounded back. The backward
 forms the weights again from the logits (what autograd keeps is the logits, which the connection keeps anyway).
 NaN or ``+inf`` logits, or a chunk of ``-inf`` only, give NaN for the token, as the reference's softmax does.
 
@@ -39,9 +41,10 @@ _CONFIGS = configs([(dict(BLOCK_T=16), 4), (dict(BLOCK_T=32), 4), (dict(BLOCK_T=
 
 def _resources(a, num_warps, num_stages):
     """Registers: the float64 tiles of a program, ``BLOCK_T x`` (logits and their gradient, ``H`` or ``dH``, a
-    few ``RB``-wide chunks), two 32-bit registers a value."""
+    few ``RB``-wide chunks) and the ``RB``-row chunks of ``MIX`` and ``SEL``, two 32-bit registers a value."""
     per_token = 2 * a["MP"] + a["N2P"] + 4 * RB.value
-    return 0, 2 * a["BLOCK_T"] * per_token / (32 * num_warps)
+    tables = RB.value * (a["N2P"] + a["MP"])
+    return 0, 2 * (a["BLOCK_T"] * per_token + tables) / (32 * num_warps)
 
 
 _PRUNE = prune_by_resources(_resources)
@@ -181,14 +184,19 @@ def _launch(kernel, factors, logits, *tensors):
     kernel[grid](logits, *tables, *tensors, T, **sizes)
 
 
+def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 or float64: what the kernels read and write (half precision is taken in float32)."""
+    return dtype if dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("kromhc_vision::permutation_mix_fwd", mutates_args=())
 def _permutation_mix_fwd(logits: torch.Tensor, factors: list[int]) -> torch.Tensor:
     """``logits (..., m)`` -> ``H_res (..., n, n)`` in the logits' dtype."""
     n = math.prod(factors)
-    logits = logits.contiguous()
-    out = logits.new_empty(*logits.shape[:-1], n, n)
-    _launch(_permutation_mix_fwd_kernel, factors, logits, out)
-    return out
+    a = logits.to(_kernel_dtype(logits.dtype)).contiguous()
+    out = a.new_empty(*a.shape[:-1], n, n)
+    _launch(_permutation_mix_fwd_kernel, factors, a, out)
+    return out.to(logits.dtype)
 
 
 @_permutation_mix_fwd.register_fake
@@ -200,10 +208,11 @@ def _(logits, factors):
 @torch.library.custom_op("kromhc_vision::permutation_mix_bwd", mutates_args=())
 def _permutation_mix_bwd(logits: torch.Tensor, factors: list[int], dout: torch.Tensor) -> torch.Tensor:
     """``logits``: the forward's input; ``dout``: the gradient of ``H_res`` -> the gradient of ``logits``."""
-    logits = logits.contiguous()
-    dlogits = torch.empty_like(logits)
-    _launch(_permutation_mix_bwd_kernel, factors, logits, dout.contiguous(), dlogits)
-    return dlogits
+    dtype = _kernel_dtype(logits.dtype)
+    a = logits.to(dtype).contiguous()
+    dlogits = torch.empty_like(a)
+    _launch(_permutation_mix_bwd_kernel, factors, a, dout.to(dtype).contiguous(), dlogits)
+    return dlogits.to(logits.dtype)
 
 
 @_permutation_mix_bwd.register_fake
