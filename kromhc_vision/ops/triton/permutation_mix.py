@@ -157,13 +157,9 @@ def _tables(factors: tuple, device: torch.device):
     columns, logit_index, starts = mixture_tables(factors)
     sizes = padded_sizes(factors)
     R, n = columns.shape
-    mix = torch.zeros(R, sizes["N2P"], dtype=torch.float64)
-    sel = torch.zeros(R, sizes["MP"], dtype=torch.float64)
-    for r in range(R):
-        for i in range(n):
-            mix[r, i * n + int(columns[r, i])] = 1.0
-        for j in logit_index[r]:
-            sel[r, int(j)] = 1.0
+    entries = torch.arange(n) * n + torch.from_numpy(columns)  # (R, n): entry (i, sigma_r(i)) of H, flattened
+    mix = torch.zeros(R, sizes["N2P"], dtype=torch.float64).scatter_(1, entries, 1.0)
+    sel = torch.zeros(R, sizes["MP"], dtype=torch.float64).scatter_(1, torch.from_numpy(logit_index), 1.0)
     as_int = functools.partial(torch.tensor, dtype=torch.int32, device=device)
     return as_int(logit_index.tolist()), as_int(starts.tolist()), mix.to(device), sel.to(device)
 
