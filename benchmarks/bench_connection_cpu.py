@@ -37,7 +37,6 @@ import functools
 import gc
 import pstats
 import statistics
-import warnings
 
 import numba
 import numpy as np
@@ -72,9 +71,9 @@ def time_us(fn, steps: int) -> float:
 def kernel_codes():
     """``(filename, first line, name)`` of every compiled numba dispatcher: their entries in ``cProfile``'s stats."""
     codes = set()
-    with warnings.catch_warnings():  # isinstance on some of torch's deprecated module attributes warns
-        warnings.simplefilter("ignore")
-        dispatchers = [obj for obj in gc.get_objects() if isinstance(obj, numba.core.dispatcher.Dispatcher)]
+    # by type, not isinstance: isinstance reads __class__ through the object, which warns for some of torch's
+    # deprecated module attributes and raises ReferenceError for a weak proxy whose referent is gone
+    dispatchers = [obj for obj in gc.get_objects() if issubclass(type(obj), numba.core.dispatcher.Dispatcher)]
     for obj in dispatchers:
         code = obj.py_func.__code__
         codes.add((code.co_filename, code.co_firstlineno, code.co_name))

@@ -14,21 +14,31 @@ The backward keeps only the logits: per task it runs the forward again, keeping 
 small enough to stay in L2), then walks the half-steps back, rebuilding each earlier iterate from the
 later one and its sums. Keeping the sums from the forward instead would add ``2 * num_iters * n`` values
 per token to the activations every connection keeps for its backward.
+Up to ``UNROLLED_MAX_STREAMS`` streams the linear domain runs a whole iteration per pass over a task's tokens,
+each token's ``n^2`` entries in registers (:func:`_unrolled`; the same values, bitwise, as the pass per row or
+column that larger ``n`` and the log domain run): BENCHMARKS.md ``sinkhorn_unrolled``.
 Reference: :func:`kromhc_vision.ops.reference.sinkhorn`.
 """
+import functools
 import math
 
 import numba
 import numpy as np
 import torch
+from numba.core import errors, types
+from numba.extending import overload
 
 from ..reference import compute_dtype
 from .._custom_ops import apply, call, custom_op, register_autograd
 from ._common import as_dtype, kernel_array, match_torch_threads
 from ._exp import exp_nonpositive
+from ._stack import stack_pointer
 
 SPAN_LIMIT = {torch.float64: 200.0, torch.float32: 32.0}  # see the module docstring
 _CHUNK = 128  # tokens per parallel task; the loops over a task's tokens are the vectorised ones
+# Up to this many streams the linear domain runs _unrolled's kernels; above, LLVM does not unroll their loops over a
+# token's entries (n = 6, 7: the walk back; checked in the assembly) and the by-row ones are 4-6x faster (n = 8, 16)
+UNROLLED_MAX_STREAMS = 5
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -76,11 +86,65 @@ def _half_step(P, m, n, k, sums, log_domain, acc):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _task_forward(logits, t0, m, num_iters, span_limit, P, sums, acc):
-    """``P (n*n, >= m)`` <- the last iterate of tokens ``t0 .. t0+m`` (log values on the log-domain
-    path). Returns whether the task ran in the log domain (some token's logits span more than
-    ``span_limit`` (``SPAN_LIMIT[dtype]``), or reach +-inf; NaN logits give NaN on either path, as in the reference).
-    """
+def _half_step_back(P, G, m, n, k, sums, log_domain, acc, inv):
+    """Half-step ``k`` walked back: from its iterate ``P`` and gradient ``G`` (``(n*n, >= m)`` each) to the
+    previous ones, with its sums. Linear domain, ``Q = P / s`` along an axis: ``dP = (dQ - sum(dQ * Q)) / s``,
+    then ``P = Q * s``. Log domain, ``L' = L - lse(L)``: ``dL = dL' - exp(L') sum(dL')``, then ``L = L' + lse``."""
+    one = P.dtype.type(1)
+    for a in range(n):
+        s = k * n + a
+        for t in range(m):
+            acc[t] = 0.0
+            inv[t] = one / sums[s, t]
+        for b in range(n):
+            e = _entry(k, a, b, n)
+            if log_domain:
+                for t in range(m):
+                    acc[t] += G[e, t]
+            else:
+                for t in range(m):
+                    acc[t] += G[e, t] * P[e, t]
+        for b in range(n):
+            e = _entry(k, a, b, n)
+            if log_domain:
+                for t in range(m):
+                    G[e, t] -= math.exp(P[e, t]) * acc[t]
+                    P[e, t] += sums[s, t]
+            else:
+                for t in range(m):
+                    G[e, t] = (G[e, t] - acc[t]) * inv[t]
+                    P[e, t] *= sums[s, t]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _rows(flat, rows):
+    """A flat scratch array as ``(rows, _CHUNK)`` (a view)."""
+    return flat[:rows * _CHUNK].reshape((rows, _CHUNK))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _iterations_by_row(P, m, n, num_iters, sums, acc):
+    """The linear domain's ``2 * num_iters`` half-steps with :func:`_half_step`, one pass over the tokens per row
+    or column and step of it (``P`` and ``sums`` flat, as :func:`_scratch` makes them)."""
+    P2, sums2 = _rows(P, n * n), _rows(sums, 2 * num_iters * n)
+    for k in range(2 * num_iters):
+        _half_step(P2, m, n, k, sums2, False, acc)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _walk_back_by_row(P, G, m, n, num_iters, sums, acc, inv):
+    """The linear domain's half-steps walked back with :func:`_half_step_back`."""
+    P2, G2, sums2 = _rows(P, n * n), _rows(G, n * n), _rows(sums, 2 * num_iters * n)
+    for k in range(2 * num_iters - 1, -1, -1):
+        _half_step_back(P2, G2, m, n, k, sums2, False, acc, inv)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _task_start(logits, t0, m, span_limit, P, acc):
+    """``P (n*n, >= m)`` <- tokens ``t0 .. t0+m`` of ``logits``: ``exp(L - max L)`` for the linear domain, or the
+    logits themselves where some token's logits span more than ``span_limit`` (``SPAN_LIMIT[dtype]``) or reach
+    +-inf, which then run in the log domain (NaN logits give NaN on either path, as in the reference).
+    Returns whether the task runs in the log domain."""
     n = logits.shape[1]
     log_domain = False
     for t in range(m):
@@ -97,16 +161,15 @@ def _task_forward(logits, t0, m, num_iters, span_limit, P, sums, acc):
         for e in range(n * n):
             for t in range(m):
                 P[e, t] = exp_nonpositive(P[e, t] - acc[t])  # vectorised over t, where math.exp is a scalar call
-    for k in range(2 * num_iters):
-        _half_step(P, m, n, k, sums, log_domain, acc)
     return log_domain
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _scratch(n, num_iters, dtype):
-    """A worker's arrays for one task: iterate ``P``, gradient ``G`` ``(n*n, chunk)``, half-step sums, two rows."""
-    return (np.empty((n * n, _CHUNK), dtype), np.empty((n * n, _CHUNK), dtype),
-            np.empty((2 * num_iters * n, _CHUNK), dtype), np.empty(_CHUNK, dtype), np.empty(_CHUNK, dtype))
+    """A worker's arrays for one task, flat with ``_CHUNK`` values per row: iterate ``P`` and gradient ``G``
+    ``(n*n, _CHUNK)``, the half-steps' sums ``(2 * num_iters * n, _CHUNK)``, and two rows."""
+    return (np.empty(n * n * _CHUNK, dtype), np.empty(n * n * _CHUNK, dtype),
+            np.empty(2 * num_iters * n * _CHUNK, dtype), np.empty(_CHUNK, dtype), np.empty(_CHUNK, dtype))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -116,74 +179,190 @@ def _tasks(T, threads):
     return tasks, max(1, min(threads, tasks))
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def _forward_kernel(logits, num_iters, span_limit, threads, out):
-    T, n, _ = logits.shape
-    tasks, workers = _tasks(T, threads)
-    for w in numba.prange(workers):
-        P, _, sums, acc, _ = _scratch(n, num_iters, logits.dtype)
-        for task in range(w, tasks, workers):
-            t0 = task * _CHUNK
-            m = min(T - t0, _CHUNK)
-            log_domain = _task_forward(logits, t0, m, num_iters, span_limit, P, sums, acc)
-            for t in range(m):
-                for i in range(n):
-                    for j in range(n):
-                        v = P[i * n + j, t]
-                        out[t0 + t, i, j] = math.exp(v) if log_domain else v
+def unrolled_iterations(P, m, n, num_iters, sums, acc):
+    """The linear domain's iterations for ``n`` streams, a compile-time constant (see :func:`_unrolled`)."""
+    raise NotImplementedError("called from numba kernels only")
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def _backward_kernel(logits, num_iters, span_limit, threads, dout, dlogits):
-    """Per task: the forward again, then its half-steps walked back from the last iterate and the sums.
+def unrolled_walk_back(P, G, m, n, num_iters, sums, acc, inv):
+    """Their walk back (see :func:`_unrolled`)."""
+    raise NotImplementedError("called from numba kernels only")
 
-    Linear domain, half-step ``Q = P / s`` along an axis: ``dP = (dQ - sum(dQ * Q)) / s``, then ``P = Q * s``;
-    the walk ends at ``P_0 = exp(L - max L)``, whose gradient is ``dL = P_0 * dP_0``. Log domain,
-    ``L' = L - lse(L)``: ``dL = dL' - exp(L') sum(dL')``, then ``L = L' + lse``.
-    """
-    T, n, _ = dout.shape
-    one = logits.dtype.type(1)
-    tasks, workers = _tasks(T, threads)
-    for w in numba.prange(workers):
-        P, G, sums, acc, inv = _scratch(n, num_iters, logits.dtype)
-        for task in range(w, tasks, workers):
-            t0 = task * _CHUNK
-            m = min(T - t0, _CHUNK)
-            log_domain = _task_forward(logits, t0, m, num_iters, span_limit, P, sums, acc)
+
+def _unrolled(N: int):
+    """The linear domain's iterations and their walk back for ``N`` streams (a compile-time constant), a whole
+    iteration (rows, then columns) in one pass over a task's tokens: the vectorised loop loads each token's ``N^2``
+    entries (and gradients) into registers (arrays on the stack whose indices are constant once the loops over
+    them unroll), computes, and stores them once, where :func:`_half_step` passes over every entry once per row
+    or column. All loads come before all stores: LLVM's loop vectoriser takes this order, not interleaved ones
+    (it gave up on those, checked in the assembly). Signatures as :func:`_iterations_by_row` and
+    :func:`_walk_back_by_row`; the values are theirs, bitwise (the same operations in the same order).
+
+    They are the implementations of :func:`unrolled_iterations` and :func:`unrolled_walk_back` for a literal ``n``
+    (numba ``overload`` s): the kernels call them by name, so that their closures hold only ``N`` (see
+    :func:`_kernels`)."""
+    NN, N2 = N * N, 2 * N  # the stack arrays' sizes: constants, as stack_pointer needs
+
+    def iterations(P, m, n, num_iters, sums, acc):
+        one = P.dtype.type(1)
+        p = numba.carray(stack_pointer(NN, P.dtype), NN)  # a token's iterate
+        q = numba.carray(stack_pointer(N2, P.dtype), N2)  # its row sums, then column sums
+        for it in range(num_iters):
+            kept = sums[2 * it * N * _CHUNK:(2 * it + 2) * N * _CHUNK]
             for t in range(m):
-                for i in range(n):
-                    for j in range(n):
-                        e = i * n + j
-                        G[e, t] = dout[t0 + t, i, j] * (math.exp(P[e, t]) if log_domain else 1.0)
-            for k in range(2 * num_iters - 1, -1, -1):
-                for a in range(n):
-                    s = k * n + a
-                    for t in range(m):
-                        acc[t] = 0.0
-                        inv[t] = one / sums[s, t]
-                    for b in range(n):
-                        e = _entry(k, a, b, n)
-                        if log_domain:
-                            for t in range(m):
-                                acc[t] += G[e, t]
-                        else:
-                            for t in range(m):
-                                acc[t] += G[e, t] * P[e, t]
-                    for b in range(n):
-                        e = _entry(k, a, b, n)
-                        if log_domain:
-                            for t in range(m):
-                                G[e, t] -= math.exp(P[e, t]) * acc[t]
-                                P[e, t] += sums[s, t]
-                        else:
-                            for t in range(m):
-                                G[e, t] = (G[e, t] - acc[t]) * inv[t]
-                                P[e, t] *= sums[s, t]
+                for e in range(NN):
+                    p[e] = P[e * _CHUNK + t]
+                for a in range(N):
+                    s = p[a * N]
+                    for b in range(1, N):
+                        s += p[a * N + b]
+                    q[a] = s
+                    r = one / s
+                    for b in range(N):
+                        p[a * N + b] *= r
+                for a in range(N):
+                    s = p[a]
+                    for b in range(1, N):
+                        s += p[b * N + a]
+                    q[N + a] = s
+                    r = one / s
+                    for b in range(N):
+                        p[b * N + a] *= r
+                for e in range(NN):
+                    P[e * _CHUNK + t] = p[e]
+                for a in range(N2):
+                    kept[a * _CHUNK + t] = q[a]
+
+    def walk_back(P, G, m, n, num_iters, sums, acc, inv):
+        one = P.dtype.type(1)
+        zero = P.dtype.type(0)
+        p = numba.carray(stack_pointer(NN, P.dtype), NN)
+        g = numba.carray(stack_pointer(NN, P.dtype), NN)
+        q = numba.carray(stack_pointer(N2, P.dtype), N2)
+        for it in range(num_iters - 1, -1, -1):
+            kept = sums[2 * it * N * _CHUNK:(2 * it + 2) * N * _CHUNK]
             for t in range(m):
-                for i in range(n):
-                    for j in range(n):
-                        e = i * n + j
-                        dlogits[t0 + t, i, j] = G[e, t] if log_domain else G[e, t] * P[e, t]
+                for e in range(NN):
+                    p[e] = P[e * _CHUNK + t]
+                    g[e] = G[e * _CHUNK + t]
+                for a in range(N2):
+                    q[a] = kept[a * _CHUNK + t]
+                for a in range(N):  # the columns' half-step, then the rows'
+                    s = q[N + a]
+                    d = zero
+                    for b in range(N):
+                        d += g[b * N + a] * p[b * N + a]
+                    r = one / s
+                    for b in range(N):
+                        g[b * N + a] = (g[b * N + a] - d) * r
+                        p[b * N + a] *= s
+                for a in range(N):
+                    s = q[a]
+                    d = zero
+                    for b in range(N):
+                        d += g[a * N + b] * p[a * N + b]
+                    r = one / s
+                    for b in range(N):
+                        g[a * N + b] = (g[a * N + b] - d) * r
+                        p[a * N + b] *= s
+                for e in range(NN):
+                    P[e * _CHUNK + t] = p[e]
+                    G[e * _CHUNK + t] = g[e]
+
+    return iterations, walk_back
+
+
+def _literal_streams(n) -> int:
+    if not isinstance(n, types.IntegerLiteral):
+        raise errors.TypingError("the stream count must be a compile-time constant")
+    return n.literal_value
+
+
+@overload(unrolled_iterations)
+def _unrolled_iterations(P, m, n, num_iters, sums, acc):
+    return _unrolled(_literal_streams(n))[0]
+
+
+@overload(unrolled_walk_back)
+def _unrolled_walk_back(P, G, m, n, num_iters, sums, acc, inv):
+    return _unrolled(_literal_streams(n))[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(num_streams: int):
+    """The forward and backward kernels for ``num_streams`` streams (``N``, a compile-time constant): the linear
+    domain's iterations by :func:`_unrolled` up to ``UNROLLED_MAX_STREAMS`` streams, by row above.
+
+    ``N`` (and ``unrolled``, a bool) must stay the closures' only free variables: numba's disk cache keys a closure
+    by the pickled contents of its cells, and a dispatcher in a cell pickles differently in every process
+    (``tests/ops/test_numba_cache.py``)."""
+    N = num_streams
+    unrolled = N <= UNROLLED_MAX_STREAMS
+
+    @numba.njit(parallel=True, cache=True, error_model="numpy")
+    def forward(logits, num_iters, span_limit, threads, out):
+        T = logits.shape[0]
+        tasks, workers = _tasks(T, threads)
+        for w in numba.prange(workers):
+            P, _, sums, acc, _ = _scratch(N, num_iters, logits.dtype)
+            P2, sums2 = _rows(P, N * N), _rows(sums, 2 * num_iters * N)
+            for task in range(w, tasks, workers):
+                t0 = task * _CHUNK
+                m = min(T - t0, _CHUNK)
+                log_domain = _task_start(logits, t0, m, span_limit, P2, acc)
+                if log_domain:
+                    for k in range(2 * num_iters):
+                        _half_step(P2, m, N, k, sums2, True, acc)
+                elif unrolled:
+                    unrolled_iterations(P, m, N, num_iters, sums, acc)
+                else:
+                    _iterations_by_row(P, m, N, num_iters, sums, acc)
+                for t in range(m):
+                    for i in range(N):
+                        for j in range(N):
+                            v = P2[i * N + j, t]
+                            out[t0 + t, i, j] = math.exp(v) if log_domain else v
+
+    @numba.njit(parallel=True, cache=True, error_model="numpy")
+    def backward(logits, num_iters, span_limit, threads, dout, dlogits):
+        """Per task: the forward again, keeping each half-step's sums, then its half-steps walked back from the
+        last iterate (:func:`_half_step_back`), to ``P_0 = exp(L - max L)``, whose gradient is
+        ``dL = P_0 * dP_0`` (log domain: to the logits and their gradient)."""
+        T = dout.shape[0]
+        tasks, workers = _tasks(T, threads)
+        for w in numba.prange(workers):
+            P, G, sums, acc, inv = _scratch(N, num_iters, logits.dtype)
+            P2, G2, sums2 = _rows(P, N * N), _rows(G, N * N), _rows(sums, 2 * num_iters * N)
+            for task in range(w, tasks, workers):
+                t0 = task * _CHUNK
+                m = min(T - t0, _CHUNK)
+                log_domain = _task_start(logits, t0, m, span_limit, P2, acc)
+                if log_domain:
+                    for k in range(2 * num_iters):
+                        _half_step(P2, m, N, k, sums2, True, acc)
+                elif unrolled:
+                    unrolled_iterations(P, m, N, num_iters, sums, acc)
+                else:
+                    _iterations_by_row(P, m, N, num_iters, sums, acc)
+                for t in range(m):
+                    for i in range(N):
+                        for j in range(N):
+                            e = i * N + j
+                            G2[e, t] = dout[t0 + t, i, j] * (math.exp(P2[e, t]) if log_domain else 1.0)
+                if log_domain:
+                    for k in range(2 * num_iters - 1, -1, -1):
+                        _half_step_back(P2, G2, m, N, k, sums2, True, acc, inv)
+                elif unrolled:
+                    unrolled_walk_back(P, G, m, N, num_iters, sums, acc, inv)
+                else:
+                    _walk_back_by_row(P, G, m, N, num_iters, sums, acc, inv)
+                for t in range(m):
+                    for i in range(N):
+                        for j in range(N):
+                            e = i * N + j
+                            dlogits[t0 + t, i, j] = G2[e, t] if log_domain else G2[e, t] * P2[e, t]
+
+    return forward, backward
 
 
 def _tokens(t, dtype):
@@ -196,7 +375,8 @@ def _sinkhorn_fwd(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
     dtype = compute_dtype(logits)
     flat = _tokens(logits, dtype)
     out = torch.empty(logits.shape, dtype=dtype)
-    _forward_kernel(flat, num_iters, SPAN_LIMIT[dtype], match_torch_threads(), out.numpy().reshape(flat.shape))
+    _kernels(flat.shape[-1])[0](flat, num_iters, SPAN_LIMIT[dtype], match_torch_threads(),
+                                   out.numpy().reshape(flat.shape))
     return as_dtype(out, logits.dtype)
 
 
@@ -210,8 +390,8 @@ def _sinkhorn_bwd(logits: torch.Tensor, num_iters: int, dout: torch.Tensor) -> t
     dtype = compute_dtype(logits)
     grad = torch.empty(dout.shape, dtype=dtype)
     flat = _tokens(logits, dtype)
-    _backward_kernel(flat, num_iters, SPAN_LIMIT[dtype], match_torch_threads(), _tokens(dout, dtype),
-                     grad.numpy().reshape(flat.shape))
+    _kernels(flat.shape[-1])[1](flat, num_iters, SPAN_LIMIT[dtype], match_torch_threads(), _tokens(dout, dtype),
+                                grad.numpy().reshape(flat.shape))
     return as_dtype(grad, dout.dtype)
 
 
