@@ -288,6 +288,34 @@ def _unrolled_walk_back(P, G, m, n, num_iters, sums, acc, inv):
     return _unrolled(_literal_streams(n))[1]
 
 
+def task_forward(logits, t0, m, n, num_iters, span_limit, P, sums, acc):
+    """``P`` (flat, as :func:`_scratch` makes it) <- the last iterate of tokens ``t0 .. t0+m`` (log values in the
+    log domain), ``sums`` <- each half-step's sums; returns whether the task ran in the log domain
+    (:func:`_task_start`). ``n``: the stream count, a compile-time constant."""
+    raise NotImplementedError("called from numba kernels only")
+
+
+@overload(task_forward)
+def _task_forward(logits, t0, m, n, num_iters, span_limit, P, sums, acc):
+    N = _literal_streams(n)
+    unrolled = N <= UNROLLED_MAX_STREAMS
+
+    def task_forward(logits, t0, m, n, num_iters, span_limit, P, sums, acc):
+        P2 = _rows(P, N * N)
+        log_domain = _task_start(logits, t0, m, span_limit, P2, acc)
+        if log_domain:
+            sums2 = _rows(sums, 2 * num_iters * N)
+            for k in range(2 * num_iters):
+                _half_step(P2, m, N, k, sums2, True, acc)
+        elif unrolled:
+            unrolled_iterations(P, m, N, num_iters, sums, acc)
+        else:
+            _iterations_by_row(P, m, N, num_iters, sums, acc)
+        return log_domain
+
+    return task_forward
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(num_streams: int):
     """The forward and backward kernels for ``num_streams`` streams (``N``, a compile-time constant): the linear
@@ -295,7 +323,8 @@ def _kernels(num_streams: int):
 
     ``N`` (and ``unrolled``, a bool) must stay the closures' only free variables: numba's disk cache keys a closure
     by the pickled contents of its cells, and a dispatcher in a cell pickles differently in every process
-    (``tests/ops/test_numba_cache.py``)."""
+    (``tests/ops/test_numba_cache.py``); the per-``N`` code they share is reached by name, through the overloads
+    above."""
     N = num_streams
     unrolled = N <= UNROLLED_MAX_STREAMS
 
@@ -305,18 +334,11 @@ def _kernels(num_streams: int):
         tasks, workers = _tasks(T, threads)
         for w in numba.prange(workers):
             P, _, sums, acc, _ = _scratch(N, num_iters, logits.dtype)
-            P2, sums2 = _rows(P, N * N), _rows(sums, 2 * num_iters * N)
+            P2 = _rows(P, N * N)
             for task in range(w, tasks, workers):
                 t0 = task * _CHUNK
                 m = min(T - t0, _CHUNK)
-                log_domain = _task_start(logits, t0, m, span_limit, P2, acc)
-                if log_domain:
-                    for k in range(2 * num_iters):
-                        _half_step(P2, m, N, k, sums2, True, acc)
-                elif unrolled:
-                    unrolled_iterations(P, m, N, num_iters, sums, acc)
-                else:
-                    _iterations_by_row(P, m, N, num_iters, sums, acc)
+                log_domain = task_forward(logits, t0, m, N, num_iters, span_limit, P, sums, acc)
                 for t in range(m):
                     for i in range(N):
                         for j in range(N):
@@ -336,14 +358,7 @@ def _kernels(num_streams: int):
             for task in range(w, tasks, workers):
                 t0 = task * _CHUNK
                 m = min(T - t0, _CHUNK)
-                log_domain = _task_start(logits, t0, m, span_limit, P2, acc)
-                if log_domain:
-                    for k in range(2 * num_iters):
-                        _half_step(P2, m, N, k, sums2, True, acc)
-                elif unrolled:
-                    unrolled_iterations(P, m, N, num_iters, sums, acc)
-                else:
-                    _iterations_by_row(P, m, N, num_iters, sums, acc)
+                log_domain = task_forward(logits, t0, m, N, num_iters, span_limit, P, sums, acc)
                 for t in range(m):
                     for i in range(N):
                         for j in range(N):
