@@ -3,7 +3,8 @@
 At small widths (the digits configs' ViT-Micro: ``T = 544`` tokens of ``4 x 64`` per connection at batch 32)
 a hyper-connected step costs much more than its kernels: this measures by how much, and what the rest is made
 of. For each variant, one connection (default init, float32, training mode, the default ``auto`` backend)
-runs forward + backward on ``X (T, n, C)`` with an identity branch; reported per step:
+runs forward + backward on ``X (T, n, C)`` with an identity branch, as inside a model (the output's gradient
+contiguous, no gradient accumulated into an existing ``.grad``: see :func:`_backward`); reported per step:
 
 - ``step us``: wall-clock microseconds (median over interleaved rounds of the variants);
 - ``kernel us``: microseconds inside the numba kernels (their dispatchers' entries in a ``cProfile`` run of the
@@ -54,14 +55,26 @@ def identity(u):
     return u
 
 
-def connection_step(conn, X):
-    """One forward + backward of ``conn`` on ``X`` with an identity branch."""
-    conn(X, identity).sum().backward()
+def _backward(out, dout, leaves):
+    """``out.backward(dout)`` after setting the ``.grad`` of ``leaves`` to None: as in a model, where the
+    gradient of a connection's output arrives contiguous from the next layer (a ``sum()``'s arrives as a
+    broadcast view, which the kernels would copy), its input's gradient goes on to the previous layer (no
+    ``X.grad`` accumulated: AccumulateGrad keeps the tensor it is handed), and ``zero_grad(set_to_none=True)``
+    leaves the parameters' gradients None at each step."""
+    for t in leaves:
+        t.grad = None
+    out.backward(dout)
 
 
-def residual_step(X):
+def connection_step(conn, X, dout, leaves):
+    """One forward + backward of ``conn`` on ``X`` with an identity branch; ``dout``: the output's gradient;
+    ``leaves``: ``X`` and ``conn``'s parameters."""
+    _backward(conn(X, identity), dout, leaves)
+
+
+def residual_step(X, dout):
     """timm's residual connection in stream layout (one stream): ``X + F(X)``."""
-    (X + identity(X.squeeze(-2)).unsqueeze(-2)).sum().backward()
+    _backward(X + identity(X.squeeze(-2)).unsqueeze(-2), dout, (X,))
 
 
 def time_us(fn, steps: int) -> float:
@@ -177,12 +190,13 @@ def main(argv=None):
     configure_cpu_malloc(args.cpu_malloc, torch.device("cpu"))
     torch.manual_seed(0)
     n, C, T = args.streams, args.width, args.tokens
-    X = torch.randn(T, n, C, requires_grad=True)
-    X1 = torch.randn(T, 1, C, requires_grad=True)
-    steps = {"residual": lambda: residual_step(X1)}
+    X, dout = torch.randn(T, n, C, requires_grad=True), torch.randn(T, n, C)
+    X1, dout1 = torch.randn(T, 1, C, requires_grad=True), torch.randn(T, 1, C)
+    steps = {"residual": lambda: residual_step(X1, dout1)}
     for variant in args.variants:
         conn = build_connection(variant, n, C)
-        steps[variant] = lambda conn=conn: connection_step(conn, X)
+        leaves = (X, *conn.parameters())
+        steps[variant] = lambda conn=conn, leaves=leaves: connection_step(conn, X, dout, leaves)
     for fn in steps.values():  # compile the kernels, warm the allocator
         for _ in range(20):
             fn()
