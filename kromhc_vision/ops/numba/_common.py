@@ -19,21 +19,21 @@ def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def numpy_view(t: torch.Tensor):
-    """A contiguous CPU tensor as a NumPy array sharing its memory (gradient tracking dropped).
-
-    ``detach`` only where needed: it makes a new tensor (microseconds), and most of the arrays a connection
-    passes to its kernels are outputs and gradients that track nothing."""
-    if t.requires_grad:
-        t = t.detach()
-    return t.contiguous().numpy()
-
-
 def kernel_array(t: torch.Tensor, dtype: torch.dtype, *shape: int):
     """``t`` in ``dtype``, contiguous, as a NumPy array of ``shape`` (a view of ``t``'s memory where ``t`` is
     already contiguous in ``dtype``; a copy otherwise). ``-1`` stands for the leading dimensions, as in
-    ``reshape``; it is spelled out here, so that tensors of 0 elements work."""
-    array = numpy_view(as_dtype(t, dtype))
+    ``reshape``; it is spelled out here, so that tensors of 0 elements work.
+
+    One function, each PyTorch call made only where it changes something: this runs for every array a connection
+    hands to its kernels, some fifty per training step. ``detach`` only where ``t`` tracks gradients (it makes a
+    new tensor; most of the arrays are outputs and gradients that track nothing)."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    array = t.numpy()
     if shape and shape[0] == -1:
         rest = math.prod(shape[1:])
         shape = (array.size // rest if rest else 0, *shape[1:])

@@ -166,9 +166,9 @@ def _kernels(num_streams: int):
     @numba.njit(**_FLAGS)
     def backward(x, dX_post, dZ, H, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, g, W, scale,
                  dx, dg, dW, dscale, dbias, chunks):
-        """``dX_post`` of 0 tokens stands for none (a zero gradient), ``du`` of 0 tokens likewise, and ``dZ``,
-        ``H`` (the post step's ``dX_next`` and ``H_res``) of 0 tokens for no ``H_res^T dZ`` term; ``chunks``: the
-        threads (one chunk of tokens each)."""
+        """``dX_post`` of 0 tokens stands for none (a zero gradient), ``du`` and ``dh_pre`` of 0 tokens likewise,
+        and ``dZ``, ``H`` (the post step's ``dX_next`` and ``H_res``) of 0 tokens for no ``H_res^T dZ`` term;
+        ``chunks``: the threads (one chunk of tokens each)."""
         T, _, C = x.shape
         NC = N * C
         k = scale.shape[0]
@@ -181,6 +181,7 @@ def _kernels(num_streams: int):
         dwt_parts = np.zeros((chunks, kp, NC), x.dtype)  # each chunk's dW_g^T (rows past k: unused)
         sb_parts = np.zeros((chunks, 2, k), x.dtype)  # each chunk's ds, db (per coefficient)
         has_post, has_mix, has_du = dX_post.shape[0] != 0, dZ.shape[0] != 0, du.shape[0] != 0
+        has_dh_pre = dh_pre.shape[0] != 0
         for p in numba.prange(chunks):
             acc = dwt_parts[p]
             sb = sb_parts[p]
@@ -196,7 +197,7 @@ def _kernels(num_streams: int):
                     qs = dt(0)
                     for i in range(k):
                         if i < N:
-                            s = dh_pre[t, i]
+                            s = dh_pre[t, i] if has_dh_pre else dt(0)
                             if has_du:
                                 for c in range(C):
                                     s += du[t, c] * x[t, i, c]
@@ -393,8 +394,9 @@ def _stream_pre_bwd(X: torch.Tensor, dX_post: torch.Tensor, dZ: torch.Tensor, h_
                     proj_weight: torch.Tensor, scale: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``dX`` (in the compute dtype, ``X``'s shape), ``dg, dW, dscale, dbias``. The gradients are of ``X``'s
-    leading dimensions, or of 0 tokens for none (``dX_post``, ``du``); ``dZ (..., n, C)`` and ``h_res (..., n, n)``
-    add ``H_res^T dZ`` to ``dX`` (the post step's gradient of ``X``, not formed there; 0 tokens: none)."""
+    leading dimensions, or of 0 tokens for none (``dX_post``, ``du``, ``dh_pre``); ``dZ (..., n, C)`` and
+    ``h_res (..., n, n)`` add ``H_res^T dZ`` to ``dX`` (the post step's gradient of ``X``, not formed there; 0 tokens:
+    none)."""
     n, C = X.shape[-2:]
     dtype = raw.dtype  # the compute dtype: the forward's
     outs = _backward_outputs(X, norm_weight, proj_weight, scale, raw)
@@ -402,7 +404,7 @@ def _stream_pre_bwd(X: torch.Tensor, dX_post: torch.Tensor, dZ: torch.Tensor, h_
     x = kernel_array(X, dtype, -1, n, C)
     T = x.shape[0]
     grads = (kernel_array(dX_post, dtype, -1, n, C), kernel_array(dZ, dtype, -1, n, C),
-             kernel_array(h_res, dtype, -1, n, n), kernel_array(du, dtype, -1, C), kernel_array(dh_pre, dtype, T, n),
+             kernel_array(h_res, dtype, -1, n, n), kernel_array(du, dtype, -1, C), kernel_array(dh_pre, dtype, -1, n),
              kernel_array(dh_post, dtype, T, n), kernel_array(da_res, dtype, T, raw.shape[-1] - 2 * n))
     saved = (kernel_array(t, dtype, T, t.shape[-1]) for t in (h_pre, h_post, raw, inv_rms))
     params = (kernel_array(p, dtype, *p.shape) for p in (norm_weight, proj_weight, scale))
@@ -457,7 +459,7 @@ class StreamPre(torch.autograd.Function):
         mix = None if ctx.link is None else ctx.link.take()
         dZ, h_res = mix if mix is not None else (raw.new_zeros(0, n * C), raw.new_zeros(0, n * n))
         dx, dg, dW, dscale, dbias = call(
-            _stream_pre_bwd, X, grad(dX_post, n * C, 0), dZ, h_res, grad(du, C, 0), grad(dh_pre, n),
+            _stream_pre_bwd, X, grad(dX_post, n * C, 0), dZ, h_res, grad(du, C, 0), grad(dh_pre, n, 0),
             grad(dh_post, n), grad(da_res, k - 2 * n), h_pre, h_post, raw, inv_rms, norm_weight, proj_weight, scale)
         return (as_dtype(dx, X.dtype), as_dtype(dg, norm_weight.dtype), as_dtype(dW, proj_weight.dtype),
                 as_dtype(dscale, scale.dtype), as_dtype(dbias, scale.dtype), None, None)

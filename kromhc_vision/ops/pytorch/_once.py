@@ -45,9 +45,11 @@ def once_differentiable(op: str):
     def decorate(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():  # the usual backward pass (no create_graph): no context to enter
+                return backward(ctx, *grads)
             with torch.no_grad():
                 outputs = backward(ctx, *grads)
-            if not torch.is_grad_enabled() or not any(ctx.needs_input_grad):
+            if not any(ctx.needs_input_grad):
                 return outputs
             anchor = torch.zeros((), requires_grad=True)  # makes the marked outputs require grad
             return tuple(_Refuse.apply(o, anchor, op) if isinstance(o, torch.Tensor) else o for o in outputs)
