@@ -168,3 +168,20 @@ def test_connections_run_the_kernel_on_triton(variant, n, monkeypatch):
     conn = kv.build_connection(variant, n, 8, backend="triton")
     conn(torch.randn(3, n, 8), torch.nn.Identity())
     assert len(calls) == 1 and math.prod(calls[0]) == n
+
+
+def test_first_call_inside_a_cuda_graph_capture_says_to_warm_up(monkeypatch):
+    """The kernels' tables are copied from the host on the first call for a shape and device, which a CUDA graph
+    capture cannot record: a first call there raises, naming the warm-up; after one eager call the capture runs
+    (the capture is simulated: this machine has no GPU)."""
+    factors = (2, 3)
+    logits, perms = logits_for(factors, (4,), torch.float32), perms_for(factors)
+    monkeypatch.setattr(module, "_TABLES", {})
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"inside a CUDA graph capture.*run one step of the model eagerly"):
+        permutation_mix(logits, perms)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    warm = permutation_mix(logits, perms)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    torch.testing.assert_close(permutation_mix(logits, perms), warm, rtol=0, atol=0)

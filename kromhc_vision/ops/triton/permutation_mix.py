@@ -151,9 +151,30 @@ def padded_sizes(factors) -> dict:
                 N2P=max(16, triton.next_power_of_2(n * n)))
 
 
-@functools.lru_cache(maxsize=None)
+_TABLES = {}  # (factors, device) -> the kernels' tables on that device, made on first use
+
+
 def _tables(factors: tuple, device: torch.device):
-    """``IDX (R, K)`` int32, ``STARTS (K + 1)`` int32, ``MIX (R, N2P)`` and ``SEL (R, MP)`` float64 on ``device``."""
+    """``IDX (R, K)`` int32, ``STARTS (K + 1)`` int32, ``MIX (R, N2P)`` and ``SEL (R, MP)`` float64 on ``device``,
+    made on the first call for ``factors`` and ``device`` (copies from the host) and kept.
+
+    That first call cannot happen inside a CUDA graph capture: a copy from pageable host memory is not capturable,
+    and tensors made there would belong to the graph's private pool. Capture after one eager step: the warm-up
+    PyTorch's CUDA graph notes ask for anyway, which the autotuned kernels need too (``torch.compile``'s CUDA
+    graphs, ``mode="reduce-overhead"``, run it themselves)."""
+    key = (factors, device)
+    tables = _TABLES.get(key)
+    if tables is None:
+        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():  # no CUDA, no capture
+            raise RuntimeError(
+                f"the Triton permutation_mix kernels first ran for factors {factors} on {device} inside a CUDA "
+                "graph capture, where their tables cannot be made (a copy from the host); run one step of the "
+                "model eagerly before capturing it (a warm-up, which the autotuned kernels need as well)")
+        tables = _TABLES[key] = _make_tables(factors, device)
+    return tables
+
+
+def _make_tables(factors: tuple, device: torch.device):
     columns, logit_index, starts = mixture_tables(factors)
     sizes = padded_sizes(factors)
     R, n = columns.shape
