@@ -115,3 +115,20 @@ def register_stream_post(fwd, bwd):
 
     register_autograd(fwd, backward, setup_context)
     return lambda X, y, h_res, h_post: apply(fwd, X, y, h_res, h_post)
+
+
+def register_logits_op(fwd, bwd):
+    """Autograd for a pair of custom ops ``fwd(logits, static) -> out`` and ``bwd(logits, static, dout) ->
+    dlogits`` (``Phi``'s ops: ``static`` the Sinkhorn iterations or the permutation factors); the forward saves
+    ``logits`` and ``static``. Returns ``op(logits, static)``, which runs ``fwd`` with that autograd (see
+    :func:`apply`)."""
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.static = inputs[1]
+
+    def backward(ctx, dout):
+        return call(bwd, *ctx.saved_tensors, ctx.static, dout), None
+
+    register_autograd(fwd, backward, setup_context)
+    return lambda logits, static: apply(fwd, logits, static)
+

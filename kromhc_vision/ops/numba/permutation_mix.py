@@ -24,7 +24,7 @@ import numba
 import numpy as np
 import torch
 
-from .._custom_ops import apply, call, custom_op, register_autograd
+from .._custom_ops import custom_op, register_logits_op
 from ...permutations import mixture_tables
 from ..reference import compute_dtype
 from ._common import as_dtype, kernel_array, match_torch_threads
@@ -213,17 +213,7 @@ def _(logits, factors, dout):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-    ctx.factors = inputs[1]
-
-
-def _backward(ctx, dout):
-    logits, = ctx.saved_tensors
-    return call(_permutation_mix_bwd, logits, ctx.factors, dout), None
-
-
-register_autograd(_permutation_mix_fwd, _backward, _setup_context)
+_permutation_mix = register_logits_op(_permutation_mix_fwd, _permutation_mix_bwd)
 
 
 def permutation_mix(logits: torch.Tensor, perms: list) -> torch.Tensor:
@@ -232,4 +222,4 @@ def permutation_mix(logits: torch.Tensor, perms: list) -> torch.Tensor:
     numbers the permutations the same way). Same values as :func:`kromhc_vision.residual_maps.kronecker_birkhoff`.
     """
     factors = [int(p.shape[-1]) for p in perms]
-    return apply(_permutation_mix_fwd, logits, factors)
+    return _permutation_mix(logits, factors)

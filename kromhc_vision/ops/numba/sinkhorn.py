@@ -29,7 +29,7 @@ from numba.core import errors, types
 from numba.extending import overload
 
 from ..reference import compute_dtype
-from .._custom_ops import apply, call, custom_op, register_autograd
+from .._custom_ops import custom_op, register_logits_op
 from ._common import as_dtype, kernel_array, match_torch_threads
 from ._exp import exp_nonpositive
 from ._stack import stack_pointer
@@ -415,16 +415,7 @@ def _(logits, num_iters, dout):
     return torch.empty_like(dout, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-    ctx.num_iters = inputs[1]
-
-
-def _backward(ctx, dout):
-    return call(_sinkhorn_bwd, *ctx.saved_tensors, ctx.num_iters, dout), None
-
-
-register_autograd(_sinkhorn_fwd, _backward, _setup_context)
+_sinkhorn = register_logits_op(_sinkhorn_fwd, _sinkhorn_bwd)
 
 
 def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
@@ -433,4 +424,4 @@ def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
         raise ValueError(f"sinkhorn expects logits of shape (..., n, n), got {tuple(logits.shape)}")
     if num_iters < 1:
         raise ValueError(f"num_iters must be >= 1, got {num_iters}")
-    return apply(_sinkhorn_fwd, logits, num_iters)
+    return _sinkhorn(logits, num_iters)
