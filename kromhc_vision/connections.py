@@ -194,7 +194,7 @@ class HyperConnection(nn.Module):
 
     def _pre(self, X):
         self._check_input(X)
-        scale = self.scale.index_select(0, self.scale_index)  # (2n + m); index_select: half the cost of scale[idx]
+        scale = self.scale[self.scale_index]
         return dispatch.stream_pre(X, self.norm_weight, self.proj_weight, scale, self.bias, self.eps, self.backend)
 
     def _h_res(self, a_res):

@@ -131,4 +131,3 @@ def register_logits_op(fwd, bwd):
 
     register_autograd(fwd, backward, setup_context)
     return lambda logits, static: apply(fwd, logits, static)
-

@@ -121,6 +121,31 @@ def test_opcheck(lead, stream_pre_inputs):
     no_post_no_u = (x.new_zeros(0, n, C), *mix, x.new_zeros(0, C), *grads[2:])
     torch.library.opcheck(torch.ops.kromhc_vision.cpu_stream_pre_bwd.default,
                           (x, *no_post_no_u, h_pre, h_post, raw, inv_rms, g, W, s))
+    no_dh_pre = (*no_post_no_u[:4], x.new_zeros(0, n), *grads[3:])
+    torch.library.opcheck(torch.ops.kromhc_vision.cpu_stream_pre_bwd.default,
+                          (x, *no_dh_pre, h_pre, h_post, raw, inv_rms, g, W, s))
+
+
+def test_backward_reads_gradients_of_no_tokens_as_zero(stream_pre_inputs):
+    """``dX_post``, ``du`` and ``dh_pre`` of 0 tokens (what StreamPre's backward passes for None) give what zeros give,
+    bitwise; a token count other than X's or 0 is refused before the kernel, which would read past it."""
+    x, g, W, s, b = (t.detach() for t in stream_pre_inputs((7,), 4, 5, 4))
+    u, h_pre, h_post, a_res, raw, inv_rms = torch.ops.kromhc_vision.cpu_stream_pre_fwd(x, g, W, s, b, EPS)
+    n, C = x.shape[-2:]
+    mix = (torch.randn_like(x), torch.randn(7, n, n, dtype=x.dtype))
+    dh_post, da_res = torch.randn_like(h_post), torch.randn_like(a_res)
+    bwd = torch.ops.kromhc_vision.cpu_stream_pre_bwd
+
+    def run(dX_post, du, dh_pre, dZ_h_res=mix):
+        return bwd(x, dX_post, *dZ_h_res, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, g, W, s)
+
+    zeros = run(torch.zeros_like(x), x.new_zeros(7, C), x.new_zeros(7, n))
+    for a, z in zip(run(x.new_zeros(0, n, C), x.new_zeros(0, C), x.new_zeros(0, n)), zeros):
+        torch.testing.assert_close(a, z, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dh_pre has 6 tokens; it takes X's 7 or 0"):
+        run(torch.zeros_like(x), x.new_zeros(7, C), x.new_zeros(6, n))
+    with pytest.raises(ValueError, match="h_res has 0 tokens; it takes X's 7 or 0 \\(none\\), as many as dZ"):
+        run(torch.zeros_like(x), x.new_zeros(7, C), x.new_zeros(7, n), (mix[0], x.new_zeros(0, n, n)))
 
 
 @pytest.mark.parametrize("span, parts, line", [(3072, 8, 16), (3072, 3, 16), (100, 8, 16), (5, 8, 16), (0, 4, 16),

@@ -1,9 +1,10 @@
 """Helpers shared by the CPU kernels: threads, and the tensors handed to and from the kernels.
 
 Every PyTorch call on the way to a kernel costs about a microsecond, even one that changes nothing
-(``to`` the same dtype, ``reshape`` to the same shape, ``view``), and a connection step runs some thirty
-arrays through its kernels: these helpers skip the calls that change nothing and reshape on the NumPy side
-(~0.15 us). What is gained is measured by ``benchmarks/bench_connection_cpu.py`` (BENCHMARKS.md).
+(``to`` the same dtype, ``reshape`` to the same shape, ``view``), and a connection's training step (forward and
+backward) runs some fifty arrays through its kernels: these helpers skip the calls that change nothing and
+reshape on the NumPy side (~0.15 us). What is gained is measured by ``benchmarks/bench_connection_cpu.py``
+(BENCHMARKS.md).
 """
 import math
 import threading
@@ -25,8 +26,8 @@ def kernel_array(t: torch.Tensor, dtype: torch.dtype, *shape: int):
     ``reshape``; it is spelled out here, so that tensors of 0 elements work.
 
     One function, each PyTorch call made only where it changes something: this runs for every array a connection
-    hands to its kernels, some fifty per training step. ``detach`` only where ``t`` tracks gradients (it makes a
-    new tensor; most of the arrays are outputs and gradients that track nothing)."""
+    hands to its kernels, some fifty per connection and training step. ``detach`` only where ``t`` tracks gradients
+    (it makes a new tensor; most of the arrays are outputs and gradients that track nothing)."""
     if t.dtype != dtype:
         t = t.to(dtype)
     if t.requires_grad:

@@ -406,6 +406,10 @@ def _stream_pre_bwd(X: torch.Tensor, dX_post: torch.Tensor, dZ: torch.Tensor, h_
     grads = (kernel_array(dX_post, dtype, -1, n, C), kernel_array(dZ, dtype, -1, n, C),
              kernel_array(h_res, dtype, -1, n, n), kernel_array(du, dtype, -1, C), kernel_array(dh_pre, dtype, -1, n),
              kernel_array(dh_post, dtype, T, n), kernel_array(da_res, dtype, T, raw.shape[-1] - 2 * n))
+    for name, g in zip(("dX_post", "dZ", "h_res", "du", "dh_pre"), grads):  # the kernel reads T tokens of each or none
+        if g.shape[0] not in (0, T) or (name == "h_res" and g.shape[0] != grads[1].shape[0]):
+            raise ValueError(f"cpu_stream_pre_bwd: {name} has {g.shape[0]} tokens; it takes X's {T} or 0 (none)"
+                             + (", as many as dZ" if name == "h_res" else ""))
     saved = (kernel_array(t, dtype, T, t.shape[-1]) for t in (h_pre, h_post, raw, inv_rms))
     params = (kernel_array(p, dtype, *p.shape) for p in (norm_weight, proj_weight, scale))
     _kernels(n)[1](x, *grads, *saved, *params, outs[0].numpy().reshape(x.shape), *(o.numpy() for o in outs[1:]),

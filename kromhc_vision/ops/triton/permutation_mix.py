@@ -159,9 +159,9 @@ def _tables(factors: tuple, device: torch.device):
     made on the first call for ``factors`` and ``device`` (copies from the host) and kept.
 
     That first call cannot happen inside a CUDA graph capture: a copy from pageable host memory is not capturable,
-    and tensors made there would belong to the graph's private pool. Capture after one eager step: the warm-up
-    PyTorch's CUDA graph notes ask for anyway, which the autotuned kernels need too (``torch.compile``'s CUDA
-    graphs, ``mode="reduce-overhead"``, run it themselves)."""
+    and tensors made there would belong to the graph's private pool. Run one eager step before capturing (the
+    warm-up PyTorch's CUDA graph notes ask for, which the autotuned kernels need too), outside ``torch.compile``'s
+    CUDA graphs as well: their own warm-up allocates from the graphs' pool, which must not hold these."""
     key = (factors, device)
     tables = _TABLES.get(key)
     if tables is None:
