@@ -197,6 +197,15 @@ class HyperConnection(nn.Module):
         scale = self.scale[self.scale_index]
         return dispatch.stream_pre(X, self.norm_weight, self.proj_weight, scale, self.bias, self.eps, self.backend)
 
+    def _prepare_ops(self) -> None:
+        """Make what the ops keep per device ahead of the first forward pass (see
+        :func:`kromhc_vision.ops.dispatch.prepare_permutation_mix`): when built, and after every move."""
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self._prepare_ops()
+        return module
+
     def _h_res(self, a_res):
         with autocast_off(a_res.device):  # coefficients stay float32 under autocast
             return self.res_matrix(a_res)
@@ -315,6 +324,10 @@ class MHCLite(HyperConnection):
     def __init__(self, num_streams: int, dim: int, *args, **kwargs):
         super().__init__(num_streams, dim, *args, **kwargs)
         self.register_buffer("perms", permutation_matrices(num_streams, device=self.bias.device), persistent=False)
+        self._prepare_ops()
+
+    def _prepare_ops(self) -> None:
+        dispatch.prepare_permutation_mix((self.num_streams,), self.perms.device, self.backend)
 
     @classmethod
     def _check_variant(cls, num_streams: int) -> None:
@@ -345,6 +358,10 @@ class KromHC(HyperConnection):
         self.factors = kronecker_factors(num_streams)
         for k in sorted(set(self.factors)):
             self.register_buffer(f"perms{k}", permutation_matrices(k, device=self.bias.device), persistent=False)
+        self._prepare_ops()
+
+    def _prepare_ops(self) -> None:
+        dispatch.prepare_permutation_mix(self.factors, self.bias.device, self.backend)
 
     @classmethod
     def _check_variant(cls, num_streams: int) -> None:

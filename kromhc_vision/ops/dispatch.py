@@ -171,3 +171,16 @@ def permutation_mix(logits, perms, backend=None):
     for p in perms:  # a loop, which torch.compile(fullgraph=True) traces, where math.prod over a generator breaks
         n *= p.shape[-1]
     return _run("permutation_mix", backend, n, logits, perms)
+
+
+def prepare_permutation_mix(factors, device: torch.device, backend=None) -> None:
+    """Make now what the backend's ``permutation_mix`` would make on its first call for ``factors`` on ``device``:
+    the Triton kernels' tables, copied from the host. The mHC-lite and KromHC connections call this when built and
+    whenever moved (``Module._apply``), so that the first forward pass makes nothing: not inside a CUDA graph
+    capture (which cannot record the copy), nor in ``torch.compile``'s CUDA graph warm-up (whose allocations come
+    from the graphs' private pool). Does nothing where that backend would not run, and raises nothing (a backend
+    that cannot run says so at the first call)."""
+    name = resolve_backend(backend)
+    if name == "triton" or (name == "auto" and device.type == "cuda"):
+        if unavailable_reason("triton", device) is None:
+            backend_module("triton").prepare_permutation_mix(factors, device)

@@ -185,3 +185,24 @@ def test_first_call_inside_a_cuda_graph_capture_says_to_warm_up(monkeypatch):
     warm = permutation_mix(logits, perms)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     torch.testing.assert_close(permutation_mix(logits, perms), warm, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant, n", [("mhclite", 3), ("kromhc", 6)])
+def test_connections_make_the_tables_when_built_and_moved(variant, n, monkeypatch):
+    """On the Triton backend an mHC-lite or KromHC connection makes the kernels' tables when built and when moved
+    (``Module._apply``), so that its first forward pass makes none: it runs inside a (simulated) CUDA graph capture.
+    On the numba backend (``auto`` on CPU) it makes none."""
+    from kromhc_vision.connections import build_connection
+    monkeypatch.setattr(module, "_TABLES", {})
+    build_connection(variant, n, 8)
+    assert module._TABLES == {}
+    conn = build_connection(variant, n, 8, backend="triton")
+    factors = tuple(getattr(conn, "factors", (n,)))
+    assert set(module._TABLES) == {(factors, torch.device("cpu"))}
+    module._TABLES.clear()
+    conn.double()
+    assert set(module._TABLES) == {(factors, torch.device("cpu"))}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    a_res = torch.randn(5, sum(math.factorial(k) for k in factors), dtype=torch.float64)
+    torch.testing.assert_close(conn.res_matrix(a_res), kronecker_birkhoff(a_res, perms_for(factors, torch.float64)))

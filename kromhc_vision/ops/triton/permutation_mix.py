@@ -159,9 +159,9 @@ def _tables(factors: tuple, device: torch.device):
     made on the first call for ``factors`` and ``device`` (copies from the host) and kept.
 
     That first call cannot happen inside a CUDA graph capture: a copy from pageable host memory is not capturable,
-    and tensors made there would belong to the graph's private pool. Run one eager step before capturing (the
-    warm-up PyTorch's CUDA graph notes ask for, which the autotuned kernels need too), outside ``torch.compile``'s
-    CUDA graphs as well: their own warm-up allocates from the graphs' pool, which must not hold these."""
+    and tensors made there would belong to the graph's private pool (as would those made in ``torch.compile``'s
+    CUDA graph warm-up). The mHC-lite and KromHC connections therefore make them when built or moved to a device
+    (:func:`prepare_permutation_mix`); a call from elsewhere should do the same before capturing."""
     key = (factors, device)
     tables = _TABLES.get(key)
     if tables is None:
@@ -183,6 +183,13 @@ def _make_tables(factors: tuple, device: torch.device):
     sel = torch.zeros(R, sizes["MP"], dtype=torch.float64).scatter_(1, torch.from_numpy(logit_index), 1.0)
     as_int = functools.partial(torch.tensor, dtype=torch.int32, device=device)
     return as_int(logit_index.tolist()), as_int(starts.tolist()), mix.to(device), sel.to(device)
+
+
+def prepare_permutation_mix(factors, device: torch.device) -> None:
+    """Make the tables for ``factors`` on ``device`` now, where the kernels take ``factors`` (see
+    :func:`kromhc_vision.ops.dispatch.prepare_permutation_mix`)."""
+    if runs_kernel(factors):
+        _tables(tuple(int(k) for k in factors), device)
 
 
 def runs_kernel(factors) -> bool:
