@@ -1,8 +1,8 @@
 """``benchmarks/bench_models_cpu.py``: its baselines are the architectures they stand for, and a memory-only
 run on the micro family prints one row per variant and setting; the scripts built on its model table
 (``profile_step_cpu.py``, ``time_ops_in_model.py``), ``bench_projection_gemms.py``, ``bench_connection_cpu.py``,
-``bench_permutation_mix.py``, ``bench_numba_cache.py``, ``bench_pre_scaling_cpu.py`` and ``ab_numba_kernels.py``
-run."""
+``bench_permutation_mix.py``, ``bench_numba_cache.py``, ``bench_pre_scaling_cpu.py``, ``ab_numba_kernels.py`` and
+``bench_convnext_downsample_cpu.py`` run."""
 import subprocess
 import sys
 import weakref
@@ -211,3 +211,13 @@ def test_kernel_ab_loads_a_commits_ops_beside_the_trees(capsys):
     with pytest.raises(SystemExit):
         ab_numba_kernels.main(["no-such-commit-xyz", "--ops", "sinkhorn"])
     assert "no-such-commit-xyz" in capsys.readouterr().err
+
+
+def test_convnext_downsample_benchmark_times_both_settings_with_equal_gradients(capsys):
+    import bench_convnext_downsample_cpu
+    bench_convnext_downsample_cpu.main(["--rounds", "1", "--batch", "1", "--streams", "2"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if len(line.split()) == 4 and line.split()[0] in ("off", "on", "residual")}
+    assert set(rows) == {"off", "on", "residual"} and all(float(v) > 0 for r in rows.values() for v in r)
+    assert "on / off (paired, median)" in out and "CPU: " in out

@@ -299,31 +299,34 @@ def saved_shapes(model, x):
     return shapes
 
 
-def test_convnext_downsample_keeps_only_its_input_and_is_counted(monkeypatch):
-    """Under hc_recompute a downsample keeps the stream state it reads (n C per token, by its checkpoint), not its
-    norm's and conv's two tensors of that size over the folded batch (B n images); saved_activation_bytes counts
-    what the checkpoint keeps. The input state, a broadcast view of the stem's output, costs C per token."""
+def test_convnext_downsample_keeps_only_its_folded_input_and_is_counted(monkeypatch):
+    """Under hc_recompute a downsample keeps only the folded streams it reads (n C per token over B n images, by
+    its checkpoint), not its norm's and conv's two tensors of that size, nor the stream state it was folded from;
+    saved_activation_bytes counts what the checkpoint keeps."""
     plain, rec = make_pair("convnext_micro_kromhc", torch.float32, **CONVNEXT)
     B, x = 2, torch.randn(2, 3, 32, 32)
-    folded = [s for s in saved_shapes(rec, x) if len(s) == 4 and s[0] == B * rec.num_streams]
-    assert folded == [], f"the downsample saved tensors over the folded batch: {folded}"
-    assert any(len(s) == 4 and s[0] == B * 4 for s in saved_shapes(plain, x))  # the plain model's do
     dims, sizes = (32, 64, 128), (32, 16, 8)  # convnext_micro's widths and resolutions at its three downsamples
+    folded = [s for s in saved_shapes(rec, x) if len(s) == 4 and s[0] == B * rec.num_streams]
+    assert folded == [(B * 4, c, h, h) for c, h in zip(dims, sizes)], folded  # one each: the checkpoint's input
+    assert sum(len(s) == 4 and s[0] == B * 4 for s in saved_shapes(plain, x)) >= 2 * len(dims)  # norm + conv's
     dropped = sum(2 * B * 4 * c * h * h * 4 for c, h in zip(dims, sizes))  # norm input + conv input, float32
     kept = sum(B * 4 * c * h * h * 4 for c, h in zip(dims, sizes))  # the checkpoints' inputs
     saved_plain, saved_rec = saved_activation_bytes(plain, x), saved_activation_bytes(rec, x)
     assert saved_rec < saved_plain - dropped + kept
-    # what the checkpoints keep is in the count (non-reentrant checkpoint saves its inputs through autograd)
-    inputs = []
+    # the checkpoints' inputs are in the count (non-reentrant checkpoint saves its inputs through autograd), and
+    # the stream states the downsamples read are not kept
+    inputs, folds = [], []
     convnext_hc = sys.modules["kromhc_vision.models.convnext_hc"]
-    stage_forward = convnext_hc._stage_forward
+    stage_forward, fold = convnext_hc._stage_forward, convnext_hc._fold_streams
     monkeypatch.setattr(convnext_hc, "_stage_forward", lambda stage, X: inputs.append(X) or stage_forward(stage, X))
+    monkeypatch.setattr(convnext_hc, "_fold_streams", lambda X: folds.append(fold(X)) or folds[-1])
     counted = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: counted.append(t.untyped_storage().data_ptr()) or t,
                                                   lambda t: t):
         rec(x)
-    downsampled = [X.untyped_storage().data_ptr() for X in inputs[1:]]  # stage 0 has no downsample
-    assert len(downsampled) == 3 and set(downsampled) <= set(counted)
+    assert len(folds) == 3 and {f.untyped_storage().data_ptr() for f in folds} <= set(counted)
+    states = {X.untyped_storage().data_ptr() for X in inputs[1:]}  # stage 0 has no downsample
+    assert len(states) == 3 and not states & set(counted)
 
 
 def test_runtime_setting_leaves_state_dict_and_model_args_alone():

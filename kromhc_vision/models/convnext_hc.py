@@ -65,27 +65,34 @@ class ConvNeXtBlockHC(nn.Module):
         return self.hc(x, self._branch)
 
 
-def _downsample_streams(downsample: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``downsample`` on every stream: ``(B, H, W, n, C) -> (B, H', W', n, C')``, the streams folded into the batch."""
+def _fold_streams(x: torch.Tensor) -> torch.Tensor:
+    """Streams ``(B, H, W, n, C)`` -> ``(B*n, C, H, W)`` in channels-last memory (a copy): the streams as images."""
     B, H, W, n, C = x.shape
-    x = x.permute(0, 3, 1, 2, 4).reshape(B * n, H, W, C).permute(0, 3, 1, 2)  # (B*n, C, H, W) channels last
-    x = downsample(x)
-    return x.permute(0, 2, 3, 1).unflatten(0, (B, n)).permute(0, 2, 3, 1, 4).contiguous()
+    return x.permute(0, 3, 1, 2, 4).reshape(B * n, H, W, C).permute(0, 3, 1, 2)
+
+
+def _unfold_streams(x: torch.Tensor, num_streams: int) -> torch.Tensor:
+    """``(B*n, C, H, W)`` -> streams ``(B, H, W, n, C)``, contiguous: :func:`_fold_streams` undone."""
+    return x.permute(0, 2, 3, 1).unflatten(0, (-1, num_streams)).permute(0, 2, 3, 1, 4).contiguous()
 
 
 def _stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One ConvNeXt stage on streams ``(B, H, W, n, C) -> (B, H', W', n, C')``; the downsample sees B*n images.
 
-    Under ``hc_recompute`` the downsample is checkpointed (``torch.utils.checkpoint``, non-reentrant: it saves its
-    input through autograd, where ``saved_activation_bytes`` counts it): it keeps the stream state it reads
-    (``n C`` per token), where its norm and conv would keep two tensors of that size (the folded copy and the
-    normalised one); both are recomputed in the backward pass.
+    Under ``hc_recompute`` the downsample (norm and conv) is checkpointed (``torch.utils.checkpoint``,
+    non-reentrant: it saves its input through autograd, where ``saved_activation_bytes`` counts it). It keeps the
+    folded streams it reads (``n C`` per token; the fold, a copy, saves nothing, so the stream state itself is
+    freed), where its norm and conv would keep two tensors of that size (the norm's input and the normalised one);
+    the backward pass runs the norm again, not the fold (BENCHMARKS.md ``convnext_fold_outside``).
     """
     if not isinstance(stage.downsample, nn.Identity):
+        num_streams = x.shape[-2]
+        x = _fold_streams(x)
         if recompute.active_session() is not None:
-            x = checkpoint(_downsample_streams, stage.downsample, x, use_reentrant=False)
+            x = checkpoint(stage.downsample, x, use_reentrant=False)
         else:
-            x = _downsample_streams(stage.downsample, x)
+            x = stage.downsample(x)
+        x = _unfold_streams(x, num_streams)
     if stage.grad_checkpointing and not torch.jit.is_scripting():
         with HcModelMixin._hc_suspended():
             return checkpoint_seq(stage.blocks, x)
