@@ -5,8 +5,8 @@ folded into the batch (``B n`` images, :func:`kromhc_vision.models.convnext_hc._
 part alone, at ``convnext_atto``'s three downsamples (56 -> 28 -> 14 -> 7 px at 224 px), forward and backward
 of the three together, ``off`` (plain autograd) and ``on`` (inside a recomputation session, where the
 downsample is checkpointed and its backward runs the norm again), interleaved round by round, medians printed
-with the paired ratio ``on / off``; it refuses to time unless both give the same input gradients bitwise. The residual model's downsamples (``B`` images) are timed in the same rounds
-for scale.
+with the paired ratio ``on / off``; it refuses to time unless both give the same input gradients bitwise. The
+residual model's downsamples (``B`` images) are timed in the same rounds for scale.
 
     python benchmarks/bench_convnext_downsample_cpu.py [--rounds 12] [--batch 16] [--streams 4] [--threads 2]
 
