@@ -99,16 +99,18 @@ def once_optimised():
 
 def stream_pre_args(X, dZ, du, h_res, h_pre, h_post, k, rand):
     """The numba ``stream_pre`` forward's and backward's arguments on the state ``X (T, n, C)`` at ``k``
-    coefficients, the backward as a model's linked one (no ``dX_post``; the post step's ``dZ`` and ``H_res``; every
-    coefficient gradient): ``(fwd_args, bwd_args)``. ``rand(*shape, scale=1.0)`` draws the rest."""
+    coefficients, the backward as a connection's linked one: no ``dX_post``; the post step's ``dZ`` and ``H_res``; no
+    ``dh_pre`` (0 tokens: ``H_pre`` reaches no loss in a connection, and the kernel reads none; a commit before
+    71b9b85 refuses that, as ``ab_numba_kernels.py`` then reports); ``dh_post`` and ``da_res``. ``(fwd_args,
+    bwd_args)``; ``rand(*shape, scale=1.0)`` draws the rest."""
     T, n, C = X.shape
     W, scale, bias = rand(n * C, k, scale=0.05), rand(k, scale=0.1), rand(k)
     g_norm = torch.ones(n * C)
     fwd_args = (X, g_norm, W, scale, bias, 1e-6)
     outs = _custom_ops._IMPLEMENTATIONS[MODULES["stream_pre"]._stream_pre_fwd](*fwd_args)
     raw, inv_rms = outs[4], outs[5]
-    bwd_args = (X, X.new_zeros(0, n * C), dZ, h_res, du, rand(T, n), rand(T, n), rand(T, k - 2 * n), h_pre, h_post,
-                raw, inv_rms, g_norm, W, scale)
+    bwd_args = (X, X.new_zeros(0, n * C), dZ, h_res, du, X.new_zeros(0, n), rand(T, n), rand(T, k - 2 * n), h_pre,
+                h_post, raw, inv_rms, g_norm, W, scale)
     return fwd_args, bwd_args
 
 

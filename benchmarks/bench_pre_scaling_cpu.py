@@ -15,9 +15,9 @@ where the branches run between the connection's kernels). A least-squares line `
   BLAS's time is not linear in ``k`` at these skinny shapes (it pads ``k`` to its vector widths, and reading ``x``
   dominates);
 - ``k-free ms``: ``a``, beside ``copy ms``: the bytes the kernel must move at least (forward: read ``X``, write
-  ``u``; backward, as the models run it with the post step's gradient linked: read ``X``, ``dZ``, ``du``, write
-  ``dX``) over this machine's copy bandwidth (read + write bytes/s of a copy larger than the caches): a floor
-  for data that comes from memory, not for ``--hot`` calls, whose data partly stays in the caches;
+  ``u``; backward, as the models run it with the post step's gradient linked and no ``dh_pre``: read ``X``,
+  ``dZ``, ``du``, write ``dX``) over this machine's copy bandwidth (read + write bytes/s of a copy larger than the
+  caches): a floor for data that comes from memory, not for ``--hot`` calls, whose data partly stays in the caches;
 - ``max resid``: the largest distance of a measured time from its line, for how well ``a + b k`` fits.
 
 Where the kernels take little more than BLAS's bare products and the k-free part is near its copy time, the pre

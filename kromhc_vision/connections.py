@@ -315,69 +315,66 @@ def _permutation_bias(k: int) -> torch.Tensor:
     return bias
 
 
-class MHCLite(HyperConnection):
-    """mHC-lite: ``H_res = sum_k softmax(a_res)_k P_k`` over all n! permutations; exactly doubly stochastic."""
+class _BirkhoffMixConnection(HyperConnection):
+    """``H_res = U_1 (x) ... (x) U_K``, each ``U_k`` a Birkhoff mix (a softmax-weighted sum of the ``i_k!``
+    permutation matrices) of size ``i_k``, the sizes ``factors = factors_of(n)`` with ``prod_k i_k = n``: the base of
+    mHC-lite (one factor) and KromHC. Exactly doubly stochastic."""
 
-    variant = "mhclite"
     OPS = ("stream_pre", "stream_post", "permutation_mix")
 
     def __init__(self, num_streams: int, dim: int, *args, **kwargs):
         super().__init__(num_streams, dim, *args, **kwargs)
-        self.register_buffer("perms", permutation_matrices(num_streams, device=self.bias.device), persistent=False)
+        self.factors = self.factors_of(num_streams)
+        for k in sorted(set(self.factors)):
+            self.register_buffer(f"perms{k}", permutation_matrices(k, device=self.bias.device), persistent=False)
         self._prepare_ops()
 
+    @staticmethod
+    def factors_of(num_streams: int) -> tuple:
+        raise NotImplementedError
+
     def _prepare_ops(self) -> None:
-        dispatch.prepare_permutation_mix((self.num_streams,), self.perms.device, self.backend)
+        dispatch.prepare_permutation_mix(self.factors, self.bias.device, self.backend)
+
+    @classmethod
+    def num_res_logits(cls, num_streams: int) -> int:
+        return sum(math.factorial(k) for k in cls.factors_of(num_streams))
+
+    def res_bias(self):
+        return torch.cat([_permutation_bias(k) for k in self.factors_of(self.num_streams)])
+
+    def res_matrix(self, a_res):
+        return dispatch.permutation_mix(a_res, [getattr(self, f"perms{k}") for k in self.factors], self.backend)
+
+
+class MHCLite(_BirkhoffMixConnection):
+    """mHC-lite: ``H_res = sum_k softmax(a_res)_k P_k`` over all n! permutations; exactly doubly stochastic."""
+
+    variant = "mhclite"
+
+    @staticmethod
+    def factors_of(num_streams: int) -> tuple:
+        return (num_streams,)
 
     @classmethod
     def _check_variant(cls, num_streams: int) -> None:
         check_permutation_size(num_streams, f"mHC-lite with num_streams={num_streams}")
 
-    @staticmethod
-    def num_res_logits(num_streams: int) -> int:
-        return math.factorial(num_streams)
 
-    def res_bias(self):
-        return _permutation_bias(self.num_streams)
-
-    def res_matrix(self, a_res):
-        return dispatch.permutation_mix(a_res, [self.perms], self.backend)
-
-
-class KromHC(HyperConnection):
+class KromHC(_BirkhoffMixConnection):
     """KromHC: ``H_res = U_1 (x) ... (x) U_K`` with ``n = i_1 ... i_K`` and each ``U_k`` a Birkhoff mix of size ``i_k``.
 
     ``factors`` holds ``(i_1, ..., i_K)``: the prime factorisation of n, which minimises ``m = sum_k i_k!``.
     """
 
     variant = "kromhc"
-    OPS = ("stream_pre", "stream_post", "permutation_mix")
-
-    def __init__(self, num_streams: int, dim: int, *args, **kwargs):
-        super().__init__(num_streams, dim, *args, **kwargs)
-        self.factors = kronecker_factors(num_streams)
-        for k in sorted(set(self.factors)):
-            self.register_buffer(f"perms{k}", permutation_matrices(k, device=self.bias.device), persistent=False)
-        self._prepare_ops()
-
-    def _prepare_ops(self) -> None:
-        dispatch.prepare_permutation_mix(self.factors, self.bias.device, self.backend)
+    factors_of = staticmethod(kronecker_factors)
 
     @classmethod
     def _check_variant(cls, num_streams: int) -> None:
         factors = kronecker_factors(num_streams)
         for k in factors:
             check_permutation_size(k, f"KromHC with num_streams={num_streams} (factors {factors})")
-
-    @staticmethod
-    def num_res_logits(num_streams: int) -> int:
-        return sum(math.factorial(k) for k in kronecker_factors(num_streams))
-
-    def res_bias(self):
-        return torch.cat([_permutation_bias(k) for k in kronecker_factors(self.num_streams)])
-
-    def res_matrix(self, a_res):
-        return dispatch.permutation_mix(a_res, [getattr(self, f"perms{k}") for k in self.factors], self.backend)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", factors={self.factors}"
