@@ -5,8 +5,8 @@ folded into the batch (``B n`` images, :func:`kromhc_vision.models.convnext_hc._
 part alone, at ``convnext_atto``'s three downsamples (56 -> 28 -> 14 -> 7 px at 224 px), forward and backward
 of the three together, ``off`` (plain autograd) and ``on`` (inside a recomputation session, where the
 downsample is checkpointed and its backward runs the norm again), interleaved round by round, medians printed
-with the paired ratio ``on / off``; it refuses to time unless both give the same input gradients bitwise. The
-residual model's downsamples (``B`` images) are timed in the same rounds for scale.
+with the paired ratio ``on / off``; it refuses to time unless both give the same gradients (inputs and
+parameters) bitwise. The residual model's downsamples (``B`` images) are timed in the same rounds for scale.
 
     python benchmarks/bench_convnext_downsample_cpu.py [--rounds 12] [--batch 16] [--streams 4] [--threads 2]
 
@@ -16,6 +16,7 @@ import argparse
 import statistics
 import time
 import types
+from pathlib import Path
 
 import timm
 import torch
@@ -32,9 +33,12 @@ def _holder(stage):
     return types.SimpleNamespace(downsample=stage.downsample, blocks=nn.Identity(), grad_checkpointing=False)
 
 
-def _time(fn, inputs, grads, recompute_on: bool, input_grads=None):
-    """Seconds of ``fn`` over ``inputs`` forward (together), then backward (together); the inputs' gradients
-    appended to ``input_grads`` where given."""
+def _time(fn, inputs, grads, recompute_on: bool, params, got=None):
+    """Seconds of ``fn`` over ``inputs`` forward (together), then backward (together), the gradients of
+    ``params`` reset first (as ``zero_grad``); the inputs' and the parameters' gradients appended to ``got`` where
+    given."""
+    for p in params:
+        p.grad = None
     xs = [x.detach().requires_grad_() for x in inputs]
     start = time.perf_counter()
     with recompute.session(1 if recompute_on else 0):
@@ -42,8 +46,8 @@ def _time(fn, inputs, grads, recompute_on: bool, input_grads=None):
     middle = time.perf_counter()
     torch.autograd.backward(outs, grads)
     end = time.perf_counter()
-    if input_grads is not None:
-        input_grads.extend(x.grad for x in xs)
+    if got is not None:
+        got.extend([x.grad for x in xs] + [p.grad for p in params])
     return middle - start, end - middle
 
 
@@ -72,22 +76,25 @@ def main(argv=None):
 
     stream_grads = [torch.randn_like(hyper_fn(i, x)) for i, x in enumerate(streams)]
     image_grads = [torch.randn_like(residual_fn(i, x)) for i, x in enumerate(images)]
-    cases = {"off": (hyper_fn, streams, stream_grads, False), "on": (hyper_fn, streams, stream_grads, True),
-             "residual": (residual_fn, images, image_grads, False)}
+    hyper_params = [p for h in holders for p in h.downsample.parameters()]
+    residual_params = [p for stage in residual.stages[1:] for p in stage.downsample.parameters()]
+    cases = {"off": (hyper_fn, streams, stream_grads, False, hyper_params),
+             "on": (hyper_fn, streams, stream_grads, True, hyper_params),
+             "residual": (residual_fn, images, image_grads, False, residual_params)}
     times = {name: [] for name in cases}
     warm = {name: [] for name in cases}
     for name, case in cases.items():  # warm-up, and the same gradients with recomputation as without
         _time(*case, warm[name])
-    for i, (a, b) in enumerate(zip(warm["off"], warm["on"])):
+    for i, (a, b) in enumerate(zip(warm["off"], warm["on"], strict=True)):
         if not torch.equal(a, b):
-            raise RuntimeError(f"downsample {i}: the input's gradient with recomputation differs by "
-                               f"{(a - b).abs().max().item():.3g}")
+            what = f"input {i}" if i < len(streams) else f"parameter {i - len(streams)}"
+            raise RuntimeError(f"the gradient of {what} with recomputation differs by {(a - b).abs().max().item():.3g}")
     for r in range(args.rounds):
         order = list(cases) if r % 2 == 0 else list(reversed(cases))
         for name in order:
             times[name].append(_time(*cases[name]))
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads; "
-          f"commit {commit()}")
+          f"commit {commit()}; package {Path(kromhc_vision.__file__).parent}")
     print(f"convnext_atto's three downsamples, batch {B}, n = {n}, float32; median of {args.rounds} interleaved rounds")
     print(f"{'case':>9} {'fwd ms':>8} {'bwd ms':>8} {'total ms':>9}")
     for name, rows in times.items():

@@ -62,3 +62,23 @@ def test_compare_writes_results_from_its_runs(tmp_path):
     compare.main(argv)
     assert {p: p.stat().st_mtime_ns for p in out.glob('*.log')} == logs
     assert '(6 reused from an earlier call)' in (tmp_path / 'RESULTS.md').read_text()
+
+
+def test_model_facts_count_the_model_as_the_run_builds_it():
+    """The digits configs train with ``hc_recompute: false``; the activation count must be of that model, not of
+    the models' default (recomputation on), which keeps less."""
+    import timm
+    import torch
+    from kromhc_vision.cli.compare.runs import config_model_kwargs, model_facts
+    from kromhc_vision.memory import saved_activation_bytes
+
+    assert config_model_kwargs("kromhc")["hc_recompute"] is False
+    facts = model_facts("micro", "kromhc", 4, 4)
+
+    def count(recompute):
+        torch.manual_seed(0)
+        model = timm.create_model("vit_micro_patch4_32_kromhc", num_classes=10, img_size=16, num_streams=4,
+                                  hc_recompute=recompute).train()
+        return saved_activation_bytes(model, torch.randn(4, 3, 16, 16))
+
+    assert facts["activation_bytes"] == count(False) > count(True)

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import timm
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import kromhc_vision as kv
 from kromhc_vision import recompute
@@ -314,19 +315,35 @@ def test_convnext_downsample_keeps_only_its_folded_input_and_is_counted(monkeypa
     saved_plain, saved_rec = saved_activation_bytes(plain, x), saved_activation_bytes(rec, x)
     assert saved_rec < saved_plain - dropped + kept
     # the checkpoints' inputs are in the count (non-reentrant checkpoint saves its inputs through autograd), and
-    # the stream states the downsamples read are not kept
-    inputs, folds = [], []
+    # the stream states the downsamples read are freed (nothing keeps them once their stage has run)
+    states, folds = [], []
     convnext_hc = sys.modules["kromhc_vision.models.convnext_hc"]
     stage_forward, fold = convnext_hc._stage_forward, convnext_hc._fold_streams
-    monkeypatch.setattr(convnext_hc, "_stage_forward", lambda stage, X: inputs.append(X) or stage_forward(stage, X))
+    monkeypatch.setattr(convnext_hc, "_stage_forward",
+                        lambda stage, X: states.append(StorageWeakRef(X.untyped_storage())) or stage_forward(stage, X))
     monkeypatch.setattr(convnext_hc, "_fold_streams", lambda X: folds.append(fold(X)) or folds[-1])
     counted = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: counted.append(t.untyped_storage().data_ptr()) or t,
                                                   lambda t: t):
-        rec(x)
+        out = rec(x)
     assert len(folds) == 3 and {f.untyped_storage().data_ptr() for f in folds} <= set(counted)
-    states = {X.untyped_storage().data_ptr() for X in inputs[1:]}  # stage 0 has no downsample
-    assert len(states) == 3 and not states & set(counted)
+    del folds
+    assert len(states) == 4 and all(ref.expired() for ref in states[1:]), "a downsampled stream state is kept"
+    out.sum().backward()  # and the backward runs from what was kept
+
+
+def test_convnext_downsample_of_the_broadcast_stem_output_keeps_the_broadcast(recompute_calls):
+    """With ``patch_size=2`` stage 0 downsamples the stem's output broadcast over the streams (C values per token):
+    under hc_recompute the fold runs inside the checkpoint, which keeps the broadcast view, not a copy of n C;
+    the gradients are those without recomputation."""
+    plain, rec = make_pair("convnext_micro_kromhc", **dict(CONVNEXT, patch_size=2))
+    assert not isinstance(rec.stages[0].downsample, torch.nn.Identity)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    folded_stage0 = (2 * 4, 32, 16, 16)
+    assert folded_stage0 in saved_shapes(plain, x)
+    assert folded_stage0 not in saved_shapes(rec, x)
+    assert_same_grads(step_grads(plain, x), step_grads(rec, x))
+    assert recompute_calls
 
 
 def test_runtime_setting_leaves_state_dict_and_model_args_alone():

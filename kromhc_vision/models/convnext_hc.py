@@ -76,22 +76,31 @@ def _unfold_streams(x: torch.Tensor, num_streams: int) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).unflatten(0, (-1, num_streams)).permute(0, 2, 3, 1, 4).contiguous()
 
 
+def _fold_then_downsample(downsample: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return downsample(_fold_streams(x))
+
+
 def _stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One ConvNeXt stage on streams ``(B, H, W, n, C) -> (B, H', W', n, C')``; the downsample sees B*n images.
 
     Under ``hc_recompute`` the downsample (norm and conv) is checkpointed (``torch.utils.checkpoint``,
-    non-reentrant: it saves its input through autograd, where ``saved_activation_bytes`` counts it). It keeps the
-    folded streams it reads (``n C`` per token; the fold, a copy, saves nothing, so the stream state itself is
-    freed), where its norm and conv would keep two tensors of that size (the norm's input and the normalised one);
-    the backward pass runs the norm again, not the fold (BENCHMARKS.md ``convnext_fold_outside``).
+    non-reentrant: it saves its input through autograd, where ``saved_activation_bytes`` counts it), so that it
+    keeps one tensor of ``n C`` values per token where its norm and conv would keep two (the norm's input and the
+    normalised one). The streams are folded into the batch before the checkpoint, which keeps the folded copy: the
+    fold saves nothing, so the stream state is freed once the stage no longer holds it, and the backward pass runs
+    the norm again, not the fold too (BENCHMARKS.md ``convnext_fold_outside``). Where the fold is a view (B = 1
+    or n = 1) the checkpoint keeps a view of the state instead: the same bytes. A state broadcast over the
+    streams (stride 0, ``C`` values per token: the stem's output, where a stage 0 downsamples) is folded inside
+    the checkpoint, so that only the broadcast view is kept.
     """
     if not isinstance(stage.downsample, nn.Identity):
         num_streams = x.shape[-2]
-        x = _fold_streams(x)
-        if recompute.active_session() is not None:
-            x = checkpoint(stage.downsample, x, use_reentrant=False)
+        if recompute.active_session() is None:
+            x = stage.downsample(_fold_streams(x))
+        elif x.stride(-2) == 0:
+            x = checkpoint(_fold_then_downsample, stage.downsample, x, use_reentrant=False)
         else:
-            x = stage.downsample(x)
+            x = checkpoint(stage.downsample, _fold_streams(x), use_reentrant=False)
         x = _unfold_streams(x, num_streams)
     if stage.grad_checkpointing and not torch.jit.is_scripting():
         with HcModelMixin._hc_suspended():

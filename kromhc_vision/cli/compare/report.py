@@ -178,7 +178,9 @@ def write_results(path: Path, args, prov, records, tables, refused, counts, wall
              '- Extra params: over the residual model of the same size. Throughput: median training images/s '
              'of the epochs after the first, mean over seeds, ratio to residual in this run. Peak memory: '
              '`train.py`\'s peak (CUDA max allocated; on CPU the process RSS, mostly libraries). Activations: '
-             'bytes autograd keeps for the backward pass of one training batch (`kromhc_vision.memory`).',
+             'bytes autograd keeps for the backward pass of one training batch (`kromhc_vision.memory`), of the '
+             'model as the runs build it (the configs\' `model_kwargs`, '
+             f"`hc_recompute` {(cfg.get('model_kwargs') or {}).get('hc_recompute', 'the default')}).",
              f'- Diagnostics (`kromhc_vision.diagnostics`): on the first {args.diag_images} validation images, '
              'after every epoch; max |row/col sum − 1| of H_res over all epochs, layers and tokens; composite '
              'gain = largest absolute row or column sum of H_res^(l)…H_res^(1) over depth l and tokens at the '

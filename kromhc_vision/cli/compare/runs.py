@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from timm.models import create_model
 
 import kromhc_vision as kv
@@ -117,9 +118,17 @@ def train_run(args, size, variant, n, seed, commit) -> dict:
     return dict(record, reused=False)
 
 
+def config_model_kwargs(variant) -> dict:
+    """The ``model_kwargs`` of ``configs/digits_<variant>.yaml`` (e.g. ``hc_recompute: false``)."""
+    return yaml.safe_load((ROOT / 'configs' / f'digits_{variant}.yaml').read_text()).get('model_kwargs') or {}
+
+
 def model_facts(size, variant, n, batch_size) -> dict:
-    """Parameters and the activation bytes of one training forward at the configs' batch size."""
+    """Parameters and the activation bytes of one training forward at the configs' batch size, of the model as
+    the run builds it: the config's ``model_kwargs`` with the size's and ``num_streams`` over them (train.py's
+    ``--model-kwargs`` overrides the config key by key)."""
     name, kwargs = model_settings(size, variant, n)
+    kwargs = {**config_model_kwargs(variant), **kwargs}
     torch.manual_seed(0)
     model = create_model(name, num_classes=10, **kwargs).train()
     images = torch.randn(batch_size, 3, kwargs['img_size'], kwargs['img_size'])
