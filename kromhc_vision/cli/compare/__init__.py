@@ -35,7 +35,7 @@ import kromhc_vision as kv
 from ...data import digits_folder
 from .benchmarks import run_benchmarks
 from .report import provenance, write_benchmarks, write_results
-from .runs import ROOT, SIZES, configurations, model_facts, train_run
+from .runs import ROOT, SIZES, configurations, digits_config, model_facts, train_run
 from .stats import summarize, throughput
 
 __all__ = ['parse_args', 'main', 'configurations']
@@ -100,7 +100,7 @@ def main(argv=None):
     configs = list(configurations(args))
     refused = [(s, v, n, why) for s, v, n, why in configs if why]
     runnable = [(s, v, n) for s, v, n, why in configs if not why]
-    recipe = yaml.safe_load((ROOT / 'configs' / 'digits_residual.yaml').read_text())  # the configs share it
+    recipe = yaml.safe_load(digits_config('residual').read_text())  # the configs share it
     facts = {c: model_facts(*c, recipe['batch_size']) for c in runnable}
     records = []
     total = len(runnable) * args.seeds

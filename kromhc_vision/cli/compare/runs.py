@@ -49,9 +49,14 @@ def model_settings(size, variant, n):
     return spec['model'].format(variant=variant), kwargs
 
 
+def digits_config(variant) -> Path:
+    """``configs/digits_<variant>.yaml``: the run's config (train.py ``-c``)."""
+    return ROOT / 'configs' / f'digits_{variant}.yaml'
+
+
 def train_command(size, variant, n, seed, epochs, out, name):
     model, kwargs = model_settings(size, variant, n)
-    return [sys.executable, str(ROOT / 'train.py'), '-c', str(ROOT / 'configs' / f'digits_{variant}.yaml'),
+    return [sys.executable, str(ROOT / 'train.py'), '-c', str(digits_config(variant)),
             '--model', model, '--model-kwargs', *(f'{k}={v}' for k, v in kwargs.items()), '--seed', str(seed),
             '--epochs', str(epochs), '--checkpoint-hist', str(epochs), '--output', str(out), '--experiment', name,
             *SIZES[size]['train_args']]
@@ -119,8 +124,8 @@ def train_run(args, size, variant, n, seed, commit) -> dict:
 
 
 def config_model_kwargs(variant) -> dict:
-    """The ``model_kwargs`` of ``configs/digits_<variant>.yaml`` (e.g. ``hc_recompute: false``)."""
-    return yaml.safe_load((ROOT / 'configs' / f'digits_{variant}.yaml').read_text()).get('model_kwargs') or {}
+    """The ``model_kwargs`` of the run's config (e.g. ``hc_recompute: false``)."""
+    return yaml.safe_load(digits_config(variant).read_text()).get('model_kwargs') or {}
 
 
 def model_facts(size, variant, n, batch_size) -> dict:
