@@ -1,4 +1,5 @@
-"""What the script tests share: the root scripts (train.py, eval.py) loaded as modules, the tiny training recipe."""
+"""What the script tests share: the root scripts (train.py, eval.py) loaded as modules, the tiny training recipe,
+the end of the tests' own DDP scripts."""
 import functools
 import importlib.util
 from pathlib import Path
@@ -18,3 +19,19 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# The end of a test's own DDP script (one that holds its DistributedDataParallel wrapper as the global ``ddp``).
+# The wrapper holds the process group, so destroy_process_group alone leaves gloo's worker threads running into
+# interpreter shutdown; one of them releasing a finished collective's tensors there takes the GIL and aborts the
+# process ("terminate called without an active exception", exit -6: a few runs in a hundred on 2 cores). Dropped
+# first, the group goes with destroy_process_group, which joins its threads; the assert proves they are gone.
+END_DDP_SCRIPT = """
+import gc, os
+del ddp
+gc.collect()
+dist.destroy_process_group()
+if os.path.isdir('/proc/self/task'):
+    threads = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]
+    assert not [t for t in threads if 'gloo' in t], f'gloo threads outlive the process group: {threads}'
+"""

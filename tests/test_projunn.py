@@ -319,7 +319,6 @@ if rank == 0:
     assert torch.equal(gathered[0], gathered[1]), (gathered[0] - gathered[1]).abs().max()
     assert max(orthogonality_error(p) for p in model.parameters() if is_orthogonal(p)) < 1e-5
     print('RANKS EQUAL')
-dist.destroy_process_group()
 '''
 
 
@@ -332,7 +331,8 @@ def test_two_gloo_ranks_stay_identical(tmp_path, sampler):
     import subprocess
     import sys
     script = tmp_path / 'ddp_projunn.py'
-    script.write_text(DDP_SCRIPT)
+    from _scripts import END_DDP_SCRIPT
+    script.write_text(DDP_SCRIPT + END_DDP_SCRIPT)
     out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                           str(script), sampler], capture_output=True, text=True, timeout=300,
                          env={**os.environ, 'OMP_NUM_THREADS': '1'})

@@ -232,14 +232,14 @@ DDP_SCRIPT = textwrap.dedent("""
     worst = max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0])
     with open(out + str(rank), 'w') as f:
         f.write(repr(worst))
-    dist.destroy_process_group()
 """)
 
 
 @pytest.mark.slow  # two fresh interpreters importing torch and timm
 def test_ddp_two_gloo_processes_gradients_equal(tmp_path):
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
+    from _scripts import END_DDP_SCRIPT
+    script.write_text(DDP_SCRIPT + END_DDP_SCRIPT)
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -242,6 +242,30 @@ def test_two_gloo_processes_match_one_process_with_augmentation_and_shuffled_bat
         torch.testing.assert_close(ddp[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
+THREADS_AFTER_MAIN = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import train
+train.main(sys.argv[2:])
+threads = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]
+assert not [t for t in threads if 'gloo' in t], f'rank {os.environ["RANK"]}: gloo threads outlive main(): {threads}'
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='reads the threads from /proc')
+def test_ddp_run_ends_with_its_process_group_gone(tmp_path, data):
+    """train.py's main() destroys the process group for good: no gloo worker thread is left for the interpreter's
+    shutdown, where one releasing a finished collective's tensors aborts the process (exit -6 after a good run; see
+    END_DDP_SCRIPT in _scripts.py). The non-primary rank returns right after the last collective, the tightest
+    case."""
+    script = tmp_path / 'threads_after_main.py'
+    script.write_text(THREADS_AFTER_MAIN)
+    argv = [*TINY, '--data-dir', data, '--epochs', 1, '--output', tmp_path, '--experiment', 'ddp', '--batch-size', 5]
+    out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                          script, ROOT, *map(str, argv)], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 def test_bf16_amp_grad_checkpointing_accumulation_and_clipping_run(tmp_path, data):
     run(*TINY, '--data-dir', data, '--epochs', 1, '--amp', '--amp-dtype', 'bfloat16', '--grad-checkpointing',
         '--grad-accum-steps', 2, '--clip-grad', 1.0, '--output', tmp_path, '--experiment', 'amp')
