@@ -28,6 +28,7 @@ run unless ``--overwrite``, and locked while a run uses it (:mod:`kromhc_vision.
 A non-finite loss stops the run with exit status 1 before the update, naming the step; the last checkpoint is
 then the last good one. Invalid configs stop with exit status 2 before any work.
 """
+import gc
 import json
 import logging
 import math
@@ -434,6 +435,16 @@ def train(args, args_text, run_dir):
               f"loss {eval_metrics['loss']:.4f}); outputs in {out.dir}", flush=True)
 
 
+def end_distributed():
+    """Destroy the process group for good. The DistributedDataParallel model holds it (``destroy_process_group``
+    alone leaves it alive then): collected first (it sits in reference cycles), the group goes with
+    ``destroy_process_group``, which joins gloo's worker threads. Left running into the interpreter's shutdown,
+    one of them releasing a finished collective's tensors takes the GIL and aborts the process (exit -6 after a
+    good run)."""
+    gc.collect()
+    torch.distributed.destroy_process_group()
+
+
 def main(argv=None):
     if not logging.root.handlers:  # not yet configured (e.g. by a test runner)
         setup_default_logging()
@@ -444,21 +455,26 @@ def main(argv=None):
     except ConfigError as e:
         sys.stderr.write(f'train.py: error: {e}\n')
         sys.exit(2)
-    lock = None
+    lock, error = None, None
     try:
         if int(os.environ.get('RANK', 0)) == 0:  # the process that writes the run folder (rank 0 under torchrun)
             lock = open_run_dir(args, run_dir)  # and checks it again, under the lock
         train(args, args_text, run_dir)
     except ConfigError as e:
-        sys.stderr.write(f'train.py: error: {e}\n')
-        sys.exit(2)
+        error = f'train.py: error: {e}', 2
     except (NonFiniteLoss, CheckpointWriteError) as e:
-        raise SystemExit(f'train.py: error: {e}') from None  # exit status 1
-    finally:
+        error = f'train.py: error: {e}', 1
+    finally:  # a handled error's traceback is gone here, and with it train()'s frame, whose model holds the group
         if lock is not None:
             lock.release()
         if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            end_distributed()
+    if error is not None:
+        message, status = error
+        if status == 2:
+            sys.stderr.write(message + '\n')
+            sys.exit(2)
+        raise SystemExit(message)  # exit status 1
 
 
 if __name__ == '__main__':

@@ -246,25 +246,39 @@ THREADS_AFTER_MAIN = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
 import train
-train.main(sys.argv[2:])
-threads = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]
-assert not [t for t in threads if 'gloo' in t], f'rank {os.environ["RANK"]}: gloo threads outlive main(): {threads}'
+
+
+def gloo_threads():
+    names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]
+    return [n for n in names if 'gloo' in n]
+
+
+try:
+    train.main(sys.argv[2:])
+    left, outcome = gloo_threads(), 'done'
+except SystemExit as e:  # as the interpreter's shutdown would start: with the exit still propagating
+    left, outcome = gloo_threads(), f'exit: {e.code}'
+print(f"rank {os.environ['RANK']}: {outcome}", flush=True)
+assert not left, f"rank {os.environ['RANK']}: gloo threads outlive main(): {left}"
 """
 
 
 @pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='reads the threads from /proc')
-def test_ddp_run_ends_with_its_process_group_gone(tmp_path, data):
-    """train.py's main() destroys the process group for good: no gloo worker thread is left for the interpreter's
-    shutdown, where one releasing a finished collective's tensors aborts the process (exit -6 after a good run; see
-    END_DDP_SCRIPT in _scripts.py). The non-primary rank returns right after the last collective, the tightest
-    case."""
+@pytest.mark.parametrize('ending', ['done', 'non-finite loss'])
+def test_ddp_run_ends_with_its_process_group_gone(tmp_path, data, ending):
+    """train.py's main() destroys the process group for good, after a run and after one that stops with an error:
+    no gloo worker thread is left for the interpreter's shutdown, where one releasing a finished collective's
+    tensors aborts the process (exit -6 for a run that ended well or with its own error; see END_DDP_SCRIPT in
+    _scripts.py). An error's traceback must not keep the DistributedDataParallel model, which holds the group."""
     script = tmp_path / 'threads_after_main.py'
     script.write_text(THREADS_AFTER_MAIN)
     argv = [*TINY, '--data-dir', data, '--epochs', 1, '--output', tmp_path, '--experiment', 'ddp', '--batch-size', 5]
+    if ending != 'done':  # as test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
+        argv += ['--epochs', 3, '--lr', 1e10, '--warmup-epochs', 1, '--warmup-lr', 1e-4]
     out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                           script, ROOT, *map(str, argv)], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-
+    assert out.stdout.count(ending) == 2, out.stdout
 
 def test_bf16_amp_grad_checkpointing_accumulation_and_clipping_run(tmp_path, data):
     run(*TINY, '--data-dir', data, '--epochs', 1, '--amp', '--amp-dtype', 'bfloat16', '--grad-checkpointing',
