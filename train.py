@@ -455,26 +455,23 @@ def main(argv=None):
     except ConfigError as e:
         sys.stderr.write(f'train.py: error: {e}\n')
         sys.exit(2)
-    lock, error = None, None
+    lock, exit_with = None, None
     try:
         if int(os.environ.get('RANK', 0)) == 0:  # the process that writes the run folder (rank 0 under torchrun)
             lock = open_run_dir(args, run_dir)  # and checks it again, under the lock
         train(args, args_text, run_dir)
     except ConfigError as e:
-        error = f'train.py: error: {e}', 2
+        sys.stderr.write(f'train.py: error: {e}\n')
+        exit_with = 2
     except (NonFiniteLoss, CheckpointWriteError) as e:
-        error = f'train.py: error: {e}', 1
+        exit_with = f'train.py: error: {e}'  # printed, exit status 1
     finally:  # a handled error's traceback is gone here, and with it train()'s frame, whose model holds the group
         if lock is not None:
             lock.release()
         if torch.distributed.is_initialized():
             end_distributed()
-    if error is not None:
-        message, status = error
-        if status == 2:
-            sys.stderr.write(message + '\n')
-            sys.exit(2)
-        raise SystemExit(message)  # exit status 1
+    if exit_with is not None:
+        raise SystemExit(exit_with)
 
 
 if __name__ == '__main__':

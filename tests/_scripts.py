@@ -21,17 +21,27 @@ def load_script(name: str):
     return module
 
 
+# Script code defining gloo_threads(): the names of the running process's threads that are gloo's (Linux: /proc).
+GLOO_THREADS = """
+import os
+
+
+def gloo_threads():
+    names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]
+    return [n for n in names if 'gloo' in n]
+"""
+
+
 # The end of a test's own DDP script (one that holds its DistributedDataParallel wrapper as the global ``ddp``).
 # The wrapper holds the process group, so destroy_process_group alone leaves gloo's worker threads running into
 # interpreter shutdown; one of them releasing a finished collective's tensors there takes the GIL and aborts the
 # process ("terminate called without an active exception", exit -6: a few runs in a hundred on 2 cores). Dropped
 # first, the group goes with destroy_process_group, which joins its threads; the assert proves they are gone.
-END_DDP_SCRIPT = """
-import gc, os
+END_DDP_SCRIPT = GLOO_THREADS + """
+import gc
 del ddp
 gc.collect()
 dist.destroy_process_group()
 if os.path.isdir('/proc/self/task'):
-    threads = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]
-    assert not [t for t in threads if 'gloo' in t], f'gloo threads outlive the process group: {threads}'
+    assert not gloo_threads(), f'gloo threads outlive the process group: {gloo_threads()}'
 """

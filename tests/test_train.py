@@ -18,7 +18,7 @@ from kromhc_vision.cli import ConfigError
 from kromhc_vision.cli.train_config import parse_args, validate
 from kromhc_vision.models._hc_common import VARIANTS
 
-from _scripts import ROOT, TINY, load_script
+from _scripts import GLOO_THREADS, ROOT, TINY, load_script
 
 CONFIGS = sorted((ROOT / 'configs').rglob('*.yaml'))
 train_script = load_script('train')
@@ -242,16 +242,10 @@ def test_two_gloo_processes_match_one_process_with_augmentation_and_shuffled_bat
         torch.testing.assert_close(ddp[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
-THREADS_AFTER_MAIN = """
-import os, sys
+THREADS_AFTER_MAIN = GLOO_THREADS + """
+import sys
 sys.path.insert(0, sys.argv[1])
 import train
-
-
-def gloo_threads():
-    names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]
-    return [n for n in names if 'gloo' in n]
-
 
 try:
     train.main(sys.argv[2:])
@@ -272,13 +266,16 @@ def test_ddp_run_ends_with_its_process_group_gone(tmp_path, data, ending):
     _scripts.py). An error's traceback must not keep the DistributedDataParallel model, which holds the group."""
     script = tmp_path / 'threads_after_main.py'
     script.write_text(THREADS_AFTER_MAIN)
-    argv = [*TINY, '--data-dir', data, '--epochs', 1, '--output', tmp_path, '--experiment', 'ddp', '--batch-size', 5]
-    if ending != 'done':  # as test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
+    argv = [*TINY, '--data-dir', data, '--output', tmp_path, '--experiment', 'ddp', '--batch-size', 5]
+    if ending == 'done':
+        argv += ['--epochs', 1]
+    else:  # as test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
         argv += ['--epochs', 3, '--lr', 1e10, '--warmup-epochs', 1, '--warmup-lr', 1e-4]
     out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                           script, ROOT, *map(str, argv)], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count(ending) == 2, out.stdout
+
 
 def test_bf16_amp_grad_checkpointing_accumulation_and_clipping_run(tmp_path, data):
     run(*TINY, '--data-dir', data, '--epochs', 1, '--amp', '--amp-dtype', 'bfloat16', '--grad-checkpointing',
