@@ -36,6 +36,7 @@ import os
 import resource
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -445,6 +446,21 @@ def end_distributed():
     torch.distributed.destroy_process_group()
 
 
+def drop_frame_locals(error: BaseException):
+    """Clear the local variables of the finished frames in ``error``'s traceback and in those of the errors it was
+    raised from or during: they keep ``train()``'s DistributedDataParallel model, and so the process group, for as
+    long as the error propagates (to the interpreter's shutdown for one nothing catches). The traceback still
+    prints (files, lines, source), without the values a post-mortem debugger would show."""
+    pending, seen = [error], set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)  # skips the frames still running (this one's caller)
+        pending += [error.__cause__, error.__context__]
+
+
 def main(argv=None):
     if not logging.root.handlers:  # not yet configured (e.g. by a test runner)
         setup_default_logging()
@@ -465,7 +481,11 @@ def main(argv=None):
         exit_with = 2
     except (NonFiniteLoss, CheckpointWriteError) as e:
         exit_with = f'train.py: error: {e}'  # printed, exit status 1
-    finally:  # a handled error's traceback is gone here, and with it train()'s frame, whose model holds the group
+    except BaseException as e:  # a bug or Ctrl-C: it propagates as it came, without its frames' locals
+        if torch.distributed.is_initialized():
+            drop_frame_locals(e)
+        raise
+    finally:  # train()'s frame, whose model holds the group, is gone: a handled error's traceback, any other's locals
         if lock is not None:
             lock.release()
         if torch.distributed.is_initialized():
