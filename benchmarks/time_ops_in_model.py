@@ -8,7 +8,12 @@ wraps the connections' parts in ``perf_counter`` timers instead and runs ordinar
   (BLAS GEMMs, kernels, wrappers; a backward also whatever recomputation its saved tensors trigger);
 - ``op``: each kernel backend function the Functions reach through ``_custom_ops.call`` (the numba kernels
   with their argument handling);
-- ``Phi``: forming ``H_res`` from ``a_res``; ``recompute``: ``hc_recompute``'s segment recomputations.
+- ``kernel``: each numba kernel alone (the compiled function's call, dispatch included): an ``op`` row less its
+  ``kernel`` rows is what the op's Python wrapper costs inside the model, where the branches between the
+  connections' calls leave the caches cold for it;
+- ``Phi``: forming ``H_res`` from ``a_res``; ``recompute``: ``hc_recompute``'s segment recomputations, and its
+  Python around the ops: ``pack`` / ``unpack`` (the saved-tensor hooks, ``unpack`` including the recomputation
+  it triggers) and ``form_res_matrix`` (``Phi`` and the decision to keep ``H_res``).
 
 Rows nest (a Function includes its ops): do not add them up. The step time of the residual model (timm's, the
 same pairs as ``bench_models_cpu.py``) is measured in the same process, interleaved, for scale.
@@ -21,6 +26,7 @@ import collections
 import contextlib
 import statistics
 import time
+from importlib import import_module
 
 import timm
 import torch
@@ -33,13 +39,15 @@ from kromhc_vision.ops import _custom_ops
 
 def _functions():
     """The ops layer's autograd Functions: (label, class)."""
-    from importlib import import_module
     found = [(cls.__name__.removeprefix("Eager_"), cls) for cls in _custom_ops._EAGER_FUNCTIONS.values()]
     for package, module, name in (("numba", "stream_pre", "StreamPre"), ("numba", "stream_post", "LinkedStreamPost"),
                                   ("pytorch", "stream_pre", "StreamPre"),
                                   ("pytorch", "stream_post", "StreamPost"), ("pytorch", "permutation_mix", "BirkhoffMix")):
         found.append((f"{package} {name}", getattr(import_module(f"kromhc_vision.ops.{package}.{module}"), name)))
     return found
+
+
+NUMBA_OP_MODULES = ("stream_pre", "stream_post", "sinkhorn", "permutation_mix")
 
 
 @contextlib.contextmanager
@@ -57,24 +65,50 @@ def timers(totals: collections.defaultdict, calls: collections.Counter):
                 calls[row] += 1
         return wrapper
 
-    def patch(owner, name, row, static=False):
+    def replace(owner, name, make):
+        """``owner``'s ``name`` (a class attribute or a dict entry) becomes ``make(original)``."""
         original = owner.__dict__[name] if isinstance(owner, type) else owner[name]
-        fn = original.__func__ if static else original
-        new = staticmethod(timed(row, fn)) if static else timed(row, fn)
         if isinstance(owner, type):
-            setattr(owner, name, new)
+            setattr(owner, name, make(original))
             undo.append(lambda: setattr(owner, name, original))
         else:
-            owner[name] = new
+            owner[name] = make(original)
             undo.append(lambda: owner.__setitem__(name, original))
+
+    def patch(owner, name, row, static=False):
+        replace(owner, name, lambda original: staticmethod(timed(row, original.__func__)) if static
+                else timed(row, original))
+
+    def timed_factory(module_name):
+        """A numba op module's ``_kernels(...)`` (its kernels for a stream count) with each kernel timed."""
+        def make(factory):
+            made = {}
+
+            def kernels(*args):
+                if args not in made:
+                    made[args] = tuple(timed(f"kernel numba.{module_name}.{kernel.__name__}", kernel)
+                                       for kernel in factory(*args))
+                return made[args]
+            return kernels
+        return make
 
     for label, cls in _functions():
         patch(cls, "forward", f"Function {label}.forward", static=True)
         patch(cls, "backward", f"Function {label}.backward", static=True)
     for op, fn in list(_custom_ops._IMPLEMENTATIONS.items()):
         patch(_custom_ops._IMPLEMENTATIONS, op, f"op {'.'.join(fn.__module__.split('.')[-2:])}.{fn.__name__}")
+    for name in NUMBA_OP_MODULES:
+        module = import_module(f"kromhc_vision.ops.numba.{name}")
+        if "_kernels" in module.__dict__:  # a factory of (forward, backward) kernels per stream count
+            replace(module.__dict__, "_kernels", timed_factory(name))
+        else:  # the kernels as module globals
+            for attribute in ("_forward_kernel", "_backward_kernel"):
+                patch(module.__dict__, attribute, f"kernel numba.{name}.{attribute.strip('_')}")
     patch(HyperConnection, "_h_res", "Phi")
     patch(recompute._Segment, "recompute", "recompute")
+    patch(recompute._Segment, "_pack", "recompute: pack")
+    patch(recompute.__dict__, "_unpack", "recompute: unpack")
+    patch(recompute._Segment, "form_res_matrix", "recompute: form_res_matrix")
     try:
         yield
     finally:

@@ -95,15 +95,23 @@ def test_projection_gemm_spellings_agree_and_print(capsys):
 
 
 def test_in_model_timers_see_every_part_and_are_undone(capsys):
+    import importlib
+    from kromhc_vision import recompute
     from kromhc_vision.ops.numba.stream_pre import StreamPre
-    forward = StreamPre.__dict__["forward"]
+    pre, sinkhorn = (importlib.import_module(f"kromhc_vision.ops.numba.{m}") for m in ("stream_pre", "sinkhorn"))
+    patched = [(StreamPre.__dict__, "forward"), (pre.__dict__, "_kernels"), (sinkhorn.__dict__, "_kernels"),
+               (recompute.__dict__, "_unpack"), (recompute._Segment.__dict__, "_pack")]
+    before = [owner[name] for owner, name in patched]
     time_ops_in_model.main(["--model", "micro", "--variant", "mhc", "--steps", "1", "--batch", "2",
                             "--threads", str(torch.get_num_threads()), "--cpu-malloc", "default"])
-    assert StreamPre.__dict__["forward"] is forward
+    assert [owner[name] for owner, name in patched] == before
     rows = {line[26:] for line in capsys.readouterr().out.splitlines()[3:]}
     # 12 connections: one pre and one post step each, forward and backward; segments of 3 recomputed
     assert {"Function numba StreamPre.forward", "Function numba StreamPre.backward", "Phi", "recompute",
-            "op numba.stream_post._stream_post_bwd", "op numba.stream_pre._stream_pre_fwd"} <= rows
+            "op numba.stream_post._stream_post_bwd", "op numba.stream_pre._stream_pre_fwd",
+            "kernel numba.stream_pre.forward", "kernel numba.stream_pre.backward", "kernel numba.stream_post.forward",
+            "kernel numba.sinkhorn.forward", "recompute: pack", "recompute: unpack",
+            "recompute: form_res_matrix"} <= rows
 
 
 def test_kernel_codes_survives_dead_weak_proxies():
