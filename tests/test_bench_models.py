@@ -109,7 +109,8 @@ def test_in_model_timers_see_every_part_and_are_undone(capsys):
     # 12 connections: one pre and one post step each, forward and backward; segments of 3 recomputed
     assert {"Function numba StreamPre.forward", "Function numba StreamPre.backward", "Phi", "recompute",
             "op numba.stream_post._stream_post_bwd", "op numba.stream_pre._stream_pre_fwd",
-            "kernel numba.stream_pre.forward", "kernel numba.stream_pre.backward", "kernel numba.stream_post.forward",
+            "kernel numba.stream_pre.forward", "kernel numba.stream_pre.backward",
+            "kernel numba.stream_post.forward",
             "kernel numba.sinkhorn.forward", "recompute: pack", "recompute: unpack",
             "recompute: form_res_matrix"} <= rows
 

@@ -10,7 +10,11 @@ import math
 import threading
 
 import numba
+import numpy as np
 import torch
+from numba import types
+from numba.core import ir_utils
+from numba.extending import intrinsic
 
 _thread_count = threading.local()  # what match_torch_threads last set in this thread (numba's setting is per thread)
 
@@ -39,6 +43,54 @@ def kernel_array(t: torch.Tensor, dtype: torch.dtype, *shape: int):
         rest = math.prod(shape[1:])
         shape = (array.size // rest if rest else 0, *shape[1:])
     return array.reshape(shape)
+
+
+# A scalar of each compute dtype: the argument that types a kernel taking its tensors as addresses
+# (:func:`token_array`), so that numba compiles one specialisation per dtype as it does for arrays.
+KERNEL_SCALARS = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
+
+
+def kernel_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` and C-contiguous, for a kernel that takes its address (``t.data_ptr()``): ``t`` itself
+    where it already is, else a copy, which the caller must hold until the kernel returns."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t
+
+
+@intrinsic
+def _typed_pointer(typingctx, address, like):
+    """The integer ``address`` as a pointer to values of ``like``'s type (a float scalar)."""
+    if not isinstance(address, types.Integer) or not isinstance(like, types.Float):
+        return None
+    pointer = types.CPointer(like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+    return pointer(address, like), codegen
+
+
+@numba.njit(inline="always")
+def token_array(address, like, shape):
+    """Inside a kernel: the C-contiguous array of ``shape`` at ``address`` (a tensor's ``data_ptr()``), of
+    ``like``'s dtype. Kernels take tensors as addresses, not NumPy arrays: in a model, where the branches between
+    a connection's calls leave the caches cold, making and unboxing NumPy arrays costs each op call tens of
+    microseconds (BENCHMARKS.md ``kernel_addresses``). The caller checks every size against ``shape``."""
+    return numba.carray(_typed_pointer(address, like), shape)
+
+
+def _alias_of_the_arguments(lhs, args, alias_map, arg_aliases):
+    arg_aliases.add(lhs)
+
+
+# numba's dead-code elimination in parallel loops takes an array that ``numba.carray`` makes for a kernel to be the
+# kernel's own (as ``np.empty``'s): its stores inside a ``prange``, never read back there, were dropped (an
+# output of a kernel above left unwritten; tests/ops/test_numba_common.py). The array is the caller's memory:
+# registered as aliasing the kernel's arguments, its stores stay.
+ir_utils.alias_func_extensions[("carray", "numba")] = _alias_of_the_arguments
 
 
 def match_torch_threads() -> int:

@@ -15,7 +15,7 @@ import torch
 from .._custom_ops import call, custom_op, needs_grad, register_stream_post, traced
 from ..pytorch._once import once_differentiable
 from ..reference import compute_dtype
-from ._common import LINK_ATTRIBUTE, as_dtype, kernel_array, match_torch_threads
+from ._common import KERNEL_SCALARS, LINK_ATTRIBUTE, as_dtype, kernel_tensor, match_torch_threads, token_array
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,8 +25,10 @@ def _kernels(num_streams: int):
     N = num_streams
 
     @numba.njit(parallel=True, cache=True, error_model="numpy")
-    def forward(X, y, H, hp, out):
-        T, _, C = X.shape
+    def forward(pX, py, pH, php, pout, T, C, like):
+        """The tensors at their addresses ``p*`` (:func:`token_array`), of ``T`` tokens and width ``C``."""
+        X, y, H = token_array(pX, like, (T, N, C)), token_array(py, like, (T, C)), token_array(pH, like, (T, N, N))
+        hp, out = token_array(php, like, (T, N)), token_array(pout, like, (T, N, C))
         for t in numba.prange(T):
             for i in range(N):
                 a = hp[t, i]
@@ -37,10 +39,13 @@ def _kernels(num_streams: int):
                     out[t, i, c] = s
 
     @numba.njit(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-    def backward(X, y, H, hp, dZ, dX, dy, dH, dhp):
-        """``dX`` of 0 tokens: not formed (the pre step's backward forms it from ``dZ``, ``H``)."""
-        T, _, C = X.shape
-        has_dX = dX.shape[0] != 0
+    def backward(pX, py, pH, php, pdZ, pdX, pdy, pdH, pdhp, T, C, has_dX, like):
+        """As :func:`forward`; ``has_dX`` False: ``dX`` not formed (the pre step's backward forms it from ``dZ``,
+        ``H``)."""
+        X, y, H = token_array(pX, like, (T, N, C)), token_array(py, like, (T, C)), token_array(pH, like, (T, N, N))
+        hp, dZ = token_array(php, like, (T, N)), token_array(pdZ, like, (T, N, C))
+        dX = token_array(pdX, like, (T if has_dX else 0, N, C))
+        dy, dH, dhp = token_array(pdy, like, (T, C)), token_array(pdH, like, (T, N, N)), token_array(pdhp, like, (T, N))
         zero = X.dtype.type(0)  # dot products from a typed zero over the full row vectorise better than from term 0
         for t in numba.prange(T):
             for c in range(C):
@@ -68,20 +73,26 @@ def _kernels(num_streams: int):
     return forward, backward
 
 
-def _arrays(X, y, h_res, h_post, dtype):
-    """The four inputs as NumPy arrays ``(T, n, C)``, ``(T, C)``, ``(T, n, n)``, ``(T, n)`` in ``dtype``."""
+def _inputs(X, y, h_res, h_post, dtype):
+    """The four inputs in ``dtype``, C-contiguous, and their token count ``T``; each one's size checked against
+    ``X (T, n, C)``, ``y (T, C)``, ``h_res (T, n, n)``, ``h_post (T, n)`` (the kernels read them by address)."""
     n, C = X.shape[-2:]
-    return (kernel_array(X, dtype, -1, n, C), kernel_array(y, dtype, -1, C), kernel_array(h_res, dtype, -1, n, n),
-            kernel_array(h_post, dtype, -1, n))
+    T = X.numel() // (n * C)
+    inputs = [kernel_tensor(t, dtype) for t in (X, y, h_res, h_post)]
+    for name, t, width in (("y", y, C), ("h_res", h_res, n * n), ("h_post", h_post, n)):
+        if t.numel() != T * width:
+            raise ValueError(f"stream_post: {name} of shape {tuple(t.shape)} does not hold {T} tokens of {width} "
+                             f"values (X: {tuple(X.shape)})")
+    return inputs, T
 
 
 @custom_op("kromhc_vision::cpu_stream_post_fwd", device_types="cpu")
 def _stream_post_fwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor) -> torch.Tensor:
     dtype = compute_dtype(X, h_res)
-    arrays = _arrays(X, y, h_res, h_post, dtype)
+    inputs, T = _inputs(X, y, h_res, h_post, dtype)
     out = torch.empty(X.shape, dtype=dtype)
     match_torch_threads()
-    _kernels(X.shape[-2])[0](*arrays, out.numpy().reshape(arrays[0].shape))
+    _kernels(X.shape[-2])[0](*(t.data_ptr() for t in inputs), out.data_ptr(), T, X.shape[-1], KERNEL_SCALARS[dtype])
     return as_dtype(out, X.dtype)
 
 
@@ -92,15 +103,15 @@ def _stream_post_bwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_po
     """-> ``dX, dy, dh_res, dh_post``; ``form_dX=False``: ``dX`` of 0 tokens, not formed (see
     :class:`LinkedStreamPost`)."""
     dtype = compute_dtype(X, h_res)
-    arrays = _arrays(X, y, h_res, h_post, dtype)
-    dZ = kernel_array(dout, dtype, *arrays[0].shape)
+    inputs, T = _inputs(X, y, h_res, h_post, dtype)
+    dZ = kernel_tensor(dout, dtype)
+    if dZ.numel() != X.numel():
+        raise ValueError(f"stream_post backward: dout of shape {tuple(dout.shape)} is not X's {tuple(X.shape)}")
     grads = [torch.empty(t.shape, dtype=dtype)
              for t in (X if form_dX else X.new_empty(0, *X.shape[-2:]), y, h_res, h_post)]
-    kernel_shapes = [a.shape for a in arrays]
-    if not form_dX:
-        kernel_shapes[0] = (0, *kernel_shapes[0][1:])
     match_torch_threads()
-    _kernels(X.shape[-2])[1](*arrays, dZ, *(g.numpy().reshape(shape) for g, shape in zip(grads, kernel_shapes)))
+    _kernels(X.shape[-2])[1](*(t.data_ptr() for t in (*inputs, dZ, *grads)), T, X.shape[-1], form_dX,
+                             KERNEL_SCALARS[dtype])
     return tuple(as_dtype(g, t.dtype) for g, t in zip(grads, (X, y, h_res, h_post)))
 
 

@@ -37,7 +37,8 @@ import torch
 from .._custom_ops import call, custom_op, needs_grad, traced
 from ..pytorch._once import once_differentiable
 from ..reference import autocast_off, compute_dtype
-from ._common import LINK_ATTRIBUTE, PostGradLink, as_dtype, kernel_array, match_torch_threads
+from ._common import (KERNEL_SCALARS, LINK_ATTRIBUTE, PostGradLink, as_dtype, kernel_tensor, match_torch_threads,
+                      token_array)
 from ._prefetch import prefetch_part
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
@@ -66,10 +67,16 @@ def _kernels(num_streams: int):
     N = num_streams
 
     @numba.njit(**_FLAGS)
-    def forward(x, g, W, scale, bias, eps, u, h_pre, h_post, a_res, raw, inv_rms):
-        T, _, C = x.shape
+    def forward(px, pg, pW, pscale, pbias, eps, pu, ph_pre, ph_post, pa_res, praw, pinv_rms, T, C, k, like):
+        """The tensors at their addresses ``p*`` (:func:`token_array`): ``T`` tokens of ``N`` streams of width
+        ``C``, ``k`` coefficients."""
         NC = N * C
-        k = bias.shape[0]
+        x, g, W = token_array(px, like, (T, N, C)), token_array(pg, like, (NC,)), token_array(pW, like, (NC, k))
+        scale, bias = token_array(pscale, like, (k,)), token_array(pbias, like, (k,))
+        raw = token_array(praw, like, (T, k))
+        u, h_pre, h_post = token_array(pu, like, (T, C)), token_array(ph_pre, like, (T, N)), token_array(ph_post, like,
+                                                                                                       (T, N))
+        a_res, inv_rms = token_array(pa_res, like, (T, k - 2 * N)), token_array(pinv_rms, like, (T, 1))
         dt = x.dtype.type  # every value in x's dtype, as the reference
         xf = x.reshape((T, NC))
         wt = gained_transposed(g, W)
@@ -164,14 +171,23 @@ def _kernels(num_streams: int):
                     u[t, c] = v
 
     @numba.njit(**_FLAGS)
-    def backward(x, dX_post, dZ, H, du, dh_pre, dh_post, da_res, h_pre, h_post, raw, inv_rms, g, W, scale,
-                 dx, dg, dW, dscale, dbias, chunks):
-        """``dX_post`` of 0 tokens stands for none (a zero gradient), ``du`` and ``dh_pre`` of 0 tokens likewise,
-        and ``dZ``, ``H`` (the post step's ``dX_next`` and ``H_res``) of 0 tokens for no ``H_res^T dZ`` term;
-        ``chunks``: the threads (one chunk of tokens each)."""
-        T, _, C = x.shape
+    def backward(px, pdX_post, post_tokens, pdZ, mix_tokens, pH, pdu, du_tokens, pdh_pre, dh_pre_tokens, pdh_post,
+                 pda_res, ph_pre, ph_post, praw, pinv_rms, pg, pW, pscale, pdx, pdg, pdW, pdscale, pdbias, T, C, k,
+                 chunks, like):
+        """As :func:`forward`. ``dX_post`` of 0 tokens (``post_tokens``) stands for none (a zero gradient), ``du``
+        and ``dh_pre`` of 0 tokens likewise, and ``dZ``, ``H`` (the post step's ``dX_next`` and ``H_res``) of 0
+        tokens (``mix_tokens``) for no ``H_res^T dZ`` term; ``chunks``: the threads (one chunk of tokens each)."""
         NC = N * C
-        k = scale.shape[0]
+        x, dx = token_array(px, like, (T, N, C)), token_array(pdx, like, (T, N, C))
+        dX_post, dZ = token_array(pdX_post, like, (post_tokens, N, C)), token_array(pdZ, like, (mix_tokens, N, C))
+        H, du = token_array(pH, like, (mix_tokens, N, N)), token_array(pdu, like, (du_tokens, C))
+        dh_pre, dh_post = token_array(pdh_pre, like, (dh_pre_tokens, N)), token_array(pdh_post, like, (T, N))
+        da_res, raw = token_array(pda_res, like, (T, k - 2 * N)), token_array(praw, like, (T, k))
+        h_pre, h_post = token_array(ph_pre, like, (T, N)), token_array(ph_post, like, (T, N))
+        inv_rms, g = token_array(pinv_rms, like, (T, 1)), token_array(pg, like, (NC,))
+        W = token_array(pW, like, (NC, k))
+        scale, dg, dW = token_array(pscale, like, (k,)), token_array(pdg, like, (NC,)), token_array(pdW, like, (NC, k))
+        dscale, dbias = token_array(pdscale, like, (k,)), token_array(pdbias, like, (k,))
         dt = x.dtype.type  # a float64 coef would widen the loops over C
         xf = x.reshape((T, NC))
         dxf = dx.reshape((T, NC))
@@ -357,9 +373,17 @@ def _forward_outputs(X, proj_weight, bias):
     return tuple(X.new_empty((*lead, width), dtype=dtype) for width in (C, n, n, k - 2 * n, k, 1))
 
 
-def _token_rows(t, T):
-    """An output of ``t``'s leading dimensions as the kernels' ``(T, width)`` array."""
-    return t.numpy().reshape(T, t.shape[-1])
+def _parameters(op, X, k, dtype, *params):
+    """``norm_weight (n C)``, ``proj_weight (n C, k)``, ``scale (k)`` [, ``bias (k)``] in ``dtype``, C-contiguous,
+    each one's size checked (the kernels read them by address)."""
+    n, C = X.shape[-2:]
+    if k < 2 * n:
+        raise ValueError(f"{op}: {k} coefficients for {n} streams; it takes at least 2n = {2 * n}")
+    for name, t, size in zip(("norm_weight", "proj_weight", "scale", "bias"), params, (n * C, n * C * k, k, k)):
+        if t.numel() != size:
+            raise ValueError(f"{op}: {name} of shape {tuple(t.shape)} does not hold {size} values (X: "
+                             f"{tuple(X.shape)}, {k} coefficients)")
+    return [kernel_tensor(t, dtype) for t in params]
 
 
 @custom_op("kromhc_vision::cpu_stream_pre_fwd", device_types="cpu")
@@ -368,12 +392,14 @@ def _stream_pre_fwd(X: torch.Tensor, norm_weight: torch.Tensor, proj_weight: tor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``X (..., n, C)`` -> ``u (..., C), h_pre, h_post (..., n), a_res (..., m), raw (..., k), inv_rms (..., 1)``."""
     n, C = X.shape[-2:]
+    k = bias.shape[0]
     outs = _forward_outputs(X, proj_weight, bias)
     dtype = outs[0].dtype
-    x = kernel_array(X, dtype, -1, n, C)
+    x = kernel_tensor(X, dtype)
+    params = _parameters("stream_pre", X, k, dtype, norm_weight, proj_weight, scale, bias)
     match_torch_threads()
-    _kernels(n)[0](x, *(kernel_array(p, dtype, *p.shape) for p in (norm_weight, proj_weight, scale, bias)), eps,
-                   *(_token_rows(o, x.shape[0]) for o in outs))
+    _kernels(n)[0](x.data_ptr(), *(p.data_ptr() for p in params), eps, *(o.data_ptr() for o in outs),
+                   X.numel() // (n * C), C, k, KERNEL_SCALARS[dtype])
     return outs
 
 
@@ -398,22 +424,28 @@ def _stream_pre_bwd(X: torch.Tensor, dX_post: torch.Tensor, dZ: torch.Tensor, h_
     ``h_res (..., n, n)`` add ``H_res^T dZ`` to ``dX`` (the post step's gradient of ``X``, not formed there; 0 tokens:
     none)."""
     n, C = X.shape[-2:]
+    T, k = X.numel() // (n * C), raw.shape[-1]
     dtype = raw.dtype  # the compute dtype: the forward's
     outs = _backward_outputs(X, norm_weight, proj_weight, scale, raw)
+    params = _parameters("cpu_stream_pre_bwd", X, k, dtype, norm_weight, proj_weight, scale)
+    tensors = [kernel_tensor(t, dtype) for t in (X, dX_post, dZ, h_res, du, dh_pre, dh_post, da_res, h_pre, h_post,
+                                                 raw, inv_rms)]
+    tokens = {}  # each one's: T, or 0 for the gradients that may be none
+    for name, t, width in (("dX_post", dX_post, n * C), ("dZ", dZ, n * C), ("h_res", h_res, n * n), ("du", du, C),
+                           ("dh_pre", dh_pre, n), ("dh_post", dh_post, n), ("da_res", da_res, k - 2 * n),
+                           ("h_pre", h_pre, n), ("h_post", h_post, n), ("raw", raw, k), ("inv_rms", inv_rms, 1)):
+        tokens[name] = t.numel() // width if width else T  # a_res of no logits (m = 0): T tokens of none
+        if t.numel() != tokens[name] * width:
+            raise ValueError(f"cpu_stream_pre_bwd: {name} of shape {tuple(t.shape)} is not tokens of {width} values")
+        optional = name in ("dX_post", "dZ", "h_res", "du", "dh_pre")  # the kernel reads T tokens of each or none
+        if tokens[name] not in ((0, T) if optional else (T,)) or (name == "h_res" and tokens[name] != tokens["dZ"]):
+            raise ValueError(f"cpu_stream_pre_bwd: {name} has {tokens[name]} tokens; it takes X's {T}"
+                             + (" or 0 (none)" if optional else "") + (", as many as dZ" if name == "h_res" else ""))
+    x, dX_post, dZ, h_res, du, dh_pre, *rest = (t.data_ptr() for t in tensors)
     threads = match_torch_threads()
-    x = kernel_array(X, dtype, -1, n, C)
-    T = x.shape[0]
-    grads = (kernel_array(dX_post, dtype, -1, n, C), kernel_array(dZ, dtype, -1, n, C),
-             kernel_array(h_res, dtype, -1, n, n), kernel_array(du, dtype, -1, C), kernel_array(dh_pre, dtype, -1, n),
-             kernel_array(dh_post, dtype, T, n), kernel_array(da_res, dtype, T, raw.shape[-1] - 2 * n))
-    for name, g in zip(("dX_post", "dZ", "h_res", "du", "dh_pre"), grads):  # the kernel reads T tokens of each or none
-        if g.shape[0] not in (0, T) or (name == "h_res" and g.shape[0] != grads[1].shape[0]):
-            raise ValueError(f"cpu_stream_pre_bwd: {name} has {g.shape[0]} tokens; it takes X's {T} or 0 (none)"
-                             + (", as many as dZ" if name == "h_res" else ""))
-    saved = (kernel_array(t, dtype, T, t.shape[-1]) for t in (h_pre, h_post, raw, inv_rms))
-    params = (kernel_array(p, dtype, *p.shape) for p in (norm_weight, proj_weight, scale))
-    _kernels(n)[1](x, *grads, *saved, *params, outs[0].numpy().reshape(x.shape), *(o.numpy() for o in outs[1:]),
-                   threads)
+    _kernels(n)[1](x, dX_post, tokens["dX_post"], dZ, tokens["dZ"], h_res, du, tokens["du"], dh_pre, tokens["dh_pre"],
+                   *rest, *(p.data_ptr() for p in params), *(o.data_ptr() for o in outs), T, C, k, threads,
+                   KERNEL_SCALARS[dtype])
     return outs
 
 
