@@ -1,12 +1,13 @@
 """Helpers shared by the CPU kernels: threads, and the tensors handed to and from the kernels.
 
-Every PyTorch call on the way to a kernel costs about a microsecond, even one that changes nothing
-(``to`` the same dtype, ``reshape`` to the same shape, ``view``), and a connection's training step (forward and
-backward) runs some fifty arrays through its kernels: these helpers skip the calls that change nothing and
-reshape on the NumPy side (~0.15 us). What is gained is measured by ``benchmarks/bench_connection_cpu.py``
-(BENCHMARKS.md).
+Every PyTorch call on the way to a kernel costs about a microsecond even where it changes nothing (``to`` the same
+dtype, ``contiguous`` of a contiguous tensor), and many times that in a model, where the branches between a
+connection's calls leave the caches cold; a connection's training step (forward and backward) hands some fifty
+tensors to its kernels. So the helpers skip the calls that change nothing, and the kernels take each tensor as its
+address (``data_ptr()``), viewed inside as an array (:func:`token_array`), not as a NumPy array made per call and
+unboxed by numba (BENCHMARKS.md ``kernel_addresses``; ``benchmarks/time_ops_in_model.py`` shows an op's time
+beside its kernel's).
 """
-import math
 import threading
 
 import numba
@@ -22,27 +23,6 @@ _thread_count = threading.local()  # what match_torch_threads last set in this t
 def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, without the call where ``t`` already has ``dtype``."""
     return t if t.dtype == dtype else t.to(dtype)
-
-
-def kernel_array(t: torch.Tensor, dtype: torch.dtype, *shape: int):
-    """``t`` in ``dtype``, contiguous, as a NumPy array of ``shape`` (a view of ``t``'s memory where ``t`` is
-    already contiguous in ``dtype``; a copy otherwise). ``-1`` stands for the leading dimensions, as in
-    ``reshape``; it is spelled out here, so that tensors of 0 elements work.
-
-    One function, each PyTorch call made only where it changes something: this runs for every array a connection
-    hands to its kernels, some fifty per connection and training step. ``detach`` only where ``t`` tracks gradients
-    (it makes a new tensor; most of the arrays are outputs and gradients that track nothing)."""
-    if t.dtype != dtype:
-        t = t.to(dtype)
-    if t.requires_grad:
-        t = t.detach()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    array = t.numpy()
-    if shape and shape[0] == -1:
-        rest = math.prod(shape[1:])
-        shape = (array.size // rest if rest else 0, *shape[1:])
-    return array.reshape(shape)
 
 
 # A scalar of each compute dtype: the argument that types a kernel taking its tensors as addresses

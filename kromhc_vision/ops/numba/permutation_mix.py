@@ -27,7 +27,7 @@ import torch
 from .._custom_ops import custom_op, register_logits_op
 from ...permutations import mixture_tables
 from ..reference import compute_dtype
-from ._common import as_dtype, kernel_array, match_torch_threads
+from ._common import KERNEL_SCALARS, as_dtype, kernel_tensor, match_torch_threads, token_array
 from ._exp import exp_nonpositive
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy")
@@ -88,10 +88,10 @@ def _softmax_block(logits, t0, nt, starts, w, top, total):
 
 
 @numba.njit(**_FLAGS)
-def _forward_kernel(logits, members, logit_index, starts, threads, out):
-    """``out (T, n*n)``; tokens in blocks of ``TOKEN_BLOCK``, thread ``p`` of ``threads`` taking blocks ``p, p +
-    threads, ...`` with its own scratch."""
-    T, m = logits.shape
+def _forward_kernel(plogits, T, m, members, logit_index, starts, threads, pout, like):
+    """``logits (T, m)`` -> ``out (T, n*n)``, both at their addresses (:func:`token_array`); tokens in blocks of
+    ``TOKEN_BLOCK``, thread ``p`` of ``threads`` taking blocks ``p, p + threads, ...`` with its own scratch."""
+    logits, out = token_array(plogits, like, (T, m)), token_array(pout, like, (T, members.shape[0]))
     R, K = logit_index.shape
     blocks = (T + TOKEN_BLOCK - 1) // TOKEN_BLOCK
     for p in numba.prange(threads):
@@ -125,14 +125,15 @@ def _forward_kernel(logits, members, logit_index, starts, threads, out):
 
 
 @numba.njit(**_FLAGS)
-def _backward_kernel(logits, dout, columns, logit_index, starts, threads, dlogits):
-    """``dout (T, n*n)`` -> ``dlogits (T, m)``, blocked as the forward. The softmax weights are formed again from
-    the logits, as the forward formed them (the same values): what the backward keeps is the logits, which the
-    connection keeps anyway, instead of ``m`` float64 weights per token, so that recomputation can keep ``H_res``
-    (BENCHMARKS.md ``bench_models_xeon_blocked``)."""
-    T, m = logits.shape
+def _backward_kernel(plogits, pdout, T, m, columns, logit_index, starts, threads, pdlogits, like):
+    """``dout (T, n*n)`` -> ``dlogits (T, m)``, at their addresses, blocked as the forward. The softmax weights are
+    formed again from the logits, as the forward formed them (the same values): what the backward keeps is the
+    logits, which the connection keeps anyway, instead of ``m`` float64 weights per token, so that recomputation can
+    keep ``H_res`` (BENCHMARKS.md ``bench_models_xeon_blocked``)."""
     R, K = logit_index.shape
     n = columns.shape[1]
+    logits, dlogits = token_array(plogits, like, (T, m)), token_array(pdlogits, like, (T, m))
+    dout = token_array(pdout, like, (T, n * n))
     blocks = (T + TOKEN_BLOCK - 1) // TOKEN_BLOCK
     for p in numba.prange(threads):
         w, dw = np.empty((m, TOKEN_BLOCK)), np.empty((m, TOKEN_BLOCK))
@@ -176,16 +177,25 @@ def _backward_kernel(logits, dout, columns, logit_index, starts, threads, dlogit
                         dlogits[t0 + q, j] = wj[q] * (dj[q] - total[q])
 
 
+def _logits(logits, factors, dtype):
+    """``logits (..., m)`` in ``dtype``, C-contiguous, its token count, and the tables of ``factors``."""
+    columns, logit_index, starts = mixture_tables(tuple(factors))
+    m = int(starts[-1])
+    if logits.dim() < 1 or logits.shape[-1] != m:
+        raise ValueError(f"permutation_mix with factors {list(factors)} expects logits of shape (..., {m}), got "
+                         f"{tuple(logits.shape)}")
+    return kernel_tensor(logits, dtype), logits.numel() // m, m, (columns, logit_index, starts)
+
+
 @custom_op("kromhc_vision::cpu_permutation_mix_fwd", device_types="cpu")
 def _permutation_mix_fwd(logits: torch.Tensor, factors: list[int]) -> torch.Tensor:
     """``logits (..., m)`` -> ``H_res (..., n, n)``."""
-    columns, logit_index, starts = mixture_tables(tuple(factors))
     dtype = compute_dtype(logits)
-    flat = kernel_array(logits, dtype, -1, logits.shape[-1])
+    flat, T, m, (columns, logit_index, starts) = _logits(logits, factors, dtype)
     n = columns.shape[1]
     out = torch.empty((*logits.shape[:-1], n, n), dtype=dtype)
-    _forward_kernel(flat, _members(tuple(factors)), logit_index, starts, match_torch_threads(),
-                    out.numpy().reshape(flat.shape[0], n * n))
+    _forward_kernel(flat.data_ptr(), T, m, _members(tuple(factors)), logit_index, starts, match_torch_threads(),
+                    out.data_ptr(), KERNEL_SCALARS[dtype])
     return as_dtype(out, logits.dtype)
 
 
@@ -198,13 +208,16 @@ def _(logits, factors):
 @custom_op("kromhc_vision::cpu_permutation_mix_bwd", device_types="cpu")
 def _permutation_mix_bwd(logits: torch.Tensor, factors: list[int], dout: torch.Tensor) -> torch.Tensor:
     """``logits``: the forward's input; ``dout``: the gradient of ``H_res`` -> the gradient of ``logits``."""
-    columns, logit_index, starts = mixture_tables(tuple(factors))
-    n = columns.shape[1]
     dtype = compute_dtype(logits)
-    flat = kernel_array(logits, dtype, -1, logits.shape[-1])
-    d = kernel_array(dout, dtype, -1, n * n)
+    flat, T, m, (columns, logit_index, starts) = _logits(logits, factors, dtype)
+    n = columns.shape[1]
+    if dout.numel() != T * n * n:
+        raise ValueError(f"permutation_mix backward: dout of shape {tuple(dout.shape)} is not {T} tokens of "
+                         f"{n} x {n}")
+    d = kernel_tensor(dout, dtype)
     grad = torch.empty(logits.shape, dtype=dtype)
-    _backward_kernel(flat, d, columns, logit_index, starts, match_torch_threads(), grad.numpy().reshape(flat.shape))
+    _backward_kernel(flat.data_ptr(), d.data_ptr(), T, m, columns, logit_index, starts, match_torch_threads(),
+                     grad.data_ptr(), KERNEL_SCALARS[dtype])
     return as_dtype(grad, logits.dtype)
 
 

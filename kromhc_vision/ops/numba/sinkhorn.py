@@ -30,7 +30,7 @@ from numba.extending import overload
 
 from ..reference import compute_dtype
 from .._custom_ops import custom_op, register_logits_op
-from ._common import as_dtype, kernel_array, match_torch_threads
+from ._common import KERNEL_SCALARS, as_dtype, kernel_tensor, match_torch_threads, token_array
 from ._exp import exp_nonpositive
 from ._stack import stack_pointer
 
@@ -329,8 +329,9 @@ def _kernels(num_streams: int):
     unrolled = N <= UNROLLED_MAX_STREAMS
 
     @numba.njit(parallel=True, cache=True, error_model="numpy")
-    def forward(logits, num_iters, span_limit, threads, out):
-        T = logits.shape[0]
+    def forward(plogits, num_iters, span_limit, threads, pout, T, like):
+        """``logits`` and ``out`` at their addresses (:func:`token_array`), ``T`` tokens of ``N x N``."""
+        logits, out = token_array(plogits, like, (T, N, N)), token_array(pout, like, (T, N, N))
         tasks, workers = _tasks(T, threads)
         for w in numba.prange(workers):
             P, _, sums, acc, _ = _scratch(N, num_iters, logits.dtype)
@@ -346,11 +347,12 @@ def _kernels(num_streams: int):
                             out[t0 + t, i, j] = math.exp(v) if log_domain else v
 
     @numba.njit(parallel=True, cache=True, error_model="numpy")
-    def backward(logits, num_iters, span_limit, threads, dout, dlogits):
+    def backward(plogits, num_iters, span_limit, threads, pdout, pdlogits, T, like):
         """Per task: the forward again, keeping each half-step's sums, then its half-steps walked back from the
         last iterate (:func:`_half_step_back`), to ``P_0 = exp(L - max L)``, whose gradient is
-        ``dL = P_0 * dP_0`` (log domain: to the logits and their gradient)."""
-        T = dout.shape[0]
+        ``dL = P_0 * dP_0`` (log domain: to the logits and their gradient). Tensors at their addresses."""
+        logits, dout = token_array(plogits, like, (T, N, N)), token_array(pdout, like, (T, N, N))
+        dlogits = token_array(pdlogits, like, (T, N, N))
         tasks, workers = _tasks(T, threads)
         for w in numba.prange(workers):
             P, G, sums, acc, inv = _scratch(N, num_iters, logits.dtype)
@@ -380,18 +382,21 @@ def _kernels(num_streams: int):
     return forward, backward
 
 
-def _tokens(t, dtype):
-    n = t.shape[-1]
-    return kernel_array(t, dtype, -1, n, n)
+def _logits(logits, dtype):
+    """``logits (..., n, n)`` in ``dtype``, C-contiguous, and its token count."""
+    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
+        raise ValueError(f"sinkhorn expects logits of shape (..., n, n), got {tuple(logits.shape)}")
+    n = logits.shape[-1]
+    return kernel_tensor(logits, dtype), logits.numel() // (n * n)
 
 
 @custom_op("kromhc_vision::cpu_sinkhorn_fwd", device_types="cpu")
 def _sinkhorn_fwd(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
     dtype = compute_dtype(logits)
-    flat = _tokens(logits, dtype)
+    flat, T = _logits(logits, dtype)
     out = torch.empty(logits.shape, dtype=dtype)
-    _kernels(flat.shape[-1])[0](flat, num_iters, SPAN_LIMIT[dtype], match_torch_threads(),
-                                   out.numpy().reshape(flat.shape))
+    _kernels(logits.shape[-1])[0](flat.data_ptr(), num_iters, SPAN_LIMIT[dtype], match_torch_threads(), out.data_ptr(),
+                                  T, KERNEL_SCALARS[dtype])
     return as_dtype(out, logits.dtype)
 
 
@@ -403,10 +408,14 @@ def _(logits, num_iters):
 @custom_op("kromhc_vision::cpu_sinkhorn_bwd", device_types="cpu")
 def _sinkhorn_bwd(logits: torch.Tensor, num_iters: int, dout: torch.Tensor) -> torch.Tensor:
     dtype = compute_dtype(logits)
+    flat, T = _logits(logits, dtype)
+    if dout.numel() != logits.numel():
+        raise ValueError(f"sinkhorn backward: dout of shape {tuple(dout.shape)} is not the logits' "
+                         f"{tuple(logits.shape)}")
+    d = kernel_tensor(dout, dtype)
     grad = torch.empty(dout.shape, dtype=dtype)
-    flat = _tokens(logits, dtype)
-    _kernels(flat.shape[-1])[1](flat, num_iters, SPAN_LIMIT[dtype], match_torch_threads(), _tokens(dout, dtype),
-                                grad.numpy().reshape(flat.shape))
+    _kernels(logits.shape[-1])[1](flat.data_ptr(), num_iters, SPAN_LIMIT[dtype], match_torch_threads(), d.data_ptr(),
+                                  grad.data_ptr(), T, KERNEL_SCALARS[dtype])
     return as_dtype(grad, dout.dtype)
 
 
