@@ -208,9 +208,11 @@ class _Segment:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
             h_res = res_matrix(link.conn, a_res)
-        buffers = {_storage_key(b) for b in link.conn.buffers()}
-        new = {_storage_key(t): t.untyped_storage().nbytes() for t in (h_res, *(p.value for p in pending))
-               if not self._kept_anyway(t) and _storage_key(t) not in buffers}
+        candidates = [t for t in (h_res, *(p.value for p in pending)) if not self._kept_anyway(t)]
+        if candidates:  # (HC's H_res is a view of a_res, kept anyway: no buffer to look at)
+            buffers = {_storage_key(b) for b in link.conn.buffers()}
+            candidates = [t for t in candidates if _storage_key(t) not in buffers]
+        new = {_storage_key(t): t.untyped_storage().nbytes() for t in candidates}
         kept = sum(new.values()) * RES_KEEP_WIDTH_RATIO <= y.numel() * y.element_size()
         if kept:
             self.keep.add(_storage_key(h_res))
