@@ -20,8 +20,8 @@ contiguous, no gradient accumulated into an existing ``.grad``: see :func:`_back
 - ``py calls``: Python function calls per step (``cProfile``'s count: exact and machine-independent, the number
   that falls when the wrappers lose work);
 - ``aten ops``: PyTorch operator calls per step (ATen ops, counted by a ``TorchDispatchMode``: also exact, each
-  costing a fraction of a microsecond to a few), ``detach`` of them (``Tensor.numpy()`` detaches inside: every
-  array handed to a kernel is one).
+  costing a fraction of a microsecond to a few), ``detach`` of them (until the kernels took tensors by address,
+  201886b, every tensor handed to a kernel was one: ``Tensor.numpy()`` detaches inside).
 
 Also printed: the time of an empty ``numba.prange`` loop call (the parallel launch cost of every kernel) beside
 a serial one, and timm's residual connection (``X + F(X)``) for scale.
