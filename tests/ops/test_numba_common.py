@@ -29,3 +29,25 @@ def test_token_arrays_read_and_write_the_tensors(dtype):
     torch.testing.assert_close(out1, 3 * a, rtol=0, atol=0)
     torch.testing.assert_close(out2, torch.stack([0 * a, a], 1), rtol=0, atol=0)
     assert isinstance(KERNEL_SCALARS[dtype], np.floating)
+
+
+def test_ops_refuse_a_tensor_of_the_wrong_size_naming_it():
+    """The kernels read each tensor by address, so a tensor of too few values must be refused before them, by name
+    (it would otherwise be read past its end)."""
+    import kromhc_vision  # noqa: F401  (registers the ops)
+    ops = torch.ops.kromhc_vision
+    X, n, C, T = torch.randn(5, 4, 8), 4, 8, 5
+    cases = [
+        (lambda: ops.cpu_stream_post_fwd(X, torch.randn(T - 1, C), torch.rand(T, n, n), torch.rand(T, n)),
+         "stream_post: y of shape"),
+        (lambda: ops.cpu_stream_post_bwd(X, torch.randn(T, C), torch.rand(T, n, n), torch.rand(T, n),
+                                         torch.randn(T - 1, n, C)), "dout of shape"),
+        (lambda: ops.cpu_stream_pre_fwd(X, torch.ones(n * C - 1), torch.zeros(n * C, 12), torch.ones(12),
+                                        torch.zeros(12), 1e-6), "norm_weight of shape"),
+        (lambda: ops.cpu_sinkhorn_bwd(torch.randn(T, n, n), 3, torch.randn(T - 1, n, n)), "sinkhorn backward: dout"),
+        (lambda: ops.cpu_permutation_mix_bwd(torch.randn(T, 4), [2, 2], torch.randn(T - 1, n, n)),
+         "permutation_mix backward: dout"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()

@@ -40,6 +40,14 @@ def kernel_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
+def sized_kernel_tensor(op: str, name: str, t: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`kernel_tensor`, after checking that ``t`` holds the ``numel`` values the kernel will read at its
+    address (``ValueError`` naming ``op``, the tensor and its shape otherwise)."""
+    if t.numel() != numel:
+        raise ValueError(f"{op}: {name} of shape {tuple(t.shape)} does not hold {numel} values")
+    return kernel_tensor(t, dtype)
+
+
 @intrinsic
 def _typed_pointer(typingctx, address, like):
     """The integer ``address`` as a pointer to values of ``like``'s type (a float scalar)."""

@@ -27,7 +27,8 @@ import torch
 from .._custom_ops import custom_op, register_logits_op
 from ...permutations import mixture_tables
 from ..reference import compute_dtype
-from ._common import KERNEL_SCALARS, as_dtype, kernel_tensor, match_torch_threads, token_array
+from ._common import (KERNEL_SCALARS, as_dtype, kernel_tensor, match_torch_threads, sized_kernel_tensor,
+                      token_array)
 from ._exp import exp_nonpositive
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy")
@@ -211,10 +212,7 @@ def _permutation_mix_bwd(logits: torch.Tensor, factors: list[int], dout: torch.T
     dtype = compute_dtype(logits)
     flat, T, m, (columns, logit_index, starts) = _logits(logits, factors, dtype)
     n = columns.shape[1]
-    if dout.numel() != T * n * n:
-        raise ValueError(f"permutation_mix backward: dout of shape {tuple(dout.shape)} is not {T} tokens of "
-                         f"{n} x {n}")
-    d = kernel_tensor(dout, dtype)
+    d = sized_kernel_tensor("permutation_mix backward", "dout", dout, T * n * n, dtype)
     grad = torch.empty(logits.shape, dtype=dtype)
     _backward_kernel(flat.data_ptr(), d.data_ptr(), T, m, columns, logit_index, starts, match_torch_threads(),
                      grad.data_ptr(), KERNEL_SCALARS[dtype])

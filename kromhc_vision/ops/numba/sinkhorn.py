@@ -30,7 +30,8 @@ from numba.extending import overload
 
 from ..reference import compute_dtype
 from .._custom_ops import custom_op, register_logits_op
-from ._common import KERNEL_SCALARS, as_dtype, kernel_tensor, match_torch_threads, token_array
+from ._common import (KERNEL_SCALARS, as_dtype, kernel_tensor, match_torch_threads, sized_kernel_tensor,
+                      token_array)
 from ._exp import exp_nonpositive
 from ._stack import stack_pointer
 
@@ -382,10 +383,14 @@ def _kernels(num_streams: int):
     return forward, backward
 
 
-def _logits(logits, dtype):
-    """``logits (..., n, n)`` in ``dtype``, C-contiguous, and its token count."""
+def _check_square(logits):
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"sinkhorn expects logits of shape (..., n, n), got {tuple(logits.shape)}")
+
+
+def _logits(logits, dtype):
+    """``logits (..., n, n)`` in ``dtype``, C-contiguous, and its token count."""
+    _check_square(logits)
     n = logits.shape[-1]
     return kernel_tensor(logits, dtype), logits.numel() // (n * n)
 
@@ -409,10 +414,7 @@ def _(logits, num_iters):
 def _sinkhorn_bwd(logits: torch.Tensor, num_iters: int, dout: torch.Tensor) -> torch.Tensor:
     dtype = compute_dtype(logits)
     flat, T = _logits(logits, dtype)
-    if dout.numel() != logits.numel():
-        raise ValueError(f"sinkhorn backward: dout of shape {tuple(dout.shape)} is not the logits' "
-                         f"{tuple(logits.shape)}")
-    d = kernel_tensor(dout, dtype)
+    d = sized_kernel_tensor("sinkhorn backward", "dout", dout, logits.numel(), dtype)
     grad = torch.empty(dout.shape, dtype=dtype)
     _kernels(logits.shape[-1])[1](flat.data_ptr(), num_iters, SPAN_LIMIT[dtype], match_torch_threads(), d.data_ptr(),
                                   grad.data_ptr(), T, KERNEL_SCALARS[dtype])
@@ -429,8 +431,7 @@ _sinkhorn = register_logits_op(_sinkhorn_fwd, _sinkhorn_bwd)
 
 def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
     """``(..., n, n)`` logits -> ``(..., n, n)``; same values as :func:`kromhc_vision.ops.reference.sinkhorn`."""
-    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
-        raise ValueError(f"sinkhorn expects logits of shape (..., n, n), got {tuple(logits.shape)}")
+    _check_square(logits)
     if num_iters < 1:
         raise ValueError(f"num_iters must be >= 1, got {num_iters}")
     return _sinkhorn(logits, num_iters)

@@ -15,7 +15,8 @@ import torch
 from .._custom_ops import call, custom_op, needs_grad, register_stream_post, traced
 from ..pytorch._once import once_differentiable
 from ..reference import compute_dtype
-from ._common import KERNEL_SCALARS, LINK_ATTRIBUTE, as_dtype, kernel_tensor, match_torch_threads, token_array
+from ._common import (KERNEL_SCALARS, LINK_ATTRIBUTE, as_dtype, kernel_tensor, match_torch_threads,
+                      sized_kernel_tensor, token_array)
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,12 +79,9 @@ def _inputs(X, y, h_res, h_post, dtype):
     ``X (T, n, C)``, ``y (T, C)``, ``h_res (T, n, n)``, ``h_post (T, n)`` (the kernels read them by address)."""
     n, C = X.shape[-2:]
     T = X.numel() // (n * C)
-    inputs = [kernel_tensor(t, dtype) for t in (X, y, h_res, h_post)]
-    for name, t, width in (("y", y, C), ("h_res", h_res, n * n), ("h_post", h_post, n)):
-        if t.numel() != T * width:
-            raise ValueError(f"stream_post: {name} of shape {tuple(t.shape)} does not hold {T} tokens of {width} "
-                             f"values (X: {tuple(X.shape)})")
-    return inputs, T
+    return [kernel_tensor(X, dtype), *(sized_kernel_tensor("stream_post", name, t, T * width, dtype)
+                                       for name, t, width in (("y", y, C), ("h_res", h_res, n * n),
+                                                              ("h_post", h_post, n)))], T
 
 
 @custom_op("kromhc_vision::cpu_stream_post_fwd", device_types="cpu")
@@ -104,9 +102,7 @@ def _stream_post_bwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_po
     :class:`LinkedStreamPost`)."""
     dtype = compute_dtype(X, h_res)
     inputs, T = _inputs(X, y, h_res, h_post, dtype)
-    dZ = kernel_tensor(dout, dtype)
-    if dZ.numel() != X.numel():
-        raise ValueError(f"stream_post backward: dout of shape {tuple(dout.shape)} is not X's {tuple(X.shape)}")
+    dZ = sized_kernel_tensor("stream_post backward", "dout", dout, X.numel(), dtype)
     grads = [torch.empty(t.shape, dtype=dtype)
              for t in (X if form_dX else X.new_empty(0, *X.shape[-2:]), y, h_res, h_post)]
     match_torch_threads()

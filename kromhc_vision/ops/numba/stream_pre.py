@@ -38,7 +38,7 @@ from .._custom_ops import call, custom_op, needs_grad, traced
 from ..pytorch._once import once_differentiable
 from ..reference import autocast_off, compute_dtype
 from ._common import (KERNEL_SCALARS, LINK_ATTRIBUTE, PostGradLink, as_dtype, kernel_tensor, match_torch_threads,
-                      token_array)
+                      sized_kernel_tensor, token_array)
 from ._prefetch import prefetch_part
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
@@ -74,8 +74,8 @@ def _kernels(num_streams: int):
         x, g, W = token_array(px, like, (T, N, C)), token_array(pg, like, (NC,)), token_array(pW, like, (NC, k))
         scale, bias = token_array(pscale, like, (k,)), token_array(pbias, like, (k,))
         raw = token_array(praw, like, (T, k))
-        u, h_pre, h_post = token_array(pu, like, (T, C)), token_array(ph_pre, like, (T, N)), token_array(ph_post, like,
-                                                                                                       (T, N))
+        u, h_pre = token_array(pu, like, (T, C)), token_array(ph_pre, like, (T, N))
+        h_post = token_array(ph_post, like, (T, N))
         a_res, inv_rms = token_array(pa_res, like, (T, k - 2 * N)), token_array(pinv_rms, like, (T, 1))
         dt = x.dtype.type  # every value in x's dtype, as the reference
         xf = x.reshape((T, NC))
@@ -379,11 +379,8 @@ def _parameters(op, X, k, dtype, *params):
     n, C = X.shape[-2:]
     if k < 2 * n:
         raise ValueError(f"{op}: {k} coefficients for {n} streams; it takes at least 2n = {2 * n}")
-    for name, t, size in zip(("norm_weight", "proj_weight", "scale", "bias"), params, (n * C, n * C * k, k, k)):
-        if t.numel() != size:
-            raise ValueError(f"{op}: {name} of shape {tuple(t.shape)} does not hold {size} values (X: "
-                             f"{tuple(X.shape)}, {k} coefficients)")
-    return [kernel_tensor(t, dtype) for t in params]
+    return [sized_kernel_tensor(op, name, t, size, dtype)
+            for name, t, size in zip(("norm_weight", "proj_weight", "scale", "bias"), params, (n * C, n * C * k, k, k))]
 
 
 @custom_op("kromhc_vision::cpu_stream_pre_fwd", device_types="cpu")
@@ -426,10 +423,7 @@ def _stream_pre_bwd(X: torch.Tensor, dX_post: torch.Tensor, dZ: torch.Tensor, h_
     n, C = X.shape[-2:]
     T, k = X.numel() // (n * C), raw.shape[-1]
     dtype = raw.dtype  # the compute dtype: the forward's
-    outs = _backward_outputs(X, norm_weight, proj_weight, scale, raw)
     params = _parameters("cpu_stream_pre_bwd", X, k, dtype, norm_weight, proj_weight, scale)
-    tensors = [kernel_tensor(t, dtype) for t in (X, dX_post, dZ, h_res, du, dh_pre, dh_post, da_res, h_pre, h_post,
-                                                 raw, inv_rms)]
     tokens = {}  # each one's: T, or 0 for the gradients that may be none
     for name, t, width in (("dX_post", dX_post, n * C), ("dZ", dZ, n * C), ("h_res", h_res, n * n), ("du", du, C),
                            ("dh_pre", dh_pre, n), ("dh_post", dh_post, n), ("da_res", da_res, k - 2 * n),
@@ -441,6 +435,9 @@ def _stream_pre_bwd(X: torch.Tensor, dX_post: torch.Tensor, dZ: torch.Tensor, h_
         if tokens[name] not in ((0, T) if optional else (T,)) or (name == "h_res" and tokens[name] != tokens["dZ"]):
             raise ValueError(f"cpu_stream_pre_bwd: {name} has {tokens[name]} tokens; it takes X's {T}"
                              + (" or 0 (none)" if optional else "") + (", as many as dZ" if name == "h_res" else ""))
+    tensors = [kernel_tensor(t, dtype) for t in (X, dX_post, dZ, h_res, du, dh_pre, dh_post, da_res, h_pre, h_post,
+                                                 raw, inv_rms)]
+    outs = _backward_outputs(X, norm_weight, proj_weight, scale, raw)
     x, dX_post, dZ, h_res, du, dh_pre, *rest = (t.data_ptr() for t in tensors)
     threads = match_torch_threads()
     _kernels(n)[1](x, dX_post, tokens["dX_post"], dZ, tokens["dZ"], h_res, du, tokens["du"], dh_pre, tokens["dh_pre"],
