@@ -26,7 +26,7 @@ from pathlib import Path
 import numba
 import torch
 
-from bench_models_cpu import commit, cpu_name
+from bench_models_cpu import commit, cpu_name, numba_vectors
 from bench_numba_cache import MODULES, FreshKernels, cases
 from bench_pre_scaling_cpu import add_cache_arguments, call_s, flush_buffer
 from kromhc_vision.cpu_allocator import configure_cpu_malloc
@@ -97,7 +97,7 @@ def main(argv=None):
     flush = flush_buffer(args)
     setting = "no write between calls (hot)" if args.hot else f"each call after a {args.flush_mib} MiB write"
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, numba {numba.__version__}, {args.threads} threads; "
-          f"tree: commit {commit()}; REV: {args.rev}")
+          f"tree: commit {commit()}; REV: {args.rev}; numba vectors: {numba_vectors()} (REV's kernels: their own)")
     print(f"numba ops, float32, T = {args.tokens}, n = 4, C = {args.width}; both versions compiled here, "
           f"alternated call by call, {args.calls} calls each, {setting}")
     print(f"{'op':<30}{'REV ms':>9}{'tree ms':>9}{'tree/REV':>10}  same")

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench_models_cpu import commit, cpu_name, seconds_per_call
+from bench_models_cpu import commit, cpu_name, numba_vectors, seconds_per_call
 from kromhc_vision.connections import CONNECTIONS, build_connection
 from kromhc_vision.cpu_allocator import CPU_MALLOC_CHOICES, configure_cpu_malloc
 
@@ -206,7 +206,7 @@ def main(argv=None):
             times[name].append(time_us(fn, args.steps))
     parallel, serial = launch_us()
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, numba {numba.__version__}, {args.threads} threads; "
-          f"commit {commit()}; cpu malloc: {args.cpu_malloc}")
+          f"commit {commit()}; cpu malloc: {args.cpu_malloc}; numba vectors: {numba_vectors()}")
     print(f"one connection, forward + backward, identity branch: T = {T}, n = {n}, C = {C}, float32; "
           f"{args.rounds} rounds of {args.steps} steps")
     print(f"empty numba loop call: parallel (prange) {parallel:.2f} us, serial {serial:.2f} us")

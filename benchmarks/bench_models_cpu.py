@@ -69,6 +69,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def numba_vectors() -> str:
+    """The vector width the numba stream kernels ask LLVM for (``KROMHC_NUMBA_VECTOR_WIDTH``), as headers print it."""
+    from kromhc_vision.ops.numba._common import vector_width
+    bits = vector_width()
+    return f"{bits}-bit" if bits else "LLVM's choice"
+
+
 def commit() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -276,7 +283,8 @@ def main(argv=None):
     device = torch.device(args.device)
     retained = configure_cpu_malloc(args.cpu_malloc, device)
     lines = [f"CPU: {cpu_name()}; torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads; "
-             f"commit {commit()}; cpu malloc: {'retain' if retained else 'default'}", ""]
+             f"commit {commit()}; cpu malloc: {'retain' if retained else 'default'}; numba vectors: {numba_vectors()}",
+             ""]
     print("\n".join(lines), flush=True)
     for family in args.models:
         for n in args.streams:

@@ -34,7 +34,7 @@ import time
 import numba
 import torch
 
-from bench_models_cpu import commit, cpu_name
+from bench_models_cpu import commit, cpu_name, numba_vectors
 from bench_numba_cache import MODULES, stream_pre_args
 from kromhc_vision.cpu_allocator import configure_cpu_malloc
 from kromhc_vision.ops import _custom_ops
@@ -144,7 +144,7 @@ def main(argv=None):
     bandwidth = copy_gbs(flush)
     ks = sorted(cases)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, numba {numba.__version__}, {args.threads} threads; "
-          f"commit {commit()}")
+          f"commit {commit()}; numba vectors: {numba_vectors()}")
     setting = "no write between calls (hot)" if args.hot else f"each after a {args.flush_mib} MiB write"
     print(f"numba stream_pre kernels, T = {T}, n = {n}, C = {C}, float32; median of {args.rounds} rounds x "
           f"{args.calls} calls, {setting}; copy bandwidth {bandwidth:.1f} GB/s")

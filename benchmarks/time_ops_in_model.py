@@ -31,7 +31,7 @@ from importlib import import_module
 import timm
 import torch
 
-from bench_models_cpu import add_pair_arguments, build_pair, commit, cpu_name, step
+from bench_models_cpu import add_pair_arguments, build_pair, commit, cpu_name, numba_vectors, step
 from kromhc_vision import recompute
 from kromhc_vision.connections import HyperConnection
 from kromhc_vision.ops import _custom_ops
@@ -135,7 +135,7 @@ def main(argv=None):
             steps["hyper"].append(step(hyper, x))
     res_ms, hyper_ms = (statistics.median(steps[k]) * 1e3 for k in ("residual", "hyper"))
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads; "
-          f"commit {commit()}; cpu malloc: {args.cpu_malloc}")
+          f"commit {commit()}; cpu malloc: {args.cpu_malloc}; numba vectors: {numba_vectors()}")
     print(f"{title}: step {hyper_ms:.1f} ms (timed) vs residual {res_ms:.1f} ms, difference {hyper_ms - res_ms:.1f} ms")
     print(f"{'ms/step':>8} {'calls':>6} {'ms/call':>8}  part (rows nest: a Function includes its ops)")
     for row in sorted(totals, key=lambda r: -totals[r]):

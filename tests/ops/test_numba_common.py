@@ -51,3 +51,50 @@ def test_ops_refuse_a_tensor_of_the_wrong_size_naming_it():
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def test_vector_width_reads_its_setting_and_refuses_others(monkeypatch):
+    """``KROMHC_NUMBA_VECTOR_WIDTH``: 256 / 512 as given, ``auto`` 512 on an AVX-512 CPU (else LLVM's choice, 0),
+    anything else refused with the value and the choices."""
+    import llvmlite.binding as ll
+    from kromhc_vision.ops.numba._common import vector_width
+    for value, bits in (("256", 256), ("512", 512)):
+        monkeypatch.setenv("KROMHC_NUMBA_VECTOR_WIDTH", value)
+        assert vector_width() == bits
+    monkeypatch.delenv("KROMHC_NUMBA_VECTOR_WIDTH")
+    assert vector_width() == (512 if ll.get_host_cpu_features().get("avx512f", False) else 0)
+    monkeypatch.setenv("KROMHC_NUMBA_VECTOR_WIDTH", "1024")
+    with pytest.raises(ValueError, match=r"'1024'.*auto, 256, 512"):
+        vector_width()
+
+
+_ASM_PROBE = """
+import importlib, torch
+post = importlib.import_module("kromhc_vision.ops.numba.stream_post")  # (the package's name stream_post is the op)
+post._stream_post_fwd(torch.randn(64, 4, 64), torch.randn(64, 64), torch.rand(64, 4, 4), torch.rand(64, 4))
+asm = "".join(post._kernels(4)[0].inspect_asm().values())
+print(asm.count("zmm"), asm.count("ymm"))
+"""
+
+
+def test_kernels_take_512_bit_vectors_where_llvm_would_pick_256(tmp_path):
+    """Compiled for an Intel AVX-512 CPU (LLVM's ``sapphirerapids`` tuning, which prefers 256-bit vectors; the
+    host's features), the post kernel uses 512-bit registers by default and none with the setting at 256: the
+    kernels' own vector width (``_common.prefer_vector_width``), not LLVM's tuning, decides."""
+    import os
+    import subprocess
+    import sys
+
+    import llvmlite.binding as ll
+    features = ll.get_host_cpu_features()
+    if not features.get("avx512f", False):
+        pytest.skip("the host has no AVX-512: its code cannot be compiled here")
+    counts = {}
+    for setting in ("auto", "256"):
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / setting), NUMBA_CPU_NAME="sapphirerapids",
+                   NUMBA_CPU_FEATURES=features.flatten(), KROMHC_NUMBA_VECTOR_WIDTH=setting)
+        out = subprocess.run([sys.executable, "-c", _ASM_PROBE], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        counts[setting] = tuple(int(v) for v in out.stdout.split()[-2:])
+    assert counts["auto"][0] > 0, counts
+    assert counts["256"] == (0, counts["256"][1]) and counts["256"][1] > 0, counts

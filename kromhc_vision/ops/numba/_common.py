@@ -8,8 +8,10 @@ address (``data_ptr()``), viewed inside as an array (:func:`token_array`), not a
 unboxed by numba (BENCHMARKS.md ``kernel_addresses``; ``benchmarks/time_ops_in_model.py`` shows an op's time
 beside its kernel's).
 """
+import os
 import threading
 
+import llvmlite.binding
 import numba
 import numpy as np
 import torch
@@ -59,6 +61,46 @@ def _typed_pointer(typingctx, address, like):
         return builder.inttoptr(args[0], context.get_value_type(pointer))
 
     return pointer(address, like), codegen
+
+
+VECTOR_WIDTH_CHOICES = ("auto", "256", "512")
+
+
+def vector_width() -> int:
+    """The width in bits of the vectors the stream kernels ask LLVM for (:func:`prefer_vector_width`), from
+    ``$KROMHC_NUMBA_VECTOR_WIDTH`` (read when a kernel is first made; one of :data:`VECTOR_WIDTH_CHOICES`): ``auto``
+    (the default) is 512 where the CPU has AVX-512 and 0 (LLVM's own choice) elsewhere.
+
+    LLVM's tuning for Intel's AVX-512 CPUs prefers 256-bit vectors (numba names the Xeons of this project's machines
+    ``rocketlake`` and emits ymm code there), for AMD's Zen 4 512-bit ones: the same kernels ran with half the
+    vector width on the Xeon, where PyTorch's GEMMs use 512-bit vectors. The kernels' loops are multiply-adds over
+    rows in L1, which wider vectors serve where the CPU has two 512-bit FMA units. Only these kernels are affected,
+    not the rest of a process's numba code (``NUMBA_CPU_FEATURES`` would change all of it).
+    """
+    value = os.environ.get("KROMHC_NUMBA_VECTOR_WIDTH", "auto")
+    if value not in VECTOR_WIDTH_CHOICES:
+        raise ValueError(f"KROMHC_NUMBA_VECTOR_WIDTH={value!r}; valid choices: {', '.join(VECTOR_WIDTH_CHOICES)}")
+    if value == "auto":
+        return 512 if llvmlite.binding.get_host_cpu_features().get("avx512f", False) else 0
+    return int(value)
+
+
+@intrinsic
+def prefer_vector_width(typingctx, bits):
+    """In a kernel, and first in each of its parallel loops (numba compiles each loop's body as a function of its
+    own): LLVM vectorises that function with vectors of ``bits`` bits where the CPU has them (LLVM's function
+    attribute ``prefer-vector-width``; 0: LLVM's own choice). ``bits`` must be a compile-time constant (a kernel
+    factory's closure variable, so that numba's disk cache keeps one compilation per width)."""
+    if not isinstance(bits, types.IntegerLiteral):
+        return None
+    width = bits.literal_value
+
+    def codegen(context, builder, signature, args):
+        if width:  # a string attribute, which llvmlite's attribute set does not list: added as the set it is
+            set.add(builder.function.attributes, f'"prefer-vector-width"="{width}"')
+        return context.get_dummy_value()
+
+    return types.void(bits), codegen
 
 
 @numba.njit(inline="always")

@@ -16,21 +16,25 @@ from .._custom_ops import call, custom_op, needs_grad, register_stream_post, tra
 from ..pytorch._once import once_differentiable
 from ..reference import compute_dtype
 from ._common import (KERNEL_SCALARS, LINK_ATTRIBUTE, as_dtype, kernel_tensor, match_torch_threads,
-                      sized_kernel_tensor, token_array)
+                      prefer_vector_width, sized_kernel_tensor, token_array, vector_width)
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels(num_streams: int):
     """The forward and backward kernels for ``num_streams`` streams: ``N`` is a compile-time constant, so the
-    loops over streams unroll and each output row is summed in registers (numba caches one pair per ``N``)."""
-    N = num_streams
+    loops over streams unroll and each output row is summed in registers (numba caches one pair per ``N`` and
+    vector width: :func:`~._common.vector_width`; see :func:`kromhc_vision.ops.numba.stream_pre._kernels` on what
+    the closures may hold)."""
+    N, WIDTH = num_streams, vector_width()
 
     @numba.njit(parallel=True, cache=True, error_model="numpy")
     def forward(pX, py, pH, php, pout, T, C, like):
         """The tensors at their addresses ``p*`` (:func:`token_array`), of ``T`` tokens and width ``C``."""
         X, y, H = token_array(pX, like, (T, N, C)), token_array(py, like, (T, C)), token_array(pH, like, (T, N, N))
         hp, out = token_array(php, like, (T, N)), token_array(pout, like, (T, N, C))
+        prefer_vector_width(WIDTH)
         for t in numba.prange(T):
+            prefer_vector_width(WIDTH)
             for i in range(N):
                 a = hp[t, i]
                 for c in range(C):
@@ -48,7 +52,9 @@ def _kernels(num_streams: int):
         dX = token_array(pdX, like, (T if has_dX else 0, N, C))
         dy, dH, dhp = token_array(pdy, like, (T, C)), token_array(pdH, like, (T, N, N)), token_array(pdhp, like, (T, N))
         zero = X.dtype.type(0)  # dot products from a typed zero over the full row vectorise better than from term 0
+        prefer_vector_width(WIDTH)
         for t in numba.prange(T):
+            prefer_vector_width(WIDTH)
             for c in range(C):
                 s = zero
                 for i in range(N):

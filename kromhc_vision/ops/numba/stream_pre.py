@@ -38,7 +38,7 @@ from .._custom_ops import call, custom_op, needs_grad, traced
 from ..pytorch._once import once_differentiable
 from ..reference import autocast_off, compute_dtype
 from ._common import (KERNEL_SCALARS, LINK_ATTRIBUTE, PostGradLink, as_dtype, kernel_tensor, match_torch_threads,
-                      sized_kernel_tensor, token_array)
+                      prefer_vector_width, sized_kernel_tensor, token_array, vector_width)
 from ._prefetch import prefetch_part
 
 _FLAGS = dict(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
@@ -61,15 +61,17 @@ def _kernels(num_streams: int):
     """The forward and backward kernels for ``num_streams`` streams: ``N`` is a compile-time constant, so the
     loops over streams unroll and ``u`` is summed in registers (numba caches one pair per ``N`` on disk).
 
-    ``N`` must stay the closures' only free variable: numba's disk cache keys a closure by the pickled contents of
-    its cells, and a dispatcher in a cell pickles differently in every process (the cache never hit, and each
-    process compiled these kernels again, ~10 s; ``tests/ops/test_numba_cache.py``)."""
-    N = num_streams
+    ``N`` and the vector width ``WIDTH`` (:func:`~._common.vector_width`) must stay the closures' only free
+    variables: numba's disk cache keys a closure by the pickled contents of its cells, and a dispatcher in a cell
+    pickles differently in every process (the cache never hit, and each process compiled these kernels again,
+    ~10 s; ``tests/ops/test_numba_cache.py``)."""
+    N, WIDTH = num_streams, vector_width()
 
     @numba.njit(**_FLAGS)
     def forward(px, pg, pW, pscale, pbias, eps, pu, ph_pre, ph_post, pa_res, praw, pinv_rms, T, C, k, like):
         """The tensors at their addresses ``p*`` (:func:`token_array`): ``T`` tokens of ``N`` streams of width
         ``C``, ``k`` coefficients."""
+        prefer_vector_width(WIDTH)
         NC = N * C
         x, g, W = token_array(px, like, (T, N, C)), token_array(pg, like, (NC,)), token_array(pW, like, (NC, k))
         scale, bias = token_array(pscale, like, (k,)), token_array(pbias, like, (k,))
@@ -81,6 +83,7 @@ def _kernels(num_streams: int):
         xf = x.reshape((T, NC))
         wt = gained_transposed(g, W)
         for b in numba.prange((T + TOKEN_BLOCK - 1) // TOKEN_BLOCK):
+            prefer_vector_width(WIDTH)
             t0 = b * TOKEN_BLOCK
             if t0 + TOKEN_BLOCK <= T:  # rows as 1-d views, four coefficients per pass: 16 sums in registers
                 x0, x1, x2, x3 = xf[t0], xf[t0 + 1], xf[t0 + 2], xf[t0 + 3]
@@ -177,6 +180,7 @@ def _kernels(num_streams: int):
         """As :func:`forward`. ``dX_post`` of 0 tokens (``post_tokens``) stands for none (a zero gradient), ``du``
         and ``dh_pre`` of 0 tokens likewise, and ``dZ``, ``H`` (the post step's ``dX_next`` and ``H_res``) of 0
         tokens (``mix_tokens``) for no ``H_res^T dZ`` term; ``chunks``: the threads (one chunk of tokens each)."""
+        prefer_vector_width(WIDTH)
         NC = N * C
         x, dx = token_array(px, like, (T, N, C)), token_array(pdx, like, (T, N, C))
         dX_post, dZ = token_array(pdX_post, like, (post_tokens, N, C)), token_array(pdZ, like, (mix_tokens, N, C))
@@ -199,6 +203,7 @@ def _kernels(num_streams: int):
         has_post, has_mix, has_du = dX_post.shape[0] != 0, dZ.shape[0] != 0, du.shape[0] != 0
         has_dh_pre = dh_pre.shape[0] != 0
         for p in numba.prange(chunks):
+            prefer_vector_width(WIDTH)
             acc = dwt_parts[p]
             sb = sb_parts[p]
             dr = np.zeros((2 * TOKEN_BLOCK, kp), x.dtype)  # dr of two blocks: dW_g takes a pair of blocks a pass
@@ -354,6 +359,7 @@ def _kernels(num_streams: int):
             dscale[i] = s0
             dbias[i] = s1
         for c in numba.prange(NC):
+            prefer_vector_width(WIDTH)
             sg = dt(0)
             for i in range(k):
                 s = dt(0)
