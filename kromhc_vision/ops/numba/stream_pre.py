@@ -396,10 +396,10 @@ def _stream_pre_fwd(X: torch.Tensor, norm_weight: torch.Tensor, proj_weight: tor
     """``X (..., n, C)`` -> ``u (..., C), h_pre, h_post (..., n), a_res (..., m), raw (..., k), inv_rms (..., 1)``."""
     n, C = X.shape[-2:]
     k = bias.shape[0]
-    outs = _forward_outputs(X, proj_weight, bias)
-    dtype = outs[0].dtype
+    dtype = compute_dtype(X, proj_weight)  # _forward_outputs' dtype
+    params = _parameters("stream_pre", X, k, dtype, norm_weight, proj_weight, scale, bias)  # checked first
     x = kernel_tensor(X, dtype)
-    params = _parameters("stream_pre", X, k, dtype, norm_weight, proj_weight, scale, bias)
+    outs = _forward_outputs(X, proj_weight, bias)
     match_torch_threads()
     _kernels(n)[0](x.data_ptr(), *(p.data_ptr() for p in params), eps, *(o.data_ptr() for o in outs),
                    X.numel() // (n * C), C, k, KERNEL_SCALARS[dtype])
