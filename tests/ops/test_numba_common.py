@@ -53,48 +53,86 @@ def test_ops_refuse_a_tensor_of_the_wrong_size_naming_it():
             call()
 
 
+
 def test_vector_width_reads_its_setting_and_refuses_others(monkeypatch):
-    """``KROMHC_NUMBA_VECTOR_WIDTH``: 256 / 512 as given, ``auto`` 512 on an AVX-512 CPU (else LLVM's choice, 0),
-    anything else refused with the value and the choices."""
-    import llvmlite.binding as ll
-    from kromhc_vision.ops.numba._common import vector_width
+    """``KROMHC_NUMBA_VECTOR_WIDTH``: 256 / 512 as given; ``auto`` 512 only on CPUs with AVX-512 and AMX, else
+    LLVM's choice (0); anything else refused with the value and the choices."""
+    from kromhc_vision.ops.numba import _common
     for value, bits in (("256", 256), ("512", 512)):
         monkeypatch.setenv("KROMHC_NUMBA_VECTOR_WIDTH", value)
-        assert vector_width() == bits
+        assert _common.vector_width() == bits
     monkeypatch.delenv("KROMHC_NUMBA_VECTOR_WIDTH")
-    assert vector_width() == (512 if ll.get_host_cpu_features().get("avx512f", False) else 0)
+    for features, bits in (({"avx512f", "amx-tile", "avx2"}, 512), ({"avx512f", "avx2"}, 0), ({"avx2"}, 0)):
+        monkeypatch.setattr(_common, "target_features", lambda features=features: features)
+        assert _common.vector_width() == bits, features
     monkeypatch.setenv("KROMHC_NUMBA_VECTOR_WIDTH", "1024")
     with pytest.raises(ValueError, match=r"'1024'.*auto, 256, 512"):
-        vector_width()
+        _common.vector_width()
 
 
-_ASM_PROBE = """
-import importlib, torch
+def test_target_features_follow_numba_cpu_features(monkeypatch):
+    """What ``auto`` looks at: the CPU numba compiles for (``NUMBA_CPU_FEATURES``), not the host, where set."""
+    from kromhc_vision.ops.numba import _common
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,-avx512f,+amx-tile")
+    assert _common.target_features() == {"avx2", "amx-tile"}
+
+
+def _probe(tmp_path, script, **env_vars):
+    """Run ``script`` in a fresh process with its own empty numba cache (compiled code can be inspected only
+    there) and ``env_vars``; its last line of output."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_DISABLE")}
+    env.update(NUMBA_CACHE_DIR=str(tmp_path / str(len(list(tmp_path.iterdir())))), **env_vars)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+_IR_PROBE = r"""
+import importlib, re, torch, kromhc_vision
+conn = kromhc_vision.build_connection("hc", 4, 8, backend="numba")
+X = torch.randn(6, 4, 8, requires_grad=True)
+conn(X, lambda u: 2 * u).square().sum().backward()
+counts = []
+for name in ("stream_pre", "stream_post"):
+    for kernel in importlib.import_module("kromhc_vision.ops.numba." + name)._kernels(4):
+        ir = "".join(kernel.inspect_llvm().values())
+        groups = set(re.findall(r'^attributes #(\d+) = \{[^}]*"prefer-vector-width"="WIDTH"', ir, re.M))
+        counts.append(sum(g in groups for g in re.findall(r"^define .*#(\d+) \{$", ir, re.M)))
+print(*counts)
+"""
+
+
+def test_stream_kernels_carry_the_vector_width_attribute(tmp_path, width=512):
+    """Every stream kernel (pre and post, forward and backward) carries LLVM's ``prefer-vector-width`` at the
+    setting, in the kernel and in each parallel loop over tokens (numba's functions for them): functions with
+    the attribute, the pre forward and the post kernels at least two, the pre backward three. On any CPU."""
+    counts = [int(c) for c in _probe(tmp_path, _IR_PROBE.replace("WIDTH", str(width)),
+                                      KROMHC_NUMBA_VECTOR_WIDTH=str(width)).split()]
+    assert counts[0] >= 2 and counts[1] >= 3 and counts[2] >= 2 and counts[3] >= 2, counts
+
+
+_ASM_PROBE = r"""
+import importlib, re, torch
 post = importlib.import_module("kromhc_vision.ops.numba.stream_post")  # (the package's name stream_post is the op)
 post._stream_post_fwd(torch.randn(64, 4, 64), torch.randn(64, 64), torch.rand(64, 4, 4), torch.rand(64, 4))
 asm = "".join(post._kernels(4)[0].inspect_asm().values())
-print(asm.count("zmm"), asm.count("ymm"))
+print(*(len(re.findall(r"^\s*v\w+\s.*%" + register, asm, re.M)) for register in ("zmm", "ymm")))
 """
 
 
 def test_kernels_take_512_bit_vectors_where_llvm_would_pick_256(tmp_path):
-    """Compiled for an Intel AVX-512 CPU (LLVM's ``sapphirerapids`` tuning, which prefers 256-bit vectors; the
-    host's features), the post kernel uses 512-bit registers by default and none with the setting at 256: the
-    kernels' own vector width (``_common.prefer_vector_width``), not LLVM's tuning, decides."""
-    import os
-    import subprocess
-    import sys
-
+    """Compiled for an Intel AVX-512 CPU (LLVM's ``sapphirerapids`` tuning, which prefers 256-bit vectors, with
+    the host's features), the post kernel has instructions on 512-bit registers at the setting 512 and none at
+    256: the kernels' own width decides, not LLVM's tuning."""
     import llvmlite.binding as ll
     features = ll.get_host_cpu_features()
     if not features.get("avx512f", False):
-        pytest.skip("the host has no AVX-512: its code cannot be compiled here")
-    counts = {}
-    for setting in ("auto", "256"):
-        env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / setting), NUMBA_CPU_NAME="sapphirerapids",
-                   NUMBA_CPU_FEATURES=features.flatten(), KROMHC_NUMBA_VECTOR_WIDTH=setting)
-        out = subprocess.run([sys.executable, "-c", _ASM_PROBE], env=env, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-2000:]
-        counts[setting] = tuple(int(v) for v in out.stdout.split()[-2:])
-    assert counts["auto"][0] > 0, counts
-    assert counts["256"] == (0, counts["256"][1]) and counts["256"][1] > 0, counts
+        pytest.skip("the host has no AVX-512: code for it compiles here but cannot run")
+    counts = {setting: tuple(int(c) for c in _probe(
+        tmp_path, _ASM_PROBE, NUMBA_CPU_NAME="sapphirerapids", NUMBA_CPU_FEATURES=features.flatten(),
+        KROMHC_NUMBA_VECTOR_WIDTH=setting).split()) for setting in ("512", "256")}
+    assert counts["512"][0] > 0, counts
+    assert counts["256"][0] == 0 and counts["256"][1] > 0, counts

@@ -66,29 +66,39 @@ def _typed_pointer(typingctx, address, like):
 VECTOR_WIDTH_CHOICES = ("auto", "256", "512")
 
 
+def target_features() -> set:
+    """The CPU features numba compiles for: ``NUMBA_CPU_FEATURES`` where set, else the host's."""
+    flat = numba.config.CPU_FEATURES or llvmlite.binding.get_host_cpu_features().flatten()
+    return {f[1:] for f in flat.split(",") if f.startswith("+")}
+
+
 def vector_width() -> int:
     """The width in bits of the vectors the stream kernels ask LLVM for (:func:`prefer_vector_width`), from
-    ``$KROMHC_NUMBA_VECTOR_WIDTH`` (read when a kernel is first made; one of :data:`VECTOR_WIDTH_CHOICES`): ``auto``
-    (the default) is 512 where the CPU has AVX-512 and 0 (LLVM's own choice) elsewhere.
+    ``$KROMHC_NUMBA_VECTOR_WIDTH`` (one of :data:`VECTOR_WIDTH_CHOICES`; read when a module's kernels for a stream
+    count are first made, so set it before the first forward pass): ``auto`` (the default) is 512 on CPUs with
+    AVX-512 and AMX (Intel's Sapphire Rapids and later: the Xeons among this project's machines) and 0, LLVM's own
+    choice, elsewhere: 512 bits on AMD's Zen 4, 256 on Intel's earlier AVX-512 CPUs (whose 512-bit code can lower
+    the clock, the reason for LLVM's preference).
 
-    LLVM's tuning for Intel's AVX-512 CPUs prefers 256-bit vectors (numba names the Xeons of this project's machines
-    ``rocketlake`` and emits ymm code there), for AMD's Zen 4 512-bit ones: the same kernels ran with half the
-    vector width on the Xeon, where PyTorch's GEMMs use 512-bit vectors. The kernels' loops are multiply-adds over
-    rows in L1, which wider vectors serve where the CPU has two 512-bit FMA units. Only these kernels are affected,
-    not the rest of a process's numba code (``NUMBA_CPU_FEATURES`` would change all of it).
+    On the Xeon LLVM's tuning emits ymm code (numba names that CPU ``rocketlake``), half the vector width of
+    the EPYC's and of PyTorch's GEMMs there, for loops of multiply-adds over rows in L1, which wider vectors serve
+    where a core has two 512-bit FMA units (BENCHMARKS.md ``vector_width``: not yet measured on a Xeon). Only
+    these kernels are affected, not the rest of a process's numba code (``NUMBA_CPU_FEATURES`` would change all of
+    it).
     """
     value = os.environ.get("KROMHC_NUMBA_VECTOR_WIDTH", "auto")
     if value not in VECTOR_WIDTH_CHOICES:
         raise ValueError(f"KROMHC_NUMBA_VECTOR_WIDTH={value!r}; valid choices: {', '.join(VECTOR_WIDTH_CHOICES)}")
     if value == "auto":
-        return 512 if llvmlite.binding.get_host_cpu_features().get("avx512f", False) else 0
+        return 512 if {"avx512f", "amx-tile"} <= target_features() else 0
     return int(value)
 
 
 @intrinsic
 def prefer_vector_width(typingctx, bits):
-    """In a kernel, and first in each of its parallel loops (numba compiles each loop's body as a function of its
-    own): LLVM vectorises that function with vectors of ``bits`` bits where the CPU has them (LLVM's function
+    """In a kernel, and first in each of its parallel loops over tokens (numba compiles each loop's body as a
+    function of its own; the loops numba makes of ``np.zeros`` and the small helpers keep LLVM's choice): LLVM
+    vectorises that function with vectors of ``bits`` bits where the CPU has them (LLVM's function
     attribute ``prefer-vector-width``; 0: LLVM's own choice). ``bits`` must be a compile-time constant (a kernel
     factory's closure variable, so that numba's disk cache keeps one compilation per width)."""
     if not isinstance(bits, types.IntegerLiteral):

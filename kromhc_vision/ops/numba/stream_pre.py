@@ -59,7 +59,8 @@ def gained_transposed(g, W):
 @functools.lru_cache(maxsize=None)
 def _kernels(num_streams: int):
     """The forward and backward kernels for ``num_streams`` streams: ``N`` is a compile-time constant, so the
-    loops over streams unroll and ``u`` is summed in registers (numba caches one pair per ``N`` on disk).
+    loops over streams unroll and ``u`` is summed in registers (numba caches one pair per ``N`` and vector width on
+    disk).
 
     ``N`` and the vector width ``WIDTH`` (:func:`~._common.vector_width`) must stay the closures' only free
     variables: numba's disk cache keys a closure by the pickled contents of its cells, and a dispatcher in a cell
