@@ -1,4 +1,9 @@
-"""The numba kernels' helpers: tensors handed to kernels by address (``token_array``)."""
+"""The numba kernels' helpers: tensors handed to kernels by address (``token_array``), the kernels' vector width."""
+import os
+import subprocess
+import sys
+
+import llvmlite.binding as ll
 import numba
 import numpy as np
 import pytest
@@ -53,7 +58,6 @@ def test_ops_refuse_a_tensor_of_the_wrong_size_naming_it():
             call()
 
 
-
 def test_vector_width_reads_its_setting_and_refuses_others(monkeypatch):
     """``KROMHC_NUMBA_VECTOR_WIDTH``: 256 / 512 as given; ``auto`` 512 only on CPUs with AVX-512 and AMX, else
     LLVM's choice (0); anything else refused with the value and the choices."""
@@ -80,9 +84,6 @@ def test_target_features_follow_numba_cpu_features(monkeypatch):
 def _probe(tmp_path, script, **env_vars):
     """Run ``script`` in a fresh process with its own empty numba cache (compiled code can be inspected only
     there) and ``env_vars``; its last line of output."""
-    import os
-    import subprocess
-    import sys
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_DISABLE")}
     env.update(NUMBA_CACHE_DIR=str(tmp_path / str(len(list(tmp_path.iterdir())))), **env_vars)
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
@@ -105,12 +106,12 @@ print(*counts)
 """
 
 
-def test_stream_kernels_carry_the_vector_width_attribute(tmp_path, width=512):
+def test_stream_kernels_carry_the_vector_width_attribute(tmp_path):
     """Every stream kernel (pre and post, forward and backward) carries LLVM's ``prefer-vector-width`` at the
     setting, in the kernel and in each parallel loop over tokens (numba's functions for them): functions with
     the attribute, the pre forward and the post kernels at least two, the pre backward three. On any CPU."""
-    counts = [int(c) for c in _probe(tmp_path, _IR_PROBE.replace("WIDTH", str(width)),
-                                      KROMHC_NUMBA_VECTOR_WIDTH=str(width)).split()]
+    out = _probe(tmp_path, _IR_PROBE.replace("WIDTH", "512"), KROMHC_NUMBA_VECTOR_WIDTH="512")
+    counts = [int(c) for c in out.split()]
     assert counts[0] >= 2 and counts[1] >= 3 and counts[2] >= 2 and counts[3] >= 2, counts
 
 
@@ -127,7 +128,6 @@ def test_kernels_take_512_bit_vectors_where_llvm_would_pick_256(tmp_path):
     """Compiled for an Intel AVX-512 CPU (LLVM's ``sapphirerapids`` tuning, which prefers 256-bit vectors, with
     the host's features), the post kernel has instructions on 512-bit registers at the setting 512 and none at
     256: the kernels' own width decides, not LLVM's tuning."""
-    import llvmlite.binding as ll
     features = ll.get_host_cpu_features()
     if not features.get("avx512f", False):
         pytest.skip("the host has no AVX-512: code for it compiles here but cannot run")
