@@ -1,8 +1,8 @@
 """``benchmarks/bench_models_cpu.py``: its baselines are the architectures they stand for, and a memory-only
 run on the micro family prints one row per variant and setting; the scripts built on its model table
 (``profile_step_cpu.py``, ``time_ops_in_model.py``), ``bench_projection_gemms.py``, ``bench_connection_cpu.py``,
-``bench_permutation_mix.py``, ``bench_numba_cache.py``, ``bench_pre_scaling_cpu.py``, ``ab_numba_kernels.py`` and
-``bench_convnext_downsample_cpu.py`` run."""
+``bench_permutation_mix.py``, ``bench_numba_cache.py``, ``bench_pre_scaling_cpu.py``, ``ab_numba_kernels.py``,
+``bench_compile_cpu.py`` and ``bench_convnext_downsample_cpu.py`` run."""
 import subprocess
 import sys
 import weakref
@@ -16,6 +16,7 @@ import kromhc_vision  # noqa: F401  (registers the models)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import ab_numba_kernels  # noqa: E402
+import bench_compile_cpu  # noqa: E402
 import bench_connection_cpu  # noqa: E402
 import bench_models_cpu  # noqa: E402
 import bench_numba_cache  # noqa: E402
@@ -184,6 +185,16 @@ def test_numba_cache_benchmark_runs_kernels_compiled_here_against_the_packages(c
                             "--threads", str(torch.get_num_threads())])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("stream_post")]
     assert [r[:2] for r in rows] == [["stream_post", "fwd"], ["stream_post", "bwd"]]
+
+
+def test_compile_benchmark_compiles_in_an_empty_cache_and_loads_from_it(capsys):
+    """One row per op: the first process, on an empty numba cache, compiles (seconds); the second loads what the
+    first cached (a backward that compiled again would take as long as in the first)."""
+    bench_compile_cpu.main(["--ops", "stream_post", "--streams", "3"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("stream_post")]
+    assert len(rows) == 1
+    fwd_compile, bwd_compile, fwd_load, bwd_load = map(float, rows[0][1:])
+    assert bwd_compile > 0.3 and bwd_load < bwd_compile / 5, rows
 
 
 def test_pre_scaling_benchmark_fits_time_against_coefficients(capsys):
