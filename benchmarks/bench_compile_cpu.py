@@ -6,7 +6,8 @@ Each op's forward and then its backward is called once on small inputs in a fres
 count, dtype and vector width), then the same in a second process on the cache the first one wrote (``load s``:
 what every later process pays). ``--passes`` adds, for the compiling process, numba's compiler passes that took
 over a second per kernel (its ``pipeline_times``; a parallel kernel's ``native_parfor_lowering`` includes compiling
-and optimising the bodies of its ``prange`` loops).
+and optimising the bodies of its ``prange`` loops; of an op whose kernels run ``cfunc`` bodies, ``stream_pre``: its
+launchers', numba keeping no pass times of a ``cfunc``).
 
     python benchmarks/bench_compile_cpu.py [--ops stream_pre stream_post sinkhorn permutation_mix]
         [--streams 4] [--dtype float32|float64] [--passes]
@@ -65,8 +66,12 @@ def child(op: str, n: int, dtype_name: str, passes: bool) -> dict:
     backward = time.perf_counter() - start
     result = {"forward": forward, "backward": backward, "passes": {}}
     if passes:
-        dispatchers = kernels._kernels(n) if hasattr(kernels, "_kernels") else (
-            kernels._forward_kernel, kernels._backward_kernel)
+        if hasattr(kernels, "_bodies"):  # cfunc bodies run by launchers: numba keeps no pass times of a cfunc
+            dispatchers = (kernels._forward_launcher, kernels._backward_launcher)
+        elif hasattr(kernels, "_kernels"):
+            dispatchers = kernels._kernels(n)
+        else:
+            dispatchers = (kernels._forward_kernel, kernels._backward_kernel)
         for name, dispatcher in zip(("forward", "backward"), dispatchers):
             for cres in dispatcher.overloads.values():
                 for pipeline in cres.metadata.get("pipeline_times", {}).values():

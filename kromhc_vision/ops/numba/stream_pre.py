@@ -19,9 +19,11 @@ once per four for the four rows of ``dr W_g^T`` (four rows of ``W_g^T`` per pass
 ``xeon_link_dw8``; a BLAS ``dr^T x`` was slower), four of its rows per pass (BENCHMARKS.md ``dw_rows4``; ``k`` is
 padded to a multiple of four for it: with a loop bound of ``k - k % 4`` the vectorised loop was compiled but not
 run, its runtime overlap check of the four rows, hoisted out of the coefficient loop, failing). The tokens are
-split into one
-chunk per thread, each accumulating its own ``dW_g``, ``ds``, ``db``, summed at the end in a fixed order (the
-values depend on the thread count, not on scheduling). BLAS would run the three projections as three more
+split into one chunk per thread, each accumulating its own ``dW_g``, ``ds``, ``db``, summed at the end in a fixed
+order (the values depend on the thread count, not on scheduling). What each thread runs is a C function
+(:func:`_bodies`, :mod:`._launch`) that a small parallel kernel, the same for every stream count, calls by address:
+compiled and optimised once, where a ``prange`` loop with these bodies took numba three times as long to compile
+(BENCHMARKS.md ``compile_time``). BLAS would run the three projections as three more
 passes over the state (``T x nC`` floats each) and PyTorch the small reductions as a dozen more ops
 (:mod:`kromhc_vision.ops.pytorch.stream_pre`, which this replaces on CPU; BENCHMARKS.md ``stream_pre_fused``).
 
@@ -39,9 +41,10 @@ from ..pytorch._once import once_differentiable
 from ..reference import autocast_off, compute_dtype
 from ._common import (KERNEL_SCALARS, LINK_ATTRIBUTE, PostGradLink, as_dtype, kernel_tensor, match_torch_threads,
                       prefer_vector_width, sized_kernel_tensor, token_array, vector_width)
+from ._launch import BODY_SIGNATURE, call_body, float_from_bits
 from ._prefetch import prefetch_part
 
-_FLAGS = dict(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+_FLAGS = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 TOKEN_BLOCK = 4  # tokens per block of the projection loops (the loops below spell out four)
 
 
@@ -56,35 +59,48 @@ def gained_transposed(g, W):
     return wt
 
 
+# The bodies' int64 arguments (:mod:`._launch`), by position
+FORWARD_ARGS = ("T", "C", "k", "blocks_per_thread", "eps_bits", "x", "g", "W", "scale", "bias", "u", "h_pre", "h_post",
+                "a_res", "raw", "inv_rms")
+BACKWARD_ARGS = ("T", "C", "k", "post_tokens", "mix_tokens", "du_tokens", "dh_pre_tokens", "per", "kp", "chunks", "x",
+                 "dx", "dX_post", "dZ", "H", "du", "dh_pre", "dh_post", "da_res", "raw", "h_pre", "h_post", "inv_rms",
+                 "g", "W", "scale", "dwt_parts", "sb_parts")
+REDUCE_ARGS = ("NC", "k", "kp", "chunks", "columns_per_thread", "dwt_parts", "sb_parts", "W", "g", "dW", "dg",
+               "dscale", "dbias")
+
+
 @functools.lru_cache(maxsize=None)
-def _kernels(num_streams: int):
-    """The forward and backward kernels for ``num_streams`` streams: ``N`` is a compile-time constant, so the
-    loops over streams unroll and ``u`` is summed in registers (numba caches one pair per ``N`` and vector width on
-    disk).
+def _bodies(num_streams: int, width: int, dtype):
+    """The forward's and the backward's per-thread bodies for ``num_streams`` streams, vector width ``width``
+    (:func:`~._common.vector_width`) and float dtype ``dtype`` (``np.float32`` or ``np.float64``): ``cfunc`` s of
+    :data:`~._launch.BODY_SIGNATURE` (:mod:`._launch`), their arguments named by :data:`FORWARD_ARGS` and
+    :data:`BACKWARD_ARGS`. ``N`` is a compile-time constant, so the loops over streams unroll and ``u`` is summed in
+    registers. Compiled when first made, or loaded from numba's disk cache.
 
-    ``N`` and the vector width ``WIDTH`` (:func:`~._common.vector_width`) must stay the closures' only free
-    variables: numba's disk cache keys a closure by the pickled contents of its cells, and a dispatcher in a cell
-    pickles differently in every process (the cache never hit, and each process compiled these kernels again,
-    ~10 s; ``tests/ops/test_numba_cache.py``)."""
-    N, WIDTH = num_streams, vector_width()
+    ``N``, ``WIDTH`` and ``DT`` must stay the closures' only free variables: numba's disk cache keys a closure by
+    the pickled contents of its cells, and a dispatcher in a cell pickles differently in every process (the cache
+    never hit, and each process compiled these again; ``tests/ops/test_numba_cache.py``)."""
+    N, WIDTH, DT = num_streams, width, dtype
 
-    @numba.njit(**_FLAGS)
-    def forward(px, pg, pW, pscale, pbias, eps, pu, ph_pre, ph_post, pa_res, praw, pinv_rms, T, C, k, like):
-        """The tensors at their addresses ``p*`` (:func:`token_array`): ``T`` tokens of ``N`` streams of width
-        ``C``, ``k`` coefficients."""
+    @numba.cfunc(BODY_SIGNATURE, **_FLAGS)
+    def forward(p, a):
+        """Thread ``p``'s run of token blocks: blocks ``p * per .. (p + 1) * per`` of ``T`` tokens of ``N`` streams
+        of width ``C``, ``k`` coefficients; each thread forms its own ``W_g^T``."""
         prefer_vector_width(WIDTH)
+        like = DT(0)
+        T, C, k, per, eps = a[0], a[1], a[2], a[3], float_from_bits(a[4])
         NC = N * C
-        x, g, W = token_array(px, like, (T, N, C)), token_array(pg, like, (NC,)), token_array(pW, like, (NC, k))
-        scale, bias = token_array(pscale, like, (k,)), token_array(pbias, like, (k,))
-        raw = token_array(praw, like, (T, k))
-        u, h_pre = token_array(pu, like, (T, C)), token_array(ph_pre, like, (T, N))
-        h_post = token_array(ph_post, like, (T, N))
-        a_res, inv_rms = token_array(pa_res, like, (T, k - 2 * N)), token_array(pinv_rms, like, (T, 1))
+        x, g, W = token_array(a[5], like, (T, N, C)), token_array(a[6], like, (NC,)), token_array(a[7], like, (NC, k))
+        scale, bias = token_array(a[8], like, (k,)), token_array(a[9], like, (k,))
+        u, h_pre = token_array(a[10], like, (T, C)), token_array(a[11], like, (T, N))
+        h_post = token_array(a[12], like, (T, N))
+        a_res, raw = token_array(a[13], like, (T, k - 2 * N)), token_array(a[14], like, (T, k))
+        inv_rms = token_array(a[15], like, (T, 1))
         dt = x.dtype.type  # every value in x's dtype, as the reference
         xf = x.reshape((T, NC))
         wt = gained_transposed(g, W)
-        for b in numba.prange((T + TOKEN_BLOCK - 1) // TOKEN_BLOCK):
-            prefer_vector_width(WIDTH)
+        blocks = (T + TOKEN_BLOCK - 1) // TOKEN_BLOCK
+        for b in range(min(p * per, blocks), min((p + 1) * per, blocks)):
             t0 = b * TOKEN_BLOCK
             if t0 + TOKEN_BLOCK <= T:  # rows as 1-d views, four coefficients per pass: 16 sums in registers
                 x0, x1, x2, x3 = xf[t0], xf[t0 + 1], xf[t0 + 2], xf[t0 + 3]
@@ -174,201 +190,292 @@ def _kernels(num_streams: int):
                         v += h_pre[t, j] * x[t, j, c]
                     u[t, c] = v
 
-    @numba.njit(**_FLAGS)
-    def backward(px, pdX_post, post_tokens, pdZ, mix_tokens, pH, pdu, du_tokens, pdh_pre, dh_pre_tokens, pdh_post,
-                 pda_res, ph_pre, ph_post, praw, pinv_rms, pg, pW, pscale, pdx, pdg, pdW, pdscale, pdbias, T, C, k,
-                 chunks, like):
-        """As :func:`forward`. ``dX_post`` of 0 tokens (``post_tokens``) stands for none (a zero gradient), ``du``
-        and ``dh_pre`` of 0 tokens likewise, and ``dZ``, ``H`` (the post step's ``dX_next`` and ``H_res``) of 0
-        tokens (``mix_tokens``) for no ``H_res^T dZ`` term; ``chunks``: the threads (one chunk of tokens each)."""
+    @numba.cfunc(BODY_SIGNATURE, **_FLAGS)
+    def backward(p, a):
+        """Thread ``p``'s chunk of ``per`` tokens: their ``dx``, and the chunk's partial sums ``dwt_parts[p]``
+        (``dW_g^T``) and ``sb_parts[p]`` (``ds``, ``db``), which :func:`_reduce_body` sums. ``dX_post`` of 0 tokens
+        (``post_tokens``) stands for none (a zero gradient), ``du`` and ``dh_pre`` of 0 tokens likewise, and ``dZ``,
+        ``H`` (the post step's ``dX_next`` and ``H_res``) of 0 tokens (``mix_tokens``) for no ``H_res^T dZ`` term."""
         prefer_vector_width(WIDTH)
+        like = DT(0)
+        T, C, k, post_tokens, mix_tokens, du_tokens, dh_pre_tokens, per, kp, chunks = (
+            a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9])
         NC = N * C
-        x, dx = token_array(px, like, (T, N, C)), token_array(pdx, like, (T, N, C))
-        dX_post, dZ = token_array(pdX_post, like, (post_tokens, N, C)), token_array(pdZ, like, (mix_tokens, N, C))
-        H, du = token_array(pH, like, (mix_tokens, N, N)), token_array(pdu, like, (du_tokens, C))
-        dh_pre, dh_post = token_array(pdh_pre, like, (dh_pre_tokens, N)), token_array(pdh_post, like, (T, N))
-        da_res, raw = token_array(pda_res, like, (T, k - 2 * N)), token_array(praw, like, (T, k))
-        h_pre, h_post = token_array(ph_pre, like, (T, N)), token_array(ph_post, like, (T, N))
-        inv_rms, g = token_array(pinv_rms, like, (T, 1)), token_array(pg, like, (NC,))
-        W = token_array(pW, like, (NC, k))
-        scale, dg, dW = token_array(pscale, like, (k,)), token_array(pdg, like, (NC,)), token_array(pdW, like, (NC, k))
-        dscale, dbias = token_array(pdscale, like, (k,)), token_array(pdbias, like, (k,))
+        x, dx = token_array(a[10], like, (T, N, C)), token_array(a[11], like, (T, N, C))
+        dX_post, dZ = token_array(a[12], like, (post_tokens, N, C)), token_array(a[13], like, (mix_tokens, N, C))
+        H, du = token_array(a[14], like, (mix_tokens, N, N)), token_array(a[15], like, (du_tokens, C))
+        dh_pre, dh_post = token_array(a[16], like, (dh_pre_tokens, N)), token_array(a[17], like, (T, N))
+        da_res, raw = token_array(a[18], like, (T, k - 2 * N)), token_array(a[19], like, (T, k))
+        h_pre, h_post = token_array(a[20], like, (T, N)), token_array(a[21], like, (T, N))
+        inv_rms, g = token_array(a[22], like, (T, 1)), token_array(a[23], like, (NC,))
+        W, scale = token_array(a[24], like, (NC, k)), token_array(a[25], like, (k,))
+        dwt_parts, sb_parts = token_array(a[26], like, (chunks, kp, NC)), token_array(a[27], like, (chunks, 2, k))
         dt = x.dtype.type  # a float64 coef would widen the loops over C
         xf = x.reshape((T, NC))
         dxf = dx.reshape((T, NC))
         wt = gained_transposed(g, W)
-        per = ((T + chunks - 1) // chunks + TOKEN_BLOCK - 1) // TOKEN_BLOCK * TOKEN_BLOCK  # tokens per chunk
-        kp = (k + 3) // 4 * 4  # k padded to whole groups of four coefficients (dr's extra columns stay 0)
-        dwt_parts = np.zeros((chunks, kp, NC), x.dtype)  # each chunk's dW_g^T (rows past k: unused)
-        sb_parts = np.zeros((chunks, 2, k), x.dtype)  # each chunk's ds, db (per coefficient)
         has_post, has_mix, has_du = dX_post.shape[0] != 0, dZ.shape[0] != 0, du.shape[0] != 0
         has_dh_pre = dh_pre.shape[0] != 0
-        for p in numba.prange(chunks):
-            prefer_vector_width(WIDTH)
-            acc = dwt_parts[p]
-            sb = sb_parts[p]
-            dr = np.zeros((2 * TOKEN_BLOCK, kp), x.dtype)  # dr of two blocks: dW_g takes a pair of blocks a pass
-            pending = False  # the previous block's dW_g term is not added yet (its dr in rows 0-3)
-            hi = min(T, (p + 1) * per)
-            for t0 in range(p * per, hi, TOKEN_BLOCK):
-                nt = min(TOKEN_BLOCK, hi - t0)
-                r0 = TOKEN_BLOCK if pending else 0  # this block's first row of dr
-                for q in range(nt):
-                    t = t0 + q
-                    rho = inv_rms[t, 0]
-                    qs = dt(0)
-                    for i in range(k):
-                        if i < N:
-                            s = dh_pre[t, i] if has_dh_pre else dt(0)
-                            if has_du:
-                                for c in range(C):
-                                    s += du[t, c] * x[t, i, c]
-                            h = h_pre[t, i]
-                            d = s * h * (1.0 - h)
-                        elif i < 2 * N:
-                            h = h_post[t, i - N]
-                            d = dh_post[t, i - N] * h * (1.0 - 0.5 * h)
-                        else:
-                            d = da_res[t, i - 2 * N]
-                        sb[0, i] += d * raw[t, i] * rho
-                        sb[1, i] += d
-                        d = d * scale[i]
-                        dr[r0 + q, i] = d * rho
-                        qs += d * raw[t, i]
-                    coef = dt(-qs * rho * rho * rho / NC)
-                    if has_mix and has_du and not has_post:  # the linked post step's case: one pass over dx
-                        ut = du[t]
-                        if N == 4:  # 1-d row views, every coefficient a scalar: one vectorised pass per row
-                            z0, z1, z2, z3 = dZ[t, 0], dZ[t, 1], dZ[t, 2], dZ[t, 3]
-                            for j in range(N):
-                                hj, d, xj = h_pre[t, j], dx[t, j], x[t, j]
-                                a0, a1, a2, a3 = H[t, 0, j], H[t, 1, j], H[t, 2, j], H[t, 3, j]
-                                for c in range(C):
-                                    d[c] = (coef * xj[c] + hj * ut[c]
-                                            + a0 * z0[c] + a1 * z1[c] + a2 * z2[c] + a3 * z3[c])
-                        else:
-                            for j in range(N):  # rows as 1-d views, each coefficient a scalar
-                                h = h_pre[t, j]
-                                d, xj = dx[t, j], x[t, j]
-                                for c in range(C):
-                                    d[c] = coef * xj[c] + h * ut[c]
-                                for i in range(N):
-                                    hij, z = H[t, i, j], dZ[t, i]
-                                    for c in range(C):
-                                        d[c] += hij * z[c]
-                        continue
-                    for j in range(N):
-                        if has_post:
-                            for c in range(C):
-                                dx[t, j, c] = dX_post[t, j, c] + coef * x[t, j, c]
-                        else:
-                            for c in range(C):
-                                dx[t, j, c] = coef * x[t, j, c]
-                        if has_mix:  # the post step's dX = H_res^T dZ, formed here instead of written there
-                            for c in range(C):
-                                v = dx[t, j, c]
-                                for i in range(N):
-                                    v += H[t, i, j] * dZ[t, i, c]
-                                dx[t, j, c] = v
+        acc = dwt_parts[p]
+        acc[:, :] = 0.0
+        sb = sb_parts[p]
+        sb[:, :] = 0.0
+        dr = np.zeros((2 * TOKEN_BLOCK, kp), x.dtype)  # dr of two blocks: dW_g takes a pair of blocks a pass
+        pending = False  # the previous block's dW_g term is not added yet (its dr in rows 0-3)
+        hi = min(T, (p + 1) * per)
+        for t0 in range(p * per, hi, TOKEN_BLOCK):
+            nt = min(TOKEN_BLOCK, hi - t0)
+            r0 = TOKEN_BLOCK if pending else 0  # this block's first row of dr
+            for q in range(nt):
+                t = t0 + q
+                rho = inv_rms[t, 0]
+                qs = dt(0)
+                for i in range(k):
+                    if i < N:
+                        s = dh_pre[t, i] if has_dh_pre else dt(0)
                         if has_du:
-                            h = h_pre[t, j]
                             for c in range(C):
-                                dx[t, j, c] += h * du[t, c]
-                if nt == TOKEN_BLOCK:  # rows as 1-d views: LLVM vectorises these loops better than 2-d indexing
-                    x0, x1, x2, x3 = xf[t0], xf[t0 + 1], xf[t0 + 2], xf[t0 + 3]
-                    y0, y1, y2, y3 = dxf[t0], dxf[t0 + 1], dxf[t0 + 2], dxf[t0 + 3]
-                    # dx: four rows of W_g^T per pass over the block's four dx rows (a quarter of the stores of
-                    # one); dW_g: its own loop below, over two blocks' x, four of its rows a pass
-                    k4 = k - k % 4
-                    ahead, groups = t0 + TOKEN_BLOCK, k4 // 4  # the next block's inputs, a part per group
-                    rows = min(TOKEN_BLOCK, hi - ahead)
-                    for i in range(0, k4, 4):
-                        prefetch_part(xf, ahead * NC, rows * NC, i // 4, groups)
-                        if has_mix:
-                            prefetch_part(dZ, ahead * NC, rows * NC, i // 4, groups)
-                        if has_post:
-                            prefetch_part(dX_post, ahead * NC, rows * NC, i // 4, groups)
-                        if has_du:
-                            prefetch_part(du, ahead * C, rows * C, i // 4, groups)
-                        a0, b0, c0, e0 = dr[r0, i], dr[r0, i + 1], dr[r0, i + 2], dr[r0, i + 3]
-                        a1, b1, c1, e1 = dr[r0 + 1, i], dr[r0 + 1, i + 1], dr[r0 + 1, i + 2], dr[r0 + 1, i + 3]
-                        a2, b2, c2, e2 = dr[r0 + 2, i], dr[r0 + 2, i + 1], dr[r0 + 2, i + 2], dr[r0 + 2, i + 3]
-                        a3, b3, c3, e3 = dr[r0 + 3, i], dr[r0 + 3, i + 1], dr[r0 + 3, i + 2], dr[r0 + 3, i + 3]
-                        wa, wb, wc, wd = wt[i], wt[i + 1], wt[i + 2], wt[i + 3]
-                        for c in range(NC):
-                            ga, gb, gc, gd = wa[c], wb[c], wc[c], wd[c]
-                            y0[c] += a0 * ga + b0 * gb + c0 * gc + e0 * gd
-                            y1[c] += a1 * ga + b1 * gb + c1 * gc + e1 * gd
-                            y2[c] += a2 * ga + b2 * gb + c2 * gc + e2 * gd
-                            y3[c] += a3 * ga + b3 * gb + c3 * gc + e3 * gd
-                    for i in range(k4, k):
-                        d0 = dr[r0, i]
-                        d1 = dr[r0 + 1, i]
-                        d2 = dr[r0 + 2, i]
-                        d3 = dr[r0 + 3, i]
-                        w = wt[i]
-                        for c in range(NC):
-                            wi = w[c]
-                            y0[c] += d0 * wi
-                            y1[c] += d1 * wi
-                            y2[c] += d2 * wi
-                            y3[c] += d3 * wi
-                    if pending:  # dW_g: four coefficients x eight tokens a pass over their rows of the partial sums
-                        w0, w1, w2, w3 = xf[t0 - 4], xf[t0 - 3], xf[t0 - 2], xf[t0 - 1]
-                        for i in range(0, acc.shape[0], 4):  # kp, not k - k % 4: see the docstring
-                            a, b, e, f = acc[i], acc[i + 1], acc[i + 2], acc[i + 3]
-                            a0, a1, a2, a3, a4, a5, a6, a7 = (dr[0, i], dr[1, i], dr[2, i], dr[3, i],
-                                                              dr[4, i], dr[5, i], dr[6, i], dr[7, i])
-                            b0, b1, b2, b3, b4, b5, b6, b7 = (dr[0, i + 1], dr[1, i + 1], dr[2, i + 1], dr[3, i + 1],
-                                                              dr[4, i + 1], dr[5, i + 1], dr[6, i + 1], dr[7, i + 1])
-                            e0, e1, e2, e3, e4, e5, e6, e7 = (dr[0, i + 2], dr[1, i + 2], dr[2, i + 2], dr[3, i + 2],
-                                                              dr[4, i + 2], dr[5, i + 2], dr[6, i + 2], dr[7, i + 2])
-                            f0, f1, f2, f3, f4, f5, f6, f7 = (dr[0, i + 3], dr[1, i + 3], dr[2, i + 3], dr[3, i + 3],
-                                                              dr[4, i + 3], dr[5, i + 3], dr[6, i + 3], dr[7, i + 3])
-                            for c in range(NC):
-                                v0, v1, v2, v3, v4, v5, v6, v7 = w0[c], w1[c], w2[c], w3[c], x0[c], x1[c], x2[c], x3[c]
-                                a[c] += (a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3 + a4 * v4 + a5 * v5 + a6 * v6 + a7 * v7)
-                                b[c] += (b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3 + b4 * v4 + b5 * v5 + b6 * v6 + b7 * v7)
-                                e[c] += (e0 * v0 + e1 * v1 + e2 * v2 + e3 * v3 + e4 * v4 + e5 * v5 + e6 * v6 + e7 * v7)
-                                f[c] += (f0 * v0 + f1 * v1 + f2 * v2 + f3 * v3 + f4 * v4 + f5 * v5 + f6 * v6 + f7 * v7)
-                        pending = False
-                    elif t0 + 2 * TOKEN_BLOCK <= hi:  # a whole block follows: add this one's with it
-                        pending = True
+                                s += du[t, c] * x[t, i, c]
+                        h = h_pre[t, i]
+                        d = s * h * (1.0 - h)
+                    elif i < 2 * N:
+                        h = h_post[t, i - N]
+                        d = dh_post[t, i - N] * h * (1.0 - 0.5 * h)
                     else:
-                        for i in range(k):
-                            d0 = dr[0, i]
-                            d1 = dr[1, i]
-                            d2 = dr[2, i]
-                            d3 = dr[3, i]
-                            a = acc[i]
-                            for c in range(NC):
-                                a[c] += d0 * x0[c] + d1 * x1[c] + d2 * x2[c] + d3 * x3[c]
+                        d = da_res[t, i - 2 * N]
+                    sb[0, i] += d * raw[t, i] * rho
+                    sb[1, i] += d
+                    d = d * scale[i]
+                    dr[r0 + q, i] = d * rho
+                    qs += d * raw[t, i]
+                coef = dt(-qs * rho * rho * rho / NC)
+                if has_mix and has_du and not has_post:  # the linked post step's case: one pass over dx
+                    ut = du[t]
+                    if N == 4:  # 1-d row views, every coefficient a scalar: one vectorised pass per row
+                        z0, z1, z2, z3 = dZ[t, 0], dZ[t, 1], dZ[t, 2], dZ[t, 3]
+                        for j in range(N):
+                            hj, d, xj = h_pre[t, j], dx[t, j], x[t, j]
+                            a0, a1, a2, a3 = H[t, 0, j], H[t, 1, j], H[t, 2, j], H[t, 3, j]
+                            for c in range(C):
+                                d[c] = (coef * xj[c] + hj * ut[c]
+                                        + a0 * z0[c] + a1 * z1[c] + a2 * z2[c] + a3 * z3[c])
+                    else:
+                        for j in range(N):  # rows as 1-d views, each coefficient a scalar
+                            h = h_pre[t, j]
+                            d, xj = dx[t, j], x[t, j]
+                            for c in range(C):
+                                d[c] = coef * xj[c] + h * ut[c]
+                            for i in range(N):
+                                hij, z = H[t, i, j], dZ[t, i]
+                                for c in range(C):
+                                    d[c] += hij * z[c]
+                    continue
+                for j in range(N):
+                    if has_post:
+                        for c in range(C):
+                            dx[t, j, c] = dX_post[t, j, c] + coef * x[t, j, c]
+                    else:
+                        for c in range(C):
+                            dx[t, j, c] = coef * x[t, j, c]
+                    if has_mix:  # the post step's dX = H_res^T dZ, formed here instead of written there
+                        for c in range(C):
+                            v = dx[t, j, c]
+                            for i in range(N):
+                                v += H[t, i, j] * dZ[t, i, c]
+                            dx[t, j, c] = v
+                    if has_du:
+                        h = h_pre[t, j]
+                        for c in range(C):
+                            dx[t, j, c] += h * du[t, c]
+            if nt == TOKEN_BLOCK:  # rows as 1-d views: LLVM vectorises these loops better than 2-d indexing
+                x0, x1, x2, x3 = xf[t0], xf[t0 + 1], xf[t0 + 2], xf[t0 + 3]
+                y0, y1, y2, y3 = dxf[t0], dxf[t0 + 1], dxf[t0 + 2], dxf[t0 + 3]
+                # dx: four rows of W_g^T per pass over the block's four dx rows (a quarter of the stores of
+                # one); dW_g: its own loop below, over two blocks' x, four of its rows a pass
+                k4 = k - k % 4
+                ahead, groups = t0 + TOKEN_BLOCK, k4 // 4  # the next block's inputs, a part per group
+                rows = min(TOKEN_BLOCK, hi - ahead)
+                for i in range(0, k4, 4):
+                    prefetch_part(xf, ahead * NC, rows * NC, i // 4, groups)
+                    if has_mix:
+                        prefetch_part(dZ, ahead * NC, rows * NC, i // 4, groups)
+                    if has_post:
+                        prefetch_part(dX_post, ahead * NC, rows * NC, i // 4, groups)
+                    if has_du:
+                        prefetch_part(du, ahead * C, rows * C, i // 4, groups)
+                    a0, b0, c0, e0 = dr[r0, i], dr[r0, i + 1], dr[r0, i + 2], dr[r0, i + 3]
+                    a1, b1, c1, e1 = dr[r0 + 1, i], dr[r0 + 1, i + 1], dr[r0 + 1, i + 2], dr[r0 + 1, i + 3]
+                    a2, b2, c2, e2 = dr[r0 + 2, i], dr[r0 + 2, i + 1], dr[r0 + 2, i + 2], dr[r0 + 2, i + 3]
+                    a3, b3, c3, e3 = dr[r0 + 3, i], dr[r0 + 3, i + 1], dr[r0 + 3, i + 2], dr[r0 + 3, i + 3]
+                    wa, wb, wc, wd = wt[i], wt[i + 1], wt[i + 2], wt[i + 3]
+                    for c in range(NC):
+                        ga, gb, gc, gd = wa[c], wb[c], wc[c], wd[c]
+                        y0[c] += a0 * ga + b0 * gb + c0 * gc + e0 * gd
+                        y1[c] += a1 * ga + b1 * gb + c1 * gc + e1 * gd
+                        y2[c] += a2 * ga + b2 * gb + c2 * gc + e2 * gd
+                        y3[c] += a3 * ga + b3 * gb + c3 * gc + e3 * gd
+                for i in range(k4, k):
+                    d0 = dr[r0, i]
+                    d1 = dr[r0 + 1, i]
+                    d2 = dr[r0 + 2, i]
+                    d3 = dr[r0 + 3, i]
+                    w = wt[i]
+                    for c in range(NC):
+                        wi = w[c]
+                        y0[c] += d0 * wi
+                        y1[c] += d1 * wi
+                        y2[c] += d2 * wi
+                        y3[c] += d3 * wi
+                if pending:  # dW_g: four coefficients x eight tokens a pass over their rows of the partial sums
+                    w0, w1, w2, w3 = xf[t0 - 4], xf[t0 - 3], xf[t0 - 2], xf[t0 - 1]
+                    for i in range(0, acc.shape[0], 4):  # kp, not k - k % 4: see the docstring
+                        a, b, e, f = acc[i], acc[i + 1], acc[i + 2], acc[i + 3]
+                        a0, a1, a2, a3, a4, a5, a6, a7 = (dr[0, i], dr[1, i], dr[2, i], dr[3, i],
+                                                          dr[4, i], dr[5, i], dr[6, i], dr[7, i])
+                        b0, b1, b2, b3, b4, b5, b6, b7 = (dr[0, i + 1], dr[1, i + 1], dr[2, i + 1], dr[3, i + 1],
+                                                          dr[4, i + 1], dr[5, i + 1], dr[6, i + 1], dr[7, i + 1])
+                        e0, e1, e2, e3, e4, e5, e6, e7 = (dr[0, i + 2], dr[1, i + 2], dr[2, i + 2], dr[3, i + 2],
+                                                          dr[4, i + 2], dr[5, i + 2], dr[6, i + 2], dr[7, i + 2])
+                        f0, f1, f2, f3, f4, f5, f6, f7 = (dr[0, i + 3], dr[1, i + 3], dr[2, i + 3], dr[3, i + 3],
+                                                          dr[4, i + 3], dr[5, i + 3], dr[6, i + 3], dr[7, i + 3])
+                        for c in range(NC):
+                            v0, v1, v2, v3, v4, v5, v6, v7 = w0[c], w1[c], w2[c], w3[c], x0[c], x1[c], x2[c], x3[c]
+                            a[c] += (a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3 + a4 * v4 + a5 * v5 + a6 * v6 + a7 * v7)
+                            b[c] += (b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3 + b4 * v4 + b5 * v5 + b6 * v6 + b7 * v7)
+                            e[c] += (e0 * v0 + e1 * v1 + e2 * v2 + e3 * v3 + e4 * v4 + e5 * v5 + e6 * v6 + e7 * v7)
+                            f[c] += (f0 * v0 + f1 * v1 + f2 * v2 + f3 * v3 + f4 * v4 + f5 * v5 + f6 * v6 + f7 * v7)
+                    pending = False
+                elif t0 + 2 * TOKEN_BLOCK <= hi:  # a whole block follows: add this one's with it
+                    pending = True
                 else:
-                    for q in range(nt):  # not after a pending block: that needs a whole block to follow
-                        t = t0 + q
-                        for i in range(k):
-                            d = dr[q, i]
-                            for c in range(NC):
-                                dxf[t, c] += d * wt[i, c]
-                                acc[i, c] += d * xf[t, c]
-        for i in range(k):
-            s0 = dt(0)
-            s1 = dt(0)
-            for p in range(chunks):
-                s0 += sb_parts[p, 0, i]
-                s1 += sb_parts[p, 1, i]
-            dscale[i] = s0
-            dbias[i] = s1
-        for c in numba.prange(NC):
-            prefer_vector_width(WIDTH)
+                    for i in range(k):
+                        d0 = dr[0, i]
+                        d1 = dr[1, i]
+                        d2 = dr[2, i]
+                        d3 = dr[3, i]
+                        a = acc[i]
+                        for c in range(NC):
+                            a[c] += d0 * x0[c] + d1 * x1[c] + d2 * x2[c] + d3 * x3[c]
+            else:
+                for q in range(nt):  # not after a pending block: that needs a whole block to follow
+                    t = t0 + q
+                    for i in range(k):
+                        d = dr[q, i]
+                        for c in range(NC):
+                            dxf[t, c] += d * wt[i, c]
+                            acc[i, c] += d * xf[t, c]
+
+    return forward, backward
+
+
+@functools.lru_cache(maxsize=None)
+def _reduce_body(width: int, dtype):
+    """The backward's last step, per thread (any stream count; see :func:`_bodies`, arguments
+    :data:`REDUCE_ARGS`): the chunks' partial sums, added in chunk order (the values depend on the thread count,
+    not on scheduling), ``dW = dW_g g`` and ``dg = sum_k dW_g W`` for thread ``p``'s columns of ``dW``, and
+    ``ds``, ``db`` on thread 0."""
+    WIDTH, DT = width, dtype
+
+    @numba.cfunc(BODY_SIGNATURE, **_FLAGS)
+    def reduce(p, a):
+        prefer_vector_width(WIDTH)
+        like = DT(0)
+        NC, k, kp, chunks, per = a[0], a[1], a[2], a[3], a[4]
+        dwt_parts, sb_parts = token_array(a[5], like, (chunks, kp, NC)), token_array(a[6], like, (chunks, 2, k))
+        W, g = token_array(a[7], like, (NC, k)), token_array(a[8], like, (NC,))
+        dW, dg = token_array(a[9], like, (NC, k)), token_array(a[10], like, (NC,))
+        dscale, dbias = token_array(a[11], like, (k,)), token_array(a[12], like, (k,))
+        dt = W.dtype.type
+        if p == 0:
+            for i in range(k):
+                s0 = dt(0)
+                s1 = dt(0)
+                for q in range(chunks):
+                    s0 += sb_parts[q, 0, i]
+                    s1 += sb_parts[q, 1, i]
+                dscale[i] = s0
+                dbias[i] = s1
+        for c in range(min(p * per, NC), min((p + 1) * per, NC)):
             sg = dt(0)
             for i in range(k):
                 s = dt(0)
-                for p in range(chunks):
-                    s += dwt_parts[p, i, c]
+                for q in range(chunks):
+                    s += dwt_parts[q, i, c]
                 sg += s * W[c, i]
                 dW[c, i] = s * g[c]
             dg[c] = sg
+
+    return reduce
+
+
+@numba.njit(parallel=True, cache=True)
+def _forward_launcher(body, threads, px, pg, pW, pscale, pbias, eps, pu, ph_pre, ph_post, pa_res, praw, pinv_rms, T, C,
+                      k):
+    """Run the forward body at address ``body`` (:func:`_bodies`) on ``threads`` threads, each on a contiguous run
+    of token blocks, with its arguments (:data:`FORWARD_ARGS`). For any stream count: compiled once."""
+    blocks = (T + TOKEN_BLOCK - 1) // TOKEN_BLOCK
+    eps_bits = np.empty(1, np.float64)
+    eps_bits[0] = eps
+    a = np.empty(len(FORWARD_ARGS), np.int64)
+    a[0], a[1], a[2], a[3], a[4] = T, C, k, (blocks + threads - 1) // threads, eps_bits.view(np.int64)[0]
+    a[5], a[6], a[7], a[8], a[9], a[10] = px, pg, pW, pscale, pbias, pu
+    a[11], a[12], a[13], a[14], a[15] = ph_pre, ph_post, pa_res, praw, pinv_rms
+    for p in numba.prange(threads):
+        call_body(body, p, a.ctypes.data)
+    return a[0]  # a used after the loop: alive until the bodies have returned
+
+
+@numba.njit(parallel=True, cache=True)
+def _backward_launcher(body, reduce, chunks, px, pdX_post, post_tokens, pdZ, mix_tokens, pH, pdu, du_tokens, pdh_pre,
+                       dh_pre_tokens, pdh_post, pda_res, ph_pre, ph_post, praw, pinv_rms, pg, pW, pscale, pdx, pdg, pdW,
+                       pdscale, pdbias, T, C, k, n, like):
+    """Run the backward body at address ``body`` on ``chunks`` threads (one chunk of tokens each; arguments
+    :data:`BACKWARD_ARGS`), then ``reduce`` (:func:`_reduce_body`, :data:`REDUCE_ARGS`) on as many, over the
+    chunks' partial sums of ``dW_g^T`` and ``ds``, ``db`` (``kp`` rows: ``k`` padded to whole groups of four
+    coefficients, the extra ones unused), made here. For any stream count ``n``: compiled once per dtype."""
+    NC, kp = n * C, (k + 3) // 4 * 4
+    dtype = np.asarray(like).dtype
+    dwt_parts = np.empty((chunks, kp, NC), dtype)
+    sb_parts = np.empty((chunks, 2, k), dtype)
+    a = np.empty(len(BACKWARD_ARGS), np.int64)
+    a[0], a[1], a[2], a[3], a[4], a[5], a[6] = T, C, k, post_tokens, mix_tokens, du_tokens, dh_pre_tokens
+    a[7] = ((T + chunks - 1) // chunks + TOKEN_BLOCK - 1) // TOKEN_BLOCK * TOKEN_BLOCK  # tokens per chunk
+    a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15] = kp, chunks, px, pdx, pdX_post, pdZ, pH, pdu
+    a[16], a[17], a[18], a[19], a[20], a[21], a[22] = pdh_pre, pdh_post, pda_res, praw, ph_pre, ph_post, pinv_rms
+    a[23], a[24], a[25], a[26], a[27] = pg, pW, pscale, dwt_parts.ctypes.data, sb_parts.ctypes.data
+    r = np.empty(len(REDUCE_ARGS), np.int64)
+    r[0], r[1], r[2], r[3], r[4], r[5], r[6] = NC, k, kp, chunks, (NC + chunks - 1) // chunks, a[26], a[27]
+    r[7], r[8], r[9], r[10], r[11], r[12] = pW, pg, pdW, pdg, pdscale, pdbias
+    for p in numba.prange(chunks):
+        call_body(body, p, a.ctypes.data)
+    for p in numba.prange(chunks):
+        call_body(reduce, p, r.ctypes.data)
+    # used after the loops: alive until the bodies have returned
+    return a[0] + r[0] + dwt_parts.shape[0] + sb_parts.shape[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(num_streams: int):
+    """The forward and backward kernels for ``num_streams`` streams at the vector width in force when first asked
+    for (:func:`~._common.vector_width`): the launchers with this stream count's bodies (:func:`_bodies`), the
+    tensors at their addresses ``p*`` (:func:`~._common.token_array`), in the dtype of ``like``."""
+    N, WIDTH = num_streams, vector_width()
+
+    def forward(px, pg, pW, pscale, pbias, eps, pu, ph_pre, ph_post, pa_res, praw, pinv_rms, T, C, k, threads,
+                like):
+        """``T`` tokens of ``N`` streams of width ``C``, ``k`` coefficients; ``threads``: one contiguous run of
+        token blocks each."""
+        _forward_launcher(_bodies(N, WIDTH, type(like))[0].address, threads, px, pg, pW, pscale, pbias, eps, pu,
+                          ph_pre, ph_post, pa_res, praw, pinv_rms, T, C, k)
+
+    def backward(px, pdX_post, post_tokens, pdZ, mix_tokens, pH, pdu, du_tokens, pdh_pre, dh_pre_tokens, pdh_post,
+                 pda_res, ph_pre, ph_post, praw, pinv_rms, pg, pW, pscale, pdx, pdg, pdW, pdscale, pdbias, T, C, k,
+                 chunks, like):
+        """As :func:`forward`; ``chunks``: the threads (one chunk of tokens each)."""
+        _backward_launcher(_bodies(N, WIDTH, type(like))[1].address, _reduce_body(WIDTH, type(like)).address, chunks,
+                           px, pdX_post, post_tokens, pdZ, mix_tokens, pH, pdu, du_tokens, pdh_pre, dh_pre_tokens,
+                           pdh_post, pda_res, ph_pre, ph_post, praw, pinv_rms, pg, pW, pscale, pdx, pdg, pdW, pdscale,
+                           pdbias, T, C, k, N, like)
 
     return forward, backward
 
@@ -401,9 +508,9 @@ def _stream_pre_fwd(X: torch.Tensor, norm_weight: torch.Tensor, proj_weight: tor
     params = _parameters("stream_pre", X, k, dtype, norm_weight, proj_weight, scale, bias)  # checked first
     x = kernel_tensor(X, dtype)
     outs = _forward_outputs(X, proj_weight, bias)
-    match_torch_threads()
+    threads = match_torch_threads()
     _kernels(n)[0](x.data_ptr(), *(p.data_ptr() for p in params), eps, *(o.data_ptr() for o in outs),
-                   X.numel() // (n * C), C, k, KERNEL_SCALARS[dtype])
+                   X.numel() // (n * C), C, k, threads, KERNEL_SCALARS[dtype])
     return outs
 
 

@@ -1,0 +1,44 @@
+"""Kernel bodies as C functions: numba ``cfunc`` s that a small parallel kernel calls by address on every thread.
+
+numba compiles the body of a ``prange`` loop into a library of its own, links it into the kernel's module, and
+optimises and emits both again: a kernel with large loop bodies took tens of seconds to compile, and the copy numba
+caches on disk (the twice-optimised one) ran slower than the first (BENCHMARKS.md ``compile_time``,
+``bench_numba_cache``). Here a kernel's body is a C function (``numba.cfunc`` of :data:`BODY_SIGNATURE`, cached on
+disk, optimised once), and the kernel that runs it (a launcher: a parallel loop over threads, the same for every
+stream count) calls it through its address (:func:`call_body`), passed as an argument: no module links another, and
+the launcher stays cacheable (an address compiled in as a constant would keep it out of numba's cache).
+
+A body reads its arguments from an int64 array the launcher fills: sizes, the tensors' addresses (``data_ptr()``),
+floats by their bits (``float_from_bits`` in the body).
+
+numba's disk cache does not see edits to this file in the bodies that use it (``stream_pre``): after changing it,
+touch those files (or clear their ``__pycache__``) so that they compile again.
+"""
+from llvmlite import ir as llvm_ir
+from numba import types
+from numba.extending import intrinsic
+
+from ._exp import _float64_from_bits as float_from_bits  # a float argument from its bits, in a body
+
+__all__ = ["BODY_SIGNATURE", "call_body", "float_from_bits"]
+
+# body(thread, args): ``thread`` in ``range(threads)``, ``args`` the int64 array its launcher filled
+BODY_SIGNATURE = types.void(types.int64, types.CPointer(types.int64))
+
+
+@intrinsic
+def call_body(typingctx, body, thread, args):
+    """In a launcher: call the C function at address ``body`` with ``(thread, args)`` (``args``: the address of its
+    int64 arguments; the launcher keeps their array alive past the call)."""
+    if not all(isinstance(a, types.Integer) for a in (body, thread, args)):
+        return None
+
+    def codegen(context, builder, signature, llargs):
+        i64 = llvm_ir.IntType(64)
+        function = llvm_ir.FunctionType(llvm_ir.VoidType(), [i64, i64.as_pointer()])
+        pointer = builder.inttoptr(llargs[0], function.as_pointer())
+        builder.call(pointer, [builder.sext(llargs[1], i64) if llargs[1].type != i64 else llargs[1],
+                               builder.inttoptr(llargs[2], i64.as_pointer())])
+        return context.get_dummy_value()
+
+    return types.void(body, thread, args), codegen
