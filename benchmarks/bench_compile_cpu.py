@@ -66,7 +66,7 @@ def child(op: str, n: int, dtype_name: str, passes: bool) -> dict:
     backward = time.perf_counter() - start
     result = {"forward": forward, "backward": backward, "passes": {}}
     if passes:
-        if hasattr(kernels, "_bodies"):  # cfunc bodies run by launchers: numba keeps no pass times of a cfunc
+        if hasattr(kernels, "_forward_body"):  # cfunc bodies run by launchers: numba keeps no pass times of a cfunc
             dispatchers = (kernels._forward_launcher, kernels._backward_launcher)
         elif hasattr(kernels, "_kernels"):
             dispatchers = kernels._kernels(n)

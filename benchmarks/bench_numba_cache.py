@@ -46,12 +46,12 @@ def fresh_copy(dispatcher):
 class FreshKernels:
     """``module``'s kernels compiled in this process: the per-stream-count pairs of ``_kernels(n)``, or the
     module-level ``_forward_kernel`` and ``_backward_kernel``. Inside ``with`` it, the module's ops call them.
-    A module whose kernels run ``cfunc`` bodies (``_bodies``: ``stream_pre``, :mod:`kromhc_vision.ops.numba._launch`)
+    A module whose kernels run ``cfunc`` bodies (``_forward_body``: ``stream_pre``, :mod:`kromhc_vision.ops.numba._launch`)
     keeps them: a body is optimised once, so its cached copy is the code a fresh compile makes."""
 
     def __init__(self, module):
         self.module, self.saved, self.copies = module, {}, {}
-        if hasattr(module, "_bodies"):
+        if hasattr(module, "_forward_body"):
             return
         if hasattr(module, "_kernels"):
             package, pairs = module._kernels, {}
@@ -78,9 +78,10 @@ class FreshKernels:
 
 def loaded_from_cache(module, n) -> bool:
     """Whether every kernel of ``module`` that ran in this process came from the disk cache."""
-    if hasattr(module, "_bodies"):  # cfunc bodies (FreshKernels): made by the run, loaded or compiled
+    if hasattr(module, "_forward_body"):  # cfunc bodies (FreshKernels): made by the run, loaded or compiled
         from kromhc_vision.ops.numba._common import vector_width
-        bodies = [*module._bodies(n, vector_width(), np.float32), module._reduce_body(vector_width(), np.float32)]
+        bodies = [body(n, vector_width(), np.float32) for body in (module._forward_body, module._backward_body)]
+        bodies.append(module._reduce_body(vector_width(), np.float32))
         return all(b.cache_hits for b in bodies)
     found = [d for d in vars(module).values() if isinstance(d, numba.core.dispatcher.Dispatcher) and d.overloads]
     if hasattr(module, "_kernels"):

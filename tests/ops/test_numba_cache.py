@@ -37,11 +37,11 @@ def _kernel_cache_stats(cache_dir):
 
 def test_a_second_process_loads_every_kernel_from_the_disk_cache(tmp_path):
     first = _kernel_cache_stats(tmp_path)
-    assert {"stream_pre._bodies.<locals>.forward", "stream_pre._bodies.<locals>.backward",
+    assert {"stream_pre._forward_body.<locals>.forward", "stream_pre._backward_body.<locals>.backward",
             "stream_pre._reduce_body.<locals>.reduce", "stream_pre._forward_launcher", "stream_pre._backward_launcher",
             "stream_post._kernels.<locals>.forward", "permutation_mix._forward_kernel"} <= set(first)
     assert all(misses > 0 for _, misses in first.values())  # an empty cache: every kernel compiled
     second = _kernel_cache_stats(tmp_path)
     recompiled = {name: misses for name, (_, misses) in second.items() if misses}
     assert not recompiled, f"kernels compiled again in a second process (cache misses): {recompiled}"
-    assert "stream_pre._bodies.<locals>.backward" in second
+    assert "stream_pre._backward_body.<locals>.backward" in second

@@ -98,7 +98,9 @@ X = torch.randn(6, 4, 8, requires_grad=True)
 conn(X, lambda u: 2 * u).square().sum().backward()
 pre = importlib.import_module("kromhc_vision.ops.numba.stream_pre")
 post = importlib.import_module("kromhc_vision.ops.numba.stream_post")
-irs = [body.inspect_llvm() for body in (*pre._bodies(4, WIDTH, np.float32), pre._reduce_body(WIDTH, np.float32))]
+bodies = [pre._forward_body(4, WIDTH, np.float32), pre._backward_body(4, WIDTH, np.float32),
+          pre._reduce_body(WIDTH, np.float32)]
+irs = [body.inspect_llvm() for body in bodies]
 irs += ["".join(kernel.inspect_llvm().values()) for kernel in post._kernels(4)]
 counts = []
 for ir in irs:

@@ -21,7 +21,7 @@ padded to a multiple of four for it: with a loop bound of ``k - k % 4`` the vect
 run, its runtime overlap check of the four rows, hoisted out of the coefficient loop, failing). The tokens are
 split into one chunk per thread, each accumulating its own ``dW_g``, ``ds``, ``db``, summed at the end in a fixed
 order (the values depend on the thread count, not on scheduling). What each thread runs is a C function
-(:func:`_bodies`, :mod:`._launch`) that a small parallel kernel, the same for every stream count, calls by address:
+(:func:`_forward_body`, :mod:`._launch`) that a small parallel kernel, the same for every stream count, calls by address:
 compiled and optimised once, where a ``prange`` loop with these bodies took numba three times as long to compile
 (BENCHMARKS.md ``compile_time``). BLAS would run the three projections as three more
 passes over the state (``T x nC`` floats each) and PyTorch the small reductions as a dozen more ops
@@ -70,12 +70,12 @@ REDUCE_ARGS = ("NC", "k", "kp", "chunks", "columns_per_thread", "dwt_parts", "sb
 
 
 @functools.lru_cache(maxsize=None)
-def _bodies(num_streams: int, width: int, dtype):
-    """The forward's and the backward's per-thread bodies for ``num_streams`` streams, vector width ``width``
-    (:func:`~._common.vector_width`) and float dtype ``dtype`` (``np.float32`` or ``np.float64``): ``cfunc`` s of
-    :data:`~._launch.BODY_SIGNATURE` (:mod:`._launch`), their arguments named by :data:`FORWARD_ARGS` and
-    :data:`BACKWARD_ARGS`. ``N`` is a compile-time constant, so the loops over streams unroll and ``u`` is summed in
-    registers. Compiled when first made, or loaded from numba's disk cache.
+def _forward_body(num_streams: int, width: int, dtype):
+    """The forward's per-thread body for ``num_streams`` streams, vector width ``width``
+    (:func:`~._common.vector_width`) and float dtype ``dtype`` (``np.float32`` or ``np.float64``): a ``cfunc`` of
+    :data:`~._launch.BODY_SIGNATURE` (:mod:`._launch`), its arguments named by :data:`FORWARD_ARGS`. ``N`` is a
+    compile-time constant, so the loops over streams unroll and ``u`` is summed in registers. Compiled when first
+    made (each direction when first run), or loaded from numba's disk cache.
 
     ``N``, ``WIDTH`` and ``DT`` must stay the closures' only free variables: numba's disk cache keys a closure by
     the pickled contents of its cells, and a dispatcher in a cell pickles differently in every process (the cache
@@ -189,6 +189,14 @@ def _bodies(num_streams: int, width: int, dtype):
                     for j in range(1, N):
                         v += h_pre[t, j] * x[t, j, c]
                     u[t, c] = v
+
+    return forward
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_body(num_streams: int, width: int, dtype):
+    """The backward's per-thread body (as :func:`_forward_body`; arguments :data:`BACKWARD_ARGS`)."""
+    N, WIDTH, DT = num_streams, width, dtype
 
     @numba.cfunc(BODY_SIGNATURE, **_FLAGS)
     def backward(p, a):
@@ -365,12 +373,12 @@ def _bodies(num_streams: int, width: int, dtype):
                             dxf[t, c] += d * wt[i, c]
                             acc[i, c] += d * xf[t, c]
 
-    return forward, backward
+    return backward
 
 
 @functools.lru_cache(maxsize=None)
 def _reduce_body(width: int, dtype):
-    """The backward's last step, per thread (any stream count; see :func:`_bodies`, arguments
+    """The backward's last step, per thread (any stream count; see :func:`_forward_body`, arguments
     :data:`REDUCE_ARGS`): the chunks' partial sums, added in chunk order (the values depend on the thread count,
     not on scheduling), ``dW = dW_g g`` and ``dg = sum_k dW_g W`` for thread ``p``'s columns of ``dW``, and
     ``ds``, ``db`` on thread 0."""
@@ -411,7 +419,7 @@ def _reduce_body(width: int, dtype):
 @numba.njit(parallel=True, cache=True)
 def _forward_launcher(body, threads, px, pg, pW, pscale, pbias, eps, pu, ph_pre, ph_post, pa_res, praw, pinv_rms, T, C,
                       k):
-    """Run the forward body at address ``body`` (:func:`_bodies`) on ``threads`` threads, each on a contiguous run
+    """Run the forward body at address ``body`` (:func:`_forward_body`) on ``threads`` threads, each on a contiguous run
     of token blocks, with its arguments (:data:`FORWARD_ARGS`). For any stream count: compiled once."""
     blocks = (T + TOKEN_BLOCK - 1) // TOKEN_BLOCK
     eps_bits = np.empty(1, np.float64)
@@ -457,7 +465,7 @@ def _backward_launcher(body, reduce, chunks, px, pdX_post, post_tokens, pdZ, mix
 @functools.lru_cache(maxsize=None)
 def _kernels(num_streams: int):
     """The forward and backward kernels for ``num_streams`` streams at the vector width in force when first asked
-    for (:func:`~._common.vector_width`): the launchers with this stream count's bodies (:func:`_bodies`), the
+    for (:func:`~._common.vector_width`): the launchers with this stream count's bodies (:func:`_forward_body`, ...), the
     tensors at their addresses ``p*`` (:func:`~._common.token_array`), in the dtype of ``like``."""
     N, WIDTH = num_streams, vector_width()
 
@@ -465,14 +473,14 @@ def _kernels(num_streams: int):
                 like):
         """``T`` tokens of ``N`` streams of width ``C``, ``k`` coefficients; ``threads``: one contiguous run of
         token blocks each."""
-        _forward_launcher(_bodies(N, WIDTH, type(like))[0].address, threads, px, pg, pW, pscale, pbias, eps, pu,
+        _forward_launcher(_forward_body(N, WIDTH, type(like)).address, threads, px, pg, pW, pscale, pbias, eps, pu,
                           ph_pre, ph_post, pa_res, praw, pinv_rms, T, C, k)
 
     def backward(px, pdX_post, post_tokens, pdZ, mix_tokens, pH, pdu, du_tokens, pdh_pre, dh_pre_tokens, pdh_post,
                  pda_res, ph_pre, ph_post, praw, pinv_rms, pg, pW, pscale, pdx, pdg, pdW, pdscale, pdbias, T, C, k,
                  chunks, like):
         """As :func:`forward`; ``chunks``: the threads (one chunk of tokens each)."""
-        _backward_launcher(_bodies(N, WIDTH, type(like))[1].address, _reduce_body(WIDTH, type(like)).address, chunks,
+        _backward_launcher(_backward_body(N, WIDTH, type(like)).address, _reduce_body(WIDTH, type(like)).address, chunks,
                            px, pdX_post, post_tokens, pdZ, mix_tokens, pH, pdu, du_tokens, pdh_pre, dh_pre_tokens,
                            pdh_post, pda_res, ph_pre, ph_post, praw, pinv_rms, pg, pW, pscale, pdx, pdg, pdW, pdscale,
                            pdbias, T, C, k, N, like)
