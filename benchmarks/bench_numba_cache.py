@@ -46,8 +46,9 @@ def fresh_copy(dispatcher):
 class FreshKernels:
     """``module``'s kernels compiled in this process: the per-stream-count pairs of ``_kernels(n)``, or the
     module-level ``_forward_kernel`` and ``_backward_kernel``. Inside ``with`` it, the module's ops call them.
-    A module whose kernels run ``cfunc`` bodies (``_forward_body``: ``stream_pre``, :mod:`kromhc_vision.ops.numba._launch`)
-    keeps them: a body is optimised once, so its cached copy is the code a fresh compile makes."""
+    A module whose kernels run ``cfunc`` bodies (``_forward_body``: ``stream_pre``,
+    :mod:`kromhc_vision.ops.numba._launch`) keeps them: a body is optimised once, so its cached copy is the code a
+    fresh compile makes."""
 
     def __init__(self, module):
         self.module, self.saved, self.copies = module, {}, {}

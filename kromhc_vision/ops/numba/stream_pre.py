@@ -21,7 +21,8 @@ padded to a multiple of four for it: with a loop bound of ``k - k % 4`` the vect
 run, its runtime overlap check of the four rows, hoisted out of the coefficient loop, failing). The tokens are
 split into one chunk per thread, each accumulating its own ``dW_g``, ``ds``, ``db``, summed at the end in a fixed
 order (the values depend on the thread count, not on scheduling). What each thread runs is a C function
-(:func:`_forward_body`, :mod:`._launch`) that a small parallel kernel, the same for every stream count, calls by address:
+(:func:`_forward_body`, :mod:`._launch`) that a small parallel kernel, the same for every stream count, calls by
+address:
 compiled and optimised once, where a ``prange`` loop with these bodies took numba three times as long to compile
 (BENCHMARKS.md ``compile_time``). BLAS would run the three projections as three more
 passes over the state (``T x nC`` floats each) and PyTorch the small reductions as a dozen more ops
@@ -419,8 +420,9 @@ def _reduce_body(width: int, dtype):
 @numba.njit(parallel=True, cache=True)
 def _forward_launcher(body, threads, px, pg, pW, pscale, pbias, eps, pu, ph_pre, ph_post, pa_res, praw, pinv_rms, T, C,
                       k):
-    """Run the forward body at address ``body`` (:func:`_forward_body`) on ``threads`` threads, each on a contiguous run
-    of token blocks, with its arguments (:data:`FORWARD_ARGS`). For any stream count: compiled once."""
+    """Run the forward body at address ``body`` (:func:`_forward_body`) on ``threads`` threads, each on a
+    contiguous run of token blocks, with its arguments (:data:`FORWARD_ARGS`). For any stream count: compiled
+    once."""
     blocks = (T + TOKEN_BLOCK - 1) // TOKEN_BLOCK
     eps_bits = np.empty(1, np.float64)
     eps_bits[0] = eps
@@ -465,8 +467,9 @@ def _backward_launcher(body, reduce, chunks, px, pdX_post, post_tokens, pdZ, mix
 @functools.lru_cache(maxsize=None)
 def _kernels(num_streams: int):
     """The forward and backward kernels for ``num_streams`` streams at the vector width in force when first asked
-    for (:func:`~._common.vector_width`): the launchers with this stream count's bodies (:func:`_forward_body`, ...), the
-    tensors at their addresses ``p*`` (:func:`~._common.token_array`), in the dtype of ``like``."""
+    for (:func:`~._common.vector_width`): the launchers with this stream count's bodies (:func:`_forward_body`,
+    :func:`_backward_body`), the tensors at their addresses ``p*`` (:func:`~._common.token_array`), in the dtype of
+    ``like``."""
     N, WIDTH = num_streams, vector_width()
 
     def forward(px, pg, pW, pscale, pbias, eps, pu, ph_pre, ph_post, pa_res, praw, pinv_rms, T, C, k, threads,
@@ -480,10 +483,10 @@ def _kernels(num_streams: int):
                  pda_res, ph_pre, ph_post, praw, pinv_rms, pg, pW, pscale, pdx, pdg, pdW, pdscale, pdbias, T, C, k,
                  chunks, like):
         """As :func:`forward`; ``chunks``: the threads (one chunk of tokens each)."""
-        _backward_launcher(_backward_body(N, WIDTH, type(like)).address, _reduce_body(WIDTH, type(like)).address, chunks,
-                           px, pdX_post, post_tokens, pdZ, mix_tokens, pH, pdu, du_tokens, pdh_pre, dh_pre_tokens,
-                           pdh_post, pda_res, ph_pre, ph_post, praw, pinv_rms, pg, pW, pscale, pdx, pdg, pdW, pdscale,
-                           pdbias, T, C, k, N, like)
+        _backward_launcher(_backward_body(N, WIDTH, type(like)).address, _reduce_body(WIDTH, type(like)).address,
+                           chunks, px, pdX_post, post_tokens, pdZ, mix_tokens, pH, pdu, du_tokens, pdh_pre,
+                           dh_pre_tokens, pdh_post, pda_res, ph_pre, ph_post, praw, pinv_rms, pg, pW, pscale, pdx, pdg,
+                           pdW, pdscale, pdbias, T, C, k, N, like)
 
     return forward, backward
 
