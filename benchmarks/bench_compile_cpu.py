@@ -15,6 +15,7 @@ launchers', numba keeping no pass times of a ``cfunc``).
 import argparse
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import tempfile
 import time
 
 import numba
+import torch
 
 from bench_models_cpu import commit, cpu_name, numba_vectors
 
@@ -31,7 +33,6 @@ OPS = ("stream_pre", "stream_post", "sinkhorn", "permutation_mix")
 def _inputs(op: str, n: int, dtype):
     """Small inputs of ``op`` requiring grad, and its extra arguments (the kernels compile per dtype and ``n``,
     not per size)."""
-    import torch
     T, C = 8, 16
 
     def leaf(*shape):
@@ -45,14 +46,12 @@ def _inputs(op: str, n: int, dtype):
     if op == "sinkhorn":
         return [leaf(T, n, n)], (20,)
     from kromhc_vision.permutations import kronecker_factors, permutation_matrices
-    import math
     factors = kronecker_factors(n)
     return [leaf(T, sum(math.factorial(f) for f in factors))], ([permutation_matrices(f) for f in factors],)
 
 
 def child(op: str, n: int, dtype_name: str, passes: bool) -> dict:
     """In the measured process: the first forward and backward call of ``op``'s numba kernels, timed."""
-    import torch
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     kernels = importlib.import_module(f"kromhc_vision.ops.numba.{op}")
     fn = getattr(importlib.import_module("kromhc_vision.ops.numba"), op)

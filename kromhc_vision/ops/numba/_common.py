@@ -97,7 +97,8 @@ def vector_width() -> int:
 @intrinsic
 def prefer_vector_width(typingctx, bits):
     """In a kernel, and first in each of its parallel loops over tokens (numba compiles each loop's body as a
-    function of its own; the loops numba makes of ``np.zeros`` and the small helpers keep LLVM's choice): LLVM
+    function of its own; the loops numba makes of ``np.zeros`` and the small helpers keep LLVM's choice), or first in
+    a ``cfunc`` body (:mod:`._launch`): LLVM
     vectorises that function with vectors of ``bits`` bits where the CPU has them (LLVM's function
     attribute ``prefer-vector-width``; 0: LLVM's own choice). ``bits`` must be a compile-time constant (a kernel
     factory's closure variable, so that numba's disk cache keeps one compilation per width)."""

@@ -22,9 +22,8 @@ run, its runtime overlap check of the four rows, hoisted out of the coefficient 
 split into one chunk per thread, each accumulating its own ``dW_g``, ``ds``, ``db``, summed at the end in a fixed
 order (the values depend on the thread count, not on scheduling). What each thread runs is a C function
 (:func:`_forward_body`, :mod:`._launch`) that a small parallel kernel, the same for every stream count, calls by
-address:
-compiled and optimised once, where a ``prange`` loop with these bodies took numba three times as long to compile
-(BENCHMARKS.md ``compile_time``). BLAS would run the three projections as three more
+address: compiled and optimised once, where a ``prange`` loop with these bodies took numba three times as long to
+compile (BENCHMARKS.md ``compile_time``). BLAS would run the three projections as three more
 passes over the state (``T x nC`` floats each) and PyTorch the small reductions as a dozen more ops
 (:mod:`kromhc_vision.ops.pytorch.stream_pre`, which this replaces on CPU; BENCHMARKS.md ``stream_pre_fused``).
 
@@ -204,7 +203,8 @@ def _backward_body(num_streams: int, width: int, dtype):
         """Thread ``p``'s chunk of ``per`` tokens: their ``dx``, and the chunk's partial sums ``dwt_parts[p]``
         (``dW_g^T``) and ``sb_parts[p]`` (``ds``, ``db``), which :func:`_reduce_body` sums. ``dX_post`` of 0 tokens
         (``post_tokens``) stands for none (a zero gradient), ``du`` and ``dh_pre`` of 0 tokens likewise, and ``dZ``,
-        ``H`` (the post step's ``dX_next`` and ``H_res``) of 0 tokens (``mix_tokens``) for no ``H_res^T dZ`` term."""
+        ``H`` (the post step's ``dX_next`` and ``H_res``) of 0 tokens (``mix_tokens``) for no ``H_res^T dZ`` term.
+        Each thread forms its own ``W_g^T``, as the forward's."""
         prefer_vector_width(WIDTH)
         like = DT(0)
         T, C, k, post_tokens, mix_tokens, du_tokens, dh_pre_tokens, per, kp, chunks = (
@@ -444,7 +444,7 @@ def _backward_launcher(body, reduce, chunks, px, pdX_post, post_tokens, pdZ, mix
     chunks' partial sums of ``dW_g^T`` and ``ds``, ``db`` (``kp`` rows: ``k`` padded to whole groups of four
     coefficients, the extra ones unused), made here. For any stream count ``n``: compiled once per dtype."""
     NC, kp = n * C, (k + 3) // 4 * 4
-    dtype = np.asarray(like).dtype
+    dtype = np.asarray(like).dtype  # like's, for np.empty (a scalar has no dtype attribute in numba)
     dwt_parts = np.empty((chunks, kp, NC), dtype)
     sb_parts = np.empty((chunks, 2, k), dtype)
     a = np.empty(len(BACKWARD_ARGS), np.int64)
