@@ -6,8 +6,9 @@ Each op's forward and then its backward is called once on small inputs in a fres
 count, dtype and vector width), then the same in a second process on the cache the first one wrote (``load s``:
 what every later process pays). ``--passes`` adds, for the compiling process, numba's compiler passes that took
 over a second per kernel (its ``pipeline_times``; a parallel kernel's ``native_parfor_lowering`` includes compiling
-and optimising the bodies of its ``prange`` loops; of an op whose kernels run ``cfunc`` bodies, ``stream_pre``: its
-launchers', numba keeping no pass times of a ``cfunc``).
+and optimising the bodies of its ``prange`` loops). The ops' kernels are ``cfunc`` bodies run by launchers
+(:mod:`kromhc_vision.ops.numba._launch`), and numba keeps no pass times of a ``cfunc``: the passes are the
+launchers' (``stream_pre``'s own two, or the shared ``launch``).
 
     python benchmarks/bench_compile_cpu.py [--ops stream_pre stream_post sinkhorn permutation_mix]
         [--streams 4] [--dtype float32|float64] [--passes]
@@ -65,13 +66,12 @@ def child(op: str, n: int, dtype_name: str, passes: bool) -> dict:
     backward = time.perf_counter() - start
     result = {"forward": forward, "backward": backward, "passes": {}}
     if passes:
-        if hasattr(kernels, "_forward_body"):  # cfunc bodies run by launchers: numba keeps no pass times of a cfunc
-            dispatchers = (kernels._forward_launcher, kernels._backward_launcher)
-        elif hasattr(kernels, "_kernels"):
-            dispatchers = kernels._kernels(n)
+        # cfunc bodies run by launchers: numba keeps no pass times of a cfunc
+        if hasattr(kernels, "_forward_launcher"):
+            dispatchers = {"forward": kernels._forward_launcher, "backward": kernels._backward_launcher}
         else:
-            dispatchers = (kernels._forward_kernel, kernels._backward_kernel)
-        for name, dispatcher in zip(("forward", "backward"), dispatchers):
+            dispatchers = {"launch": importlib.import_module("kromhc_vision.ops.numba._launch").launch}
+        for name, dispatcher in dispatchers.items():
             for cres in dispatcher.overloads.values():
                 for pipeline in cres.metadata.get("pipeline_times", {}).values():
                     slow = {p: t.init + t.run + t.finalize for p, t in pipeline.items()}

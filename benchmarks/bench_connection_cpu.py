@@ -93,8 +93,14 @@ def kernel_codes():
     return codes
 
 
-# the op each kernel belongs to, by the file that defines it (kromhc_vision/ops/numba/<file>.py)
+# the op each kernel belongs to, by the file that defines it (kromhc_vision/ops/numba/<file>.py), or for the launcher
+# that several share (_launch.launch), by the file that calls it
 KERNEL_OPS = {"stream_pre.py": "pre", "stream_post.py": "post", "permutation_mix.py": "phi", "sinkhorn.py": "phi"}
+
+
+def _file(key) -> str:
+    """The file name of a ``cProfile`` entry's key ``(filename, line, name)``."""
+    return key[0].replace("\\", "/").rpartition("/")[2]
 
 
 def profile_step(fn, steps: int, codes):
@@ -109,10 +115,13 @@ def profile_step(fn, steps: int, codes):
     kernel_us = dict.fromkeys(KERNEL_OPS.values(), 0.0)
     for key, v in stats.items():
         if key in codes:
-            op = KERNEL_OPS.get(key[0].replace("\\", "/").rpartition("/")[2])
-            if op is None:
-                raise RuntimeError(f"a numba kernel outside the known ops ran in the step: {key}")
-            kernel_us[op] += v[2] / steps * 1e6
+            # the shared launcher (_launch.py) by its callers' files, each caller's share of its time
+            shares = v[4].items() if _file(key) == "_launch.py" else [(key, v)]
+            for owner, timing in shares:
+                op = KERNEL_OPS.get(_file(owner))
+                if op is None:
+                    raise RuntimeError(f"a numba kernel outside the known ops ran in the step: {key} from {owner}")
+                kernel_us[op] += timing[2] / steps * 1e6
     calls = sum(v[1] for v in stats.values()) - 2  # less the profiler's own enable/disable entries
     return kernel_us, calls / steps
 

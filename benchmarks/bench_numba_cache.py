@@ -21,12 +21,12 @@ run on a machine compiles it here, and then both columns run the same code).
 """
 import argparse
 import contextlib
+import gc
 import importlib
 import statistics
 import time
 
 import numba
-import numpy as np
 import torch
 
 from bench_models_cpu import commit, cpu_name
@@ -46,7 +46,7 @@ def fresh_copy(dispatcher):
 class FreshKernels:
     """``module``'s kernels compiled in this process: the per-stream-count pairs of ``_kernels(n)``, or the
     module-level ``_forward_kernel`` and ``_backward_kernel``. Inside ``with`` it, the module's ops call them.
-    A module whose kernels run ``cfunc`` bodies (``_forward_body``: ``stream_pre``,
+    A module whose kernels run ``cfunc`` bodies (``_forward_body``: every op's since the commit after 6d0112e,
     :mod:`kromhc_vision.ops.numba._launch`) keeps them: a body is optimised once, so its cached copy is the code a
     fresh compile makes."""
 
@@ -80,10 +80,10 @@ class FreshKernels:
 def loaded_from_cache(module, n) -> bool:
     """Whether every kernel of ``module`` that ran in this process came from the disk cache."""
     if hasattr(module, "_forward_body"):  # cfunc bodies (FreshKernels): made by the run, loaded or compiled
-        from kromhc_vision.ops.numba._common import vector_width
-        bodies = [body(n, vector_width(), np.float32) for body in (module._forward_body, module._backward_body)]
-        bodies.append(module._reduce_body(vector_width(), np.float32))
-        return all(b.cache_hits for b in bodies)
+        # by type: isinstance raises ReferenceError for a weak proxy whose referent is gone
+        bodies = [b for b in gc.get_objects()
+                  if issubclass(type(b), numba.core.ccallback.CFunc) and b._pyfunc.__module__ == module.__name__]
+        return bool(bodies) and all(b.cache_hits for b in bodies)
     found = [d for d in vars(module).values() if isinstance(d, numba.core.dispatcher.Dispatcher) and d.overloads]
     if hasattr(module, "_kernels"):
         found += [d for d in module._kernels(n) if d.overloads]

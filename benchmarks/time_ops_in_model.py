@@ -8,9 +8,10 @@ wraps the connections' parts in ``perf_counter`` timers instead and runs ordinar
   (BLAS GEMMs, kernels, wrappers; a backward also whatever recomputation its saved tensors trigger);
 - ``op``: each kernel backend function the Functions reach through ``_custom_ops.call`` (the numba kernels
   with their argument handling);
-- ``kernel``: each numba kernel alone (the compiled function's call, dispatch included): an ``op`` row less its
-  ``kernel`` rows is what the op's Python wrapper costs inside the model, where the branches between the
-  connections' calls leave the caches cold for it;
+- ``kernel``: each numba kernel alone (the compiled function's call, dispatch included; for the ops whose bodies
+  :func:`kromhc_vision.ops.numba._launch.launch` runs, their module's ``_run``: the launch and the few lines of
+  Python that pick the body and the thread count): an ``op`` row less its ``kernel`` rows is what the op's Python
+  wrapper costs inside the model, where the branches between the connections' calls leave the caches cold for it;
 - ``Phi``: forming ``H_res`` from ``a_res``; ``recompute``: ``hc_recompute``'s segment recomputations, and its
   Python around the ops: ``pack`` / ``unpack`` (the saved-tensor hooks, ``unpack`` including the recomputation
   it triggers) and ``form_res_matrix`` (``Phi`` and the decision to keep ``H_res``).
@@ -92,6 +93,15 @@ def timers(totals: collections.defaultdict, calls: collections.Counter):
             return kernels
         return make
 
+    def timed_run(module_name):
+        """A numba op module's ``_run(make_body, ...)`` timed, a row per body (forward, backward)."""
+        def make(run):
+            def wrapper(make_body, *args):
+                row = f"kernel numba.{module_name}.{make_body.__name__.strip('_').removesuffix('_body')}"
+                return timed(row, run)(make_body, *args)
+            return wrapper
+        return make
+
     for label, cls in _functions():
         patch(cls, "forward", f"Function {label}.forward", static=True)
         patch(cls, "backward", f"Function {label}.backward", static=True)
@@ -101,9 +111,8 @@ def timers(totals: collections.defaultdict, calls: collections.Counter):
         module = import_module(f"kromhc_vision.ops.numba.{name}")
         if "_kernels" in module.__dict__:  # a factory of (forward, backward) kernels per stream count
             replace(module.__dict__, "_kernels", timed_factory(name))
-        else:  # the kernels as module globals
-            for attribute in ("_forward_kernel", "_backward_kernel"):
-                patch(module.__dict__, attribute, f"kernel numba.{name}.{attribute.strip('_')}")
+        else:  # _run(make_body, ...): launches the body that make_body makes (_forward_body, _backward_body)
+            replace(module.__dict__, "_run", timed_run(name))
     patch(HyperConnection, "_h_res", "Phi")
     patch(recompute._Segment, "recompute", "recompute")
     patch(recompute._Segment, "_pack", "recompute: pack")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 # One step of a connection per numba op (stream_pre, stream_post, sinkhorn, permutation_mix), then every compiled
-# kernel of the package with its cache hits and misses: dispatchers, and the C functions (cfuncs) of stream_pre's
+# kernel of the package with its cache hits and misses: dispatchers, and the C functions (cfuncs) of the ops'
 # bodies, which compile or load once when made (a miss: made without a cache hit).
 SCRIPT = """
 import gc, json, numba, torch
@@ -39,7 +39,10 @@ def test_a_second_process_loads_every_kernel_from_the_disk_cache(tmp_path):
     first = _kernel_cache_stats(tmp_path)
     assert {"stream_pre._forward_body.<locals>.forward", "stream_pre._backward_body.<locals>.backward",
             "stream_pre._reduce_body.<locals>.reduce", "stream_pre._forward_launcher", "stream_pre._backward_launcher",
-            "stream_post._kernels.<locals>.forward", "permutation_mix._forward_kernel"} <= set(first)
+            "stream_post._forward_body.<locals>.forward", "stream_post._backward_body.<locals>.backward",
+            "sinkhorn._forward_body.<locals>.forward", "sinkhorn._backward_body.<locals>.backward",
+            "permutation_mix._forward_body.<locals>.forward", "permutation_mix._backward_body.<locals>.backward",
+            "_launch.launch"} <= set(first)
     assert all(misses > 0 for _, misses in first.values())  # an empty cache: every kernel compiled
     second = _kernel_cache_stats(tmp_path)
     recompiled = {name: misses for name, (_, misses) in second.items() if misses}

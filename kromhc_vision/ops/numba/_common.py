@@ -52,8 +52,8 @@ def sized_kernel_tensor(op: str, name: str, t: torch.Tensor, numel: int, dtype: 
 
 @intrinsic
 def _typed_pointer(typingctx, address, like):
-    """The integer ``address`` as a pointer to values of ``like``'s type (a float scalar)."""
-    if not isinstance(address, types.Integer) or not isinstance(like, types.Float):
+    """The integer ``address`` as a pointer to values of ``like``'s type (a float or integer scalar)."""
+    if not isinstance(address, types.Integer) or not isinstance(like, (types.Float, types.Integer)):
         return None
     pointer = types.CPointer(like)
 
@@ -96,12 +96,11 @@ def vector_width() -> int:
 
 @intrinsic
 def prefer_vector_width(typingctx, bits):
-    """In a kernel, and first in each of its parallel loops over tokens (numba compiles each loop's body as a
-    function of its own; the loops numba makes of ``np.zeros`` and the small helpers keep LLVM's choice), or first in
-    a ``cfunc`` body (:mod:`._launch`): LLVM
-    vectorises that function with vectors of ``bits`` bits where the CPU has them (LLVM's function
-    attribute ``prefer-vector-width``; 0: LLVM's own choice). ``bits`` must be a compile-time constant (a kernel
-    factory's closure variable, so that numba's disk cache keeps one compilation per width)."""
+    """First in a ``cfunc`` body (:mod:`._launch`; in a ``prange`` kernel: in the kernel and first in each of its
+    parallel loops, whose bodies numba compiles as functions of their own): LLVM vectorises that function with
+    vectors of ``bits`` bits where the CPU has them (LLVM's function attribute ``prefer-vector-width``; 0: LLVM's
+    own choice). ``bits`` must be a compile-time constant (a body factory's closure variable, so that numba's disk
+    cache keeps one compilation per width)."""
     if not isinstance(bits, types.IntegerLiteral):
         return None
     width = bits.literal_value

@@ -9,18 +9,26 @@ stream count) calls it through its address (:func:`call_body`), passed as an arg
 the launcher stays cacheable (an address compiled in as a constant would keep it out of numba's cache).
 
 A body reads its arguments from an int64 array the launcher fills: sizes, the tensors' addresses (``data_ptr()``),
-floats by their bits (``float_from_bits`` in the body).
+floats by their bits (:func:`bits_of_float` in Python, ``float_from_bits`` in the body). :func:`launch` is the
+launcher of every op whose threads run one body each (``stream_post``, ``sinkhorn``, ``permutation_mix``), its
+arguments a tuple of ints (a tuple costs a dispatcher call about what as many int arguments cost; an array made in
+Python several times that); ``stream_pre`` has launchers of its own, which make the backward's scratch and run a
+second body after the first.
 
 numba's disk cache does not see edits to this file in the bodies that use it (``stream_pre``): after changing it,
 touch those files (or clear their ``__pycache__``) so that they compile again.
 """
+import struct
+
+import numba
+import numpy as np
 from llvmlite import ir as llvm_ir
 from numba import types
 from numba.extending import intrinsic
 
 from ._exp import _float64_from_bits as float_from_bits  # a float argument from its bits, in a body
 
-__all__ = ["BODY_SIGNATURE", "call_body", "float_from_bits"]
+__all__ = ["BODY_SIGNATURE", "bits_of_float", "call_body", "float_from_bits", "launch"]
 
 # body(thread, args): ``thread`` in ``range(threads)``, ``args`` the int64 array its launcher filled
 BODY_SIGNATURE = types.void(types.int64, types.CPointer(types.int64))
@@ -42,3 +50,21 @@ def call_body(typingctx, body, thread, args):
         return context.get_dummy_value()
 
     return types.void(body, thread, args), codegen
+
+
+def bits_of_float(value: float) -> int:
+    """A float argument of a body, as the int64 of its float64 bits (``float_from_bits`` in the body)."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+@numba.njit(parallel=True, cache=True)
+def launch(body, threads, args):
+    """Run the body at address ``body`` (a ``cfunc`` of :data:`BODY_SIGNATURE`) on ``threads`` threads: thread
+    ``p`` calls ``body(p, a)``, ``a`` the int64 array of ``args``, a tuple of ints (sizes, tensors' addresses,
+    :func:`bits_of_float`; no bools: a tuple of one type). Compiled once per length of ``args``."""
+    a = np.empty(len(args), np.int64)
+    for i in range(len(args)):
+        a[i] = args[i]
+    for p in numba.prange(threads):
+        call_body(body, p, a.ctypes.data)
+    return a[0]  # a used after the loop: alive until the bodies have returned

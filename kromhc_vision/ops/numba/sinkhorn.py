@@ -17,6 +17,8 @@ per token to the activations every connection keeps for its backward.
 Up to ``UNROLLED_MAX_STREAMS`` streams the linear domain runs a whole iteration per pass over a task's tokens,
 each token's ``n^2`` entries in registers (:func:`_unrolled`; the same values, bitwise, as the pass per row or
 column that larger ``n`` and the log domain run): BENCHMARKS.md ``sinkhorn_unrolled``.
+Each thread's tasks are a C function (:func:`_forward_body`, :func:`_backward_body`) that
+:func:`~._launch.launch` calls on every thread (BENCHMARKS.md ``compile_time``).
 Reference: :func:`kromhc_vision.ops.reference.sinkhorn`.
 """
 import functools
@@ -32,6 +34,7 @@ from ..reference import compute_dtype
 from .._custom_ops import custom_op, register_logits_op
 from ._common import (KERNEL_SCALARS, as_dtype, kernel_tensor, match_torch_threads, sized_kernel_tensor,
                       token_array)
+from ._launch import BODY_SIGNATURE, bits_of_float, float_from_bits, launch
 from ._exp import exp_nonpositive
 from ._stack import stack_pointer
 
@@ -173,13 +176,6 @@ def _scratch(n, num_iters, dtype):
             np.empty(2 * num_iters * n * _CHUNK, dtype), np.empty(_CHUNK, dtype), np.empty(_CHUNK, dtype))
 
 
-@numba.njit(cache=True, error_model="numpy")
-def _tasks(T, threads):
-    """``(tasks, workers)``: worker ``w`` takes tasks ``w, w + workers, ...``, with one scratch for all."""
-    tasks = (T + _CHUNK - 1) // _CHUNK
-    return tasks, max(1, min(threads, tasks))
-
-
 def unrolled_iterations(P, m, n, num_iters, sums, acc):
     """The linear domain's iterations for ``n`` streams, a compile-time constant (see :func:`_unrolled`)."""
     raise NotImplementedError("called from numba kernels only")
@@ -200,8 +196,8 @@ def _unrolled(N: int):
     :func:`_walk_back_by_row`; the values are theirs, bitwise (the same operations in the same order).
 
     They are the implementations of :func:`unrolled_iterations` and :func:`unrolled_walk_back` for a literal ``n``
-    (numba ``overload`` s): the kernels call them by name, so that their closures hold only ``N`` (see
-    :func:`_kernels`)."""
+    (numba ``overload`` s): the bodies call them by name, so that their closures hold only ``N`` (see
+    :func:`_forward_body`)."""
     NN, N2 = N * N, 2 * N  # the stack arrays' sizes: constants, as stack_pointer needs
 
     def iterations(P, m, n, num_iters, sums, acc):
@@ -317,70 +313,98 @@ def _task_forward(logits, t0, m, n, num_iters, span_limit, P, sums, acc):
     return task_forward
 
 
+# The bodies' int64 arguments (:mod:`._launch`), by position
+FORWARD_ARGS = ("T", "num_iters", "span_limit", "workers", "logits", "out")
+BACKWARD_ARGS = ("T", "num_iters", "span_limit", "workers", "logits", "dout", "dlogits")
+
+
 @functools.lru_cache(maxsize=None)
-def _kernels(num_streams: int):
-    """The forward and backward kernels for ``num_streams`` streams (``N``, a compile-time constant): the linear
+def _forward_body(num_streams: int, dtype):
+    """The forward's body for ``num_streams`` streams (``N``, a compile-time constant) and float dtype ``dtype``,
+    run by each of ``workers`` threads (:func:`_run`; worker ``w`` takes tasks ``w, w + workers, ...`` of
+    ``_CHUNK`` tokens, with one scratch for all): a ``cfunc`` (:mod:`._launch`), its arguments
+    :data:`FORWARD_ARGS` (``span_limit`` by its bits), ``logits`` and ``out`` ``T`` tokens of ``N x N``. The linear
     domain's iterations by :func:`_unrolled` up to ``UNROLLED_MAX_STREAMS`` streams, by row above.
 
-    ``N`` (and ``unrolled``, a bool) must stay the closures' only free variables: numba's disk cache keys a closure
-    by the pickled contents of its cells, and a dispatcher in a cell pickles differently in every process
-    (``tests/ops/test_numba_cache.py``); the per-``N`` code they share is reached by name, through the overloads
-    above."""
-    N = num_streams
+    ``N`` and ``DT`` must stay the closure's only free variables: numba's disk cache keys a closure by the pickled
+    contents of its cells, and a dispatcher in a cell pickles differently in every process
+    (``tests/ops/test_numba_cache.py``); the per-``N`` code the bodies share is reached by name, through the
+    overloads above."""
+    N, DT = num_streams, dtype
+
+    @numba.cfunc(BODY_SIGNATURE, cache=True, error_model="numpy")
+    def forward(w, a):
+        like = DT(0)
+        T, num_iters, span_limit, workers = a[0], a[1], float_from_bits(a[2]), a[3]
+        logits, out = token_array(a[4], like, (T, N, N)), token_array(a[5], like, (T, N, N))
+        tasks = (T + _CHUNK - 1) // _CHUNK
+        P, _, sums, acc, _ = _scratch(N, num_iters, logits.dtype)
+        P2 = _rows(P, N * N)
+        for task in range(w, tasks, workers):
+            t0 = task * _CHUNK
+            m = min(T - t0, _CHUNK)
+            log_domain = task_forward(logits, t0, m, N, num_iters, span_limit, P, sums, acc)
+            for t in range(m):
+                for i in range(N):
+                    for j in range(N):
+                        v = P2[i * N + j, t]
+                        out[t0 + t, i, j] = math.exp(v) if log_domain else v
+
+    return forward
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_body(num_streams: int, dtype):
+    """The backward's body (as :func:`_forward_body`; arguments :data:`BACKWARD_ARGS`). Per task: the forward
+    again, keeping each half-step's sums, then its half-steps walked back from the last iterate
+    (:func:`_half_step_back`), to ``P_0 = exp(L - max L)``, whose gradient is ``dL = P_0 * dP_0`` (log domain: to
+    the logits and their gradient)."""
+    N, DT = num_streams, dtype
     unrolled = N <= UNROLLED_MAX_STREAMS
 
-    @numba.njit(parallel=True, cache=True, error_model="numpy")
-    def forward(plogits, num_iters, span_limit, threads, pout, T, like):
-        """``logits`` and ``out`` at their addresses (:func:`token_array`), ``T`` tokens of ``N x N``."""
-        logits, out = token_array(plogits, like, (T, N, N)), token_array(pout, like, (T, N, N))
-        tasks, workers = _tasks(T, threads)
-        for w in numba.prange(workers):
-            P, _, sums, acc, _ = _scratch(N, num_iters, logits.dtype)
-            P2 = _rows(P, N * N)
-            for task in range(w, tasks, workers):
-                t0 = task * _CHUNK
-                m = min(T - t0, _CHUNK)
-                log_domain = task_forward(logits, t0, m, N, num_iters, span_limit, P, sums, acc)
-                for t in range(m):
-                    for i in range(N):
-                        for j in range(N):
-                            v = P2[i * N + j, t]
-                            out[t0 + t, i, j] = math.exp(v) if log_domain else v
+    @numba.cfunc(BODY_SIGNATURE, cache=True, error_model="numpy")
+    def backward(w, a):
+        like = DT(0)
+        T, num_iters, span_limit, workers = a[0], a[1], float_from_bits(a[2]), a[3]
+        logits, dout = token_array(a[4], like, (T, N, N)), token_array(a[5], like, (T, N, N))
+        dlogits = token_array(a[6], like, (T, N, N))
+        tasks = (T + _CHUNK - 1) // _CHUNK
+        P, G, sums, acc, inv = _scratch(N, num_iters, logits.dtype)
+        P2, G2, sums2 = _rows(P, N * N), _rows(G, N * N), _rows(sums, 2 * num_iters * N)
+        for task in range(w, tasks, workers):
+            t0 = task * _CHUNK
+            m = min(T - t0, _CHUNK)
+            log_domain = task_forward(logits, t0, m, N, num_iters, span_limit, P, sums, acc)
+            for t in range(m):
+                for i in range(N):
+                    for j in range(N):
+                        e = i * N + j
+                        G2[e, t] = dout[t0 + t, i, j] * (math.exp(P2[e, t]) if log_domain else 1.0)
+            if log_domain:
+                for k in range(2 * num_iters - 1, -1, -1):
+                    _half_step_back(P2, G2, m, N, k, sums2, True, acc, inv)
+            elif unrolled:
+                unrolled_walk_back(P, G, m, N, num_iters, sums, acc, inv)
+            else:
+                _walk_back_by_row(P, G, m, N, num_iters, sums, acc, inv)
+            for t in range(m):
+                for i in range(N):
+                    for j in range(N):
+                        e = i * N + j
+                        dlogits[t0 + t, i, j] = G2[e, t] if log_domain else G2[e, t] * P2[e, t]
 
-    @numba.njit(parallel=True, cache=True, error_model="numpy")
-    def backward(plogits, num_iters, span_limit, threads, pdout, pdlogits, T, like):
-        """Per task: the forward again, keeping each half-step's sums, then its half-steps walked back from the
-        last iterate (:func:`_half_step_back`), to ``P_0 = exp(L - max L)``, whose gradient is
-        ``dL = P_0 * dP_0`` (log domain: to the logits and their gradient). Tensors at their addresses."""
-        logits, dout = token_array(plogits, like, (T, N, N)), token_array(pdout, like, (T, N, N))
-        dlogits = token_array(pdlogits, like, (T, N, N))
-        tasks, workers = _tasks(T, threads)
-        for w in numba.prange(workers):
-            P, G, sums, acc, inv = _scratch(N, num_iters, logits.dtype)
-            P2, G2, sums2 = _rows(P, N * N), _rows(G, N * N), _rows(sums, 2 * num_iters * N)
-            for task in range(w, tasks, workers):
-                t0 = task * _CHUNK
-                m = min(T - t0, _CHUNK)
-                log_domain = task_forward(logits, t0, m, N, num_iters, span_limit, P, sums, acc)
-                for t in range(m):
-                    for i in range(N):
-                        for j in range(N):
-                            e = i * N + j
-                            G2[e, t] = dout[t0 + t, i, j] * (math.exp(P2[e, t]) if log_domain else 1.0)
-                if log_domain:
-                    for k in range(2 * num_iters - 1, -1, -1):
-                        _half_step_back(P2, G2, m, N, k, sums2, True, acc, inv)
-                elif unrolled:
-                    unrolled_walk_back(P, G, m, N, num_iters, sums, acc, inv)
-                else:
-                    _walk_back_by_row(P, G, m, N, num_iters, sums, acc, inv)
-                for t in range(m):
-                    for i in range(N):
-                        for j in range(N):
-                            e = i * N + j
-                            dlogits[t0 + t, i, j] = G2[e, t] if log_domain else G2[e, t] * P2[e, t]
+    return backward
 
-    return forward, backward
+
+_SPAN_BITS = {dtype: bits_of_float(limit) for dtype, limit in SPAN_LIMIT.items()}
+
+
+def _run(make_body, n, dtype, T, num_iters, addresses):
+    """``make_body``'s body for ``n`` streams and ``dtype`` on the threads PyTorch uses (at most one per task of
+    ``_CHUNK`` tokens), with the tensors' ``addresses``."""
+    workers = max(1, min(match_torch_threads(), (T + _CHUNK - 1) // _CHUNK))
+    launch(make_body(n, KERNEL_SCALARS[dtype].dtype.type).address, workers,
+           (T, num_iters, _SPAN_BITS[dtype], workers, *addresses))
 
 
 def _check_square(logits):
@@ -400,8 +424,7 @@ def _sinkhorn_fwd(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
     dtype = compute_dtype(logits)
     flat, T = _logits(logits, dtype)
     out = torch.empty(logits.shape, dtype=dtype)
-    _kernels(logits.shape[-1])[0](flat.data_ptr(), num_iters, SPAN_LIMIT[dtype], match_torch_threads(), out.data_ptr(),
-                                  T, KERNEL_SCALARS[dtype])
+    _run(_forward_body, logits.shape[-1], dtype, T, num_iters, (flat.data_ptr(), out.data_ptr()))
     return as_dtype(out, logits.dtype)
 
 
@@ -416,8 +439,7 @@ def _sinkhorn_bwd(logits: torch.Tensor, num_iters: int, dout: torch.Tensor) -> t
     flat, T = _logits(logits, dtype)
     d = sized_kernel_tensor("sinkhorn backward", "dout", dout, logits.numel(), dtype)
     grad = torch.empty(dout.shape, dtype=dtype)
-    _kernels(logits.shape[-1])[1](flat.data_ptr(), num_iters, SPAN_LIMIT[dtype], match_torch_threads(), d.data_ptr(),
-                                  grad.data_ptr(), T, KERNEL_SCALARS[dtype])
+    _run(_backward_body, logits.shape[-1], dtype, T, num_iters, (flat.data_ptr(), d.data_ptr(), grad.data_ptr()))
     return as_dtype(grad, dout.dtype)
 
 

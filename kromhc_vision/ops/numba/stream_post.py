@@ -5,7 +5,9 @@ Per token (``X (n, C)``, ``y (C)``, ``H_res (n, n)``, ``H_post (n)``), backward 
     dX = H_res^T dZ,   dy = H_post dZ,   dH_res[i, j] = <dZ_i, X_j>,   dH_post[i] = <dZ_i, y>
 
 Each token's blocks are read once and stay in L1 while all four gradients are formed; accumulation
-is in the coefficients' compute dtype. Reference: :func:`kromhc_vision.ops.reference.stream_post`.
+is in the coefficients' compute dtype. Each thread's run of tokens is a C function (:func:`_forward_body`,
+:func:`_backward_body`) that :func:`~._launch.launch` calls on every thread (BENCHMARKS.md ``compile_time``).
+Reference: :func:`kromhc_vision.ops.reference.stream_post`.
 """
 import functools
 
@@ -17,44 +19,63 @@ from ..pytorch._once import once_differentiable
 from ..reference import compute_dtype
 from ._common import (KERNEL_SCALARS, LINK_ATTRIBUTE, as_dtype, kernel_tensor, match_torch_threads,
                       prefer_vector_width, sized_kernel_tensor, token_array, vector_width)
+from ._launch import BODY_SIGNATURE, launch
+
+
+_FLAGS = dict(cache=True, error_model="numpy")
+# The bodies' int64 arguments (:mod:`._launch`), by position
+FORWARD_ARGS = ("T", "C", "per", "X", "y", "h_res", "h_post", "out")
+BACKWARD_ARGS = ("T", "C", "per", "form_dX", "X", "y", "h_res", "h_post", "dZ", "dX", "dy", "dh_res", "dh_post")
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(num_streams: int):
-    """The forward and backward kernels for ``num_streams`` streams: ``N`` is a compile-time constant, so the
-    loops over streams unroll and each output row is summed in registers (numba caches one pair per ``N`` and
-    vector width: :func:`~._common.vector_width`; see :func:`kromhc_vision.ops.numba.stream_pre._kernels` on what
-    the closures may hold)."""
-    N, WIDTH = num_streams, vector_width()
+def _forward_body(num_streams: int, width: int, dtype):
+    """The forward's per-thread body for ``num_streams`` streams, vector width ``width``
+    (:func:`~._common.vector_width`) and float dtype ``dtype``: a ``cfunc`` (:mod:`._launch`), its arguments
+    :data:`FORWARD_ARGS`, thread ``p`` taking tokens ``p * per .. (p + 1) * per``. ``N`` is a compile-time
+    constant, so the loops over streams unroll and each output row is summed in registers. ``N``, ``WIDTH``, ``DT``
+    must stay the closure's only free variables (see :func:`kromhc_vision.ops.numba.stream_pre._forward_body`)."""
+    N, WIDTH, DT = num_streams, width, dtype
 
-    @numba.njit(parallel=True, cache=True, error_model="numpy")
-    def forward(pX, py, pH, php, pout, T, C, like):
-        """The tensors at their addresses ``p*`` (:func:`token_array`), of ``T`` tokens and width ``C``."""
-        X, y, H = token_array(pX, like, (T, N, C)), token_array(py, like, (T, C)), token_array(pH, like, (T, N, N))
-        hp, out = token_array(php, like, (T, N)), token_array(pout, like, (T, N, C))
+    @numba.cfunc(BODY_SIGNATURE, **_FLAGS)
+    def forward(p, a):
         prefer_vector_width(WIDTH)
-        for t in numba.prange(T):
-            prefer_vector_width(WIDTH)
+        like = DT(0)
+        T, C, per = a[0], a[1], a[2]
+        X, y = token_array(a[3], like, (T, N, C)), token_array(a[4], like, (T, C))
+        H = token_array(a[5], like, (T, N, N))
+        hp, out = token_array(a[6], like, (T, N)), token_array(a[7], like, (T, N, C))
+        for t in range(min(p * per, T), min((p + 1) * per, T)):
             for i in range(N):
-                a = hp[t, i]
+                h = hp[t, i]
                 for c in range(C):
-                    s = a * y[t, c]
+                    s = h * y[t, c]
                     for j in range(N):
                         s += H[t, i, j] * X[t, j, c]
                     out[t, i, c] = s
 
-    @numba.njit(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-    def backward(pX, py, pH, php, pdZ, pdX, pdy, pdH, pdhp, T, C, has_dX, like):
-        """As :func:`forward`; ``has_dX`` False: ``dX`` not formed (the pre step's backward forms it from ``dZ``,
-        ``H``)."""
-        X, y, H = token_array(pX, like, (T, N, C)), token_array(py, like, (T, C)), token_array(pH, like, (T, N, N))
-        hp, dZ = token_array(php, like, (T, N)), token_array(pdZ, like, (T, N, C))
-        dX = token_array(pdX, like, (T if has_dX else 0, N, C))
-        dy, dH, dhp = token_array(pdy, like, (T, C)), token_array(pdH, like, (T, N, N)), token_array(pdhp, like, (T, N))
-        zero = X.dtype.type(0)  # dot products from a typed zero over the full row vectorise better than from term 0
+    return forward
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_body(num_streams: int, width: int, dtype):
+    """The backward's per-thread body (as :func:`_forward_body`; arguments :data:`BACKWARD_ARGS`); ``form_dX`` 0:
+    ``dX`` not formed (the pre step's backward forms it from ``dZ``, ``H``)."""
+    N, WIDTH, DT = num_streams, width, dtype
+
+    @numba.cfunc(BODY_SIGNATURE, fastmath={"reassoc", "contract"}, **_FLAGS)
+    def backward(p, a):
         prefer_vector_width(WIDTH)
-        for t in numba.prange(T):
-            prefer_vector_width(WIDTH)
+        like = DT(0)
+        T, C, per, has_dX = a[0], a[1], a[2], a[3] != 0
+        X, y = token_array(a[4], like, (T, N, C)), token_array(a[5], like, (T, C))
+        H = token_array(a[6], like, (T, N, N))
+        hp, dZ = token_array(a[7], like, (T, N)), token_array(a[8], like, (T, N, C))
+        dX = token_array(a[9], like, (T if has_dX else 0, N, C))
+        dy, dH = token_array(a[10], like, (T, C)), token_array(a[11], like, (T, N, N))
+        dhp = token_array(a[12], like, (T, N))
+        zero = DT(0)  # dot products from a typed zero over the full row vectorise better than from term 0
+        for t in range(min(p * per, T), min((p + 1) * per, T)):
             for c in range(C):
                 s = zero
                 for i in range(N):
@@ -77,7 +98,21 @@ def _kernels(num_streams: int):
                         s += dZ[t, i, c] * X[t, j, c]
                     dH[t, i, j] = s
 
-    return forward, backward
+    return backward
+
+
+@functools.lru_cache(maxsize=None)
+def _body_address(make_body, num_streams: int, dtype: torch.dtype) -> int:
+    """The address of ``make_body``'s body for ``num_streams`` streams and ``dtype`` at the vector width in force
+    when first asked for (:func:`~._common.vector_width`, which reads the CPU's features: not per call)."""
+    return make_body(num_streams, vector_width(), KERNEL_SCALARS[dtype].dtype.type).address
+
+
+def _run(make_body, num_streams, dtype, T, C, args):
+    """``make_body``'s body (:func:`_body_address`) on the threads PyTorch uses, each on a contiguous run of the
+    ``T`` tokens; ``args``: the body's arguments after ``T, C, per``."""
+    threads = match_torch_threads()
+    launch(_body_address(make_body, num_streams, dtype), threads, (T, C, (T + threads - 1) // threads, *args))
 
 
 def _inputs(X, y, h_res, h_post, dtype):
@@ -95,8 +130,7 @@ def _stream_post_fwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_po
     dtype = compute_dtype(X, h_res)
     inputs, T = _inputs(X, y, h_res, h_post, dtype)
     out = torch.empty(X.shape, dtype=dtype)
-    match_torch_threads()
-    _kernels(X.shape[-2])[0](*(t.data_ptr() for t in inputs), out.data_ptr(), T, X.shape[-1], KERNEL_SCALARS[dtype])
+    _run(_forward_body, X.shape[-2], dtype, T, X.shape[-1], [t.data_ptr() for t in (*inputs, out)])
     return as_dtype(out, X.dtype)
 
 
@@ -111,9 +145,8 @@ def _stream_post_bwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_po
     dZ = sized_kernel_tensor("stream_post backward", "dout", dout, X.numel(), dtype)
     grads = [torch.empty(t.shape, dtype=dtype)
              for t in (X if form_dX else X.new_empty(0, *X.shape[-2:]), y, h_res, h_post)]
-    match_torch_threads()
-    _kernels(X.shape[-2])[1](*(t.data_ptr() for t in (*inputs, dZ, *grads)), T, X.shape[-1], form_dX,
-                             KERNEL_SCALARS[dtype])
+    _run(_backward_body, X.shape[-2], dtype, T, X.shape[-1],
+         [int(form_dX), *(t.data_ptr() for t in (*inputs, dZ, *grads))])
     return tuple(as_dtype(g, t.dtype) for g, t in zip(grads, (X, y, h_res, h_post)))
 
 
