@@ -5,7 +5,8 @@ For each op of ``bench_numba_cache.py``'s cases (ViT-Tiny's shapes by default), 
 time from ``git show REV:kromhc_vision/ops/numba/<op>.py`` (its custom ops renamed into a namespace of their own,
 numba's disk cache off), and both versions run on the same inputs, alternated call by call, each call after a
 write of a buffer larger than the caches (as in a model; ``--hot``: none). Both versions' kernels are compiled in
-this process (a cached kernel can differ from a fresh compile of the same code: ``bench_numba_cache.py``). Before
+this process (a cached kernel can differ from a fresh compile of the same code: ``bench_numba_cache.py``; of
+the tree's, its launchers: its ``cfunc`` bodies are the same code cached or not). Before
 timing, the two versions' outputs are compared (``same``: bitwise equal, or the largest difference).
 
 Columns: ``REV ms`` and ``tree ms``, medians; ``tree/REV``, the median of the per-call ratios (below 1: the working

@@ -72,10 +72,11 @@ def child(op: str, n: int, dtype_name: str, passes: bool) -> dict:
         else:
             dispatchers = {"launch": importlib.import_module("kromhc_vision.ops.numba._launch").launch}
         for name, dispatcher in dispatchers.items():
-            for cres in dispatcher.overloads.values():
+            for signature, cres in dispatcher.overloads.items():
+                label = name if len(dispatcher.overloads) == 1 else f"{name} {signature[-1]}"  # by its arguments
                 for pipeline in cres.metadata.get("pipeline_times", {}).values():
                     slow = {p: t.init + t.run + t.finalize for p, t in pipeline.items()}
-                    result["passes"][name] = {p: s for p, s in sorted(slow.items(), key=lambda i: -i[1]) if s > 1}
+                    result["passes"][label] = {p: s for p, s in sorted(slow.items(), key=lambda i: -i[1]) if s > 1}
     return result
 
 

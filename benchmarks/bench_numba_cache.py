@@ -9,7 +9,9 @@ resolve to that copy; a process that loads the kernel from the cache runs the re
 differs (register allocation, spills, loop forms). ``--once-optimised`` compiles the package kernels with that
 second O3 pass left out for modules that link a parfor gufunc (a patch of numba's codegen in this process only,
 not of the package): run it twice with its own ``NUMBA_CACHE_DIR``, and the second run's cached column is what a
-package would cache without the second pass.
+package would cache without the second pass. Since b81c0ad the ops' bodies are ``cfunc`` s, optimised once (a cached body is the
+code a fresh compile makes), and their parallel kernels only the small launchers that call them: the fresh
+column is the ops with fresh launchers (:class:`FreshKernels`), so what this measures now is the launchers'.
 
 Columns: ``cached ms`` (the package's dispatchers), ``fresh ms`` (new dispatchers of the same functions, compiled
 here), medians over interleaved rounds, and ``cached/fresh`` (median of the per-round ratios; above 1: the cached
@@ -43,29 +45,20 @@ def fresh_copy(dispatcher):
     return numba.njit(**options)(dispatcher.py_func)
 
 
+LAUNCHERS = ("_forward_launcher", "_backward_launcher", "launch")  # a module's parallel kernels, by the names it calls
+
+
 class FreshKernels:
-    """``module``'s kernels compiled in this process: the per-stream-count pairs of ``_kernels(n)``, or the
-    module-level ``_forward_kernel`` and ``_backward_kernel``. Inside ``with`` it, the module's ops call them.
-    A module whose kernels run ``cfunc`` bodies (``_forward_body``: every op's since the commit after 6d0112e,
-    :mod:`kromhc_vision.ops.numba._launch`) keeps them: a body is optimised once, so its cached copy is the code a
-    fresh compile makes."""
+    """``module``'s parallel kernels compiled in this process: its launchers (:data:`LAUNCHERS`: ``stream_pre``'s
+    own two, or the shared :func:`kromhc_vision.ops.numba._launch.launch` as the other ops reach it), new dispatchers
+    of the same functions without the disk cache. Inside ``with`` it, the module's ops call them. The bodies they run
+    are ``cfunc`` s (every op's since b81c0ad), optimised once: a cached body is the code a fresh compile makes, so
+    only the launchers can differ (before b81c0ad, the ops' ``prange`` kernels did: the module docstring)."""
 
     def __init__(self, module):
-        self.module, self.saved, self.copies = module, {}, {}
-        if hasattr(module, "_forward_body"):
-            return
-        if hasattr(module, "_kernels"):
-            package, pairs = module._kernels, {}
-
-            def kernels(n):
-                if n not in pairs:
-                    pairs[n] = tuple(fresh_copy(d) for d in package(n))
-                return pairs[n]
-
-            self.copies["_kernels"] = kernels
-        else:
-            for name in ("_forward_kernel", "_backward_kernel"):
-                self.copies[name] = fresh_copy(getattr(module, name))
+        self.module, self.saved = module, {}
+        self.copies = {name: fresh_copy(getattr(module, name)) for name in LAUNCHERS
+                       if isinstance(getattr(module, name, None), numba.core.dispatcher.Dispatcher)}
 
     def __enter__(self):
         for name, value in self.copies.items():
@@ -77,17 +70,14 @@ class FreshKernels:
             setattr(self.module, name, value)
 
 
-def loaded_from_cache(module, n) -> bool:
-    """Whether every kernel of ``module`` that ran in this process came from the disk cache."""
-    if hasattr(module, "_forward_body"):  # cfunc bodies (FreshKernels): made by the run, loaded or compiled
-        # by type: isinstance raises ReferenceError for a weak proxy whose referent is gone
-        bodies = [b for b in gc.get_objects()
-                  if issubclass(type(b), numba.core.ccallback.CFunc) and b._pyfunc.__module__ == module.__name__]
-        return bool(bodies) and all(b.cache_hits for b in bodies)
-    found = [d for d in vars(module).values() if isinstance(d, numba.core.dispatcher.Dispatcher) and d.overloads]
-    if hasattr(module, "_kernels"):
-        found += [d for d in module._kernels(n) if d.overloads]
-    return bool(found) and all(sum(d.stats.cache_misses.values()) == 0 for d in found)
+def loaded_from_cache(module) -> bool:
+    """Whether the bodies of ``module`` made in this process and its launchers came from the disk cache."""
+    # by type: isinstance raises ReferenceError for a weak proxy whose referent is gone
+    bodies = [b for b in gc.get_objects()
+              if issubclass(type(b), numba.core.ccallback.CFunc) and b._pyfunc.__module__ == module.__name__]
+    launchers = [getattr(module, name) for name in LAUNCHERS if hasattr(module, name)]
+    return bool(bodies) and all(b.cache_hits for b in bodies) and \
+        all(sum(d.stats.cache_misses.values()) == 0 for d in launchers)
 
 
 def once_optimised():
@@ -187,7 +177,7 @@ def main(argv=None):
     for module, label, op, inputs in cases(T, C, args.ops):
         fn = _custom_ops._IMPLEMENTATIONS[op]
         fn(*inputs)  # the package's kernels: loaded from the cache, or compiled (and cached) here
-        loaded = loaded_from_cache(module, 4)
+        loaded = loaded_from_cache(module)
         if module.__name__ not in fresh_by_module:
             fresh_by_module[module.__name__] = FreshKernels(module)
         fresh = fresh_by_module[module.__name__]

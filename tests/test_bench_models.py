@@ -8,7 +8,6 @@ import sys
 import weakref
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -100,8 +99,10 @@ def test_in_model_timers_see_every_part_and_are_undone(capsys):
     import importlib
     from kromhc_vision import recompute
     from kromhc_vision.ops.numba.stream_pre import StreamPre
-    pre, sinkhorn = (importlib.import_module(f"kromhc_vision.ops.numba.{m}") for m in ("stream_pre", "sinkhorn"))
-    patched = [(StreamPre.__dict__, "forward"), (pre.__dict__, "_kernels"), (sinkhorn.__dict__, "_run"),
+    pre, post, sinkhorn, mix = (importlib.import_module(f"kromhc_vision.ops.numba.{m}")
+                                for m in ("stream_pre", "stream_post", "sinkhorn", "permutation_mix"))
+    patched = [(StreamPre.__dict__, "forward"), (pre.__dict__, "_kernels"), (post.__dict__, "_run"),
+               (sinkhorn.__dict__, "_run"), (mix.__dict__, "_run"),
                (recompute.__dict__, "_unpack"), (recompute._Segment.__dict__, "_pack")]
     before = [owner[name] for owner, name in patched]
     time_ops_in_model.main(["--model", "micro", "--variant", "mhc", "--steps", "1", "--batch", "2",
@@ -169,23 +170,17 @@ def test_permutation_mix_benchmark_times_the_triton_kernel(capsys):
 
 
 def test_numba_cache_benchmark_runs_kernels_compiled_here_against_the_packages(capsys):
-    """Inside ``FreshKernels`` a module's ``prange`` kernels (as an earlier commit's ops have them, which
-    ``ab_numba_kernels.py`` loads) are new dispatchers of the same functions, compiled in this process, computing
-    the same values; outside, the module's are back. A module of ``cfunc`` bodies (every op's now) keeps its own.
-    One row per op."""
-    import types
-    import numba
-    module = types.ModuleType("prange_kernels")
-    module._forward_kernel = numba.njit(parallel=True)(lambda x: x + 1.0)
-    module._backward_kernel = numba.njit(parallel=True)(lambda x: x - 1.0)
-    package = module._forward_kernel, module._backward_kernel
-    x = np.arange(4.0)
+    """Inside ``FreshKernels`` the op calls a new dispatcher of its launcher (compiled in this process, not the
+    package's cached one) and computes the same values; outside, the package's is back; one row per op."""
+    module = bench_numba_cache.MODULES["stream_post"]
+    op = bench_numba_cache._custom_ops._IMPLEMENTATIONS[module._stream_post_fwd]
+    X, y, h_res, h_post = torch.randn(5, 4, 8), torch.randn(5, 8), torch.rand(5, 4, 4), torch.rand(5, 4)
+    package = module.launch
+    expected = op(X, y, h_res, h_post)
     with bench_numba_cache.FreshKernels(module):
-        assert all(k is not p and k.py_func is p.py_func for k, p in zip((module._forward_kernel,
-                                                                           module._backward_kernel), package))
-        assert np.array_equal(module._forward_kernel(x), x + 1) and module._forward_kernel.overloads
-    assert (module._forward_kernel, module._backward_kernel) == package
-    assert not bench_numba_cache.FreshKernels(bench_numba_cache.MODULES["stream_post"]).copies
+        assert module.launch is not package and module.launch.py_func is package.py_func
+        assert torch.equal(op(X, y, h_res, h_post), expected) and module.launch.overloads
+    assert module.launch is package
     bench_numba_cache.main(["--ops", "stream_post", "--tokens", "8", "--width", "8", "--rounds", "1",
                             "--threads", str(torch.get_num_threads())])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("stream_post")]

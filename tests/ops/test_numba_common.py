@@ -101,6 +101,9 @@ post = importlib.import_module("kromhc_vision.ops.numba.stream_post")
 bodies = [pre._forward_body(4, WIDTH, np.float32), pre._backward_body(4, WIDTH, np.float32),
           pre._reduce_body(WIDTH, np.float32)]
 bodies += [post._forward_body(4, WIDTH, np.float32), post._backward_body(4, WIDTH, np.float32)]
+# the post bodies the step ran are these (the op reads the width once per stream count and dtype)
+assert [post._body_address(b, 4, torch.float32) for b in (post._forward_body, post._backward_body)] == \
+    [b.address for b in bodies[3:]]
 irs = [body.inspect_llvm() for body in bodies]
 counts = []
 for ir in irs:
@@ -124,7 +127,9 @@ _ASM_PROBE = r"""
 import importlib, re, numpy as np, torch
 post = importlib.import_module("kromhc_vision.ops.numba.stream_post")  # (the package's name stream_post is the op)
 post._stream_post_fwd(torch.randn(64, 4, 64), torch.randn(64, 64), torch.rand(64, 4, 4), torch.rand(64, 4))
-asm = post._forward_body(4, post.vector_width(), np.float32)._library.get_asm_str()
+body = post._forward_body(4, post.vector_width(), np.float32)
+assert body.address == post._body_address(post._forward_body, 4, torch.float32)  # the body the op ran
+asm = body._library.get_asm_str()
 print(*(len(re.findall(r"^\s*v\w+\s.*%" + register, asm, re.M)) for register in ("zmm", "ymm")))
 """
 

@@ -326,7 +326,7 @@ def _forward_body(num_streams: int, dtype):
     :data:`FORWARD_ARGS` (``span_limit`` by its bits), ``logits`` and ``out`` ``T`` tokens of ``N x N``. The linear
     domain's iterations by :func:`_unrolled` up to ``UNROLLED_MAX_STREAMS`` streams, by row above.
 
-    ``N`` and ``DT`` must stay the closure's only free variables: numba's disk cache keys a closure by the pickled
+    ``N`` and ``DT`` (and the backward's ``unrolled``, a bool) must stay the closures' only free variables: numba's disk cache keys a closure by the pickled
     contents of its cells, and a dispatcher in a cell pickles differently in every process
     (``tests/ops/test_numba_cache.py``); the per-``N`` code the bodies share is reached by name, through the
     overloads above."""
@@ -401,7 +401,10 @@ _SPAN_BITS = {dtype: bits_of_float(limit) for dtype, limit in SPAN_LIMIT.items()
 
 def _run(make_body, n, dtype, T, num_iters, addresses):
     """``make_body``'s body for ``n`` streams and ``dtype`` on the threads PyTorch uses (at most one per task of
-    ``_CHUNK`` tokens), with the tensors' ``addresses``."""
+    ``_CHUNK`` tokens), with the tensors' ``addresses``. ``num_iters`` is checked here, for the custom ops called
+    directly: an error inside a body (``_scratch`` of a negative size) is printed, not raised."""
+    if num_iters < 1:
+        raise ValueError(f"sinkhorn: num_iters must be >= 1, got {num_iters}")
     workers = max(1, min(match_torch_threads(), (T + _CHUNK - 1) // _CHUNK))
     launch(make_body(n, KERNEL_SCALARS[dtype].dtype.type).address, workers,
            (T, num_iters, _SPAN_BITS[dtype], workers, *addresses))
