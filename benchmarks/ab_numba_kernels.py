@@ -10,8 +10,8 @@ the tree's, its launchers: its ``cfunc`` bodies are the same code cached or not)
 timing, the two versions' outputs are compared (``same``: bitwise equal, or the largest difference).
 
 Columns: ``REV ms`` and ``tree ms``, medians; ``tree/REV``, the median of the per-call ratios (below 1: the working
-tree is faster). The REV module imports ``_common`` (how tensors are handed to the kernels) as of REV, and the
-other helpers as they are in the working tree (``_exp``, ``_prefetch``, ``_custom_ops``): a change there is not
+tree is faster). The REV module imports ``_common`` and ``_launch`` (how tensors and bodies are handed to the
+kernels) as of REV, and the other helpers as they are in the working tree (``_exp``, ``_prefetch``, ``_custom_ops``): a change there is not
 A/B'd, and a REV whose op signature differs from the tree's cannot run (the error names the op).
 
     python benchmarks/ab_numba_kernels.py REV [--ops stream_pre stream_post permutation_mix sinkhorn]
@@ -50,8 +50,10 @@ def module_at(rev: str, name: str):
             raise ValueError(f"{path} is not in commit {rev} ({sha}): {shown.stderr.strip()}")
         source = shown.stdout.replace("cache=True", "cache=False").replace('"kromhc_vision::',
                                                                            f'"kromhc_vision_ab_{sha}::')
-        if name != "_common":  # the kernels' helpers for handing tensors over, as of the same commit
-            source = source.replace("from ._common import", f"from {module_at(rev, '_common').__name__} import")
+        # the kernels' helpers for handing tensors and bodies over, as of the same commit (where it has them)
+        for helper in ("_common", "_launch"):
+            if name != helper and f"from .{helper} import" in source:
+                source = source.replace(f"from .{helper} import", f"from {module_at(rev, helper).__name__} import")
         module = types.ModuleType(f"kromhc_vision.ops.numba._ab_{sha}_{name}")
         module.__package__ = "kromhc_vision.ops.numba"  # its other relative imports: the working tree's helpers
         module.__file__ = f"{sha}:{path}"

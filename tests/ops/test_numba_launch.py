@@ -5,6 +5,7 @@ so a token no thread took shows), and each body gets as many arguments as its ``
 import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,8 +104,27 @@ def test_permutation_mix_any_split(factors, T, threads, set_threads):
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
 def test_sinkhorn_ops_refuse_no_iterations_before_launching(direction):
     """The custom ops, reachable without :func:`~kromhc_vision.ops.numba.sinkhorn`'s check, refuse
-    ``num_iters < 1`` themselves: a body's error would be printed, not raised, leaving the output unwritten."""
+    ``num_iters < 1`` themselves, naming the value."""
     logits = torch.randn(3, 4, 4)
     op = getattr(torch.ops.kromhc_vision, f"cpu_sinkhorn_{direction}")
     with pytest.raises(ValueError, match="num_iters must be >= 1, got 0"):
         op(logits, 0) if direction == "fwd" else op(logits, 0, torch.randn(3, 4, 4))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba's print of the body's error
+def test_a_body_that_fails_raises_in_its_launcher():
+    """An exception inside a ``cfunc`` body is printed by numba, not raised: the body returns 0 instead of 1, and
+    its launcher raises (the shared one, and ``stream_pre``'s), so that no op returns outputs left unwritten. Here
+    Sinkhorn's scratch of a negative size (``num_iters = -1``, past the op's check) and the pre step's ``W_g^T``
+    of ``k = -4`` rows."""
+    T = 4
+    logits, out = torch.randn(T, 4, 4, dtype=torch.float64), nans(T, 4, 4)
+    args = (T, -1, _launch.bits_of_float(32.0), 1, *pointers(logits, out))
+    with pytest.raises(RuntimeError, match="kernel body failed"):
+        _launch.launch(sinkhorn._forward_body(4, np.float64).address, 1, args)
+    pre = importlib.import_module("kromhc_vision.ops.numba.stream_pre")
+    x = torch.randn(T, 2, 3, dtype=torch.float64)
+    outs = [nans(T, 8) for _ in range(6)]
+    with pytest.raises(RuntimeError, match="kernel body failed"):
+        pre._forward_launcher(pre._forward_body(2, 0, np.float64).address, 1, *pointers(x, x, x, x, x), 1e-6,
+                              *pointers(*outs), T, 3, -4)

@@ -28,28 +28,32 @@ from numba.extending import intrinsic
 
 from ._exp import _float64_from_bits as float_from_bits  # a float argument from its bits, in a body
 
-__all__ = ["BODY_SIGNATURE", "bits_of_float", "call_body", "float_from_bits", "launch"]
+__all__ = ["BODY_SIGNATURE", "FAILED", "bits_of_float", "call_body", "float_from_bits", "launch"]
 
-# body(thread, args): ``thread`` in ``range(threads)``, ``args`` the int64 array its launcher filled
-BODY_SIGNATURE = types.void(types.int64, types.CPointer(types.int64))
+# body(thread, args) -> 1: ``thread`` in ``range(threads)``, ``args`` the int64 array its launcher filled. A body
+# returns 1 when done; one that raises returns 0 (numba's C wrapper of a cfunc prints the exception, "Exception
+# ignored in", and returns the zero it initialised its result with), and its launcher raises FAILED.
+BODY_SIGNATURE = types.int64(types.int64, types.CPointer(types.int64))
+FAILED = ("a numba kernel body failed on one of its threads, its outputs unwritten; numba printed its error to "
+          "stderr ('Exception ignored in ...')")
 
 
 @intrinsic
 def call_body(typingctx, body, thread, args):
     """In a launcher: call the C function at address ``body`` with ``(thread, args)`` (``args``: the address of its
-    int64 arguments; the launcher keeps their array alive past the call)."""
+    int64 arguments; the launcher keeps their array alive past the call); its result, 1 when it is done, 0 when it
+    raised (:data:`BODY_SIGNATURE`)."""
     if not all(isinstance(a, types.Integer) for a in (body, thread, args)):
         return None
 
     def codegen(context, builder, signature, llargs):
         i64 = llvm_ir.IntType(64)
-        function = llvm_ir.FunctionType(llvm_ir.VoidType(), [i64, i64.as_pointer()])
+        function = llvm_ir.FunctionType(i64, [i64, i64.as_pointer()])
         pointer = builder.inttoptr(llargs[0], function.as_pointer())
-        builder.call(pointer, [builder.sext(llargs[1], i64) if llargs[1].type != i64 else llargs[1],
-                               builder.inttoptr(llargs[2], i64.as_pointer())])
-        return context.get_dummy_value()
+        return builder.call(pointer, [builder.sext(llargs[1], i64) if llargs[1].type != i64 else llargs[1],
+                                      builder.inttoptr(llargs[2], i64.as_pointer())])
 
-    return types.void(body, thread, args), codegen
+    return types.int64(body, thread, args), codegen
 
 
 def bits_of_float(value: float) -> int:
@@ -61,10 +65,14 @@ def bits_of_float(value: float) -> int:
 def launch(body, threads, args):
     """Run the body at address ``body`` (a ``cfunc`` of :data:`BODY_SIGNATURE`) on ``threads`` threads: thread
     ``p`` calls ``body(p, a)``, ``a`` the int64 array of ``args``, a tuple of ints (sizes, tensors' addresses,
-    :func:`bits_of_float`; no bools: a tuple of one type). Compiled once per length of ``args``."""
+    :func:`bits_of_float`; no bools: a tuple of one type). Compiled once per length of ``args``. Raises
+    :data:`FAILED` where a body raised."""
     a = np.empty(len(args), np.int64)
     for i in range(len(args)):
         a[i] = args[i]
+    done = np.zeros(threads, np.int64)
     for p in numba.prange(threads):
-        call_body(body, p, a.ctypes.data)
+        done[p] = call_body(body, p, a.ctypes.data)
+    if done.sum() != threads:
+        raise RuntimeError(FAILED)
     return a[0]  # a used after the loop: alive until the bodies have returned

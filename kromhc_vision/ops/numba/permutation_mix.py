@@ -142,6 +142,7 @@ def _forward_body(dtype):
                         acc[q] += row[q]
                 for q in range(nt):
                     out[t0 + q, e] = acc[q]
+        return 1
 
     return forward
 
@@ -204,6 +205,7 @@ def _backward_body(dtype):
                     wj, dj = w[j], dw[j]
                     for q in range(nt):
                         dlogits[t0 + q, j] = wj[q] * (dj[q] - total[q])
+        return 1
 
     return backward
 

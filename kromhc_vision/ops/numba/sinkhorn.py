@@ -349,6 +349,7 @@ def _forward_body(num_streams: int, dtype):
                     for j in range(N):
                         v = P2[i * N + j, t]
                         out[t0 + t, i, j] = math.exp(v) if log_domain else v
+        return 1
 
     return forward
 
@@ -392,6 +393,7 @@ def _backward_body(num_streams: int, dtype):
                     for j in range(N):
                         e = i * N + j
                         dlogits[t0 + t, i, j] = G2[e, t] if log_domain else G2[e, t] * P2[e, t]
+        return 1
 
     return backward
 
@@ -402,7 +404,7 @@ _SPAN_BITS = {dtype: bits_of_float(limit) for dtype, limit in SPAN_LIMIT.items()
 def _run(make_body, n, dtype, T, num_iters, addresses):
     """``make_body``'s body for ``n`` streams and ``dtype`` on the threads PyTorch uses (at most one per task of
     ``_CHUNK`` tokens), with the tensors' ``addresses``. ``num_iters`` is checked here, for the custom ops called
-    directly: an error inside a body (``_scratch`` of a negative size) is printed, not raised."""
+    directly (inside a body, ``_scratch`` of a negative size would fail with the launcher's general error)."""
     if num_iters < 1:
         raise ValueError(f"sinkhorn: num_iters must be >= 1, got {num_iters}")
     workers = max(1, min(match_torch_threads(), (T + _CHUNK - 1) // _CHUNK))
