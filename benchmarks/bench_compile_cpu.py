@@ -4,14 +4,16 @@ numba's disk cache in every later process.
 Each op's forward and then its backward is called once on small inputs in a fresh Python process whose
 ``NUMBA_CACHE_DIR`` is an empty folder (``compile s``: what a machine's first training step pays, once per stream
 count, dtype and vector width), then the same in a second process on the cache the first one wrote (``load s``:
-what every later process pays). ``--passes`` adds, for the compiling process, numba's compiler passes that took
+what every later process pays). Then the same for each connection variant's first step (``--variants``: a
+``build_connection(variant, n, 16, backend="numba")`` forward and backward, all its ops in one process: what a
+machine's first training step pays for them, the numba start-up counted once). ``--passes`` adds, for the compiling process, numba's compiler passes that took
 over a second per kernel (its ``pipeline_times``; a parallel kernel's ``native_parfor_lowering`` includes compiling
 and optimising the bodies of its ``prange`` loops). The ops' kernels are ``cfunc`` bodies run by launchers
 (:mod:`kromhc_vision.ops.numba._launch`), and numba keeps no pass times of a ``cfunc``: the passes are the
 launchers' (``stream_pre``'s own two, or the shared ``launch``).
 
     python benchmarks/bench_compile_cpu.py [--ops stream_pre stream_post sinkhorn permutation_mix]
-        [--streams 4] [--dtype float32|float64] [--passes]
+        [--variants hc mhc mhclite kromhc] [--streams 4] [--dtype float32|float64] [--passes]
 """
 import argparse
 import importlib
@@ -29,6 +31,7 @@ import torch
 from bench_models_cpu import commit, cpu_name, numba_vectors
 
 OPS = ("stream_pre", "stream_post", "sinkhorn", "permutation_mix")
+VARIANTS = ("hc", "mhc", "mhclite", "kromhc")
 
 
 def _inputs(op: str, n: int, dtype):
@@ -51,9 +54,26 @@ def _inputs(op: str, n: int, dtype):
     return [leaf(T, sum(math.factorial(f) for f in factors))], ([permutation_matrices(f) for f in factors],)
 
 
+def connection_child(variant: str, n: int, dtype) -> dict:
+    """In the measured process: a ``variant`` connection's first step on the numba backend, forward and backward
+    timed (every kernel its step runs: what a machine's first training step pays for it)."""
+    from kromhc_vision.connections import build_connection
+    conn = build_connection(variant, n, 16, backend="numba").to(dtype)
+    X = torch.randn(8, n, 16, dtype=dtype, requires_grad=True)
+    start = time.perf_counter()
+    out = conn(X, lambda u: 2 * u)
+    forward = time.perf_counter() - start
+    start = time.perf_counter()
+    out.square().sum().backward()
+    return {"forward": forward, "backward": time.perf_counter() - start, "passes": {}}
+
+
 def child(op: str, n: int, dtype_name: str, passes: bool) -> dict:
-    """In the measured process: the first forward and backward call of ``op``'s numba kernels, timed."""
+    """In the measured process: the first forward and backward call of ``op``'s numba kernels (or of a connection:
+    ``op`` = ``connection:<variant>``), timed."""
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if op.startswith("connection:"):
+        return connection_child(op.partition(":")[2], n, getattr(torch, dtype_name))
     kernels = importlib.import_module(f"kromhc_vision.ops.numba.{op}")
     fn = getattr(importlib.import_module("kromhc_vision.ops.numba"), op)
     inputs, extra = _inputs(op, n, getattr(torch, dtype_name))
@@ -94,6 +114,8 @@ def main(argv=None):
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=list(VARIANTS),
+                        help="connections whose first step to time (none: --variants alone)")
     parser.add_argument("--passes", action="store_true", help="numba's slow compiler passes per kernel")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -119,6 +141,12 @@ def main(argv=None):
             if slow:
                 notes.append(f"  {op} {kernel}: " + ", ".join(f"{p} {t:.1f} s" for p, t in slow.items()))
     print(f"{'all':18}{total[0]:30.1f}{total[1]:24.2f}")
+    for variant in args.variants:  # a connection's first step: its ops in one process
+        with tempfile.TemporaryDirectory(prefix="numba_cache_") as cache_dir:
+            first, second = (run(f"connection:{variant}", args.streams, args.dtype, cache_dir, False)
+                             for _ in range(2))
+        print(f"{variant + ' connection':18}{first['forward']:15.1f}{first['backward']:15.1f}"
+              f"{second['forward']:12.2f}{second['backward']:12.2f}", flush=True)
     if notes:
         print("compiler passes over 1 s (the compiling process):")
         print("\n".join(notes))

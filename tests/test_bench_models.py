@@ -188,13 +188,19 @@ def test_numba_cache_benchmark_runs_kernels_compiled_here_against_the_packages(c
 
 
 def test_compile_benchmark_compiles_in_an_empty_cache_and_loads_from_it(capsys):
-    """One row per op: the first process, on an empty numba cache, compiles (seconds); the second loads what the
-    first cached (a backward that compiled again would take as long as in the first)."""
-    bench_compile_cpu.main(["--ops", "stream_post", "--streams", "3"])
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("stream_post")]
+    """One row per op and per connection variant asked for: the first process, on an empty numba cache, compiles
+    (seconds); the second loads what the first cached (a kernel that compiled again would take as long as in the
+    first)."""
+    bench_compile_cpu.main(["--ops", "stream_post", "--variants", "hc", "--streams", "3"])
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in out if line.startswith("stream_post")]
     assert len(rows) == 1
     fwd_compile, bwd_compile, fwd_load, bwd_load = map(float, rows[0][1:])
     assert bwd_compile > 0.3 and bwd_load < bwd_compile / 5, rows
+    step = [line.split() for line in out if line.startswith("hc connection")]  # pre and post, one process
+    assert len(step) == 1
+    fwd_compile, bwd_compile, fwd_load, bwd_load = map(float, step[0][2:])
+    assert fwd_compile > 0.3 and fwd_load < fwd_compile / 3 and bwd_load < max(bwd_compile / 3, 0.1), step
 
 
 def test_pre_scaling_benchmark_fits_time_against_coefficients(capsys):
