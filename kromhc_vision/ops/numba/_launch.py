@@ -15,8 +15,9 @@ arguments a tuple of ints (a tuple costs a dispatcher call about what as many in
 Python several times that); ``stream_pre`` has launchers of its own, which make the backward's scratch and run a
 second body after the first.
 
-numba's disk cache does not see edits to this file in the bodies that use it (``stream_pre``): after changing it,
-touch those files (or clear their ``__pycache__``) so that they compile again.
+numba's disk cache does not see edits to this file in the kernels of other files that use it (``stream_pre``'s
+bodies and launchers): after changing it, touch those files (or clear their ``__pycache__``) so that they compile
+again.
 """
 import struct
 
@@ -28,7 +29,7 @@ from numba.extending import intrinsic
 
 from ._exp import _float64_from_bits as float_from_bits  # a float argument from its bits, in a body
 
-__all__ = ["BODY_SIGNATURE", "FAILED", "bits_of_float", "call_body", "float_from_bits", "launch"]
+__all__ = ["BODY_SIGNATURE", "FAILED", "bits_of_float", "call_body", "float_from_bits", "launch", "run_on_threads"]
 
 # body(thread, args) -> 1: ``thread`` in ``range(threads)``, ``args`` the int64 array its launcher filled. A body
 # returns 1 when done; one that raises returns 0 (numba's C wrapper of a cfunc prints the exception, "Exception
@@ -56,6 +57,18 @@ def call_body(typingctx, body, thread, args):
     return types.int64(body, thread, args), codegen
 
 
+@numba.njit(inline="always")
+def run_on_threads(body, threads, args):
+    """In a launcher (inlined into it, so that its ``prange`` is the launcher's parallel loop): thread ``p`` of
+    ``threads`` calls the body at address ``body`` with ``(p, args)`` (:func:`call_body`); raises :data:`FAILED`
+    where a body raised."""
+    done = np.zeros(threads, np.int64)
+    for p in numba.prange(threads):
+        done[p] = call_body(body, p, args)
+    if done.sum() != threads:
+        raise RuntimeError(FAILED)
+
+
 def bits_of_float(value: float) -> int:
     """A float argument of a body, as the int64 of its float64 bits (``float_from_bits`` in the body)."""
     return struct.unpack("<q", struct.pack("<d", value))[0]
@@ -70,9 +83,5 @@ def launch(body, threads, args):
     a = np.empty(len(args), np.int64)
     for i in range(len(args)):
         a[i] = args[i]
-    done = np.zeros(threads, np.int64)
-    for p in numba.prange(threads):
-        done[p] = call_body(body, p, a.ctypes.data)
-    if done.sum() != threads:
-        raise RuntimeError(FAILED)
+    run_on_threads(body, threads, a.ctypes.data)
     return a[0]  # a used after the loop: alive until the bodies have returned

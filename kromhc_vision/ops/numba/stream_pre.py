@@ -41,7 +41,7 @@ from ..pytorch._once import once_differentiable
 from ..reference import autocast_off, compute_dtype
 from ._common import (KERNEL_SCALARS, LINK_ATTRIBUTE, PostGradLink, as_dtype, kernel_tensor, match_torch_threads,
                       prefer_vector_width, sized_kernel_tensor, token_array, vector_width)
-from ._launch import BODY_SIGNATURE, FAILED, call_body, float_from_bits
+from ._launch import BODY_SIGNATURE, float_from_bits, run_on_threads
 from ._prefetch import prefetch_part
 
 _FLAGS = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
@@ -433,11 +433,7 @@ def _forward_launcher(body, threads, px, pg, pW, pscale, pbias, eps, pu, ph_pre,
     a[0], a[1], a[2], a[3], a[4] = T, C, k, (blocks + threads - 1) // threads, eps_bits.view(np.int64)[0]
     a[5], a[6], a[7], a[8], a[9], a[10] = px, pg, pW, pscale, pbias, pu
     a[11], a[12], a[13], a[14], a[15] = ph_pre, ph_post, pa_res, praw, pinv_rms
-    done = np.zeros(threads, np.int64)
-    for p in numba.prange(threads):
-        done[p] = call_body(body, p, a.ctypes.data)
-    if done.sum() != threads:
-        raise RuntimeError(FAILED)
+    run_on_threads(body, threads, a.ctypes.data)
     return a[0]  # a used after the loop: alive until the bodies have returned
 
 
@@ -462,15 +458,8 @@ def _backward_launcher(body, reduce, chunks, px, pdX_post, post_tokens, pdZ, mix
     r = np.empty(len(REDUCE_ARGS), np.int64)
     r[0], r[1], r[2], r[3], r[4], r[5], r[6] = NC, k, kp, chunks, (NC + chunks - 1) // chunks, a[26], a[27]
     r[7], r[8], r[9], r[10], r[11], r[12] = pW, pg, pdW, pdg, pdscale, pdbias
-    done = np.zeros(chunks, np.int64)
-    for p in numba.prange(chunks):
-        done[p] = call_body(body, p, a.ctypes.data)
-    if done.sum() != chunks:
-        raise RuntimeError(FAILED)
-    for p in numba.prange(chunks):
-        done[p] = call_body(reduce, p, r.ctypes.data)
-    if done.sum() != chunks:
-        raise RuntimeError(FAILED)
+    run_on_threads(body, chunks, a.ctypes.data)
+    run_on_threads(reduce, chunks, r.ctypes.data)
     # used after the loops: alive until the bodies have returned
     return a[0] + r[0] + dwt_parts.shape[0] + sb_parts.shape[0]
 
