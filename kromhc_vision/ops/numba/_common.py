@@ -27,9 +27,12 @@ def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+# The NumPy scalar type of each compute dtype: what a body factory takes (``make_body(..., dt)``) to compile a
+# kernel for that dtype.
+KERNEL_TYPES = {torch.float32: np.float32, torch.float64: np.float64}
 # A scalar of each compute dtype: the argument that types a kernel taking its tensors as addresses
 # (:func:`token_array`), so that numba compiles one specialisation per dtype as it does for arrays.
-KERNEL_SCALARS = {torch.float32: np.float32(0), torch.float64: np.float64(0)}
+KERNEL_SCALARS = {dtype: scalar_type(0) for dtype, scalar_type in KERNEL_TYPES.items()}
 
 
 def kernel_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 from .._custom_ops import custom_op, register_logits_op
 from ...permutations import mixture_tables
 from ..reference import compute_dtype
-from ._common import (KERNEL_SCALARS, as_dtype, kernel_tensor, match_torch_threads, sized_kernel_tensor,
+from ._common import (KERNEL_TYPES, as_dtype, kernel_tensor, match_torch_threads, sized_kernel_tensor,
                       token_array)
 from ._exp import exp_nonpositive
 from ._launch import BODY_SIGNATURE, launch
@@ -227,7 +227,7 @@ def _run(make_body, dtype, tables, T, addresses):
     """``make_body``'s body for ``dtype`` on the threads PyTorch uses: its arguments the ``tables``
     (:func:`_tables`), ``T``, the thread count and the tensors' ``addresses``."""
     threads = match_torch_threads()
-    launch(make_body(KERNEL_SCALARS[dtype].dtype.type).address, threads, (*tables, T, threads, *addresses))
+    launch(make_body(KERNEL_TYPES[dtype]).address, threads, (*tables, T, threads, *addresses))
 
 
 def _logits(logits, factors, dtype):

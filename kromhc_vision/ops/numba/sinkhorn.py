@@ -32,7 +32,7 @@ from numba.extending import overload
 
 from ..reference import compute_dtype
 from .._custom_ops import custom_op, register_logits_op
-from ._common import (KERNEL_SCALARS, as_dtype, kernel_tensor, match_torch_threads, sized_kernel_tensor,
+from ._common import (KERNEL_TYPES, as_dtype, kernel_tensor, match_torch_threads, sized_kernel_tensor,
                       token_array)
 from ._launch import BODY_SIGNATURE, bits_of_float, float_from_bits, launch
 from ._exp import exp_nonpositive
@@ -408,7 +408,7 @@ def _run(make_body, n, dtype, T, num_iters, addresses):
     if num_iters < 1:
         raise ValueError(f"sinkhorn: num_iters must be >= 1, got {num_iters}")
     workers = max(1, min(match_torch_threads(), (T + _CHUNK - 1) // _CHUNK))
-    launch(make_body(n, KERNEL_SCALARS[dtype].dtype.type).address, workers,
+    launch(make_body(n, KERNEL_TYPES[dtype]).address, workers,
            (T, num_iters, _SPAN_BITS[dtype], workers, *addresses))
 
 

@@ -17,7 +17,7 @@ import torch
 from .._custom_ops import call, custom_op, needs_grad, register_stream_post, traced
 from ..pytorch._once import once_differentiable
 from ..reference import compute_dtype
-from ._common import (KERNEL_SCALARS, LINK_ATTRIBUTE, as_dtype, kernel_tensor, match_torch_threads,
+from ._common import (KERNEL_TYPES, LINK_ATTRIBUTE, as_dtype, kernel_tensor, match_torch_threads,
                       prefer_vector_width, sized_kernel_tensor, token_array, vector_width)
 from ._launch import BODY_SIGNATURE, launch
 
@@ -107,7 +107,7 @@ def _backward_body(num_streams: int, width: int, dtype):
 def _body_address(make_body, num_streams: int, dtype: torch.dtype) -> int:
     """The address of ``make_body``'s body for ``num_streams`` streams and ``dtype`` at the vector width in force
     when first asked for (:func:`~._common.vector_width`, which reads the CPU's features: not per call)."""
-    return make_body(num_streams, vector_width(), KERNEL_SCALARS[dtype].dtype.type).address
+    return make_body(num_streams, vector_width(), KERNEL_TYPES[dtype]).address
 
 
 def _run(make_body, num_streams, dtype, T, C, args):
