@@ -47,3 +47,32 @@ def test_torch_compile_fullgraph(backend):
     compiled = torch.compile(kernel_conn, fullgraph=True)
     torch.testing.assert_close(values_and_grads(compiled, X, branch), values_and_grads(torch_conn, X, branch),
                                rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", *BACKENDS])
+def test_stream_pre_gradients_in_each_parameters_own_dtype(backend):
+    """Parameters of mixed dtypes (a float32 state, a bfloat16 scale, a float64 bias): each gradient is the
+    reference's, computed in the compute dtype and rounded only to its own parameter's dtype (the bias's was
+    rounded to the scale's bfloat16 on its way)."""
+    from kromhc_vision.ops import dispatch, reference
+    n, C, k = 2, 4, 8
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(5, n, C, generator=g)
+    norm_weight, proj_weight = torch.ones(n * C), 0.5 * torch.randn(n * C, k, generator=g)
+    scale = torch.randn(k, generator=g).to(torch.bfloat16)
+    bias = 1 + 1e-3 * torch.randn(k, generator=g, dtype=torch.float64)
+
+    def grads(stream_pre):
+        params = [t.clone().requires_grad_() for t in (norm_weight, proj_weight, scale, bias)]
+        u, h_pre, h_post, a_res, _ = stream_pre(X, *params, 1e-6)
+        loss = (u * torch.linspace(-1, 1, u.numel()).view_as(u)).sum() + 3.14159 * a_res.double().sum() \
+            + h_post.double().sum()
+        return torch.autograd.grad(loss, params)
+
+    expected = grads(reference.stream_pre)
+    got = grads(lambda *args: dispatch.stream_pre(*args, backend=backend))
+    assert [t.dtype for t in got] == [t.dtype for t in expected] == [torch.float32, torch.float32, torch.bfloat16,
+                                                                        torch.float64]
+    torch.testing.assert_close(got[3], expected[3], rtol=1e-5, atol=1e-5)  # bfloat16 rounding: ~1e-3
+    torch.testing.assert_close(got[:2], expected[:2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-2, atol=1e-2)  # the scale's own bfloat16

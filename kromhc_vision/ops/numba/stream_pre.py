@@ -598,7 +598,7 @@ class StreamPre(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         u, h_pre, h_post, a_res, raw, inv_rms = _forward(X, norm_weight, proj_weight, scale, bias, eps)
         ctx.save_for_backward(X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post)
-        ctx.link = link
+        ctx.link, ctx.bias_dtype = link, bias.dtype
         return u, h_pre, h_post, a_res, X
 
     @staticmethod
@@ -620,7 +620,7 @@ class StreamPre(torch.autograd.Function):
             _stream_pre_bwd, X, grad(dX_post, n * C, 0), dZ, h_res, grad(du, C, 0), grad(dh_pre, n, 0),
             grad(dh_post, n), grad(da_res, k - 2 * n), h_pre, h_post, raw, inv_rms, norm_weight, proj_weight, scale)
         return (as_dtype(dx, X.dtype), as_dtype(dg, norm_weight.dtype), as_dtype(dW, proj_weight.dtype),
-                as_dtype(dscale, scale.dtype), as_dtype(dbias, scale.dtype), None, None)
+                as_dtype(dscale, scale.dtype), as_dtype(dbias, ctx.bias_dtype), None, None)
 
 
 def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):

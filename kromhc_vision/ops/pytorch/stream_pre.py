@@ -89,6 +89,7 @@ class StreamPre(torch.autograd.Function):
             raw = x.view(-1, n * C) @ weight
             u, h_pre, h_post, a_res, inv_rms = pre_tokens_forward(x, raw, scale.to(dtype), bias.to(dtype), eps)
         ctx.save_for_backward(X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post, weight)
+        ctx.bias_dtype = bias.dtype
         # sizes spelled out: T may be 0
         return (u.view(*lead, C).to(X.dtype), h_pre.view(*lead, n), h_post.view(*lead, n),
                 a_res.reshape(*lead, a_res.shape[1]), X)
@@ -119,7 +120,7 @@ class StreamPre(torch.autograd.Function):
             (dweight * proj_weight).sum(-1).to(norm_weight.dtype),
             (dweight * norm_weight.unsqueeze(-1)).to(proj_weight.dtype),
             (da * raw[:, :k] * inv_rms).sum(0).to(scale.dtype),
-            da.sum(0).to(scale.dtype),
+            da.sum(0).to(ctx.bias_dtype),
             None,
         )
 
