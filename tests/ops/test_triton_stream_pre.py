@@ -57,3 +57,9 @@ def test_opcheck():
     detached = [t.detach() for t in (X, *params)]
     grads = (torch.randn(5, 40, dtype=X.dtype), torch.randn(5, 12, dtype=X.dtype))
     torch.library.opcheck(torch.ops.kromhc_vision.stream_pre_bwd.default, (*detached, 1e-6, *grads))
+    # a transposed stream state and projection: the fake's outputs have the op's (contiguous) strides
+    X_t = detached[0].transpose(-1, -2).contiguous().transpose(-1, -2)
+    W_t = detached[2].t().contiguous().t()
+    assert not X_t.is_contiguous() and not W_t.is_contiguous()
+    torch.library.opcheck(torch.ops.kromhc_vision.stream_pre_bwd.default,
+                          (X_t, detached[1], W_t, *detached[3:], 1e-6, *grads))

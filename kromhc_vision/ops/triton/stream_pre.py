@@ -244,8 +244,9 @@ def _stream_pre_bwd(X: torch.Tensor, norm_weight: torch.Tensor, proj_weight: tor
 
 @_stream_pre_bwd.register_fake
 def _(X, norm_weight, proj_weight, scale, bias, eps, du, dcoef):
-    return (torch.empty_like(X), torch.empty_like(norm_weight), torch.empty_like(proj_weight),
-            torch.empty_like(scale), torch.empty_like(bias))
+    # contiguous, as the op's outputs are (made from contiguous copies), whatever the inputs' strides
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (X, norm_weight, proj_weight, scale, bias))
 
 
 def _setup_context(ctx, inputs, output):
