@@ -23,6 +23,27 @@ def test_saturated_logits_and_column_sums(compare):
     torch.testing.assert_close(sinkhorn(logits, 20).sum(-2), torch.ones(6, 4, dtype=torch.float64))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's NumPy on NaN and inf: what is tested
+@pytest.mark.parametrize("n", [3, 4])  # 3: a padded block (4 x 4)
+def test_non_finite_logits_give_what_the_reference_gives(n):
+    """A NaN or +inf logit, or a token of -inf logits, makes that token's ``H_res`` and gradient NaN, as in the
+    reference (``log_softmax``); a -inf logit among finite ones is an exact 0; other tokens are untouched. (The
+    guards of the padding caught valid rows too: a NaN token came out finite.)"""
+    logits = torch.randn(5, n, n, dtype=torch.float64)
+    logits[1, 0, 1], logits[2, 1, 2], logits[3], logits[4, 2, 0] = (float("nan"), float("inf"), float("-inf"),
+                                                                     float("-inf"))
+    logits.requires_grad_()
+    dout = torch.randn(5, n, n, dtype=torch.float64)
+    got = sinkhorn(logits, 3)
+    expected = sinkhorn_reference(logits, 3)
+    (dgot,), (dexpected,) = (torch.autograd.grad(out, logits, dout) for out in (got, expected))
+    for g, e in ((got, expected), (dgot, dexpected)):
+        assert torch.equal(g.isnan(), e.isnan())
+        assert g[1:4].isnan().all() and not g[[0, 4]].isnan().any()
+        torch.testing.assert_close(g[[0, 4]], e[[0, 4]])
+    assert got[4, 2, 0] == 0
+
+
 def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="n <= 16"):
         sinkhorn(torch.randn(2, 17, 17), 3)

@@ -27,20 +27,22 @@ _PRUNE = prune_by_resources(_sinkhorn_resources)
 
 
 @triton.jit
-def _normalize(L, valid, AXIS: tl.constexpr):
-    """``L - logsumexp(L, AXIS)`` on the valid entries, ``-inf`` on the padding."""
-    m = tl.max(L, AXIS)
-    m = tl.where(m == float("-inf"), 0, m)
+def _normalize(L, valid, padding, AXIS: tl.constexpr):
+    """``L - logsumexp(L, AXIS)`` on the valid entries, ``-inf`` on the padding. A row (column) of valid entries
+    is normalised as ``torch.log_softmax`` does it, NaN where it holds a NaN or +inf or is all -inf; only the rows
+    (columns) of padding alone (``padding (BLOCK_T, NP)``: a token past ``T`` or an index past ``n``, the same for
+    rows and columns) take a placeholder ``logsumexp`` of 0."""
+    m = tl.where(padding, 0, tl.max(L, AXIS))
     s = tl.sum(tl.exp(L - tl.expand_dims(m, AXIS)), AXIS)
-    lse = m + tl.log(tl.where(s > 0, s, 1))
+    lse = m + tl.log(tl.where(padding, 1, s))
     return tl.where(valid, L - tl.expand_dims(lse, AXIS), float("-inf"))
 
 
 @triton.jit
-def _iterate(L, valid, num_iters):
+def _iterate(L, valid, padding, num_iters):
     for _ in range(num_iters):
-        L = _normalize(L, valid, 2)
-        L = _normalize(L, valid, 1)
+        L = _normalize(L, valid, padding, 2)
+        L = _normalize(L, valid, padding, 1)
     return L
 
 
@@ -50,27 +52,28 @@ def _block(T, n: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr):
     i = tl.arange(0, NP)
     offs = rows.to(tl.int64)[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :]
     valid = (rows[:, None, None] < T) & (i[None, :, None] < n) & (i[None, None, :] < n)
-    return offs, valid
+    padding = (rows[:, None] >= T) | (i[None, :] >= n)
+    return offs, valid, padding
 
 
 @triton.autotune(_CONFIGS, key=["n"], prune_configs_by=_PRUNE)
 @triton.jit
 def _sinkhorn_fwd_kernel(LOGITS, OUT, T, num_iters, n: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr):
-    offs, valid = _block(T, n, NP, BLOCK_T)
+    offs, valid, padding = _block(T, n, NP, BLOCK_T)
     L = tl.load(LOGITS + offs, mask=valid, other=float("-inf"))
-    tl.store(OUT + offs, tl.exp(_iterate(L, valid, num_iters)), mask=valid)
+    tl.store(OUT + offs, tl.exp(_iterate(L, valid, padding, num_iters)), mask=valid)
 
 
 @triton.autotune(_CONFIGS, key=["n"], prune_configs_by=_PRUNE)
 @triton.jit
 def _sinkhorn_bwd_kernel(LOGITS, DOUT, DLOGITS, T, num_iters, n: tl.constexpr, NP: tl.constexpr,
                          BLOCK_T: tl.constexpr):
-    offs, valid = _block(T, n, NP, BLOCK_T)
+    offs, valid, padding = _block(T, n, NP, BLOCK_T)
     L0 = tl.load(LOGITS + offs, mask=valid, other=float("-inf"))
-    dL = tl.load(DOUT + offs, mask=valid, other=0) * tl.exp(_iterate(L0, valid, num_iters))
+    dL = tl.load(DOUT + offs, mask=valid, other=0) * tl.exp(_iterate(L0, valid, padding, num_iters))
     for k in range(num_iters):
-        rows = _normalize(_iterate(L0, valid, num_iters - 1 - k), valid, 2)
-        cols = _normalize(rows, valid, 1)
+        rows = _normalize(_iterate(L0, valid, padding, num_iters - 1 - k), valid, padding, 2)
+        cols = _normalize(rows, valid, padding, 1)
         dL -= tl.exp(cols) * tl.expand_dims(tl.sum(dL, 1), 1)
         dL -= tl.exp(rows) * tl.expand_dims(tl.sum(dL, 2), 2)
     tl.store(DLOGITS + offs, dL, mask=valid)
