@@ -310,6 +310,7 @@ class RecomputeSession:
         self.length = length
         self._segment: Optional[_Segment] = None
         self._last: Optional[torch.Tensor] = None
+        self._last_version = -1  # _last's version counter when its post step returned it
 
     def connect(self, conn, X: torch.Tensor, branch: Callable, pre: Callable, res_matrix: Callable,
                 post: Callable) -> torch.Tensor:
@@ -318,7 +319,9 @@ class RecomputeSession:
         with what ``Phi`` saved kept where they come to at most ``1 / RES_KEEP_WIDTH_RATIO`` of ``y``'s bytes
         (:meth:`_Segment.form_res_matrix`), recomputed from ``a_res`` elsewhere."""
         seg = self._segment
-        if seg is None or X is not self._last or len(seg.links) >= self.length:
+        # a new segment unless X is the previous connection's output as it returned it: one changed in place
+        # since (a forward hook's out.mul_(...)) cannot be rebuilt by running the post steps again
+        if seg is None or X is not self._last or X._version != self._last_version or len(seg.links) >= self.length:
             seg = self._segment = _Segment(X, post)
         i = seg.add(conn, X)
         with seg.pre_hooks(i):
@@ -333,7 +336,7 @@ class RecomputeSession:
                       for t in (p[2], None if kept else p[3], h_res if kept else None)]
         with seg.post_hooks(i):
             out = post(conn, p, y, h_res)  # a kept H_res's storage is kept; otherwise its save is a placeholder
-        self._last = out
+        self._last, self._last_version = out, out._version
         return out
 
 

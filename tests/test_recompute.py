@@ -98,6 +98,18 @@ def test_gradients_equal_float32_and_every_segment_length(recompute_calls):
     assert recompute_calls == [2, 4] + [6] + [6]
 
 
+@pytest.mark.parametrize("length", [2, 3])
+def test_a_state_changed_in_place_between_connections_starts_a_segment(length):
+    """A forward hook that changes a block's output in place (plain autograd allows it): the next connection must
+    not chain onto the post step that made it, whose recomputation would rebuild the state without the change.
+    Before the fix, a block boundary inside a segment (length 3) gave gradients off by up to ~2."""
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    plain, rec = make_pair("vit_micro_patch4_32_kromhc", recompute_value=length, **VIT)
+    for model in (plain, rec):
+        model.blocks[1].register_forward_hook(lambda module, args, out: out.mul_(1.5))
+    assert_same_grads(step_grads(plain, x), step_grads(rec, x))
+
+
 @pytest.mark.parametrize("keep_res", [True, False])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_what_the_backward_runs_again(variant, keep_res, monkeypatch):
