@@ -76,6 +76,11 @@ class ResidualConnection(nn.Module):
                              f"carries exactly 1 stream, got num_streams={num_streams}")
         _check_common(dim, init, names)
         dispatch.resolve_backend(backend)
+        cls.check_option_names(options, names)
+
+    @classmethod
+    def check_option_names(cls, options: Mapping[str, Any], names: Mapping[str, str] = CONNECTION_ARGUMENT_NAMES):
+        """Raise ``ValueError`` unless ``options`` is empty: the residual connection takes none."""
         if options:
             raise ValueError(f"{names['options']} {dict(options)} not accepted by the 'residual' connection: "
                              "it takes none")
@@ -143,13 +148,20 @@ class HyperConnection(nn.Module):
         except ValueError as e:
             raise ValueError(f"variant '{cls.variant}' cannot take num_streams={num_streams}: {e}") from None
         _check_common(dim, init, names)
+        cls.check_option_names(options, names)
+        cls._check_options(**options)
+        dispatch.check_backend(backend, cls.OPS, num_streams)
+
+    @classmethod
+    def check_option_names(cls, options: Mapping[str, Any], names: Mapping[str, str] = CONNECTION_ARGUMENT_NAMES):
+        """Raise ``ValueError`` naming the unknown keys of ``options`` and the valid ones (``OPTIONS``). Models
+        call it on ``hc_kwargs`` before :meth:`check`, so that a key naming one of its own arguments (``init``,
+        ``dim``, ...) is refused as unknown, not taken for that argument."""
         unknown = sorted(set(options) - set(cls.OPTIONS))
         if unknown:
             valid = ", ".join(cls.OPTIONS) or "none"
             raise ValueError(f"{names['options']} {dict(options)} not accepted by the {cls.variant!r} connection: "
                              f"unknown {', '.join(map(repr, unknown))}; valid: {valid}")
-        cls._check_options(**options)
-        dispatch.check_backend(backend, cls.OPS, num_streams)
 
     @classmethod
     def _check_variant(cls, num_streams: int) -> None:

@@ -225,6 +225,12 @@ def test_registration():
     ('kromhc', dict(hc_kwargs='x'), "hc_kwargs must be a mapping of connection options .*got 'x'"),
     ('mhc', dict(hc_kwargs={'sinkhorn_iters': 0}), 'sinkhorn_iters must be >= 1, got 0'),
     ('mhc', dict(num_streams=32, hc_backend='triton'), "backend 'triton' cannot run sinkhorn"),
+    # keys naming the connection's own arguments: refused as unknown (were a TypeError, or for dim one raised by
+    # the constructor after the model was half built)
+    ('mhc', dict(hc_kwargs={'init': 'identity'}), "hc_kwargs .* unknown 'init'; valid: sinkhorn_iters"),
+    ('mhc', dict(hc_kwargs={'dim': 8}), "hc_kwargs .* unknown 'dim'; valid: sinkhorn_iters"),
+    ('kromhc', dict(hc_kwargs={'names': {}}), "hc_kwargs .* unknown 'names'; valid: none"),
+    ('residual', dict(hc_kwargs={'backend': 'torch'}), "hc_kwargs .* not accepted by the 'residual' connection"),
 ])
 def test_bad_arguments(variant, kwargs, match):
     with pytest.raises(ValueError, match=match):

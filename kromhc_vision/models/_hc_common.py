@@ -99,6 +99,7 @@ class HcSpec:
                              f"got {hc_kwargs!r}")
         hc_kwargs = dict(hc_kwargs or {})
         recompute.check_recompute(hc_recompute)
+        connection_class(variant).check_option_names(hc_kwargs, MODEL_ARGUMENT_NAMES)
         connection_class(variant).check(num_streams, init=hc_init, backend=hc_backend, names=MODEL_ARGUMENT_NAMES,
                                         **hc_kwargs)
         return cls(variant, num_streams, hc_init, hc_backend, hc_kwargs, hc_recompute)
