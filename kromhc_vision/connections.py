@@ -127,8 +127,7 @@ class HyperConnection(nn.Module):
         self.proj_weight = nn.Parameter(torch.empty(n * dim, 2 * n + m, **dd))
         self.scale = nn.Parameter(torch.empty(3, **dd))
         self.bias = nn.Parameter(torch.empty(2 * n + m, **dd))
-        self.register_buffer("scale_index", torch.tensor([0] * n + [1] * n + [2] * m, device=device),
-                             persistent=False)
+        self.register_buffer("scale_index", self._scale_index(device), persistent=False)
         self.reset_parameters()
 
     @classmethod
@@ -203,6 +202,18 @@ class HyperConnection(nn.Module):
             pre[self.layer_index % n] = 1.0
             post = pre.clone()
         self.bias.copy_(torch.cat([pre, post, self.res_bias()]))
+
+    def _scale_index(self, device=None) -> torch.Tensor:
+        """Which of ``scale (3)`` scales each of the ``2n + m`` coefficients: ``s_pre, s_post, s_res``."""
+        n, m = self.num_streams, self.num_res_logits(self.num_streams)
+        return torch.tensor([0] * n + [1] * n + [2] * m, device=device)
+
+    @torch.no_grad()
+    def init_non_persistent_buffers(self) -> None:
+        """Fill the buffers made from the settings, not saved in a state dict (timm's
+        ``reinit_non_persistent_buffers`` calls this after a model made on the ``meta`` device was given memory
+        by ``to_empty`` and its weights were loaded)."""
+        self.scale_index.copy_(self._scale_index())
 
     def _pre(self, X):
         self._check_input(X)
@@ -344,6 +355,13 @@ class _BirkhoffMixConnection(HyperConnection):
     @staticmethod
     def factors_of(num_streams: int) -> tuple:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def init_non_persistent_buffers(self) -> None:
+        super().init_non_persistent_buffers()
+        for k in set(self.factors):
+            getattr(self, f"perms{k}").copy_(permutation_matrices(k))
+        self._prepare_ops()
 
     def _prepare_ops(self) -> None:
         dispatch.prepare_permutation_mix(self.factors, self.bias.device, self.backend)

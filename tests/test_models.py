@@ -167,6 +167,25 @@ def check_factory_device_and_dtype(name):
     assert model(torch.randn(1, *input_size(name), device='meta', dtype=torch.float64)).device.type == 'meta'
 
 
+@pytest.mark.parametrize('name', ['vit_micro_patch4_32_kromhc', 'convnext_atto_mhclite', 'vit_micro_patch4_32_mhc'])
+def test_meta_device_recipe_restores_the_connections_buffers(name):
+    """timm's recipe for large models: made on ``meta``, given memory by ``to_empty`` (uninitialised: filled here
+    with 7s), weights loaded, then ``reinit_non_persistent_buffers``: the connections' ``scale_index`` and
+    permutation tables are made again, so the model computes what it was saved computing (they were left as the
+    memory held them: wrong outputs or an index error)."""
+    from timm.models._manipulate import reinit_non_persistent_buffers
+    reference = randomize(create(name)).eval()
+    model = create(name, device='meta').to_empty(device='cpu')
+    with torch.no_grad():
+        for buffer in model.buffers():
+            buffer.fill_(7)
+    model.load_state_dict(reference.state_dict())
+    reinit_non_persistent_buffers(model)
+    x = torch.randn(2, *input_size(name))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference(x), rtol=0, atol=0)
+
+
 CHECKS = [check_forward_backward, check_features_and_head, check_features_only,
           check_intermediates_and_checkpointing, check_torchscript_raises, check_weight_decay_and_layer_decay,
           check_fx_feature_extraction, check_factory_device_and_dtype]
