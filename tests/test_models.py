@@ -420,6 +420,27 @@ def test_wrong_checkpoint_errors(tmp_path):
                           pretrained_cfg_overlay=weights)
 
 
+@pytest.mark.parametrize('residual, hyper, kwargs', [
+    ('vit_micro_patch4_32_residual', 'vit_micro_patch4_32_kromhc', dict(depth=2)),
+    ('convnext_atto', 'convnext_atto_mhc', {}),
+])
+def test_pretrained_weights_with_other_input_channels(tmp_path, residual, hyper, kwargs):
+    """``pretrained=True, in_chans=1``: timm adapts the first convolution's 3-channel weight after the filter, as for
+    its own models, in both ways a hyper-connected model loads weights (a residual checkpoint upcycled, and its
+    own). The filter refused the 3-channel weight before."""
+    from safetensors.torch import save_file
+    base = randomize(timm.create_model(residual, **kwargs))
+    save_file(base.state_dict(), tmp_path / 'residual.safetensors')
+    own = randomize(timm.create_model(hyper, hc_init='identity', **kwargs))
+    save_file(own.state_dict(), tmp_path / 'own.safetensors')
+    key = base.pretrained_cfg['first_conv'] + '.weight'
+    for source, file in ((base, 'residual'), (own, 'own')):
+        gray = timm.create_model(hyper, hc_init='identity', in_chans=1, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(tmp_path / f'{file}.safetensors')), **kwargs)
+        # timm's adapt_input_conv for one channel: the sum over the three
+        torch.testing.assert_close(gray.state_dict()[key], source.state_dict()[key].sum(1, keepdim=True))
+
+
 def test_another_variants_state_dict_of_the_same_shapes_is_refused(tmp_path):
     """HC and mHC have the same parameter shapes; the variant each connection records in the state dict's
     metadata (kept by torch.save) makes load_state_dict refuse the other's weights, naming both."""

@@ -181,18 +181,33 @@ def hc_model_args(model: nn.Module) -> Dict[str, Any]:
     return model.hc_spec.model_args()
 
 
-def _mismatch_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module, optional=(), ignore=()) -> None:
+def _input_conv_key(model: nn.Module) -> Optional[str]:
+    """The weight of the model's first convolution (``pretrained_cfg['first_conv']``), or None."""
+    first_conv = getattr(model, 'pretrained_cfg', {}).get('first_conv')
+    return f'{first_conv}.weight' if isinstance(first_conv, str) else None
+
+
+def _same_but_input_channels(a: torch.Size, b: torch.Size) -> bool:
+    return len(a) == len(b) >= 2 and a[0] == b[0] and a[2:] == b[2:]
+
+
+def _mismatch_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module, optional=(), ignore=(),
+                     adapt_input_conv: bool = False) -> None:
     """Raise :class:`CheckpointMismatchError` unless ``state_dict`` covers the model by name and shape.
 
-    ``optional``: model keys the checkpoint may lack; ``ignore``: keys not compared at all.
+    ``optional``: model keys the checkpoint may lack; ``ignore``: keys not compared at all;
+    ``adapt_input_conv``: the first convolution's weight may differ in its input channels (timm's
+    ``load_pretrained`` adapts it to ``in_chans`` after the filter has run).
     """
     own = {k: v for k, v in model.state_dict().items() if k not in ignore}
     given = {k: v for k, v in state_dict.items() if k not in ignore}
     missing = sorted(k for k in own if k not in given and k not in optional)
     unexpected = sorted(k for k in given if k not in own)
+    input_conv = _input_conv_key(model) if adapt_input_conv else None
     shapes = sorted(
         f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-        for k, v in given.items() if k in own and v.shape != own[k].shape)
+        for k, v in given.items() if k in own and v.shape != own[k].shape
+        and not (k == input_conv and _same_but_input_channels(v.shape, own[k].shape)))
     if missing or unexpected or shapes:
         parts = [f'{name} ({len(items)}): {", ".join(items)}' for name, items in
                  (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)) if items]
@@ -208,13 +223,15 @@ def _classifier_keys(model: nn.Module):
 
 
 def upcycle_residual_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
-                                ignore_classifier: bool = False) -> Dict[str, torch.Tensor]:
+                                ignore_classifier: bool = False,
+                                adapt_input_conv: bool = False) -> Dict[str, torch.Tensor]:
     """Map a timm residual checkpoint onto a hyper-connected ``model`` built with ``hc_init='identity'``.
 
     Every checkpoint key maps by name; the connection parameters keep the model's identity init, so the
     result computes what the residual network computes. ``ignore_classifier``: head keys of another shape
-    (class count) are not errors; the model keeps its own head for them. Raises :class:`CheckpointMismatchError` listing missing,
-    unexpected and mis-shaped keys.
+    (class count) are not errors; the model keeps its own head for them. ``adapt_input_conv``: the first
+    convolution's weight may have other input channels (see :func:`_mismatch_report`). Raises
+    :class:`CheckpointMismatchError` listing missing, unexpected and mis-shaped keys.
     """
     prefixes = _connection_prefixes(model)
     not_identity = [p for p in prefixes if getattr(model.get_submodule(p), 'init', 'identity') != 'identity']
@@ -224,7 +241,8 @@ def upcycle_residual_state_dict(state_dict: Mapping[str, torch.Tensor], model: n
             f"{model.get_submodule(not_identity[0]).init!r} in {', '.join(not_identity[:3])}...)")
     own = model.state_dict()
     ignore = _classifier_keys(model) if ignore_classifier else ()
-    _mismatch_report(state_dict, model, optional={k for k in own if _under(k, prefixes)}, ignore=ignore)
+    _mismatch_report(state_dict, model, optional={k for k in own if _under(k, prefixes)}, ignore=ignore,
+                     adapt_input_conv=adapt_input_conv)
     out = {k: v for k, v in own.items() if _under(k, prefixes) or k in ignore}
     out.update({k: v for k, v in state_dict.items() if k not in ignore or (k in own and v.shape == own[k].shape)})
     return out
@@ -248,13 +266,15 @@ def load_residual_weights(model: nn.Module, source: Union[nn.Module, Mapping, st
 
 
 def _hc_filter_fn(state_dict, model, base_filter: Callable):
-    """``pretrained_filter_fn``: timm's family filter, then upcycling if the checkpoint has no connection keys."""
+    """``pretrained_filter_fn``: timm's family filter, then upcycling if the checkpoint has no connection keys.
+    The first convolution's weight passes with other input channels than the model's: timm's ``load_pretrained``
+    adapts it to ``in_chans`` after this filter."""
     state_dict = base_filter(state_dict, model)
     prefixes = _connection_prefixes(model)
     own_hc = [k for k in model.state_dict() if _under(k, prefixes)]
     if own_hc and not any(_under(k, prefixes) for k in state_dict):
-        return upcycle_residual_state_dict(state_dict, model, ignore_classifier=True)
-    _mismatch_report(state_dict, model, ignore=_classifier_keys(model))
+        return upcycle_residual_state_dict(state_dict, model, ignore_classifier=True, adapt_input_conv=True)
+    _mismatch_report(state_dict, model, ignore=_classifier_keys(model), adapt_input_conv=True)
     return state_dict
 
 
