@@ -494,6 +494,13 @@ def create_hc_model(model_cls, base: str, variant: str, pretrained: bool, base_f
     reachable (:class:`PretrainedWeightsUnavailableError`, at once when offline instead of after retries).
     """
     name = f'{base}_{variant}'
+    feature_cls = kwargs.get('feature_cls', 'getter')
+    if kwargs.get('features_only') and isinstance(feature_cls, str) and feature_cls != 'getter':
+        raise ValueError(
+            f"features_only=True with feature_cls={feature_cls!r}: {name}'s blocks (or stages) output the stream "
+            "state (..., n, C), which the module-output wrappers ('hook', 'fx', 'dict') would return as it is; "
+            "valid choice: 'getter' (the default), whose features are forward_intermediates', the streams reduced. "
+            "For other nodes, timm.models.create_feature_extractor(model, return_nodes) traces the model")
     if pretrained:
         cfg = resolve_pretrained_cfg(name, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
         _check_pretrained_source(name, cfg, kwargs.get('cache_dir'))
