@@ -136,6 +136,7 @@ class _Segment:
         # (graph -> placeholder -> segment -> tensor -> graph) that Python's collector cannot see, leaking a
         # graph whose backward never runs
         self.start, self.post = start.detach(), post
+        _observe(start)
         self.keep = {_storage_key(start)}  # storages kept as they are: the start, branch outputs, coefficients
         self.links: List[_Link] = []
         device = start.device.type
@@ -156,8 +157,7 @@ class _Segment:
         return len(self.links) - 1
 
     def _kept(self, t: torch.Tensor) -> torch.Tensor:
-        for observe in _keep_observers:
-            observe(t)
+        _observe(t)
         return t.detach()  # what the backward needs is the value; detached, no cycle can form
 
     def _kept_anyway(self, t: torch.Tensor) -> bool:
@@ -276,6 +276,12 @@ class _Segment:
         self.remaining = [link.placeholders for link in self.links]
 
 
+def _observe(t: torch.Tensor) -> None:
+    """Tell :data:`_keep_observers` of a tensor a segment holds until the backward pass."""
+    for observe in _keep_observers:
+        observe(t)
+
+
 def _never_unpacked(packed):
     raise RuntimeError("hc_recompute: the graph of a recomputation is not differentiated")
 
@@ -334,6 +340,8 @@ class RecomputeSession:
         link.y = (y.detach(), y.requires_grad)
         link.coefs = [None if t is None else (t.detach(), t.requires_grad)
                       for t in (p[2], None if kept else p[3], h_res if kept else None)]
+        for t in (y, *(c[0] for c in link.coefs if c is not None)):  # held until the backward: counted
+            _observe(t)
         with seg.post_hooks(i):
             out = post(conn, p, y, h_res)  # a kept H_res's storage is kept; otherwise its save is a placeholder
         self._last, self._last_version = out, out._version
