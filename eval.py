@@ -67,6 +67,9 @@ def main(argv=None):
         meta = check_checkpoint(args.model, args.checkpoint, args.use_ema) if args.checkpoint else {}
         split_dir = split_folder(data_dir, args.split) if '/' not in args.dataset else None
         model, data_config = load_trained_model(args.model, args.checkpoint, args.use_ema, args.num_classes)
+        if args.diagnostics and not any(hasattr(m, 'coefficients') for m in model.modules()):
+            raise ConfigError(f'--diagnostics: {args.model} has no hyper-connections (no module with `coefficients`) '
+                              'to diagnose; leave --diagnostics out to evaluate it')
         loader = eval_loader(data_config, data_dir, args.dataset, args.split, args.batch_size, args.workers, device,
                              class_to_idx=checkpoint_classes(meta))
     except (ConfigError, DatasetUnavailableError, DatasetIntegrityError) as e:

@@ -187,6 +187,21 @@ def create_data(args, data_config, device) -> TrainData:
     return TrainData(dataset_train, dataset_eval, loader_train, loader_eval, mixup_active, mixup_fn)
 
 
+def check_train_batches(args, data: TrainData):
+    """Refuse a batch larger than the (per-process) training set: timm's train loader drops the last incomplete
+    batch, so every epoch would make no update. Known once the dataset is built (before any checkpoint)."""
+    if len(data.loader_train) > 0:
+        return
+    images = len(data.dataset_train)
+    per_process = math.ceil(images / args.world_size)  # DistributedSampler pads to a multiple of world_size
+    step = (f'{args.batch_size} per process x {args.world_size} processes = {args.batch_size * args.world_size} '
+            f'images per step' if args.world_size > 1 else f'{args.batch_size}')
+    raise ConfigError(f'batch_size: {step} is more than the {images} training images ({args.train_split!r} split'
+                      + (f', {per_process} per process' if args.world_size > 1 else '')
+                      + "); timm's train loader drops the last incomplete batch, so no epoch would make an update. "
+                      f'Use --batch-size {per_process} or less')
+
+
 def start_epoch_data(args, data: TrainData, epoch):
     """Reseed every RNG for ``epoch`` (what makes a resumed run replay), set the epoch's image order and
     augmentation seeds (the same for DDP as for one process: :mod:`kromhc_vision.cli.sampling`), switch mixup off."""
@@ -379,6 +394,7 @@ def train(args, args_text, run_dir):
     model, data_config = create_train_model(args, device, primary)
     optimizer, autocast, loss_scaler = create_optimizer(args, model, device, primary)
     data = create_data(args, data_config, device)
+    check_train_batches(args, data)
     task = create_task(args, model, data_config, data.mixup_active, device, primary)
     task.class_to_idx = getattr(getattr(data.dataset_train, 'reader', None), 'class_to_idx', None)
     scheduler, num_epochs, updates_per_epoch = create_schedule(args, optimizer, task, len(data.loader_train))

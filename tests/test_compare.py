@@ -23,6 +23,13 @@ def test_bad_arguments_are_refused(bad, capsys):
     assert 'error' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('option', ['--diag-images', '--bench-rounds', '--bench-batch'])
+def test_counts_below_one_are_refused_before_any_benchmark_or_run(option, capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_args([option, '0'])
+    assert f'{option} must be >= 1, got 0' in capsys.readouterr().err
+
+
 def test_compare_writes_results_from_its_runs(tmp_path):
     out = tmp_path / 'runs'
     # mhc too: the reading of its Sinkhorn iterations broke unseen when the option moved to MHC.OPTIONS

@@ -71,3 +71,33 @@ def test_an_unreadable_checkpoint_is_named(trained, tmp_path, content):
     with pytest.raises(SystemExit) as e:
         train_script.main(['--resume', str(bad)])
     assert e.value.code == 2
+
+
+def test_a_one_channel_checkpoint_is_evaluated_on_a_folder_in_grayscale(trained, tmp_path):
+    data, _ = trained
+    train_script.main([
+        '--data-dir', str(data), '--model', MODEL, '--model-kwargs', 'depth=1', 'img_size=16', '--img-size', '16',
+        '--in-chans', '1', '--num-classes', '10', '--batch-size', '10', '--epochs', '1', '--opt', 'adamw',
+        '--warmup-epochs', '0', '--workers', '0', '--output', str(tmp_path), '--experiment', 'gray'])
+    evaluate('--checkpoint', tmp_path / 'gray' / 'last.pth.tar', '--data-dir', data, '--output', tmp_path / 'out')
+    results = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    assert results['data_config']['input_size'] == [1, 16, 16] and results['num_images'] == 30
+
+
+def test_diagnostics_of_a_model_without_hyper_connections_is_refused_before_evaluating(trained, tmp_path,
+                                                                                      monkeypatch):
+    import timm
+    import torch
+    data, _ = trained
+    weights = tmp_path / 'plain.pth'
+    torch.save(timm.create_model('vit_micro_patch4_32_plain', num_classes=10).state_dict(), weights)
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError('evaluated before refusing --diagnostics')
+
+    monkeypatch.setattr(eval_script, 'evaluate', no_evaluation)
+    with pytest.raises(SystemExit, match='--diagnostics: vit_micro_patch4_32_plain has no hyper-connections'):
+        eval_script.main(['--model', 'vit_micro_patch4_32_plain', '--checkpoint', str(weights), '--num-classes',
+                          '10', '--data-dir', str(data), '--workers', '0', '--diagnostics', '--output',
+                          str(tmp_path)])
+    assert not (tmp_path / 'results.json').exists()

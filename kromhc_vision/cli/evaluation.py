@@ -126,7 +126,8 @@ def eval_loader(data_config, data_dir=None, dataset='', split='validation', batc
     folder = '/' not in dataset
     if folder:
         split_folder(data_dir, split)
-    ds = create_dataset(dataset, root=data_dir, split=split)
+    img_mode = 'L' if data_config['input_size'][0] == 1 else 'RGB'  # a 1-channel model reads grayscale, as trained
+    ds = create_dataset(dataset, root=data_dir, split=split, input_img_mode=img_mode)
     if folder and class_to_idx is not None:
         check_classes(ds, class_to_idx, f'{split_folder(data_dir, split)}')
     return create_loader(ds, input_size=data_config['input_size'], batch_size=batch_size,

@@ -50,10 +50,12 @@ def check_run_dir(args, folder):
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ConfigError(f'output: {folder} exists and is not a folder')
     if run_files(folder) and not resumes_in(args, folder) and not args.overwrite:
-        raise ConfigError(
-            f'output: {folder} already holds a run ({", ".join(os.path.basename(p) for p in run_files(folder))}); '
-            f'continue it with --resume {os.path.join(folder, "last.pth.tar")}, or give a new --experiment '
-            f'name (or --overwrite to replace it)')
+        last = os.path.join(folder, 'last.pth.tar')
+        way_on = f'continue it with --resume {last}, or give a new --experiment name (or --overwrite to replace it)' \
+            if os.path.isfile(last) else ('no epoch of it finished (no last.pth.tar to resume): start it again with '
+                                          '--overwrite, or give a new --experiment name')
+        raise ConfigError(f'output: {folder} already holds a run '
+                          f'({", ".join(os.path.basename(p) for p in run_files(folder))}); {way_on}')
     existing = folder
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

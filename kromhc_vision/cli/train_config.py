@@ -7,6 +7,7 @@ import argparse
 import difflib
 import importlib
 import os
+import warnings
 from pathlib import Path
 
 import timm
@@ -296,10 +297,20 @@ def parse_args(argv=None):
         if isinstance(action, ParseKwargs) and isinstance(cfg.get(action.dest), dict):
             setattr(args, action.dest, {**cfg[action.dest], **getattr(args, action.dest)})
     if args.resume:
-        options = {s: a.dest for a in parser._actions for s in a.option_strings}
-        given = set(cfg) | {options[t.split('=')[0]] for t in remaining if t.split('=')[0] in options}
-        restore_run_args(args, given)
+        restore_run_args(args, set(cfg) | given_on_command_line(remaining))
     return args, yaml.safe_dump(vars(args), default_flow_style=False)
+
+
+def given_on_command_line(argv) -> set:
+    """The options ``argv`` sets, in any spelling (``--batch-size=5``, ``-b5``, ``-b 5``): it is parsed again with
+    every default replaced by a sentinel, and the options whose value is no longer the sentinel were given."""
+    unset = object()
+    parser = build_parser()
+    for action in parser._actions:
+        if action.default is not argparse.SUPPRESS:
+            action.default = unset
+    args, _ = parser.parse_known_args(argv)
+    return {key for key, value in vars(args).items() if value is not unset}
 
 
 # What a resumed run takes from the run it continues and may not change: what the weights are, and what the
@@ -321,9 +332,19 @@ NOT_RESTORED = ('resume', 'no_resume_opt', 'start_epoch', 'output', 'experiment'
                 'pretrained', 'initial_checkpoint', 'pretrained_path')
 
 
+def read_resume_checkpoint(path) -> dict:
+    """``path``'s entries; a :class:`ConfigError` unless it is a train.py (timm training) checkpoint."""
+    checkpoint = read_checkpoint(path, 'resume')
+    if 'epoch' not in checkpoint or not ({'state_dict', 'model'} & set(checkpoint)):
+        raise ConfigError(f'resume: {path} is not a train.py checkpoint (it has no epoch and training state, e.g. '
+                          'a plain state dict of weights); to start a new run from its weights, use '
+                          f'--initial-checkpoint {path}')
+    return checkpoint
+
+
 def recorded_run_args(path) -> dict:
     """The args of the run ``path`` (a train.py checkpoint) belongs to: the checkpoint's, else its args.yaml's."""
-    recorded = read_checkpoint(path, 'resume').get('args')
+    recorded = read_resume_checkpoint(path).get('args')
     if recorded is not None:
         return dict(vars(recorded))
     args_yaml = os.path.join(os.path.dirname(os.path.abspath(path)), 'args.yaml')
@@ -360,21 +381,53 @@ def restore_run_args(args, given):
             same = here.split('.')[0] == there.split('.')[0] if key == 'model' and there else here == there
             if not same and not (key == 'lr' and here is None):
                 differ(key, here, there, RESUME_FIXED[key])
+    if args.sched_on_updates and args.sched != 'none':  # its position is the update count: the same updates per epoch
+        world_size = int(os.environ.get('WORLD_SIZE', 1))  # torchrun's; train.py records it in args.world_size
+        for key, here in (('batch_size', args.batch_size), ('grad_accum_steps', args.grad_accum_steps),
+                          ('world_size', world_size)):
+            if key in recorded and recorded[key] != here:
+                differ(key, here, recorded[key], 'updates per epoch, which --sched-on-updates fixes in the '
+                       'learning-rate schedule')
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax:
+        # with the prefetcher timm's FastCollateMixup draws in the loader workers, from each worker's RNG, without it
+        # timm's Mixup in the main process: another worker count, or the other one, draws other mixes (a run is
+        # reproducible with its own)
+        for key in ('no_prefetcher',) + (() if args.no_prefetcher else ('workers',)):
+            if key in recorded and recorded[key] != getattr(args, key):
+                differ(key, getattr(args, key), recorded[key], 'the mixup / cutmix draws, made in the loader '
+                       'workers with the prefetcher')
     if problems:
         raise ConfigError(f'resume: {args.resume}: ' + '; '.join(problems) + '. Leave these out to continue the '
                           'run as recorded, or start a new run (e.g. from its weights: --initial-checkpoint '
                           f'{args.resume} --experiment NEW_NAME)')
 
 
+def probe_schedule(args) -> int:
+    """Build the schedule on a one-parameter optimizer (timm checks its arguments only when it is built, after the
+    model and data otherwise); returns the run's length in epochs, as train.py counts it (cooldown, cycles, warmup
+    prefix). One update per epoch: timm scales every length by the updates per epoch alike."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr or 1.)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', FutureWarning)  # the plateau schedule's deprecation, said in train.py
+            scheduler, num_epochs = create_scheduler_v2(probe, **scheduler_kwargs(args), updates_per_epoch=1)
+            for t in (0, num_epochs - 1) if scheduler is not None else ():  # the warmup's lr, and the decay's
+                scheduler.step_update(t) if args.sched_on_updates else scheduler.step(t)
+    except (ValueError, TypeError, AssertionError, ArithmeticError) as e:
+        raise ConfigError(f'sched {args.sched!r} with these settings (epochs {args.epochs}, warmup_epochs '
+                          f'{args.warmup_epochs}, decay_epochs {args.decay_epochs}, cooldown_epochs '
+                          f'{args.cooldown_epochs}) cannot be built: {e}') from None
+    return num_epochs
+
+
 def check_resume(args):
-    """A finished run has nothing left to resume: say so, and how to train longer."""
-    checkpoint = read_checkpoint(args.resume, 'resume')
-    if 'epoch' not in checkpoint or args.start_epoch is not None:
+    """Only a train.py checkpoint resumes; a finished run has nothing left to resume: say so, and how to train
+    longer."""
+    checkpoint = read_resume_checkpoint(args.resume)
+    if args.start_epoch is not None:
         return
     next_epoch = checkpoint['epoch'] + (1 if checkpoint.get('version', 1) > 1 else 0)
-    # the run's length as train.py counts it: with cooldown, cycles and a warmup prefix
-    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.)
-    _, num_epochs = create_scheduler_v2(probe, **scheduler_kwargs(args), updates_per_epoch=1)
+    num_epochs = probe_schedule(args)
     if next_epoch >= num_epochs:
         raise ConfigError(
             f'resume: {args.resume} is the end of a finished run ({next_epoch} of {num_epochs} epochs); '
@@ -440,6 +493,7 @@ def validate(args) -> str:
     for key in ('resume', 'initial_checkpoint'):
         if getattr(args, key):
             read_checkpoint(getattr(args, key), key)
+    probe_schedule(args)
     if args.resume:
         check_resume(args)
     try:

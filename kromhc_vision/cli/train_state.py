@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import torch
+from timm.scheduler import PlateauLRScheduler
 from timm.task import ClassificationTask
 from timm.utils import random_seed, trim_summary
 
@@ -38,6 +39,11 @@ class TrainTask(ClassificationTask):
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         return dict(
             scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+            # timm's PlateauLRScheduler saves only best and last_epoch: its torch ReduceLROnPlateau's bad-epoch and
+            # cooldown counters (and the lr before its noise) are needed too, for a resume to follow the same lrs
+            plateau=(dict(lr_scheduler=self.scheduler.lr_scheduler.state_dict(),
+                          restore_lr=self.scheduler.restore_lr) if isinstance(self.scheduler, PlateauLRScheduler)
+                     else None),
             step=self.step,
             data_config=self.data_config,
             class_to_idx=self.class_to_idx,
@@ -51,6 +57,9 @@ class TrainTask(ClassificationTask):
             return
         if self.scheduler is not None and state.get('scheduler') is not None:
             self.scheduler.load_state_dict(state['scheduler'])
+        if isinstance(self.scheduler, PlateauLRScheduler) and state.get('plateau'):  # absent in older checkpoints
+            self.scheduler.lr_scheduler.load_state_dict(state['plateau']['lr_scheduler'])
+            self.scheduler.restore_lr = state['plateau']['restore_lr']
         self.step = state['step']
         rng = state['rng']
         torch.set_rng_state(rng['torch'])

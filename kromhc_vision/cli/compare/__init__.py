@@ -73,8 +73,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.sizes is None:
         args.sizes = ['micro', 'tiny'] if torch.cuda.is_available() else ['micro']
-    if args.seeds < 1 or args.epochs < 1:
-        p.error(f'--seeds and --epochs must be >= 1 (got {args.seeds}, {args.epochs})')
+    for key in ('seeds', 'epochs', 'bench_rounds', 'bench_batch', 'diag_images'):  # before any benchmark or run
+        if getattr(args, key) < 1:
+            p.error(f'--{key.replace("_", "-")} must be >= 1, got {getattr(args, key)}')
     bad = [n for n in args.streams + args.bench_streams if n < 2]
     if bad:
         p.error(f'stream counts must be >= 2 (got {bad}); residual always runs with one stream')
