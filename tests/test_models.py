@@ -150,6 +150,13 @@ def check_fx_feature_extraction(name):
     extractor = timm.models.create_feature_extractor(model, {nodes[-1]: 'logits'}).eval()
     with torch.no_grad():
         torch.testing.assert_close(extractor(x)['logits'], model(x))
+    if not hasattr(model, 'hc_spec'):  # no streams (the plain and orthogonal ViTs): timm's FX features as usual
+        fx_model = create(name, features_only=True, feature_cls='fx').eval()
+        fx_model.load_state_dict(create(name, features_only=True).state_dict(), strict=False)
+        feats = fx_model(x)
+        assert len(feats) == len(fx_model.feature_info.channels())
+        sum(f.sum() for f in feats).backward()
+        return
     # timm's module-output feature wrappers would return the blocks' stream states (..., n, C) as features (they
     # did, feature_info's channels notwithstanding): refused, naming the getter (check_features_only checks it)
     for feature_cls in ('fx', 'hook', 'dict'):
