@@ -53,6 +53,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
         p.error(f'--batch-size must be >= 1 and --workers >= 0 (got {args.batch_size}, {args.workers})')
+    if args.use_ema and args.pretrained:
+        p.error("--use-ema selects a --checkpoint's EMA weights; --pretrained weights have none (leave it out)")
     return args
 
 

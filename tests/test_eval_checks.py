@@ -54,6 +54,13 @@ def test_classes_that_are_not_the_checkpoints_are_refused(trained, tmp_path):
     assert not (tmp_path / 'out' / 'results.json').exists()
 
 
+def test_use_ema_with_pretrained_weights_is_refused(capsys):
+    """--pretrained weights have no EMA copy: --use-ema was ignored while results.json recorded weights 'ema'."""
+    with pytest.raises(SystemExit):
+        evaluate('--pretrained', '--use-ema')
+    assert "--use-ema selects a --checkpoint's EMA weights; --pretrained weights have none" in capsys.readouterr().err
+
+
 def test_use_ema_without_ema_weights_is_refused(trained, tmp_path):
     data, checkpoint = trained
     with pytest.raises(SystemExit, match='--use-ema: .* holds no EMA weights'):
