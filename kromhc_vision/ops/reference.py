@@ -36,6 +36,21 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def check_stream_pre_shapes(X, norm_weight, proj_weight, scale, bias) -> None:
+    """Raise ``ValueError`` naming the tensor and the shape it must have unless the parameters fit ``X (..., n, C)``
+    and hold ``k >= 2n`` coefficients (the numba kernels, which read them by address, check sizes themselves)."""
+    n, C = X.shape[-2:]
+    k = proj_weight.shape[-1]
+    if proj_weight.dim() != 2 or k < 2 * n:
+        raise ValueError(f"stream_pre: proj_weight of shape {tuple(proj_weight.shape)} for X (..., {n}, {C}); it "
+                         f"must be (n*C, k) = ({n * C}, k) with k >= 2n = {2 * n} coefficients")
+    for name, t, shape in (("norm_weight", norm_weight, (n * C,)), ("proj_weight", proj_weight, (n * C, k)),
+                           ("scale", scale, (k,)), ("bias", bias, (k,))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"stream_pre: {name} has shape {tuple(t.shape)}; for X (..., {n}, {C}) and {k} "
+                             f"coefficients it must be {shape}")
+
+
 def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
     """``X (..., n, C)`` -> ``u (..., C)``, ``h_pre (..., n)``, ``h_post (..., n)``, ``a_res (..., m)``, ``X``.
 
@@ -43,6 +58,7 @@ def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
     The fifth output is the stream state to hand to ``stream_post`` (here ``X`` itself; a backend may
     return an alias of ``X`` that routes the post step's gradient through its own backward).
     """
+    check_stream_pre_shapes(X, norm_weight, proj_weight, scale, bias)
     n = X.shape[-2]
     dtype = compute_dtype(X, proj_weight)
     with autocast_off(X.device):

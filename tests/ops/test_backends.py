@@ -76,3 +76,19 @@ def test_stream_pre_gradients_in_each_parameters_own_dtype(backend):
     torch.testing.assert_close(got[3], expected[3], rtol=1e-5, atol=1e-5)  # bfloat16 rounding: ~1e-3
     torch.testing.assert_close(got[:2], expected[:2], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[2], expected[2], rtol=1e-2, atol=1e-2)  # the scale's own bfloat16
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", *BACKENDS])
+def test_stream_pre_names_a_parameter_of_the_wrong_shape(backend):
+    """Fewer than 2n coefficients, or a parameter that does not fit X: a ValueError naming it and the shape it must
+    have (the reference returned a short h_post, the PyTorch backend failed in a reshape: "shape '[3, 4]' is
+    invalid for input of size 9")."""
+    from kromhc_vision.ops import dispatch, reference
+    op = reference.stream_pre if backend == "reference" else \
+        (lambda *args: dispatch.stream_pre(*args, backend=backend))
+    n, C = 4, 8
+    X = torch.randn(3, n, C)
+    with pytest.raises(ValueError, match=r"proj_weight of shape \(32, 7\) .* k >= 2n = 8"):
+        op(X, torch.ones(n * C), torch.randn(n * C, 7), torch.ones(7), torch.zeros(7), 1e-6)
+    with pytest.raises(ValueError, match=r"bias has shape \(9,\); .* it must be \(10,\)"):
+        op(X, torch.ones(n * C), torch.randn(n * C, 10), torch.ones(10), torch.zeros(9), 1e-6)

@@ -38,7 +38,7 @@ import torch
 
 from .._custom_ops import call, custom_op, needs_grad, traced
 from ..pytorch._once import once_differentiable
-from ..reference import autocast_off, compute_dtype
+from ..reference import autocast_off, check_stream_pre_shapes, compute_dtype
 from ._common import (KERNEL_SCALARS, LINK_ATTRIBUTE, PostGradLink, as_dtype, kernel_tensor, match_torch_threads,
                       prefer_vector_width, sized_kernel_tensor, token_array, vector_width)
 from ._launch import BODY_SIGNATURE, float_from_bits, run_on_threads
@@ -632,6 +632,7 @@ def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
     :class:`~kromhc_vision.ops.numba._common.PostGradLink` for the numba post step). Where autograd records nothing
     (inference), the forward op alone, without the Function.
     """
+    check_stream_pre_shapes(X, norm_weight, proj_weight, scale, bias)
     args = (X, norm_weight, proj_weight, scale, bias)
     if traced(args):
         return StreamPre.apply(X, norm_weight, proj_weight, scale, bias, eps)

@@ -6,7 +6,7 @@ Reference: :func:`kromhc_vision.ops.reference.stream_pre`.
 """
 import torch
 
-from ..reference import autocast_off, compute_dtype
+from ..reference import autocast_off, check_stream_pre_shapes, compute_dtype
 from ._once import once_differentiable
 
 
@@ -131,4 +131,5 @@ def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
     Pass that last output (not ``X``) to the post step, so that its gradient joins ``dX`` inside
     ``StreamPre``'s backward (see :class:`StreamPre`).
     """
+    check_stream_pre_shapes(X, norm_weight, proj_weight, scale, bias)
     return StreamPre.apply(X, norm_weight, proj_weight, scale, bias, eps)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import compute_dtype
+from ..reference import check_stream_pre_shapes, compute_dtype
 from ._common import configs, dot_precision, nbytes, num_programs_hint, prune_by_resources, tl_dtype
 
 MIN_BLOCK_T = 16  # tl.dot needs M >= 16; the per-program partial buffers are sized for it
@@ -273,6 +273,7 @@ def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
 
     Same signature and values as :func:`kromhc_vision.ops.reference.stream_pre`.
     """
+    check_stream_pre_shapes(X, norm_weight, proj_weight, scale, bias)
     n = X.shape[-2]
     u, coef = _stream_pre_fwd(X, norm_weight, proj_weight, scale, bias, eps)
     return u, coef[..., :n], coef[..., n:2 * n], coef[..., 2 * n:], X
