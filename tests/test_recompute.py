@@ -389,6 +389,18 @@ def test_runtime_setting_leaves_state_dict_and_model_args_alone():
     assert b.hc_recompute == 3 and b.hc_recompute_length == 3
 
 
+@pytest.mark.parametrize("name", ["vit_micro_patch4_32_kromhc", "convnext_atto_kromhc"])
+def test_pruned_models_segment_length_follows_the_connections_left(name):
+    """``prune_intermediate_layers`` (which timm's features_only getter calls) removes blocks: ``hc_recompute=True``
+    picks ``L_r`` for the connections left (it kept the full depth's)."""
+    model = timm.create_model(name)
+    assert len(model.hc_connections()) == 12 and model.hc_recompute_length == 3
+    model.prune_intermediate_layers([1])  # blocks (ViT) or stages (ConvNeXt) 0 and 1 stay
+    left = len(model.hc_connections())
+    assert left == 4
+    assert model.hc_recompute_length == recompute.segment_length(True, left, 4)
+
+
 def test_default_segment_length_follows_the_depth():
     def length(name, **kwargs):
         return timm.create_model(name, device="meta", **kwargs).hc_recompute_length

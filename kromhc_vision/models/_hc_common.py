@@ -149,6 +149,14 @@ class HcModelMixin:
         self.hc_recompute = value
         self.hc_recompute_length = 0 if self.hc_spec.variant == 'residual' else length
 
+    @torch.jit.ignore
+    def prune_intermediate_layers(self, *args, **kwargs):
+        """timm's, then ``hc_recompute``'s segment length again for the connections left (``True`` follows the
+        depth)."""
+        out = super().prune_intermediate_layers(*args, **kwargs)
+        self.set_hc_recompute(self.hc_recompute)
+        return out
+
     def _hc_session(self):
         """The recomputation session of one forward pass (a null context when it does not apply: eval mode,
         no grad, torch.compile, torch.fx tracing; see :func:`kromhc_vision.recompute.session`)."""
