@@ -71,6 +71,28 @@ def test_compare_writes_results_from_its_runs(tmp_path):
     assert '(6 reused from an earlier call)' in (tmp_path / 'RESULTS.md').read_text()
 
 
+def test_a_stored_run_is_reused_for_its_config_content_not_its_path(tmp_path):
+    """The reuse key holds the config's content (an edited config retrains: it was reused with stale settings) and
+    no absolute path (a moved checkout, or another output folder, reuses its runs: all were redone)."""
+    from kromhc_vision.cli.compare.runs import digits_config, run_settings, train_command
+    config = tmp_path / 'a' / 'configs' / 'digits_kromhc.yaml'
+    config.parent.mkdir(parents=True)
+    config.write_bytes(digits_config('kromhc').read_bytes())
+
+    def settings(config_path, out):
+        command = train_command('micro', 'kromhc', 2, 0, 1, out, 'name')
+        command[command.index('-c') + 1] = str(config_path)
+        return run_settings(command, config_path, 32)
+
+    here = settings(config, tmp_path / 'out')
+    moved = tmp_path / 'b' / 'digits_kromhc.yaml'
+    moved.parent.mkdir()
+    moved.write_bytes(config.read_bytes())
+    assert settings(moved, tmp_path / 'elsewhere') == here
+    config.write_text(config.read_text() + '\nlr: 0.5\n')
+    assert settings(config, tmp_path / 'out') != here
+
+
 def test_model_facts_count_the_model_as_the_run_builds_it():
     """The digits configs train with ``hc_recompute: false``; the activation count must be of that model, not of
     the models' default (recomputation on), which keeps less."""

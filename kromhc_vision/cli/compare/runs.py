@@ -1,4 +1,5 @@
 """The training runs of compare.py: one train.py run per (size, variant, n, seed), its diagnostics, model facts."""
+import hashlib
 import json
 import shutil
 import subprocess
@@ -94,14 +95,24 @@ def run_failed(name: str, rc: int, log: Path) -> SystemExit:
     return SystemExit(f'compare.py: error: {name} failed (exit {rc}); last lines of {log}:\n{tail}')
 
 
+def run_settings(command, config: Path, diag_images: int) -> dict:
+    """What decides a stored run's reuse: ``command`` with its paths made portable (the interpreter, train.py and the
+    config by file name, the output folder by a placeholder: a moved checkout reuses its runs) and the config's
+    content (an edited config retrains), and the diagnostics' image count."""
+    portable = [Path(c).name if i < 2 else c for i, c in enumerate(command)]
+    portable[portable.index('-c') + 1] = Path(portable[portable.index('-c') + 1]).name
+    portable[portable.index('--output') + 1] = '<output>'
+    return dict(command=portable, config_sha256=hashlib.sha256(Path(config).read_bytes()).hexdigest(),
+                diag_images=diag_images)
+
+
 def train_run(args, size, variant, n, seed, commit) -> dict:
     """One training run (or the stored one when its settings match), with its diagnostics; ``reused`` says which."""
     name = f'{size}_{variant}_n{n}_s{seed}'
     out = Path(args.output)
     run_dir = out / name
     command = train_command(size, variant, n, seed, args.epochs, out, name)
-    settings = dict(command=[Path(c).name if i < 2 else c for i, c in enumerate(command)],
-                    diag_images=args.diag_images)
+    settings = run_settings(command, digits_config(variant), args.diag_images)
     record_path = run_dir / 'run.json'
     if record_path.exists():
         record = json.loads(record_path.read_text())
