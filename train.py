@@ -54,7 +54,7 @@ from timm.utils import (CheckpointSaver, NativeScaler, dispatch_clip_grad, distr
 
 from kromhc_vision.cli import ConfigError, write_json
 from kromhc_vision.cli.evaluation import evaluate, progress
-from kromhc_vision.cli.run_folder import open_run_dir, resumes_in
+from kromhc_vision.cli.run_folder import open_run_dir, resumes_in, write_run_file
 from kromhc_vision.cli.train_config import is_folder_dataset, model_kwargs, parse_args, validate
 from kromhc_vision.cli.sampling import PerSampleSeeded, set_epoch_order
 from kromhc_vision.cli.train_state import StepLog, TrainTask, seed_epoch
@@ -277,8 +277,7 @@ class RunOutputs:
                                      task=task)
         if resumes_in(args, self.dir):
             self.saver.load_state_dict_from_checkpoint(args.resume)
-        with open(self.path('args.yaml'), 'w') as f:
-            f.write(args_text)
+        write_run_file(self.dir, 'args.yaml', args_text)  # atomic: a resume rewrites the run's own
         trim_summary(self.path('summary.csv'), start_epoch)
         self.step_log = StepLog(self.path('steps.csv'), start_epoch)
         self.rows = []

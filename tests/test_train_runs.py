@@ -269,9 +269,41 @@ def test_extending_a_finished_run_is_refused_with_the_way_on(tmp_path, data, cap
     (['--sched', 'wsd', '--epochs', '2'], "sched 'wsd' with these settings (epochs 2, warmup_epochs 0, decay_epochs "
                                           "90"),  # timm's default decay_epochs: refused once the model was built
     (['--sched', 'step', '--decay-epochs', '0'], "sched 'step' with these settings"),
+    # names timm takes unchecked until the data is built (a KeyError or AssertionError after args.yaml was written)
+    (['--interpolation', 'foo'], "interpolation: 'foo' is not one of ['nearest', 'bilinear', 'bicubic'"),
+    (['--train-interpolation', 'foo'], "train_interpolation: 'foo' is not one of ['random', 'nearest'"),
+    (['--aa', 'foo'], "aa: 'foo' is not an auto-augment spec timm can read (Unknown AA policy foo)"),
+    (['--aa', 'rand-m9-x3'], "(Unknown RandAugment config section); expected rand-<options>"),
+    (['--reprob', '0.5', '--remode', 'foo'], "remode: 'foo' is not one of ['const', 'rand', 'pixel']"),
+    (['--train-crop-mode', 'foo'], "train_crop_mode: 'foo' is not one of ['rrc', 'rkrc', 'rkrr']"),
+    (['--input-img-mode', 'foo'], "input_img_mode: 'foo' is not one of PIL's modes ['1', 'CMYK'"),
+    # value counts argparse's nargs='+' lets through
+    (['--cutmix-minmax', '0.5'], 'cutmix_minmax takes two values (min max), got [0.5]'),
+    (['--scale', '0.5'], 'scale takes two values (min max), got [0.5]'),
+    (['--ratio', '1.0'], 'ratio takes two values (min max), got [1.0]'),
+    (['--opt-betas', '0.9'], "opt_betas: optimizer 'adamw' takes 2 betas, got [0.9]"),
+    (['--mean', '0.5', '0.5'], 'mean takes 1 value or one per input channel (3), got [0.5, 0.5]'),
+    (['--in-chans', '1', '--std', '0.2', '0.2', '0.2'], 'std takes 1 value or one per input channel (1), got'),
+    (['--aug-repeats', '3'], 'aug_repeats: 3.0 needs distributed training'),
+    (['--class-map', '/nonexistent.txt'], 'class_map: file not found: /nonexistent.txt'),
+    (['--model-kwargs', 'depth=1', 'img_size=24'], 'model_kwargs img_size=24 builds the model for 24x24 images but '
+                                                   'the data are 16x16 (input_size (3, 16, 16)'),
+    (['--dataset', 'torch/cifar'], "'cifar' is not one of timm's torchvision datasets ['cifar10', 'cifar100'"),
+    (['--dataset', 'hfsd/x'], "dataset: 'hfsd/x': 'hfsd' is not a timm dataset prefix (did you mean 'hfds'"),
 ])
 def test_bad_values_are_named_before_any_work(tmp_path, data, capsys, argv, message):
     code, err = error_of(capsys, *TINY, '--data-dir', data, *argv, '--output', tmp_path, '--experiment', 'x')
+    assert code == 2 and message in err
+    assert not (tmp_path / 'x').exists()
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--dataset', 'torch/cifar10'], 'dataset: torch/cifar10 needs --data-dir'),  # else a TypeError in torchvision
+    (['--model-kwargs', 'depth=1', 'img_size=16'], 'model_kwargs img_size=16 builds the model for 16x16 images but '
+                                                   'the data are 32x32'),  # the model's default: give --img-size
+])
+def test_settings_missing_an_option_are_named_before_any_work(tmp_path, capsys, argv, message):
+    code, err = error_of(capsys, '--num-classes', '10', *argv, '--output', tmp_path, '--experiment', 'x')
     assert code == 2 and message in err
     assert not (tmp_path / 'x').exists()
 
@@ -348,3 +380,41 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_says_so(tmp_path, data, 
     assert torch.load(run_dir / 'last.pth.tar', weights_only=False)['epoch'] == 0
     run('--resume', run_dir / 'last.pth.tar', '--data-dir', data, '--workers', 0)
     assert torch.load(run_dir / 'last.pth.tar', weights_only=False)['epoch'] == 1
+
+
+def test_a_failed_args_yaml_write_on_resume_keeps_the_recorded_one(stopped_run, monkeypatch):
+    """A resume rewrites its run's args.yaml: a write that fails halfway (a full disk) leaves the recorded one
+    whole (a temporary file renamed over it), and no temporary file behind."""
+    import builtins
+    import errno
+    import os
+    before = (stopped_run / 'args.yaml').read_bytes()
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:len(text) // 2])
+            raise OSError(errno.ENOSPC, 'No space left on device')
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def open_on_a_full_disk(path, mode='r', *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return FullDisk(f) if 'w' in mode and os.path.basename(str(path)).startswith('args.yaml') else f
+
+    monkeypatch.setattr(builtins, 'open', open_on_a_full_disk)
+    with pytest.raises(OSError, match='No space left on device'):
+        run('--resume', stopped_run / 'last.pth.tar')
+    monkeypatch.setattr(builtins, 'open', real_open)
+    assert (stopped_run / 'args.yaml').read_bytes() == before
+    assert [p.name for p in stopped_run.iterdir() if p.name.startswith('args.yaml')] == ['args.yaml']

@@ -63,6 +63,23 @@ def check_run_dir(args, folder):
         raise ConfigError(f'output: cannot write to {existing} (for the run folder {folder})')
 
 
+def write_run_file(folder, name, text):
+    """Write ``<folder>/<name>`` atomically (a temporary file renamed over it): a failed or killed write leaves the
+    previous file whole, e.g. the args.yaml of the run being resumed."""
+    path = os.path.join(folder, name)
+    tmp = f'{path}.tmp'
+    try:
+        with open(tmp, 'w') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 class RunLock:
     """An exclusive lock on a run folder for the life of this process (or until :meth:`release`)."""
 

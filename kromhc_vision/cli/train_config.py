@@ -13,8 +13,11 @@ from pathlib import Path
 import timm
 import torch
 import yaml
-from timm.data import resolve_data_config
-from timm.optim import create_optimizer_v2, optimizer_kwargs
+from PIL import Image
+from timm.data import auto_augment, resolve_data_config
+from timm.data import dataset_factory as timm_datasets
+from timm.data import transforms as timm_transforms
+from timm.optim import create_optimizer_v2, get_optimizer_info, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ParseKwargs
 
@@ -40,6 +43,20 @@ NON_NEGATIVE = ('weight_decay', 'warmup_epochs', 'cooldown_epochs', 'patience_ep
                 'min_lr', 'momentum', 'mixup', 'cutmix', 'epoch_repeats', 'aug_repeats', 'layer_decay_min_scale',
                 'lr_noise_std', 'color_jitter', 'recount', 'mixup_off_epoch', 'slow_loss_weight')
 POSITIVE_IF_SET = ('lr', 'lr_base', 'clip_grad', 'layer_decay', 'validation_batch_size', 'lr_base_size')
+# Names timm takes as strings and refuses (KeyError, AssertionError) only when the data is built. Interpolations:
+# timm's own table (private: where a timm release lacks it, the name is left to timm); the rest are written in timm
+# 1.0.31's code, not exported.
+INTERPOLATIONS = tuple(getattr(timm_transforms, '_str_to_pil_interpolation', ()))
+TRAIN_CROP_MODES = ('rrc', 'rkrc', 'rkrr')  # transforms_imagenet_train; unset = 'rrc'
+RANDOM_ERASING_MODES = ('const', 'rand', 'pixel')  # RandomErasing
+AUTO_AUGMENT_POLICIES = ('v0', 'v0r', 'original', 'originalr', '3a')  # auto_augment_policy
+DATASET_PREFIXES = ('torch', 'hfds', 'hfids', 'tfds', 'wds')  # create_dataset; no prefix: folder (or tar)
+_TORCH_BASIC_DATASETS = getattr(timm_datasets, '_TORCH_BASIC_DS', None)  # private: where absent, names unchecked
+TORCH_DATASETS = (*_TORCH_BASIC_DATASETS, 'inaturalist', 'inat', 'places365', 'qmnist', 'imagenet', 'image_folder',
+                  'folder') if _TORCH_BASIC_DATASETS else ()
+ITERABLE = ('hfids', 'tfds', 'wds')  # prefixes of timm's iterable datasets
+# Options of two values (min, max); argparse's nargs='+' takes any number.
+PAIRS = ('scale', 'ratio', 'cutmix_minmax')
 FRACTIONS = ('smoothing', 'drop', 'drop_path', 'drop_block', 'reprob', 'hflip', 'vflip', 'mixup_prob',
              'mixup_switch_prob', 'model_ema_decay', 'color_jitter_prob', 'grayscale_prob', 'gaussian_blur_prob',
              'lr_noise_pct')
@@ -461,7 +478,8 @@ def is_folder_dataset(args) -> bool:
 
 
 def check_ranges(args):
-    """Numbers outside what they mean (a negative weight decay, warmup or worker count, a probability above 1)."""
+    """Numbers outside what they mean (a negative weight decay, warmup or worker count, a probability above 1) and
+    lists of another length than timm reads (scale, ratio, cutmix_minmax, mean, std, opt_betas)."""
     for key in NON_NEGATIVE:
         if getattr(args, key) is not None and getattr(args, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(args, key)}")
@@ -471,6 +489,96 @@ def check_ranges(args):
     for key in FRACTIONS:
         if getattr(args, key) is not None and not 0 <= getattr(args, key) <= 1:
             raise ConfigError(f"{key} must be between 0 and 1, got {getattr(args, key)}")
+    for key in PAIRS:
+        if getattr(args, key) is not None and len(getattr(args, key)) != 2:
+            raise ConfigError(f"{key} takes two values (min max), got {getattr(args, key)}")
+    in_chans = args.input_size[0] if args.input_size else (args.in_chans if args.in_chans is not None else 3)
+    for key in ('mean', 'std'):
+        if getattr(args, key) is not None and len(getattr(args, key)) not in (1, in_chans):
+            raise ConfigError(f"{key} takes 1 value or one per input channel ({in_chans}), got {getattr(args, key)}")
+    try:  # timm's name for it: lookahead_adamw is adamw
+        opt_info = get_optimizer_info(args.opt.lower().split('_')[-1])
+    except ValueError:
+        opt_info = None  # named when the optimizer is built
+    if args.opt_betas is not None and opt_info and opt_info.has_betas and len(args.opt_betas) != opt_info.num_betas:
+        raise ConfigError(f"opt_betas: optimizer {args.opt!r} takes {opt_info.num_betas} betas, got {args.opt_betas}")
+
+
+def check_data_options(args):
+    """The augmentation, interpolation and image-mode names timm takes unchecked until the data is built."""
+    for key, extra in (('interpolation', ('', None)), ('train_interpolation', ('', None, 'random'))):
+        if INTERPOLATIONS and getattr(args, key) not in (*extra, *INTERPOLATIONS):
+            raise ConfigError(f"{key}: {getattr(args, key)!r} is not one of {[*extra[2:], *INTERPOLATIONS]}")
+    if args.train_crop_mode and args.train_crop_mode not in TRAIN_CROP_MODES:
+        raise ConfigError(f"train_crop_mode: {args.train_crop_mode!r} is not one of {list(TRAIN_CROP_MODES)}")
+    if args.remode and args.remode.lower() not in RANDOM_ERASING_MODES:
+        raise ConfigError(f"remode: {args.remode!r} is not one of {list(RANDOM_ERASING_MODES)}")
+    if args.aa:  # timm's own parser of the spec, as its train transform calls it
+        build = (auto_augment.rand_augment_transform if args.aa.startswith('rand') else
+                 auto_augment.augment_and_mix_transform if args.aa.startswith('augmix') else
+                 auto_augment.auto_augment_transform)
+        try:
+            build(args.aa)
+        except (AssertionError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"aa: {args.aa!r} is not an auto-augment spec timm can read "
+                              f"({str(e) or type(e).__name__}); expected rand-<options> (e.g. rand-m9-mstd0.5-inc1), "
+                              "augmix-<options> (e.g. augmix-m5-w4-d2) or an AutoAugment policy "
+                              f"{list(AUTO_AUGMENT_POLICIES)}[-mstd<x>]") from None
+    if args.input_img_mode is not None and args.input_img_mode not in Image.MODES:
+        raise ConfigError(f"input_img_mode: {args.input_img_mode!r} is not one of PIL's modes {list(Image.MODES)}")
+    if int(args.aug_repeats) and (int(os.environ.get('WORLD_SIZE', 1)) == 1 or dataset_prefix(args) in ITERABLE):
+        raise ConfigError(f"aug_repeats: {args.aug_repeats} needs distributed training (torchrun, several processes) "
+                          "on a map-style dataset (folder, torch/...): timm's repeated-augmentation sampler is "
+                          "distributed only")
+
+
+def dataset_prefix(args) -> str:
+    """``args.dataset``'s reader prefix as timm reads it (lower case; '' for the folder dataset)."""
+    prefix, sep, _ = (args.dataset or '').partition('/')
+    return prefix.lower() if sep else ''
+
+
+def check_dataset(args):
+    """The dataset name, its root and class map, as timm's create_dataset reads them (after torch_dataset_root)."""
+    prefix, name = dataset_prefix(args), (args.dataset or '').partition('/')[2]
+    if prefix and prefix not in DATASET_PREFIXES:
+        raise ConfigError(f"dataset: {args.dataset!r}: {prefix!r} is not a timm dataset prefix"
+                          f"{_close(prefix, DATASET_PREFIXES)}; expected <prefix>/<name> with a prefix of "
+                          f"{list(DATASET_PREFIXES)}, or no prefix for an image folder")
+    if prefix == 'torch':
+        name = name.split('/')[-1].lower()  # as timm reads it
+        if TORCH_DATASETS and name not in TORCH_DATASETS:
+            raise ConfigError(f"dataset: {args.dataset!r}: {name!r} is not one of timm's torchvision datasets "
+                              f"{list(TORCH_DATASETS)}{_close(name, TORCH_DATASETS)}")
+        if args.data_dir is None:
+            raise ConfigError(f"dataset: {args.dataset} needs --data-dir, the torchvision root folder it is read from "
+                              "(add --dataset-download to let torchvision download it there)")
+    if args.class_map:  # timm looks for it as given, then (folder dataset) under each split's folder
+        roots = [os.path.join(args.data_dir, split) for split in (args.train_split, args.val_split)
+                 ] if args.data_dir is not None and is_folder_dataset(args) else []
+        if not os.path.isfile(args.class_map) and not all(os.path.isfile(os.path.join(r, args.class_map))
+                                                          for r in roots or ['']):
+            raise ConfigError(f"class_map: file not found: {args.class_map}"
+                              + (f" (nor under {' and '.join(roots)})" if roots else ''))
+        if os.path.splitext(args.class_map)[1].lower() not in ('.txt', '.pkl'):
+            raise ConfigError(f"class_map: {args.class_map}: timm reads a .txt (one class per line) or .pkl class map, "
+                              f"not {os.path.splitext(args.class_map)[1] or 'a file without extension'}")
+
+
+def check_model_img_size(args, input_size):
+    """``model_kwargs`` img_size builds the model for one size, the data config (``img_size`` / ``input_size``, else
+    the model's pretrained config) resizes the images to its own: a difference fails at the first step (unless the
+    model takes any size: dynamic_img_size). Refused rather than guessing which one was meant."""
+    size = args.model_kwargs.get('img_size')
+    if size is None or args.model_kwargs.get('dynamic_img_size'):
+        return
+    model_hw = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    if model_hw != tuple(input_size[-2:]):
+        way = f'--img-size {model_hw[0]}' if model_hw[0] == model_hw[1] else \
+            f'--input-size {input_size[0]} {model_hw[0]} {model_hw[1]}'
+        raise ConfigError(f"model_kwargs img_size={size} builds the model for {model_hw[0]}x{model_hw[1]} images but "
+                          f"the data are {input_size[-2]}x{input_size[-1]} (input_size {tuple(input_size)}, from "
+                          f"img_size / input_size or the model's default); give {way}")
 
 
 def validate(args) -> str:
@@ -487,6 +595,7 @@ def validate(args) -> str:
         if getattr(args, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(args, key)}")
     check_ranges(args)
+    check_data_options(args)
     for key in ('resume', 'initial_checkpoint', 'pretrained_path'):
         if getattr(args, key) and not os.path.isfile(getattr(args, key)):
             raise ConfigError(f"{key}: checkpoint file not found: {getattr(args, key)}")
@@ -508,6 +617,7 @@ def validate(args) -> str:
         raise ConfigError(str(e)) from None
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise ConfigError(f"data_dir: folder not found: {args.data_dir}")
+    check_dataset(args)
     if args.data_dir is not None and is_folder_dataset(args):
         for split in (args.train_split, args.val_split):
             if not os.path.isdir(os.path.join(args.data_dir, split)):
@@ -526,7 +636,9 @@ def validate(args) -> str:
         if len(classes) > model.num_classes:
             raise ConfigError(f"num_classes: {args.data_dir} has {len(classes)} classes but the model has "
                               f"{model.num_classes} outputs")
-    folder = choose_run_dir(args, resolve_data_config(vars(args), model=model)['input_size'])
+    input_size = resolve_data_config(vars(args), model=model)['input_size']
+    check_model_img_size(args, input_size)
+    folder = choose_run_dir(args, input_size)
     check_run_dir(args, folder)
     return folder
 
