@@ -19,6 +19,7 @@ images of every class (file order; the test set is always whole), for a budget r
 import contextlib
 import gzip
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -70,6 +71,8 @@ def write_digits_folder(root: Union[str, Path], per_class: Optional[int] = None)
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    if per_class is not None and (isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1):
+        raise ValueError(f'per_class must be a positive int or None, got {per_class!r}')  # 0: an empty folder
     root = Path(root)
     if root.is_dir():
         return root
@@ -140,7 +143,7 @@ def read_idx(data: bytes, name: str = 'IDX file') -> np.ndarray:
     if len(data) < 4 + 4 * ndim:
         raise DatasetIntegrityError(f'{name}: truncated IDX header ({len(data)} bytes for {ndim} dimensions)')
     dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
-    expected = 4 + 4 * ndim + int(np.prod(dims))
+    expected = 4 + 4 * ndim + math.prod(dims)  # Python ints: NumPy's int64 product wraps round (to 0 for 4 x 65536)
     if len(data) != expected:
         raise DatasetIntegrityError(f'{name}: {len(data):,} bytes, but its header {dims} says {expected:,}'
                                     + (' (truncated)' if len(data) < expected else ''))
@@ -257,7 +260,8 @@ PREPARED_TORCH_DATASETS = {'fashion_mnist': ('FashionMNIST', tuple(FASHION_MNIST
 def torch_dataset_root(dataset: str, data_dir: Optional[str], download: bool) -> Optional[str]:
     """The root timm's ``create_dataset(dataset, root=...)`` should read, checked before any work.
 
-    For ``torch/fashion_mnist``: with ``download``, ``data_dir`` (default ``cache_dir()/'fashion_mnist'``) and
+    For ``torch/fashion_mnist``: with ``download``, ``data_dir`` (default ``cache_dir()/'fashion_mnist_download'``,
+    not the prepared root, which is written whole or not at all: a killed download would leave it half there) and
     torchvision downloads what is missing; else a given ``data_dir`` must hold torchvision's raw files, and
     without one the Debian files are prepared (:func:`fashion_mnist_root`). Raises
     :class:`DatasetUnavailableError` naming the apt command and ``--dataset-download``. Any other dataset:
@@ -268,7 +272,7 @@ def torch_dataset_root(dataset: str, data_dir: Optional[str], download: bool) ->
         return data_dir
     folder, files = PREPARED_TORCH_DATASETS[name.lower()]
     if download:
-        root = data_dir or str(cache_dir() / name.lower())
+        root = data_dir or str(cache_dir() / f'{name.lower()}_download')
         os.makedirs(root, exist_ok=True)
         return root
     if data_dir is None:

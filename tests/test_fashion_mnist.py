@@ -154,8 +154,10 @@ def test_torch_dataset_root_rule(tmp_path, monkeypatch):
     assert root == str(tmp_path / 'cache' / 'fashion_mnist')
     assert (tmp_path / 'cache' / 'fashion_mnist' / 'FashionMNIST' / 'raw' / NAMES[0]).read_bytes() == files[NAMES[0]]
     assert data.torch_dataset_root('torch/fashion_mnist', root, False) == root  # a prepared --data-dir
-    down = data.torch_dataset_root('torch/fashion_mnist', None, True)  # torchvision downloads into the cache
-    assert down == root
+    # torchvision downloads into a root of its own: one it leaves half written (killed) is never taken for the
+    # prepared one, which is written whole or not at all (they were the same folder)
+    down = data.torch_dataset_root('torch/fashion_mnist', None, True)
+    assert down == str(tmp_path / 'cache' / 'fashion_mnist_download') != root
 
 
 def test_blow_up_rule():
@@ -255,3 +257,17 @@ def test_a_fixed_depth_row_runs_in_the_grid_as_its_config_builds_it(monkeypatch,
     assert not any(c.startswith('depth=') for c in command)
     note = fashion.recipe_note(dict(depth=['residual'], grid=['residual', 'terminator'], wide=[]))
     assert 'terminator: slow_loss_weight 1.0, smoothing 0.09' in note and 'its own depth' in note
+
+
+def test_idx_sizes_past_int64_and_empty_digits_folders_are_refused(tmp_path):
+    """An IDX header whose sizes multiply past int64 (4 x 65536: NumPy's product wrapped to 0, so a 20-byte file
+    passed the length check and failed in a reshape) is a DatasetIntegrityError; a digits folder of 0 images per
+    class (written empty, then taken for the digits) is refused."""
+    from kromhc_vision.data import DatasetIntegrityError, read_idx, write_digits_folder
+    header = bytes([0, 0, 8, 4]) + (65536).to_bytes(4, 'big') * 4
+    with pytest.raises(DatasetIntegrityError, match='truncated'):
+        read_idx(header + bytes(4), 'x')
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match='per_class must be a positive int or None'):
+            write_digits_folder(tmp_path / 'digits', per_class=bad)
+    assert not (tmp_path / 'digits').exists()
