@@ -65,6 +65,15 @@ from kromhc_vision.optim import project_orthogonal_
 _logger = logging.getLogger('train')
 
 
+def _file_identity(path):
+    """``(inode, mtime)`` of ``path``, or None: a file renamed over it since has another."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (a full disk, say); the previous one is intact."""
 
@@ -295,16 +304,21 @@ class RunOutputs:
                               **{f'train_{k}': v for k, v in train_metrics.items()},
                               **{f'eval_{k}': v for k, v in evals.items()}))
         write_json(self.path('summary.json'), self.rows)
+        last = self.path('last' + self.saver.extension)
+        before = _file_identity(last)
         try:  # timm's saver writes a temporary file and renames it over last.pth.tar: a failed write leaves it
             self.saver.save_checkpoint(epoch, metric=metric)
         except OSError as e:
             tmp = self.path('tmp' + self.saver.extension)
             if os.path.exists(tmp):
                 os.unlink(tmp)  # the partial write, which would only fill the disk further
+            if _file_identity(last) not in (None, before):  # renamed into place; copying it (checkpoint-N) failed
+                raise CheckpointWriteError(
+                    f'wrote the checkpoint of epoch {epoch} to {last}, but not its copy in {self.dir} ({e}); {last} '
+                    f'holds epoch {epoch} (intact). Free space, then continue with --resume {last}') from None
             raise CheckpointWriteError(
                 f'could not write the checkpoint of epoch {epoch} in {self.dir} ({e}); last good checkpoint: '
-                f'{self.last_good_checkpoint()} (intact). Free space, then continue with --resume '
-                f'{self.path("last.pth.tar")}') from None
+                f'{self.last_good_checkpoint()} (intact). Free space, then continue with --resume {last}') from None
 
     def last_good_checkpoint(self):
         last = self.path('last.pth.tar')

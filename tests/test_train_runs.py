@@ -224,6 +224,37 @@ def test_with_mixup_a_resume_refuses_another_worker_count(tmp_path, data, monkey
     parse_args(['--resume', last, '--workers', str(recorded)])
 
 
+@pytest.mark.parametrize('fails', ['write', 'copy'])
+def test_a_failed_checkpoint_write_names_what_last_holds(tmp_path, data, monkeypatch, fails):
+    """A full disk while saving epoch 1: writing last.pth.tar fails (it keeps epoch 0), or its copy checkpoint-1
+    does after last.pth.tar already holds epoch 1, which the message said was the previous, intact one. Either way
+    the run stops (exit 1) naming the epoch last.pth.tar holds, and --resume continues from there."""
+    saver = train_script.CheckpointSaver
+    method = {'write': '_save', 'copy': '_duplicate'}[fails]
+    original = getattr(saver, method)
+
+    def full_disk(self, *args, **kwargs):
+        if getattr(self, 'saving_epoch', None) == 1:
+            raise OSError(28, 'No space left on device')
+        return original(self, *args, **kwargs)
+
+    save = saver.save_checkpoint
+
+    def tagged(self, epoch, metric=None):
+        self.saving_epoch = epoch
+        return save(self, epoch, metric=metric)
+
+    monkeypatch.setattr(saver, method, full_disk)
+    monkeypatch.setattr(saver, 'save_checkpoint', tagged)
+    with pytest.raises(SystemExit) as e:
+        run(*TINY, '--data-dir', data, '--epochs', 3, '--output', tmp_path, '--experiment', 'r')
+    last = tmp_path / 'r' / 'last.pth.tar'
+    held = torch.load(last, map_location='cpu', weights_only=False)['epoch']
+    assert held == (0 if fails == 'write' else 1)
+    expected = 'last good checkpoint: ' if fails == 'write' else 'holds epoch 1 (intact)'
+    assert expected in str(e.value.code) and f'--resume {last}' in str(e.value.code)
+
+
 def test_resuming_a_plain_state_dict_is_refused_naming_initial_checkpoint(tmp_path, data, capsys):
     weights = tmp_path / 'weights.pth'
     torch.save({'cls_token': torch.zeros(1, 1, 4), 'head.weight': torch.zeros(10, 4)}, weights)
