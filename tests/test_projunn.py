@@ -70,6 +70,31 @@ def test_full_rank_step_is_approximated_not_exact_but_stays_orthogonal(mode):
     assert (w.detach() - start).abs().max() > 1e-2  # it moved
 
 
+@pytest.mark.parametrize('gap', [1e-3, 1e-5, 0.])
+def test_direct_step_near_singular_stays_orthogonal_in_float32(gap):
+    """``U + G`` with ``σ_min = gap`` (a rank-1 step cancelling all but ``gap`` of a direction of ``U``): the
+    float32 step stays orthogonal (``1 + Λ`` from ``eigh(H)`` squared the condition number: 0.2 off at 1e-3)
+    and, while ``U + G`` is nonsingular, equals ``polar(U + G)``; SGD-momentum steps do not blow up."""
+    gen = torch.Generator().manual_seed(1)
+    n = 16
+    u = _orthogonal(n, torch.float64, gen)
+    x = torch.randn(n, 1, dtype=torch.float64, generator=gen)
+    x /= x.norm()
+    w = nn.Parameter(u.float())
+    opt = ProjUNN([{'params': [w], 'orthogonal': True}], base='sgd', lr=1.0, mode='direct', rank=1)
+    w.grad = ((1 - gap) * (u @ x) @ x.mT).float()  # step -grad: U + G = U (I - (1 - gap) x xᵀ)
+    opt.step()
+    assert orthogonality_error(w) < 1e-5
+    if gap:
+        assert (w.detach().double() - polar(u + w.grad.double().neg())).abs().max() < 1e-5
+    w = nn.Parameter(_orthogonal(32, torch.float32, gen))
+    opt = ProjUNN([{'params': [w], 'orthogonal': True}], base='sgd', lr=0.05, momentum=0.9, mode='direct', rank=4)
+    for _ in range(100):
+        w.grad = torch.randn(32, 32, generator=gen)
+        opt.step()
+    assert orthogonality_error(w) < 1e-4
+
+
 class _Holder(nn.Module):
     def __init__(self, w):
         super().__init__()
@@ -154,6 +179,29 @@ def test_timm_factory_builds_projunn_itself_with_base_defaults_and_no_decay_on_o
     assert type(timm.optim.create_optimizer_v2(model, opt='projunn_sgd', lr=0.1)) is torch.optim.SGD
 
 
+def test_lookahead_prefix_is_refused_by_name_and_at_the_first_step():
+    """timm's ``lookahead_`` prefix wraps ProjUNN in Lookahead, whose slow/fast interpolation is not orthogonal."""
+    from kromhc_vision.cli import ConfigError
+    from kromhc_vision.cli.train_config import build_parser, check_ranges
+    from kromhc_vision.optim import check_opt_name
+    args = build_parser().parse_args([])
+    for name in ('lookahead_projunnadamw', 'Lookahead_ProjUNNsgd'):
+        with pytest.raises(ValueError, match="(?i)optimizer '" + name + "': timm's Lookahead.*projunnsgd, "):
+            check_opt_name(name)
+        args.opt = name
+        with pytest.raises(ConfigError, match='opt: .*use a plain projunn name: .*projunnadamw'):
+            check_ranges(args)
+    for name in ('projunnadamw', 'lookahead_adamw', 'adamw'):
+        check_opt_name(name)
+    model = _tiny_model()
+    opt = timm.optim.create_optimizer_v2(model, opt='lookahead_projunnadamw', lr=0.1)  # timm's factory builds it
+    start = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(2, 8)).sum().backward()
+    with pytest.raises(ValueError, match="'lookahead_projunnadamw'.*use a plain projunn name: projunnadamw"):
+        opt.step()
+    assert all(torch.equal(p.detach(), s) for p, s in zip(model.parameters(), start))  # refused before any step
+
+
 @pytest.mark.parametrize('base', PROJUNN_BASES)
 def test_every_registered_base_trains_and_stays_orthogonal(base):
     torch.manual_seed(0)
@@ -222,6 +270,28 @@ def test_initial_and_loaded_weights_are_projected_at_start():
     model(torch.randn(2, 8, dtype=torch.float64)).sum().backward()
     opt.step()
     assert orthogonality_error(model[2].weight) < 1e-12
+
+
+def test_orthogonal_weights_of_a_group_added_after_the_first_step_are_projected():
+    model = _tiny_model().double()
+    opt = timm.optim.create_optimizer_v2(model, opt='projunnsgd', lr=0.1, mode='direct', rank=2)
+    model(torch.randn(2, 8, dtype=torch.float64)).sum().backward()
+    opt.step()
+    tagged, explicit, plain = nn.Linear(6, 6).double(), nn.Linear(6, 12).double(), nn.Linear(6, 6).double()
+    mark_orthogonal(tagged)
+    plain_before = plain.weight.detach().clone()
+    expected = polar(tagged.weight.detach())
+    assert orthogonality_error(tagged.weight) > 0.1 and orthogonality_error(explicit.weight) > 0.1
+    opt.add_param_group({'params': [tagged.weight, plain.weight]})  # split: tagged → an orthogonal group
+    opt.add_param_group({'params': [explicit.weight], 'orthogonal': True})
+    assert [g['orthogonal'] for g in opt.param_groups[-3:]] == [True, False, True]
+    assert (tagged.weight.detach() - expected).abs().max() < 1e-12  # the nearest orthogonal matrix
+    assert orthogonality_error(explicit.weight) < 1e-12 and torch.equal(plain.weight.detach(), plain_before)
+    for _ in range(3):
+        for w in (tagged.weight, explicit.weight, plain.weight):
+            w.grad = torch.randn_like(w)
+        opt.step()
+    assert orthogonality_error(tagged.weight) < 1e-12 and orthogonality_error(explicit.weight) < 1e-12
 
 
 def test_ema_copy_is_reprojected():

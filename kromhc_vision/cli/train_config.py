@@ -23,6 +23,7 @@ from timm.utils import ParseKwargs
 
 from ..cpu_allocator import CPU_MALLOC_CHOICES
 from ..data import DatasetIntegrityError, DatasetUnavailableError, torch_dataset_root
+from ..optim import check_opt_name
 from . import ConfigError, read_checkpoint
 from .run_folder import check_run_dir, choose_run_dir
 
@@ -496,6 +497,10 @@ def check_ranges(args):
     for key in ('mean', 'std'):
         if getattr(args, key) is not None and len(getattr(args, key)) not in (1, in_chans):
             raise ConfigError(f"{key} takes 1 value or one per input channel ({in_chans}), got {getattr(args, key)}")
+    try:
+        check_opt_name(args.opt)  # lookahead_projunn*: timm's Lookahead breaks orthogonality
+    except ValueError as e:
+        raise ConfigError(f"opt: {e}") from None
     try:  # timm's name for it: lookahead_adamw is adamw
         opt_info = get_optimizer_info(args.opt.lower().split('_')[-1])
     except ValueError:

@@ -11,8 +11,10 @@ Both are computed in O(k·N²) in a 2k-dimensional subspace: ``Q`` (N×2k) an or
 
 - tangent: ``S = ½(a_o b_oᵀ − b_o a_oᵀ)`` (2k×2k, skew), ``U ← U + U Q (exp(S) − I) Qᵀ``, ``exp(S)`` from
   ``eigh`` of ``iS``;
-- direct: ``H = a_o b_oᵀ + b_o a_oᵀ + b_o (aᵀa) b_oᵀ = D Λ Dᵀ`` (2k×2k, symmetric, ``eigh``),
-  ``Ã = U + a bᵀ``, ``U ← Ã + Ã Q D ((1 + Λ)^{-1/2} − I) Dᵀ Qᵀ``.
+- direct: ``M = I + a_o b_oᵀ = P Σ Wᵀ`` (2k×2k, SVD in float64), ``U ← U + U Q (P Wᵀ − I) Qᵀ``: the same
+  polar factor as the paper's ``Ã + Ã Q D ((1 + Λ)^{-1/2} − I) Dᵀ Qᵀ`` (``Ã = U + a bᵀ``,
+  ``H = a_o b_oᵀ + b_o a_oᵀ + b_o (aᵀa) b_oᵀ = MᵀM − I = D Λ Dᵀ``), without squaring the condition number of
+  ``Ã`` (:func:`projunn_direct`).
 
 Low-rank samplers (``G`` equals ``Δ`` whenever ``rank Δ ≤ k``):
 
@@ -33,7 +35,6 @@ weight, which is treated as ``m`` square N×N blocks stacked along rows / column
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -41,7 +42,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    'MODES', 'SAMPLERS', 'ProjUNN', 'lowrank_factors', 'mark_orthogonal', 'is_orthogonal',
+    'MODES', 'SAMPLERS', 'ProjUNN', 'lookahead_refusal', 'lowrank_factors', 'mark_orthogonal', 'is_orthogonal',
     'orthogonal_param_groups', 'orthogonality_error', 'polar', 'project_orthogonal_', 'projunn_direct',
     'projunn_tangent', 'square_blocks',
 ]
@@ -252,17 +253,29 @@ def _expm1_skew(s: torch.Tensor) -> torch.Tensor:
 def projunn_direct(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """projUNN-D: the polar factor of ``U + G``, ``G = a bᵀ``, in O(k N²). ``u`` (B, N, N), ``a, b`` (B, N, k).
 
-    ``U + G`` must be nonsingular (``1 + λ > 0`` for the eigenvalues ``λ`` of ``H``); eigenvalues at or below
-    ``-1 + eps`` are clamped there, which only a step that cancels ``U`` reaches."""
+    ``U`` orthogonal and ``Uᵀa = Q a_o``, ``b = Q b_o`` give ``U + G = U (I + Q (M − I) Qᵀ)`` with
+    ``M = I + a_o b_oᵀ`` (B, 2k, 2k), hence ``polar(U + G) = U + U Q (polar(M) − I) Qᵀ``, ``polar(M) = P Wᵀ``
+    from the SVD ``M = P Σ Wᵀ`` in float64. This is the spec's ``Ã + Ã Q D ((1 + Λ)^{-1/2} − I) Dᵀ Qᵀ``
+    (``H = MᵀM − I = D Λ Dᵀ``, ``1 + Λ = Σ²``) without forming ``H``, which squares the condition number of
+    ``U + G``: from ``1 + Λ`` in float32 a step with ``σ_min(U + G) = 1e-3`` ended 0.2 off orthogonal. Here the
+    result is ``U`` times an orthogonal matrix to rounding, whatever ``σ_min``; a singular ``U + G`` (a step that
+    cancels a direction of ``U``) gets one of its polar factors."""
     q, a_o, b_o = _subspace(u, a, b)
-    h = a_o @ b_o.mT + b_o @ a_o.mT + b_o @ (a.mT @ a) @ b_o.mT
-    lam, d = torch.linalg.eigh(0.5 * (h + h.mT))
-    scale = (1 + lam).clamp_min(torch.finfo(lam.dtype).eps).rsqrt() - 1
-    a_tilde = torch.baddbmm(u, a, b.mT)
-    return torch.baddbmm(a_tilde, (a_tilde @ q) @ (d * scale.unsqueeze(-2)), d.mT @ q.mT)
+    m = torch.eye(q.shape[-1], dtype=torch.float64, device=u.device) + a_o.double() @ b_o.double().mT
+    p, _, wh = torch.linalg.svd(m)
+    step = (p @ wh - torch.eye(q.shape[-1], dtype=torch.float64, device=u.device)).to(u.dtype)
+    return torch.baddbmm(u, (u @ q) @ step, q.mT)
 
 
 # ------------------------------------------------------------------------------------------------ the optimizer
+def lookahead_refusal(opt: str, plain: Sequence[str]) -> str:
+    """Why timm's ``lookahead_`` prefix cannot wrap projUNN (``opt``, e.g. ``"lookahead_projunnadamw"``), naming
+    the ``plain`` projunn names to use instead."""
+    return (f"optimizer {opt!r}: timm's Lookahead (the 'lookahead_' prefix) replaces every k steps each weight by "
+            f"slow + alpha (fast - slow), which is not orthogonal for orthogonal slow and fast weights (0.04 off after "
+            f"12 steps), so it cannot wrap projUNN; use a plain projunn name: {', '.join(plain)}")
+
+
 def _base_class(base: Union[str, Callable]) -> Tuple[Callable, str]:
     if callable(base):
         return base, getattr(base, '__name__', repr(base))
@@ -295,7 +308,8 @@ class ProjUNN(torch.optim.Optimizer):
         **base_kwargs: passed to the base optimizer (``lr``, ``weight_decay``, ``momentum``, ``betas``, ...).
 
     The orthogonal weights are projected onto the orthogonal group (polar factor) when the optimizer is built
-    and again at its first step (weights loaded in between). ``state_dict`` is the base optimizer's plus
+    and again at its first step (weights loaded in between); those of a group added later by
+    :meth:`add_param_group` when it is added. ``state_dict`` is the base optimizer's plus
     ``{'projunn': {'step': n}}``.
     """
 
@@ -356,8 +370,13 @@ class ProjUNN(torch.optim.Optimizer):
         return [g for g in groups if g['params']] or groups[:1]
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add ``param_group``, split as the constructor splits groups; its orthogonal weights are projected onto
+        the orthogonal group (polar factor) now, as those given to the constructor (the steps keep, never make,
+        a weight orthogonal)."""
         for group in self._split_groups([param_group]):
             self.base.add_param_group(group)
+            if group.get('orthogonal', False):
+                self._project(group['params'])
 
     def _orthogonal_params(self):
         index = 0
@@ -367,9 +386,13 @@ class ProjUNN(torch.optim.Optimizer):
                     yield index, p
                 index += 1
 
-    @torch.no_grad()
     def _project_all(self) -> None:
-        for _, p in self._orthogonal_params():
+        self._project(p for _, p in self._orthogonal_params())
+
+    @staticmethod
+    @torch.no_grad()
+    def _project(params: Iterable[torch.Tensor]) -> None:
+        for p in params:
             blocks = square_blocks(p)
             blocks.copy_(polar(blocks))
 
@@ -401,7 +424,11 @@ class ProjUNN(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
         """Base step for every parameter; then, for each orthogonal weight ``U`` with base step ``Δ``, ``U`` is
-        replaced by projUNN-T/D of ``(U, G)``, ``G`` the rank-k approximation of ``Δ``."""
+        replaced by projUNN-T/D of ``(U, G)``, ``G`` the rank-k approximation of ``Δ``. Raises ``ValueError``,
+        before any change, when wrapped in timm's Lookahead (``lookahead_projunn*``: :func:`lookahead_refusal`)."""
+        if 'lookahead_k' in self.defaults:  # timm's Lookahead(self) added its keys (the factory's 'lookahead_')
+            base = self.defaults['base']
+            raise ValueError(lookahead_refusal(f'lookahead_projunn{base}', [f'projunn{base}']))
         if self.projunn_step == 0:
             self._project_all()  # weights loaded after the optimizer was built
         loss = None
