@@ -423,3 +423,20 @@ def test_step_with_closure():
 
     assert torch.isfinite(opt.step(closure))
     assert not torch.equal(model[0].weight.detach(), start) and orthogonality_error(model[0].weight) < 1e-12
+
+
+def test_step_hooks_run_from_the_first_step(monkeypatch):
+    """``register_step_pre_hook`` / ``register_step_post_hook`` (torch's Optimizer API, which LR schedulers and
+    profilers use) run at every step, the first included: ProjUNN does not call ``Optimizer.__init__``, which
+    installs the step wrapper that runs them; only ``zero_grad`` did, so hooks registered before it never ran."""
+    if getattr(ProjUNN.step, 'hooked', False):  # wrapped (once per class) by an earlier test's optimizer
+        monkeypatch.setattr(ProjUNN, 'step', ProjUNN.step.__wrapped__)
+    linear = torch.nn.Linear(8, 8)
+    mark_orthogonal(linear)
+    opt = ProjUNN(linear.parameters(), base='sgd', lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append('pre'))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append('post'))
+    linear(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    assert calls == ['pre', 'post']

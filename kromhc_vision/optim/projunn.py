@@ -335,6 +335,7 @@ class ProjUNN(torch.optim.Optimizer):
         self.defaults = dict(self.base.defaults, base=base_name, mode=mode, rank=rank, sampler=sampler,
                              seed=seed, reorthogonalize_every=reorthogonalize_every)
         self.projunn_step = 0
+        self._patch_step_function()  # what Optimizer.__init__ does: step runs the step hooks from the first call
         self._project_all()
 
     # ------------------------------------------------------------------ groups
