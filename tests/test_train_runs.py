@@ -36,16 +36,16 @@ def error_of(capsys, *argv):
     return e.value.code, capsys.readouterr().err
 
 
-def stop_after_epoch_0(monkeypatch):
-    """Make the next run die (as if killed) before its epoch 1 checkpoint; returns the undo."""
+def stop_after_epoch(monkeypatch, epoch=0):
+    """Make the next run die (as if killed) before its checkpoint of ``epoch + 1``; returns the undo."""
     save = train_script.CheckpointSaver.save_checkpoint
 
-    def die_at_epoch_1(self, epoch, metric=None):
-        if epoch == 1:
-            raise KeyboardInterrupt('killed after epoch 0')
-        return save(self, epoch, metric=metric)
+    def die_after_epoch(self, saving, metric=None):
+        if saving == epoch + 1:
+            raise KeyboardInterrupt(f'killed after epoch {epoch}')
+        return save(self, saving, metric=metric)
 
-    monkeypatch.setattr(train_script.CheckpointSaver, 'save_checkpoint', die_at_epoch_1)
+    monkeypatch.setattr(train_script.CheckpointSaver, 'save_checkpoint', die_after_epoch)
     return lambda: monkeypatch.setattr(train_script.CheckpointSaver, 'save_checkpoint', save)
 
 
@@ -89,7 +89,7 @@ def test_overwrite_replaces_the_run_and_leaves_no_stale_checkpoint(tmp_path, dat
 
 def test_a_folder_in_use_is_refused_and_a_killed_holder_does_not_block_resume(tmp_path, data, capsys, monkeypatch):
     folder = tmp_path / 'run'
-    undo = stop_after_epoch_0(monkeypatch)
+    undo = stop_after_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(*TINY, '--data-dir', data, '--epochs', 2, '--output', tmp_path, '--experiment', 'run')
     undo()
@@ -123,7 +123,7 @@ def test_an_unwritable_output_folder_is_named_before_any_work(tmp_path, data):
 @pytest.fixture
 def stopped_run(tmp_path, data, monkeypatch):
     """A 3-epoch run of the digits config (30 images) stopped after epoch 0: its folder."""
-    undo = stop_after_epoch_0(monkeypatch)
+    undo = stop_after_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run('-c', ROOT / 'configs' / 'digits_kromhc.yaml', '--data-dir', data, '--epochs', 3, '--batch-size', 8,
             '--output', tmp_path, '--experiment', 'run')
@@ -171,17 +171,10 @@ def test_a_plateau_schedule_resumes_with_its_patience_and_cooldown_counters(tmp_
     argv = [*TINY, '--data-dir', data, '--batch-size', 10, '--epochs', 5, '--sched', 'plateau', '--patience-epochs',
             1, '--cooldown-epochs', 1, '--decay-rate', 0.5, '--lr', 1e-7, '--output', tmp_path]
     run(*argv, '--experiment', 'whole')
-    save = train_script.CheckpointSaver.save_checkpoint
-
-    def die_at_epoch_2(self, epoch, metric=None):
-        if epoch == 2:
-            raise KeyboardInterrupt('killed after epoch 1')
-        return save(self, epoch, metric=metric)
-
-    monkeypatch.setattr(train_script.CheckpointSaver, 'save_checkpoint', die_at_epoch_2)
+    undo = stop_after_epoch(monkeypatch, epoch=1)
     with pytest.raises(KeyboardInterrupt):
         run(*argv, '--experiment', 'killed')
-    monkeypatch.setattr(train_script.CheckpointSaver, 'save_checkpoint', save)
+    undo()
     run('--resume', tmp_path / 'killed' / 'last.pth.tar')
     whole, resumed = (json.loads((tmp_path / d / 'summary.json').read_text()) for d in ('whole', 'killed'))
     assert len({r['lr'] for r in whole}) > 1  # the lr decays within the run
@@ -191,7 +184,7 @@ def test_a_plateau_schedule_resumes_with_its_patience_and_cooldown_counters(tmp_
 def test_a_per_update_schedule_refuses_another_number_of_updates_per_epoch(tmp_path, data, monkeypatch):
     """With --sched-on-updates the schedule's position is the update count: resumed with another batch size,
     accumulation or process count, the epochs left would follow another schedule than the run's."""
-    undo = stop_after_epoch_0(monkeypatch)
+    undo = stop_after_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(*TINY, '--data-dir', data, '--epochs', 2, '--sched-on-updates', '--output', tmp_path, '--experiment', 'r')
     undo()
@@ -211,7 +204,7 @@ def test_with_mixup_a_resume_refuses_another_worker_count(tmp_path, data, monkey
     """With the prefetcher, timm's FastCollateMixup draws its mixes in the loader workers, from each worker's RNG:
     resumed with another --workers (or without the prefetcher), the epochs left would mix other pairs (a review
     found epoch-1 losses 2.3843 against 2.3821). Refused, naming the cause; the recorded count resumes."""
-    undo = stop_after_epoch_0(monkeypatch)
+    undo = stop_after_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(*TINY, '--data-dir', data, '--epochs', 2, '--mixup', '0.5', '--output', tmp_path, '--experiment', 'r')
     undo()
@@ -375,7 +368,7 @@ def test_a_validation_split_with_other_classes_is_named(tmp_path, data, capsys):
 
 def test_a_run_stopped_in_its_cooldown_resumes(tmp_path, data, monkeypatch):
     """train.py runs epochs + cooldown_epochs: a run stopped after epoch 0 of 1 + 1 cooldown is not finished."""
-    undo = stop_after_epoch_0(monkeypatch)
+    undo = stop_after_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(*TINY, '--data-dir', data, '--epochs', 1, '--cooldown-epochs', 1, '--output', tmp_path,
             '--experiment', 'run')

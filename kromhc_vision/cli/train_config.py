@@ -438,14 +438,13 @@ def probe_schedule(args) -> int:
     return num_epochs
 
 
-def check_resume(args):
-    """Only a train.py checkpoint resumes; a finished run has nothing left to resume: say so, and how to train
-    longer."""
+def check_resume(args, num_epochs: int):
+    """Only a train.py checkpoint resumes; a finished run (``num_epochs``: the run's length,
+    :func:`probe_schedule`) has nothing left to resume: say so, and how to train longer."""
     checkpoint = read_resume_checkpoint(args.resume)
     if args.start_epoch is not None:
         return
     next_epoch = checkpoint['epoch'] + (1 if checkpoint.get('version', 1) > 1 else 0)
-    num_epochs = probe_schedule(args)
     if next_epoch >= num_epochs:
         raise ConfigError(
             f'resume: {args.resume} is the end of a finished run ({next_epoch} of {num_epochs} epochs); '
@@ -607,9 +606,9 @@ def validate(args) -> str:
     for key in ('resume', 'initial_checkpoint'):
         if getattr(args, key):
             read_checkpoint(getattr(args, key), key)
-    probe_schedule(args)
+    num_epochs = probe_schedule(args)
     if args.resume:
-        check_resume(args)
+        check_resume(args, num_epochs)
     try:
         with torch.device('meta'):
             model = timm.create_model(args.model, pretrained=False, **model_kwargs(args))
