@@ -7,7 +7,9 @@ Forward + backward of ``(T, sum_k i_k!)`` logits to ``(T, n, n)``, float32, for 
 ``n!`` logits) and Kronecker products (KromHC), at the digits model's ``T = 544`` (ViT-Micro, batch 32) and
 ViT-Tiny's ``T = 3152`` (batch 16). Values and gradients are checked against each other first; times are
 medians over interleaved rounds (numba, PyTorch, numba, ...), with the paired ratio ``torch / numba`` (above 1:
-the kernel is faster) and which of the two ``auto`` runs.
+the kernel is faster) and which of the two ``auto`` runs. ``torch ops``: the PyTorch backend's computing ATen
+operators, forward / backward, per call (counted by a ``TorchDispatchMode``, views left out): what a kernel
+backend replaces by one launch per direction.
 
     python benchmarks/bench_permutation_mix.py [--tokens 544 3152] [--rounds 7] [--threads 2]
         [--cpu-malloc retain|default] [--backend numba|triton]
@@ -15,12 +17,14 @@ the kernel is faster) and which of the two ``auto`` runs.
 On a GPU: ``--backend triton --tokens 12608 25216`` (ViT-B at batch 64 and 128).
 """
 import argparse
+import collections
 import math
 import os
 import statistics
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if any(a.split("=")[-1] == "triton" for a in sys.argv[1:]) and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (by kromhc_vision.ops.triton)
@@ -40,6 +44,28 @@ def triton_runs_kernel(factors) -> bool:
 
 def step(logits, perms, cotangent, backend):
     dispatch.permutation_mix(logits, perms, backend).backward(cotangent)
+
+
+class _ComputingOps(TorchDispatchMode):
+    """Counts the ATen operator calls made while it is active, views (``func.is_view``) left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.calls[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def torch_ops(logits, perms, cotangent) -> tuple[int, int]:
+    """``(forward, backward)`` computing ATen operator calls of the PyTorch backend's ``permutation_mix``."""
+    with _ComputingOps() as forward:
+        out = dispatch.permutation_mix(logits, perms, "torch")
+    with _ComputingOps() as backward:
+        torch.autograd.grad(out, logits, cotangent)
+    return sum(forward.calls.values()), sum(backward.calls.values())
 
 
 def milliseconds(fn, reps: int, device: torch.device) -> float:
@@ -75,7 +101,7 @@ def main(argv=None):
         print("NOTE: no GPU, the Triton kernel runs in Triton's CPU interpreter: its timings are meaningless.")
     print(f"permutation_mix forward + backward, float32; median ms over {args.rounds} interleaved rounds")
     print(f"{'factors':<10}{'logits':>7}{'T':>7}{kernel + ' ms':>10}{'torch ms':>10}{'torch/' + kernel:>13}"
-          "  auto runs")
+          "  torch ops  auto runs")
     for T in args.tokens:
         for factors in FACTORS:
             n = math.prod(factors)
@@ -103,8 +129,9 @@ def main(argv=None):
             auto = dispatch.backend_for("auto", device, "permutation_mix", n)
             if auto == "triton" and not triton_runs_kernel(factors):
                 auto = "torch"  # Triton's op runs PyTorch's for this shape (so does the 'triton ms' column)
+            ops = "{:>4} / {:<4}".format(*torch_ops(logits, perms, cotangent))
             print(f"{'x'.join(map(str, factors)):<10}{m:>7}{T:>7}{statistics.median(times[kernel]):>10.3f}"
-                  f"{statistics.median(times['torch']):>10.3f}{ratio:>13.2f}  {auto}")
+                  f"{statistics.median(times['torch']):>10.3f}{ratio:>13.2f}  {ops:<9}  {auto}")
 
 
 if __name__ == "__main__":
