@@ -17,8 +17,9 @@ rounding at every depth; mHC's Sinkhorn leaves a per-layer error that compounds 
 unconstrained. ViT: the token set is the same in every block, so the composite is a per-token product.
 ConvNeXt: each downsample halves the grid. It treats all streams alike (shared weights, streams folded into
 the batch), so the composite is carried onto the coarser grid by averaging it over the positions each output
-position covers (adaptive average pooling); a mean of doubly stochastic matrices is doubly stochastic, so
-exactness survives. Any other change of token shape restarts the composite (``composite_restart``).
+position covers (the 2 x 2 windows of the stride-2 downsample, the last row or column of an odd grid left out as
+the convolution leaves it; adaptive average pooling for any other shrink); a mean of doubly stochastic matrices
+is doubly stochastic, so exactness survives. Any other change of token shape restarts the composite (``composite_restart``).
 """
 import math
 from typing import Dict, List
@@ -36,7 +37,8 @@ def _carry(composite: torch.Tensor, shape) -> torch.Tensor:
     n = composite.shape[-1]
     if composite.ndim == 5 and len(shape) == 3 and shape[0] == composite.shape[0]:  # (B, H, W) -> (B, H', W')
         grid = composite.flatten(-2).permute(0, 3, 1, 2)
-        pooled = F.adaptive_avg_pool2d(grid, tuple(shape[1:]))
+        halved = all(new == old // 2 for new, old in zip(shape[1:], grid.shape[2:]))
+        pooled = F.avg_pool2d(grid, 2) if halved else F.adaptive_avg_pool2d(grid, tuple(shape[1:]))
         return pooled.permute(0, 2, 3, 1).unflatten(-1, (n, n))
     return None
 

@@ -7,7 +7,7 @@ import timm
 import torch
 
 from kromhc_vision.data import write_digits_folder
-from kromhc_vision.diagnostics import connection_diagnostics, plot_composite_gain
+from kromhc_vision.diagnostics import _carry, connection_diagnostics, plot_composite_gain
 
 from _scripts import load_script
 
@@ -105,6 +105,17 @@ def test_diagnostics_carry_the_composite_over_convnext_downsamples():
     shapes = {layer['name'].split('.blocks')[0] for layer in diag['layers']}
     assert len(shapes) == 4 and not any(layer['composite_restart'] for layer in diag['layers'])
     assert diag['summary']['max_gain_deviation'] < 1e-5
+
+
+def test_diagnostics_carry_an_odd_grid_over_the_windows_the_downsample_covers():
+    """A 2 x 2 stride-2 downsample maps a 5 x 5 grid to 2 x 2, each output position from its own 2 x 2 window
+    (the last row and column unused): the composite is averaged over those windows, not adaptive pooling's
+    overlapping 3 x 3 ones."""
+    composite = torch.rand(1, 5, 5, 3, 3, dtype=torch.float64)
+    carried = _carry(composite, (1, 2, 2))
+    for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        window = composite[0, 2 * i:2 * i + 2, 2 * j:2 * j + 2]
+        torch.testing.assert_close(carried[0, i, j], window.mean((0, 1)), rtol=0, atol=1e-15)
 
 
 def test_diagnostics_need_connections():
