@@ -244,6 +244,13 @@ def create_task(args, model, data_config, mixup_active, device, primary) -> Trai
     return task
 
 
+def evaluates_ema(args, task, device) -> bool:
+    """Whether each epoch also evaluates the EMA weights: where there are some, unless ``--model-ema-force-cpu`` keeps
+    them on the CPU while the model trains on another device (the eval batches arrive on that device: the EMA model
+    would get CUDA inputs; timm's train.py skips this evaluation too)."""
+    return task.has_ema() and not (args.model_ema_force_cpu and device.type != 'cpu')
+
+
 def create_schedule(args, optimizer, task, batches_per_epoch):
     """timm's scheduler, kept in ``task`` for the checkpoints; ``(scheduler, num_epochs, updates_per_epoch)``."""
     updates_per_epoch = (batches_per_epoch + args.grad_accum_steps - 1) // args.grad_accum_steps
@@ -447,7 +454,7 @@ def train(args, args_text, run_dir):
         eval_metrics = run_eval(ema=False)
         if task.has_ema():  # an average of orthogonal (projUNN) weights is not orthogonal: project it before use
             project_orthogonal_(task.get_trainable_module(ema=True).module)
-        ema_metrics = run_eval(ema=True) if task.has_ema() else None
+        ema_metrics = run_eval(ema=True) if evaluates_ema(args, task, device) else None
         metric = (ema_metrics or eval_metrics)[args.eval_metric]
         if scheduler is not None:
             scheduler.step(epoch + 1, metric)

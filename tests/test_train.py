@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -282,6 +283,43 @@ def test_ddp_run_ends_with_its_process_group_gone(tmp_path, data, ending):
                           script, ROOT, *map(str, argv)], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count(ending) == 2, out.stdout
+
+
+@pytest.mark.parametrize('force_cpu, device, has_ema, expected', [
+    (True, 'cuda', True, False), (True, 'cuda:1', True, False), (True, 'cpu', True, True),
+    (False, 'cuda', True, True), (False, 'cpu', False, False)])
+def test_ema_kept_on_the_cpu_is_not_evaluated_in_a_cuda_run(force_cpu, device, has_ema, expected):
+    """--model-ema-force-cpu keeps the EMA weights on the CPU; a CUDA run's eval batches arrive on the GPU, which the
+    EMA model cannot take ("Expected all tensors to be on the same device" after the first epoch): as timm's
+    train.py, the run evaluates the EMA only where it lives on the training device."""
+    args = SimpleNamespace(model_ema_force_cpu=force_cpu)
+    task = SimpleNamespace(has_ema=lambda: has_ema)
+    assert train_script.evaluates_ema(args, task, torch.device(device)) is expected
+
+
+def test_resume_on_fewer_gpus_restores_the_cuda_rng_states_of_the_devices_present(monkeypatch):
+    """A checkpoint saved by a process that saw 8 GPUs (torchrun on an 8-GPU node: every process sees all 8), resumed
+    where 1 is visible: torch's own set_rng_state_all, CUDA initialised, would index device 1 and raise IndexError;
+    the state of device 0 alone is restored."""
+    from kromhc_vision.cli.train_state import TrainTask
+    task = TrainTask(torch.nn.Linear(2, 2), device=torch.device('cpu'))
+    state = task.get_task_state()
+    state['rng']['cuda'] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+
+    class Generator:
+        restored = None
+
+        def set_state(self, new_state):
+            self.restored = new_state
+
+    generator = Generator()
+    for module in (torch.cuda, torch.cuda.random):  # CUDA initialised: torch sets the states at once
+        monkeypatch.setattr(module, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'default_generators', (generator,))
+    task.load_task_state(state)
+    assert torch.equal(generator.restored, state['rng']['cuda'][0])
 
 
 def test_bf16_amp_grad_checkpointing_accumulation_and_clipping_run(tmp_path, data):

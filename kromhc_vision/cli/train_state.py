@@ -67,7 +67,9 @@ class TrainTask(ClassificationTask):
         np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
         random.setstate(rng['python'])
         if rng['cuda'] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng['cuda'])
+            # as many as this process sees devices: a checkpoint from a node with more GPUs holds more states, and
+            # torch.cuda.set_rng_state for a device index not here raises IndexError (each epoch reseeds them anyway)
+            torch.cuda.set_rng_state_all(rng['cuda'][:torch.cuda.device_count()])
 
 
 def seed_epoch(seed: int, epoch: int, rank: int, world_size: int):

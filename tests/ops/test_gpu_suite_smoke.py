@@ -38,6 +38,23 @@ def test_correctness_case_catches_a_wrong_kernel(monkeypatch):
     assert worst > 1 and any(name.startswith("X_next") for name in bad)
 
 
+def test_ops_stage_records_a_script_that_runs_out_of_time(monkeypatch):
+    """A benchmark script past its time limit fails the ops stage with its output so far; the other scripts still
+    run and the suite goes on (an uncaught TimeoutExpired lost the stage and every later one)."""
+    import subprocess
+
+    def run(cmd, **kwargs):
+        if cmd[1].endswith("bench_sinkhorn.py"):
+            raise subprocess.TimeoutExpired(cmd, kwargs["timeout"], output=b"n=4 partial\n", stderr=b"")
+        return subprocess.CompletedProcess(cmd, 0, stdout="fine\n", stderr="")
+
+    monkeypatch.setattr(gpu_suite.subprocess, "run", run)
+    outputs, text, passed = gpu_suite.stage_ops(smoke=False)
+    assert not passed and len(outputs) == 4
+    assert outputs["bench_sinkhorn.py"]["rc"] == 124 and "n=4 partial" in outputs["bench_sinkhorn.py"]["output"]
+    assert [o["rc"] for name, o in outputs.items() if name != "bench_sinkhorn.py"] == [0, 0, 0]
+
+
 def test_replace_section_keeps_other_text():
     text = "head\n<!-- a:begin -->\nold a\n<!-- a:end -->\nmiddle\n<!-- b:begin -->\nold b\n<!-- b:end -->\ntail\n"
     new = _report.replace_section(text, "a", "new a")

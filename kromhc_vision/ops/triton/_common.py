@@ -96,6 +96,20 @@ def prune_by_resources(estimate):
     return {"early_config_prune": prune}
 
 
+# Device type -> the context that makes a device current. Triton launches a kernel on the *current* CUDA device, in
+# its current stream, whatever device the pointers it is given belong to; neither a custom op nor the eager path sets
+# it (PyTorch's own ops have a device guard, these do not). The interpreter's CPU tensors need nothing.
+_DEVICE_GUARDS = {"cuda": torch.cuda.device}
+
+
+def on_device(tensor: torch.Tensor):
+    """A context making ``tensor``'s device current around the launches on it: without it a model on ``cuda:1`` in a
+    process whose current device is ``cuda:0`` (``eval.py --device cuda:1``, no ``set_device``) has its kernels run
+    on ``cuda:0``, in ``cuda:0``'s stream, with pointers into ``cuda:1``'s memory."""
+    guard = _DEVICE_GUARDS.get(tensor.device.type)
+    return contextlib.nullcontext() if guard is None else guard(tensor.device)
+
+
 @functools.lru_cache(maxsize=None)
 def num_programs_hint(device: torch.device) -> int:
     """A few waves of programs: 4 per SM on CUDA, 2 otherwise."""

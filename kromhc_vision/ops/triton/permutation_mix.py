@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ...permutations import mixture_tables
 from .. import pytorch
-from ._common import configs, prune_by_resources
+from ._common import configs, on_device, prune_by_resources
 
 MAX_STREAMS = 16  # n^2 <= 256 entries of H per token in the tile
 MAX_LOGITS = 128  # m: mHC-lite up to n = 5 (120), KromHC's factorisations up to n = 16
@@ -202,10 +202,11 @@ def _launch(kernel, factors, logits, *tensors):
     T = logits.numel() // sizes["m"]
     if T == 0:
         return  # no tokens: nothing to launch (the autotuner would time empty grids)
-    idx, starts, mix, sel = _tables(tuple(factors), logits.device)
-    tables = (idx, starts, mix, sel) if kernel is _permutation_mix_bwd_kernel else (idx, starts, mix)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)  # noqa: E731
-    kernel[grid](logits, *tables, *tensors, T, **sizes)
+    with on_device(logits):  # the capture check in _tables looks at the current device's stream
+        idx, starts, mix, sel = _tables(tuple(factors), logits.device)
+        tables = (idx, starts, mix, sel) if kernel is _permutation_mix_bwd_kernel else (idx, starts, mix)
+        kernel[grid](logits, *tables, *tensors, T, **sizes)
 
 
 def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:

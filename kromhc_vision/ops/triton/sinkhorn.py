@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import TRITON_SINKHORN_MAX_STREAMS as MAX_N
-from ._common import configs, nbytes, prune_by_resources
+from ._common import configs, nbytes, on_device, prune_by_resources
 
 
 _CONFIGS = configs([(dict(), 1), (dict(), 2), (dict(), 4)], dict())
@@ -84,7 +84,8 @@ def _launch(kernel, logits, *tensors, num_iters):
     NP = triton.next_power_of_2(n)
     T = logits.numel() // (n * n)
     block_t = max(1, 1024 // (NP * NP))
-    kernel[(triton.cdiv(T, block_t),)](*tensors, T, num_iters, n=n, NP=NP, BLOCK_T=block_t)
+    with on_device(logits):
+        kernel[(triton.cdiv(T, block_t),)](*tensors, T, num_iters, n=n, NP=NP, BLOCK_T=block_t)
 
 
 def _check(logits):

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .._custom_ops import custom_op, register_stream_post
 from ..reference import compute_dtype
-from ._common import configs, nbytes, prune_by_resources, tl_dtype
+from ._common import configs, nbytes, on_device, prune_by_resources, tl_dtype
 
 _CONFIGS = configs(
     [(dict(BLOCK_T=4, BLOCK_C=256), 4), (dict(BLOCK_T=8, BLOCK_C=128), 4), (dict(BLOCK_T=16, BLOCK_C=128), 8),
@@ -104,7 +104,8 @@ def _stream_post_fwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_po
     meta, T = _launch_args(X, h_res)
     X = X.contiguous()
     out = torch.empty_like(X)
-    _stream_post_fwd_kernel[_grid(T)](X, y.contiguous(), h_res.contiguous(), h_post.contiguous(), out, T, **meta)
+    with on_device(X):
+        _stream_post_fwd_kernel[_grid(T)](X, y.contiguous(), h_res.contiguous(), h_post.contiguous(), out, T, **meta)
     return out
 
 
@@ -114,7 +115,8 @@ def _stream_post_bwd(X: torch.Tensor, y: torch.Tensor, h_res: torch.Tensor, h_po
     meta, T = _launch_args(X, h_res)
     X, y, h_res, h_post = X.contiguous(), y.contiguous(), h_res.contiguous(), h_post.contiguous()
     grads = [torch.empty_like(t) for t in (X, y, h_res, h_post)]
-    _stream_post_bwd_kernel[_grid(T)](X, y, h_res, h_post, dout.contiguous(), *grads, T, **meta)
+    with on_device(X):
+        _stream_post_bwd_kernel[_grid(T)](X, y, h_res, h_post, dout.contiguous(), *grads, T, **meta)
     return tuple(grads)
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..reference import check_stream_pre_shapes, compute_dtype
-from ._common import configs, dot_precision, nbytes, num_programs_hint, prune_by_resources, tl_dtype
+from ._common import configs, dot_precision, nbytes, num_programs_hint, on_device, prune_by_resources, tl_dtype
 
 MIN_BLOCK_T = 16  # tl.dot needs M >= 16; the per-program partial buffers are sized for it
 
@@ -206,9 +206,10 @@ def _stream_pre_fwd(X: torch.Tensor, norm_weight: torch.Tensor, proj_weight: tor
     T = X.numel() // (n * C)
     u = X.new_empty(*X.shape[:-2], C)
     coef = X.new_empty(*X.shape[:-2], K, dtype=dtype)
-    _stream_pre_fwd_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)](
-        X, norm_weight.contiguous(), proj_weight.contiguous(), scale.contiguous(), bias.contiguous(), u, coef, T,
-        eps, n=n, C=C, K=K, KP=KP, CD=tl_dtype(dtype), PREC=dot_precision(dtype))
+    with on_device(X):
+        _stream_pre_fwd_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)](
+            X, norm_weight.contiguous(), proj_weight.contiguous(), scale.contiguous(), bias.contiguous(), u, coef,
+            T, eps, n=n, C=C, K=K, KP=KP, CD=tl_dtype(dtype), PREC=dot_precision(dtype))
     return u, coef
 
 
@@ -230,13 +231,14 @@ def _stream_pre_bwd(X: torch.Tensor, norm_weight: torch.Tensor, proj_weight: tor
     dr = X.new_empty(T, KP, dtype=dtype)
     part = X.new_zeros(triton.cdiv(T, MIN_BLOCK_T), 2, KP, dtype=dtype)
     cd, prec = tl_dtype(dtype), dot_precision(dtype)
-    _stream_pre_bwd_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)](
-        X, g, W, scale.contiguous(), bias.contiguous(), du.contiguous(), dcoef.contiguous(), dX, dr, part, T, eps,
-        n=n, C=C, K=K, KP=KP, CD=cd, PREC=prec)
     split = max(1, min(triton.cdiv(T, 64), num_programs_hint(X.device) // triton.cdiv(D, 64)))
     gpart = X.new_empty(split, D, KP, dtype=dtype)
-    _stream_pre_dw_kernel[lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), split)](
-        X, dr, gpart, T, D=D, KP=KP, CD=cd, PREC=prec)
+    with on_device(X):
+        _stream_pre_bwd_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)](
+            X, g, W, scale.contiguous(), bias.contiguous(), du.contiguous(), dcoef.contiguous(), dX, dr, part, T,
+            eps, n=n, C=C, K=K, KP=KP, CD=cd, PREC=prec)
+        _stream_pre_dw_kernel[lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), split)](
+            X, dr, gpart, T, D=D, KP=KP, CD=cd, PREC=prec)
     grad_w = gpart.sum(0)[:, :K]
     return (dX, (grad_w * W.to(dtype)).sum(1).to(g.dtype), (grad_w * g.to(dtype)[:, None]).to(W.dtype),
             part[:, 1, :K].sum(0).to(scale.dtype), part[:, 0, :K].sum(0).to(bias.dtype))
