@@ -82,6 +82,34 @@ def test_empty_batch(variant, backend):
     assert [tuple(c.shape) for c in conn.coefficients(X)] == [(0, 5, 4), (0, 5, 4), (0, 5, 4, 4)]
 
 
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("variant, n", [("hc", 4), ("mhc", 4), ("mhclite", 3), ("kromhc", 6)])
+def test_coefficients_follow_the_parameters(variant, n, backend):
+    """The coefficients written out from the parameters, ``X (5, n, 8)`` float64: ``a = [s_pre | s_post | s_res] *
+    (RMSNorm(vec X) W) + b`` (each scale on its own slice of ``2n + m``), ``H_pre = sigmoid(a_pre)``,
+    ``H_post = 2 sigmoid(a_post)``, ``H_res`` from ``a_res``: HC's ``(n, n)`` row-major, mHC's Sinkhorn of it,
+    mHC-lite's Birkhoff mix, KromHC's Kronecker product of its factors' mixes (``(2, 3)``: the first factor's 2 logits
+    first). All three equal to 1e-12 (the other tests build their expected values from ``coefficients`` itself)."""
+    conn = randomize(kv.build_connection(variant, num_streams=n, dim=8, backend=backend), std=1.0).double()
+    with torch.no_grad():
+        conn.scale.copy_(torch.tensor([0.5, -1.5, 2.0]))
+    X = torch.randn(5, n, 8, dtype=torch.float64)
+    flat = X.flatten(-2)
+    x = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + conn.eps) * conn.norm_weight
+    a = (x @ conn.proj_weight).detach()
+    b, s = conn.bias.detach(), conn.scale.detach()
+    a_pre, a_post, a_res = s[0] * a[:, :n] + b[:n], s[1] * a[:, n:2 * n] + b[n:2 * n], s[2] * a[:, 2 * n:] + b[2 * n:]
+    perms = {k: permutation_matrices(k, dtype=torch.float64) for k in (2, 3)}
+    expected_res = {"hc": lambda: a_res.view(5, n, n),
+                    "mhc": lambda: sinkhorn_reference(a_res.view(5, n, n), conn.sinkhorn_iters),
+                    "mhclite": lambda: birkhoff(a_res, perms[3]),
+                    "kromhc": lambda: kronecker([birkhoff(a_res[:, :2], perms[2]), birkhoff(a_res[:, 2:], perms[3])])}
+    h_pre, h_post, h_res = conn.coefficients(X)
+    for name, got, expected in (("h_pre", h_pre, torch.sigmoid(a_pre)), ("h_post", h_post, 2 * torch.sigmoid(a_post)),
+                                ("h_res", h_res, expected_res[variant]())):
+        torch.testing.assert_close(got.detach(), expected, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("variant", EXACT)
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
 def test_exact_double_stochasticity(variant, dtype, tol):

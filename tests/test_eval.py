@@ -1,5 +1,6 @@
 """eval.py and kromhc_vision.diagnostics: metrics of a trained checkpoint, H_res exactness per variant."""
 import json
+import math
 import shutil
 
 import pytest
@@ -98,6 +99,38 @@ def test_diagnostics_show_mhclite_and_kromhc_exact_mhc_not_and_hc_unbounded(tmp_
     assert gains[-1] > gains[0]  # compounds with depth
     plot_composite_gain(runs, tmp_path / 'gain.png')
     assert (tmp_path / 'gain.png').stat().st_size > 0
+
+
+class _FixedConnection(torch.nn.Module):
+    """A stand-in connection: ``coefficients(X (..., n, C))`` gives ``H_pre = 1/2``, ``H_post = 1`` and the fixed
+    ``h_res (n, n)`` for every token; the forward pass hands ``X`` on."""
+    variant = 'hc'
+
+    def __init__(self, h_res):
+        super().__init__()
+        self.h_res = h_res
+
+    def coefficients(self, X):
+        lead, n = X.shape[:-2], self.h_res.shape[-1]
+        return torch.full((*lead, n), 0.5), torch.ones(*lead, n), self.h_res.expand(*lead, n, n)
+
+    def forward(self, X):
+        return X
+
+
+def test_diagnostics_values_of_known_matrices():
+    """Two connections with ``A = [[1, 2], [0, 0.5]]`` then ``B = [[1, 0], [3, 1]]`` on ``X (1, 3, 2, 4)``: each
+    layer's errors, entropy and means, and the composite ``B A = [[1, 2], [3, 6.5]]`` (not ``A B``): largest
+    absolute row sum 9.5 (``gain_row``), column sum 8.5 (``gain_col``); after ``A`` alone 3 and 2.5."""
+    A, B = torch.tensor([[1.0, 2.0], [0.0, 0.5]]), torch.tensor([[1.0, 0.0], [3.0, 1.0]])
+    model = torch.nn.Sequential(_FixedConnection(A), _FixedConnection(B))
+    diag = connection_diagnostics(model, torch.randn(1, 3, 2, 4))
+    first, second = diag['layers']
+    assert (first['row_error'], first['col_error'], second['row_error'], second['col_error']) == (2.0, 1.5, 3.0, 3.0)
+    assert (first['gain_row'], first['gain_col'], second['gain_row'], second['gain_col']) == (3.0, 2.5, 9.5, 8.5)
+    assert diag['summary']['final_gain_row'] == 9.5 and diag['summary']['final_gain_col'] == 8.5
+    assert first['entropy'] == pytest.approx((math.log(3) - 2 / 3 * math.log(2)) / 2)  # rows (1/3, 2/3), (0, 1)
+    assert first['h_res_mean'] == A.tolist() and first['h_pre_mean'] == [0.5, 0.5] and first['h_post_mean'] == [1, 1]
 
 
 def test_diagnostics_carry_the_composite_over_convnext_downsamples():

@@ -211,6 +211,20 @@ def test_contract_all_registered(name):
         check(name)
 
 
+@pytest.mark.parametrize('name', ['vit_micro_patch4_32_kromhc', 'convnext_atto_mhc'])
+def test_drop_path_drops_branches_per_sample_in_training(name):
+    """``drop_path_rate`` reaches the branches inside the connections: in training two copies of one image
+    (``x (2, C, H, W)``) draw their own drop masks, so their logits differ; in eval they are equal (nothing else in
+    the models is random). The recompute tests run with drop-path: this shows it is active there."""
+    model = randomize(create(name, drop_path_rate=0.5))
+    x = torch.randn(1, *input_size(name)).expand(2, -1, -1, -1)
+    with torch.no_grad():
+        out = model.train()(x)
+        assert (out[0] - out[1]).abs().max() > 1e-3
+        out = model.eval()(x)
+        torch.testing.assert_close(out[0], out[1])
+
+
 @pytest.mark.parametrize('name', ['vit_micro_patch4_32_kromhc', 'convnext_micro_mhc'])
 def test_torch_export(name):
     """torch.export, the alternative the TorchScript error names, traces the closures."""

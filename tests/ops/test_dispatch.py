@@ -66,3 +66,21 @@ def test_auto_runs_pytorch_once_a_triton_kernel_fails(monkeypatch):
         torch.testing.assert_close(dispatch.stream_post(X, y, h, hp, "auto"), expected)
     with pytest.raises(RuntimeError, match=r"out of resources \(test\)"):
         dispatch.stream_post(X, y, h, hp, "triton")
+
+
+def test_stream_pre_hands_auto_its_coefficient_count(monkeypatch):
+    """``dispatch.stream_pre`` hands auto's rules ``2n + m`` (the projection's columns), not its rows ``n C``: with
+    the device taken for CUDA, mHC-lite n = 6 (``X (3, 6, 4)``, 12 + 720 coefficients, 24 rows) gets PyTorch's op,
+    and ``X (3, 2, 256)`` (8 coefficients, 512 rows) Triton's (the op then runs PyTorch's here, on CPU)."""
+    monkeypatch.setitem(dispatch._import_errors, "triton", None)
+    chosen, real = [], dispatch.backend_for
+
+    def on_cuda(backend, device, op="stream_pre", num_streams=0, coefficients=0):
+        chosen.append(real(backend, CUDA, op, num_streams, coefficients))
+        return "torch"
+
+    monkeypatch.setattr(dispatch, "backend_for", on_cuda)
+    for n, C, k in ((6, 4, 2 * 6 + 720), (2, 256, 8)):
+        X = torch.randn(3, n, C)
+        dispatch.stream_pre(X, torch.ones(n * C), torch.randn(n * C, k), torch.ones(k), torch.zeros(k), 1e-6, "auto")
+    assert chosen == ["torch", "triton"]
