@@ -26,9 +26,9 @@ from timm.utils import setup_default_logging
 from kromhc_vision.cpu_allocator import CPU_MALLOC_CHOICES, configure_cpu_malloc
 from kromhc_vision.data import DatasetIntegrityError, DatasetUnavailableError, digits_folder, torch_dataset_root
 from kromhc_vision.diagnostics import connection_diagnostics, plot_composite_gain, plot_h_res
-from kromhc_vision.cli import ConfigError, write_json
-from kromhc_vision.cli.evaluation import (check_checkpoint, checkpoint_classes, eval_loader, evaluate,
-                                         load_trained_model, split_folder)
+from kromhc_vision.cli import ConfigError, check_device, write_json
+from kromhc_vision.cli.evaluation import (check_checkpoint, check_model_name, checkpoint_classes, eval_loader,
+                                         evaluate, load_trained_model, split_folder)
 
 
 def parse_args(argv=None):
@@ -40,7 +40,10 @@ def parse_args(argv=None):
     p.add_argument('--use-ema', action='store_true', help="the checkpoint's EMA weights")
     p.add_argument('--data-dir', default=None, help='ImageNet-style folder (default: the embedded digits)')
     p.add_argument('--dataset', default='', help="timm dataset spec, e.g. hfds/NAME (default: folder)")
-    p.add_argument('--split', default='validation')
+    p.add_argument('--dataset-download', action='store_true',
+                   help='torch/<name> datasets: let torchvision download them (into --data-dir)')
+    p.add_argument('--split', default='validation',
+                   help='a subfolder of --data-dir for folder data, else the dataset\'s split name')
     p.add_argument('--num-classes', type=int, default=None, help='for checkpoints without train.py args')
     p.add_argument('--output', default=None, help='results folder (default ./output/eval/<model>)')
     p.add_argument('-b', '--batch-size', type=int, default=128)
@@ -62,10 +65,12 @@ def main(argv=None):
     if not logging.root.handlers:
         setup_default_logging()
     args = parse_args(argv)
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    configure_cpu_malloc(args.cpu_malloc, device)
-    try:  # what can be checked before the model and data are built: the data, the checkpoint, the split
-        data_dir = torch_dataset_root(args.dataset, args.data_dir, download=False) or str(digits_folder())
+    try:  # what can be checked before the model and data are built: the device, the data, the checkpoint, the split
+        check_model_name(args.model)
+        device = check_device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        configure_cpu_malloc(args.cpu_malloc, device)
+        data_dir = (torch_dataset_root(args.dataset, args.data_dir, download=args.dataset_download)
+                    or str(digits_folder()))
         meta = check_checkpoint(args.model, args.checkpoint, args.use_ema) if args.checkpoint else {}
         split_dir = split_folder(data_dir, args.split) if '/' not in args.dataset else None
         model, data_config = load_trained_model(args.model, args.checkpoint, args.use_ema, args.num_classes)
@@ -73,7 +78,7 @@ def main(argv=None):
             raise ConfigError(f'--diagnostics: {args.model} has no hyper-connections (no module with `coefficients`) '
                               'to diagnose; leave --diagnostics out to evaluate it')
         loader = eval_loader(data_config, data_dir, args.dataset, args.split, args.batch_size, args.workers, device,
-                             class_to_idx=checkpoint_classes(meta))
+                             class_to_idx=checkpoint_classes(meta), download=args.dataset_download)
     except (ConfigError, DatasetUnavailableError, DatasetIntegrityError) as e:
         raise SystemExit(f'eval.py: error: {e}') from None
     model.to(device).eval()

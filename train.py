@@ -60,6 +60,7 @@ from kromhc_vision.cli.sampling import PerSampleSeeded, set_epoch_order
 from kromhc_vision.cli.train_state import StepLog, TrainTask, seed_epoch
 from kromhc_vision.cpu_allocator import configure_cpu_malloc
 from kromhc_vision.data import digits_folder
+from kromhc_vision.models import CheckpointFileError, PretrainedWeightsUnavailableError
 from kromhc_vision.optim import project_orthogonal_
 
 _logger = logging.getLogger('train')
@@ -97,8 +98,11 @@ def mean_lr(optimizer) -> float:
 def create_train_model(args, device, primary):
     """The model on ``device`` (head init, grad checkpointing, channels last, sync BN) and its data config."""
     random_seed(args.seed, args.rank)
-    model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.initial_checkpoint,
-                         **model_kwargs(args))
+    try:
+        model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.initial_checkpoint,
+                             **model_kwargs(args))
+    except (PretrainedWeightsUnavailableError, CheckpointFileError) as e:  # raised before the model is built
+        raise ConfigError(f'pretrained weights of {args.model}: {e}') from None
     if args.head_init_scale is not None:
         with torch.no_grad():
             model.get_classifier().weight.mul_(args.head_init_scale)

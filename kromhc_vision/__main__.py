@@ -51,6 +51,10 @@ def main(argv=None):
     check = sub.add_parser("check-kernels", help="compile every Triton kernel for sm_80 / sm_90 (no GPU needed)")
     _check_arguments(check)
     args = parser.parse_args(argv)
+    if args.command == "table" and args.dim < 1:
+        parser.error(f"table --dim must be >= 1, got {args.dim}")
+    if args.command == "table" and min(args.streams) < 2:
+        parser.error(f"table --streams must each be >= 2 (the residual row has 1), got {min(args.streams)}")
     if args.command == "check-kernels":
         from .ops.triton.check import run
         raise SystemExit(run(args))

@@ -117,6 +117,7 @@ class HyperConnection(nn.Module):
                  backend=None, device=None, dtype=None, **options):
         super().__init__()
         self.check(num_streams, dim, init=init, backend=backend, **options)
+        _check_int("layer_index", layer_index, 0)  # picks the published init's stream (layer_index mod n)
         self.num_streams, self.dim, self.layer_index, self.init, self.eps = num_streams, dim, layer_index, init, eps
         self.backend = dispatch.resolve_backend(backend)
         for name, default in self.OPTIONS.items():

@@ -23,6 +23,13 @@ def test_bad_arguments_are_refused(bad, capsys):
     assert 'error' in capsys.readouterr().err
 
 
+def test_settings_that_refuse_every_run_are_refused_before_the_benchmarks(capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_args(['--variants', 'mhclite', '--streams', '7', '8'])
+    err = capsys.readouterr().err
+    assert "no run to make: variant 'mhclite' cannot take num_streams=7" in err and 'num_streams=8' in err
+
+
 @pytest.mark.parametrize('option', ['--diag-images', '--bench-rounds', '--bench-batch'])
 def test_counts_below_one_are_refused_before_any_benchmark_or_run(option, capsys):
     with pytest.raises(SystemExit):

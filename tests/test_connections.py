@@ -38,6 +38,8 @@ def test_variant_listing_and_unknown_name():
     (dict(init="zeros"), "init 'zeros'.*published, identity"),
     (dict(backend="cuda"), "backend 'cuda'.*auto, triton, numba, torch"),
     (dict(num_streams=1), "num_streams >= 2"),
+    (dict(layer_index="0"), r"layer_index must be an int, got '0' \(str\)"),  # was a TypeError from '%'
+    (dict(layer_index=-1), "layer_index must be >= 0, got -1"),
 ])
 def test_bad_arguments_name_value_and_choices(bad, match):
     args = dict(num_streams=4, dim=8) | bad

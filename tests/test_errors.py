@@ -1,6 +1,5 @@
 """Errors that are clear and come before any work: pretrained weights offline, broken local-dir folders,
 double backward through the PyTorch path. None of these tests needs the network."""
-import json
 import time
 
 import huggingface_hub
@@ -9,7 +8,6 @@ import pytest
 import timm
 import torch
 import safetensors.torch
-from safetensors.torch import save_file
 from timm.models import save_for_hf
 
 import kromhc_vision as kv

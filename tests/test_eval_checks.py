@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from kromhc_vision.data import write_digits_folder
 
@@ -108,3 +109,41 @@ def test_diagnostics_of_a_model_without_hyper_connections_is_refused_before_eval
                           '10', '--data-dir', str(data), '--workers', '0', '--diagnostics', '--output',
                           str(tmp_path)])
     assert not (tmp_path / 'results.json').exists()
+
+
+def test_dataset_download_is_taken_as_the_missing_dataset_error_says(trained, tmp_path, monkeypatch):
+    """The Fashion-MNIST error names --dataset-download; eval.py refused it as an unrecognised argument."""
+    import kromhc_vision.cli.evaluation as evaluation
+    seen = {}
+
+    def create_dataset(name, root, download=False, **kwargs):
+        seen.update(name=name, root=root, download=download)
+        raise SystemExit('stop before reading')
+    monkeypatch.setattr(evaluation, 'create_dataset', create_dataset)
+    with pytest.raises(SystemExit, match='stop before reading'):
+        evaluate('--checkpoint', trained[1], '--dataset', 'torch/fashion_mnist', '--dataset-download',
+                 '--data-dir', tmp_path / 'fm')
+    assert seen == dict(name='torch/fashion_mnist', root=str(tmp_path / 'fm'), download=True)
+
+
+@pytest.mark.parametrize('device, message', [
+    ('cpux', "device: 'cpux' is not a torch device"),
+    *([('cuda', "device: 'cuda', but CUDA is not available here")] if not torch.cuda.is_available() else []),
+])
+def test_a_device_torch_cannot_use_is_named_before_the_model_is_built(device, message):
+    """Was torch's RuntimeError: at once for 'cpux', after the model was built for 'cuda' without a GPU."""
+    with pytest.raises(SystemExit, match=f'eval.py: error: {message}'):
+        evaluate('--pretrained', '--device', device)
+
+
+@pytest.mark.parametrize('model, message', [
+    ('vit_micro_patch4_32_kromhcc', "model: unknown model 'vit_micro_patch4_32_kromhcc' (did you mean "
+                                    "'vit_micro_patch4_32_kromhc'"),
+    (MODEL, f"{MODEL} has no pretrained weights (give a --checkpoint"),
+])
+def test_a_model_name_without_weights_is_named_not_raised(model, message, tmp_path):
+    """Were timm's RuntimeErrors (tracebacks): 'Unknown model (...)', 'No pretrained weights exist for ...'."""
+    (tmp_path / 'validation').mkdir()
+    with pytest.raises(SystemExit) as e:
+        eval_script.main(['--model', model, '--pretrained', '--workers', '0', '--data-dir', str(tmp_path)])
+    assert str(e.value).startswith(f'eval.py: error: {message}')

@@ -424,6 +424,13 @@ def test_save_and_reload(hf_cache, tmp_path, name, kwargs, size):
     assert json.loads((tmp_path / 'plain' / 'config.json').read_text())['model_args']['num_streams'] == model.num_streams
 
 
+@pytest.mark.parametrize('name', ['vit_micro_patch4_32_plain', 'terminator_micro'])
+def test_hc_model_args_refuses_a_model_without_streams(name):
+    model = timm.create_model(name)
+    with pytest.raises(ValueError, match=f'{type(model).__name__} has no stream settings'):
+        kv.hc_model_args(model)
+
+
 def test_wrong_checkpoint_errors(tmp_path):
     model = timm.create_model('vit_micro_patch4_32_mhc', num_streams=2)
     save_for_hf(model, tmp_path, safe_serialization=True)

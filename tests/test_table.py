@@ -18,3 +18,9 @@ def test_table_command_runs():
     out = subprocess.run([sys.executable, "-m", "kromhc_vision", "table", "--dim", "64", "--streams", "2", "4"],
                          capture_output=True, text=True, check=True).stdout
     assert "params, n=4" in out and f"{kv.connection_num_params('hc', 2, 64):,}" in out
+
+
+def test_table_command_refuses_a_bad_width_or_stream_count():
+    for args, value in ((["--dim", "-5"], "-5"), (["--dim", "0"], "0"), (["--streams", "4", "0"], "0")):
+        run = subprocess.run([sys.executable, "-m", "kromhc_vision", "table", *args], capture_output=True, text=True)
+        assert run.returncode == 2 and f"got {value}" in run.stderr and "refused" not in run.stdout, run

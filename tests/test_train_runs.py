@@ -119,6 +119,35 @@ def test_an_unwritable_output_folder_is_named_before_any_work(tmp_path, data):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']
 
 
+def test_an_output_folder_under_an_executable_file_is_named_before_any_work(tmp_path, data):
+    """os.access grants W and X on a 755 file (to its owner, and to root on any file with an x bit)."""
+    blocker = tmp_path / 'a_script'
+    blocker.write_text('#!/bin/sh\n')
+    blocker.chmod(0o755)
+    with pytest.raises(ConfigError, match=f'cannot write to {blocker}'):
+        validate(parse_args([*TINY, '--data-dir', data, '--output', str(blocker / 'sub')])[0])
+
+
+def test_pretrained_weights_that_cannot_be_read_are_named_not_raised(tmp_path, data, capsys):
+    """kv.CheckpointFileError (and PretrainedWeightsUnavailableError offline) came out of train.py as tracebacks."""
+    weights = tmp_path / 'w.safetensors'
+    weights.write_bytes(b'not a safetensors file')
+    code, err = error_of(capsys, *TINY, '--data-dir', data, '--pretrained', '--pretrained-path', weights,
+                         '--output', tmp_path, '--experiment', 'x')
+    assert code == 2 and f'error: pretrained weights of vit_micro_patch4_32_kromhc: weights file {weights}' in err
+    assert 'Traceback' not in err
+
+
+def test_a_run_folder_that_cannot_be_made_is_named_not_raised(tmp_path, monkeypatch):
+    from kromhc_vision.cli import run_folder
+
+    def makedirs(folder, exist_ok=False):
+        raise FileNotFoundError(2, 'No such file or directory', folder)
+    monkeypatch.setattr(run_folder.os, 'makedirs', makedirs)
+    with pytest.raises(ConfigError, match=f'output: cannot write the run folder {tmp_path / "run"}: No such file'):
+        run_folder.RunLock(tmp_path / 'run')
+
+
 # ------------------------------------------------------------------------------------------------- resume
 @pytest.fixture
 def stopped_run(tmp_path, data, monkeypatch):
@@ -306,6 +335,10 @@ def test_extending_a_finished_run_is_refused_with_the_way_on(tmp_path, data, cap
     (['--scale', '0.5'], 'scale takes two values (min max), got [0.5]'),
     (['--ratio', '1.0'], 'ratio takes two values (min max), got [1.0]'),
     (['--opt-betas', '0.9'], "opt_betas: optimizer 'adamw' takes 2 betas, got [0.9]"),
+    (['--opt', 'adamz'], "opt: unknown optimizer 'adamz' (did you mean 'adam"),  # was 'model ... cannot be built'
+    (['--device', 'cpux'], "device: 'cpux' is not a torch device"),  # was torch's RuntimeError, in the run folder
+    *([(['--device', 'cuda'], "device: 'cuda', but CUDA is not available here")] if not torch.cuda.is_available()
+      else []),  # was timm's AssertionError
     (['--mean', '0.5', '0.5'], 'mean takes 1 value or one per input channel (3), got [0.5, 0.5]'),
     (['--in-chans', '1', '--std', '0.2', '0.2', '0.2'], 'std takes 1 value or one per input channel (1), got'),
     (['--aug-repeats', '3'], 'aug_repeats: 3.0 needs distributed training'),

@@ -17,6 +17,22 @@ class ConfigError(ValueError):
     """A config, command line or input file that cannot run; raised before any work starts."""
 
 
+def check_device(name):
+    """``--device`` as a ``torch.device``, or a :class:`ConfigError` naming it: a string torch cannot read, or CUDA
+    where there is none (torch's own errors come as tracebacks once the model is built)."""
+    import torch
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device: {name!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r}, but CUDA is not available here (torch {torch.__version__}); "
+                          "use --device cpu")
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device: {name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def write_json(path, obj):
     """Write JSON atomically."""
     tmp = f'{path}.tmp'

@@ -3,13 +3,15 @@ import os
 import sys
 import time
 
+import timm
 import torch
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.models import create_model, load_checkpoint
 
 from ..data import digits_folder
+from ..models import CheckpointFileError, PretrainedWeightsUnavailableError
 from . import ConfigError, read_checkpoint
-from .train_config import model_kwargs
+from .train_config import _close, model_kwargs
 
 
 def progress(iterable, total: int, desc: str, enabled: bool):
@@ -62,6 +64,12 @@ def checkpoint_classes(meta: dict):
     return (meta.get('task_state') or {}).get('class_to_idx')
 
 
+def check_model_name(model_name: str):
+    """Refuse (:class:`ConfigError`) a name timm does not know, naming the closest it does."""
+    if not timm.is_model(model_name):
+        raise ConfigError(f"model: unknown model {model_name!r}{_close(model_name.split('.')[0], timm.list_models())}")
+
+
 def load_trained_model(model_name: str, checkpoint=None, use_ema=False, num_classes=None):
     """``(model, data_config)``: ``model_name`` with a train.py checkpoint's weights, or its pretrained weights.
 
@@ -70,8 +78,17 @@ def load_trained_model(model_name: str, checkpoint=None, use_ema=False, num_clas
     Raises :class:`ConfigError` for a missing or unreadable file, a checkpoint of another model, or ``use_ema``
     on a checkpoint without EMA weights.
     """
+    check_model_name(model_name)
     if checkpoint is None:
-        model = create_model(model_name, pretrained=True, num_classes=num_classes)
+        try:
+            model = create_model(model_name, pretrained=True, num_classes=num_classes)
+        except (PretrainedWeightsUnavailableError, CheckpointFileError) as e:
+            raise ConfigError(f'pretrained weights of {model_name}: {e}') from None
+        except RuntimeError as e:  # timm's, for a name without weights
+            if not str(e).startswith('No pretrained weights exist'):
+                raise
+            raise ConfigError(f'{model_name} has no pretrained weights (give a --checkpoint, or a name with a '
+                              f"pretrained tag: timm.list_pretrained('{model_name.split('.')[0]}*'))") from None
         return model, resolve_data_config({}, model=model)
     meta = check_checkpoint(model_name, checkpoint, use_ema)
     train_args = meta.get('args')
@@ -117,17 +134,17 @@ def check_classes(dataset, class_to_idx: dict, where: str):
 
 
 def eval_loader(data_config, data_dir=None, dataset='', split='validation', batch_size=128, workers=2,
-                device=torch.device('cpu'), class_to_idx=None):
+                device=torch.device('cpu'), class_to_idx=None, download=False):
     """timm's eval loader over ``split`` of ``data_dir`` (default: the embedded digits) with ``data_config``.
 
     For a folder dataset the split's subfolder must exist and, given ``class_to_idx`` (a checkpoint's), hold the
-    same classes."""
+    same classes. ``download``: a ``torch/<name>`` dataset may be downloaded by torchvision."""
     data_dir = data_dir or str(digits_folder())
     folder = '/' not in dataset
     if folder:
         split_folder(data_dir, split)
     img_mode = 'L' if data_config['input_size'][0] == 1 else 'RGB'  # a 1-channel model reads grayscale, as trained
-    ds = create_dataset(dataset, root=data_dir, split=split, input_img_mode=img_mode)
+    ds = create_dataset(dataset, root=data_dir, split=split, input_img_mode=img_mode, download=download)
     if folder and class_to_idx is not None:
         check_classes(ds, class_to_idx, f'{split_folder(data_dir, split)}')
     return create_loader(ds, input_size=data_config['input_size'], batch_size=batch_size,

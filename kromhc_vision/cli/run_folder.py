@@ -59,7 +59,7 @@ def check_run_dir(args, folder):
     existing = folder
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):  # a file: even an executable one
         raise ConfigError(f'output: cannot write to {existing} (for the run folder {folder})')
 
 
@@ -84,9 +84,12 @@ class RunLock:
     """An exclusive lock on a run folder for the life of this process (or until :meth:`release`)."""
 
     def __init__(self, folder):
-        os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, LOCK_FILE)
-        self.file = open(self.path, 'a+')
+        try:  # what access() could not tell (e.g. a pseudo file system that takes no folders)
+            os.makedirs(folder, exist_ok=True)
+            self.file = open(self.path, 'a+')
+        except OSError as e:
+            raise ConfigError(f'output: cannot write the run folder {folder}: {e.strerror or e}') from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -17,14 +17,14 @@ from PIL import Image
 from timm.data import auto_augment, resolve_data_config
 from timm.data import dataset_factory as timm_datasets
 from timm.data import transforms as timm_transforms
-from timm.optim import create_optimizer_v2, get_optimizer_info, optimizer_kwargs
+from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ParseKwargs
 
 from ..cpu_allocator import CPU_MALLOC_CHOICES
 from ..data import DatasetIntegrityError, DatasetUnavailableError, torch_dataset_root
 from ..optim import check_opt_name
-from . import ConfigError, read_checkpoint
+from . import ConfigError, check_device, read_checkpoint
 from .run_folder import check_run_dir, choose_run_dir
 
 # timm train.py options this train.py does not implement; named as such instead of "unknown key".
@@ -502,8 +502,9 @@ def check_ranges(args):
         raise ConfigError(f"opt: {e}") from None
     try:  # timm's name for it: lookahead_adamw is adamw
         opt_info = get_optimizer_info(args.opt.lower().split('_')[-1])
-    except ValueError:
-        opt_info = None  # named when the optimizer is built
+    except ValueError:  # timm's factory would say only 'not found in registry'
+        raise ConfigError(f"opt: unknown optimizer {args.opt!r}{_close(args.opt.lower(), list_optimizers())}; "
+                          "timm.optim.list_optimizers() lists them (a 'lookahead_' prefix may precede one)") from None
     if args.opt_betas is not None and opt_info and opt_info.has_betas and len(args.opt_betas) != opt_info.num_betas:
         raise ConfigError(f"opt_betas: optimizer {args.opt!r} takes {opt_info.num_betas} betas, got {args.opt_betas}")
 
@@ -592,6 +593,8 @@ def validate(args) -> str:
     connections' own checks (e.g. a stream count the variant cannot take).
     """
     import_device_modules(args)
+    if args.device is not None:
+        check_device(args.device)
     if not timm.is_model(args.model):
         base = args.model.split('.')[0]
         raise ConfigError(f"model: unknown model {args.model!r}{_close(base, timm.list_models())}")

@@ -186,7 +186,12 @@ class HcModelMixin:
 
 def hc_model_args(model: nn.Module) -> Dict[str, Any]:
     """``model_args`` for ``timm.models.save_for_hf`` / ``push_to_hf_hub``: num_streams, hc_init, hc_kwargs."""
-    return model.hc_spec.model_args()
+    spec = getattr(model, 'hc_spec', None)
+    if spec is None:
+        raise ValueError(f"hc_model_args takes a hyper-connected model (one of timm.list_models('*_<variant>') for "
+                         f"the variants {', '.join(CONNECTIONS)}); {type(model).__name__} has no stream settings to "
+                         "save: call save_for_hf without them")
+    return spec.model_args()
 
 
 def _input_conv_key(model: nn.Module) -> Optional[str]:

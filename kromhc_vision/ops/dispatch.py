@@ -39,7 +39,8 @@ def resolve_backend(backend=None) -> str:
     """The backend name in force: the argument, else ``$KROMHC_BACKEND``, else ``auto``."""
     name = backend if backend is not None else os.environ.get("KROMHC_BACKEND", "auto")
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; valid choices: {', '.join(BACKENDS)}")
+        source = "" if backend is not None else " (from $KROMHC_BACKEND)"
+        raise ValueError(f"unknown backend {name!r}{source}; valid choices: {', '.join(BACKENDS)}")
     return name
 
 

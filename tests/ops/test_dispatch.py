@@ -46,6 +46,12 @@ def test_unknown_backend_names_the_choices():
         dispatch.resolve_backend("cuda")
 
 
+def test_an_unknown_backend_from_the_environment_says_where_it_came_from(monkeypatch):
+    monkeypatch.setenv("KROMHC_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda' \(from \$KROMHC_BACKEND\); valid choices: auto"):
+        kv.build_connection("hc", 4, 8)
+
+
 def test_auto_runs_pytorch_once_a_triton_kernel_fails(monkeypatch):
     """Under ``auto`` a Triton kernel that cannot compile or launch warns once (naming the op and the reason)
     and the PyTorch path runs for that op and shape; ``triton`` raises."""
