@@ -147,3 +147,18 @@ def test_a_model_name_without_weights_is_named_not_raised(model, message, tmp_pa
     with pytest.raises(SystemExit) as e:
         eval_script.main(['--model', model, '--pretrained', '--workers', '0', '--data-dir', str(tmp_path)])
     assert str(e.value).startswith(f'eval.py: error: {message}')
+
+
+def test_a_model_saved_to_a_local_dir_is_evaluated_by_its_prefixed_name(trained, tmp_path):
+    """``--model local-dir:<folder>`` (a model written by timm's ``save_for_hf``, as the README shows) with
+    ``--pretrained``: timm's source prefixes pass the model-name check, the folder's weights are evaluated."""
+    import timm
+    from timm.models import save_for_hf
+    from kromhc_vision import hc_model_args
+    data, checkpoint = trained
+    model = timm.create_model(MODEL, depth=1, img_size=16, num_classes=10)
+    model.load_state_dict(torch.load(checkpoint, map_location='cpu', weights_only=False)['state_dict'])
+    save_for_hf(model, tmp_path / 'saved', model_args=dict(depth=1, img_size=16, **hc_model_args(model)))
+    eval_script.main(['--model', f'local-dir:{tmp_path / "saved"}', '--pretrained', '--workers', '0',
+                      '--data-dir', str(data), '--output', str(tmp_path / 'eval')])
+    assert 'top1' in json.loads((tmp_path / 'eval' / 'results.json').read_text())

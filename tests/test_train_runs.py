@@ -354,6 +354,22 @@ def test_bad_values_are_named_before_any_work(tmp_path, data, capsys, argv, mess
     assert not (tmp_path / 'x').exists()
 
 
+def test_model_names_with_a_source_prefix_pass_and_prefixless_paths_are_named(tmp_path, data):
+    """``local-dir:<folder>`` (timm's ``save_for_hf`` output) is a model name train.py takes (fine-tuning from it);
+    a repo id without ``hf-hub:`` is refused with timm's message naming both prefixes."""
+    import timm
+    from timm.models import save_for_hf
+    from kromhc_vision import hc_model_args
+    model = timm.create_model('vit_micro_patch4_32_kromhc', depth=1, img_size=16, num_classes=10)
+    save_for_hf(model, tmp_path / 'saved', model_args=dict(depth=1, img_size=16, **hc_model_args(model)))
+    args = parse_args([*TINY, '--data-dir', data, '--output', str(tmp_path), '--experiment', 'x'])[0]
+    args.model, args.model_kwargs = f'local-dir:{tmp_path / "saved"}', {}
+    validate(args)
+    args.model = 'someone/vit_micro_patch4_32_kromhc'
+    with pytest.raises(ConfigError, match="model: .* Use 'hf-hub:someone/vit_micro_patch4_32_kromhc'"):
+        validate(args)
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--dataset', 'torch/cifar10'], 'dataset: torch/cifar10 needs --data-dir'),  # else a TypeError in torchvision
     (['--model-kwargs', 'depth=1', 'img_size=16'], 'model_kwargs img_size=16 builds the model for 16x16 images but '

@@ -3,7 +3,6 @@ import os
 import sys
 import time
 
-import timm
 import torch
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.models import create_model, load_checkpoint
@@ -11,7 +10,7 @@ from timm.models import create_model, load_checkpoint
 from ..data import digits_folder
 from ..models import CheckpointFileError, PretrainedWeightsUnavailableError
 from . import ConfigError, read_checkpoint
-from .train_config import _close, model_kwargs
+from .train_config import check_model_name, model_kwargs
 
 
 def progress(iterable, total: int, desc: str, enabled: bool):
@@ -62,12 +61,6 @@ def check_checkpoint(model_name: str, checkpoint, use_ema=False) -> dict:
 def checkpoint_classes(meta: dict):
     """The class-name -> index map of a train.py checkpoint's training data (None when it does not record one)."""
     return (meta.get('task_state') or {}).get('class_to_idx')
-
-
-def check_model_name(model_name: str):
-    """Refuse (:class:`ConfigError`) a name timm does not know, naming the closest it does."""
-    if not timm.is_model(model_name):
-        raise ConfigError(f"model: unknown model {model_name!r}{_close(model_name.split('.')[0], timm.list_models())}")
 
 
 def load_trained_model(model_name: str, checkpoint=None, use_ema=False, num_classes=None):

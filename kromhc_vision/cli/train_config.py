@@ -17,6 +17,7 @@ from PIL import Image
 from timm.data import auto_augment, resolve_data_config
 from timm.data import dataset_factory as timm_datasets
 from timm.data import transforms as timm_transforms
+from timm.models import parse_model_name
 from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ParseKwargs
@@ -224,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _close(key, known):
     matches = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
     return f" (did you mean {', '.join(repr(m) for m in matches)}?)" if matches else ''
+
+
+def check_model_name(name: str) -> None:
+    """Refuse (:class:`ConfigError`) a model name timm's ``create_model`` cannot resolve, naming the closest
+    registered ones; names with a source prefix (``hf-hub:<repo>``, ``local-dir:<folder>``) pass, their files are
+    read (and their errors named) where the model is built."""
+    try:
+        source, _ = parse_model_name(name)
+    except ValueError as e:  # a path or repo id without its prefix, an unknown prefix: timm's message names both
+        raise ConfigError(f"model: {e}") from None
+    if source is None and not timm.is_model(name):
+        raise ConfigError(f"model: unknown model {name!r}{_close(name.split('.')[0], timm.list_models())}")
 
 
 def _unknown(key: str, known, where: str) -> ConfigError:
@@ -595,9 +608,7 @@ def validate(args) -> str:
     import_device_modules(args)
     if args.device is not None:
         check_device(args.device)
-    if not timm.is_model(args.model):
-        base = args.model.split('.')[0]
-        raise ConfigError(f"model: unknown model {args.model!r}{_close(base, timm.list_models())}")
+    check_model_name(args.model)
     for key in ('batch_size', 'epochs', 'grad_accum_steps', 'log_interval', 'checkpoint_hist'):
         if getattr(args, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(args, key)}")
