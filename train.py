@@ -48,13 +48,13 @@ from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import evaluation_sample_limit, load_task_ema_checkpoint, resume_task_checkpoint
-from timm.utils import (CheckpointSaver, NativeScaler, dispatch_clip_grad, distribute_bn,
+from timm.utils import (NativeScaler, dispatch_clip_grad, distribute_bn,
                         init_distributed_device, is_primary, random_seed, reduce_tensor, setup_default_logging,
                         trim_summary, update_summary)
 
 from kromhc_vision.cli import ConfigError, write_json
 from kromhc_vision.cli.evaluation import evaluate, progress
-from kromhc_vision.cli.run_folder import open_run_dir, resumes_in, write_run_file
+from kromhc_vision.cli.run_folder import CheckpointSaver, open_run_dir, resumes_in, write_run_file
 from kromhc_vision.cli.train_config import is_folder_dataset, model_kwargs, parse_args, validate
 from kromhc_vision.cli.sampling import PerSampleSeeded, set_epoch_order
 from kromhc_vision.cli.train_state import StepLog, TrainTask, seed_epoch

@@ -2,6 +2,7 @@
 it names (its settings, its schedule), and bad settings are named before any work."""
 import fcntl
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,19 @@ def test_overwrite_replaces_the_run_and_leaves_no_stale_checkpoint(tmp_path, dat
     assert sorted(p.name for p in (tmp_path / 'run').glob('*.pth.tar')) == [
         'checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
     assert [r['epoch'] for r in json.loads((tmp_path / 'run' / 'summary.json').read_text())] == [0]
+
+
+def test_overwrite_is_refused_where_it_would_remove_the_checkpoint_the_run_starts_from(tmp_path, data, capsys):
+    """--overwrite --initial-checkpoint <folder>/last.pth.tar removed the run's files, that checkpoint among them,
+    then failed reading it (FileNotFoundError): the run and the weights were both gone. Refused before any work,
+    the folder left as it was."""
+    argv = [*TINY, '--data-dir', data, '--epochs', 1, '--output', tmp_path, '--experiment', 'run']
+    run(*argv)
+    folder = tmp_path / 'run'
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    code, err = error_of(capsys, *argv, '--overwrite', '--initial-checkpoint', folder / 'last.pth.tar')
+    assert code == 2 and f'initial_checkpoint: {folder / "last.pth.tar"} is a file of the run in {folder}' in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
 
 
 def test_a_folder_in_use_is_refused_and_a_killed_holder_does_not_block_resume(tmp_path, data, capsys, monkeypatch):
@@ -177,12 +191,23 @@ def test_resume_alone_continues_the_digits_config_run_with_its_settings(stopped_
     (['--num-classes', '5'], ['num_classes is 5', '10']),
     (['--img-size', '32'], ['img_size is 32', '16']),
     (['--epochs', '5'], ['epochs is 5', '3', 'learning-rate schedule']),
+    # restored with the optimizer state, over the new value (which args.yaml then recorded): were accepted, ignored
+    (['--weight-decay', '0.5'], ['weight_decay is 0.5', '0.05', 'the optimizer state']),
+    (['--opt-betas', '0.5', '0.6'], ['opt_betas is [0.5, 0.6]', 'None', 'the optimizer state']),
+    (['--layer-decay', '0.75'], ['layer_decay is 0.75', 'the optimizer state']),
+    (['--model-ema'], ['model_ema is True', 'False', 'the EMA weights']),  # was accepted: an EMA begun mid-run
 ])
 def test_resume_refuses_what_contradicts_the_run_naming_both_values(stopped_run, capsys, argv, names):
     code, err = error_of(capsys, '--resume', stopped_run / 'last.pth.tar', *argv)
     assert code == 2 and str(stopped_run / 'last.pth.tar') in err
     for name in names:
         assert name in err
+
+
+def test_without_its_optimizer_state_a_resume_may_change_the_optimizer_settings(stopped_run):
+    """--no-resume-opt starts a fresh optimizer: its settings (weight decay, betas, ...) are the new ones."""
+    args, _ = parse_args(['--resume', str(stopped_run / 'last.pth.tar'), '--no-resume-opt', '--weight-decay', '0.5'])
+    assert args.weight_decay == 0.5
 
 
 def test_resume_may_change_runtime_settings(stopped_run):
@@ -491,3 +516,86 @@ def test_a_failed_args_yaml_write_on_resume_keeps_the_recorded_one(stopped_run, 
     monkeypatch.setattr(builtins, 'open', real_open)
     assert (stopped_run / 'args.yaml').read_bytes() == before
     assert [p.name for p in stopped_run.iterdir() if p.name.startswith('args.yaml')] == ['args.yaml']
+
+
+# ------------------------------------------------------------------------------ kills while a checkpoint is saved
+def checkpoint_epochs(folder) -> dict:
+    """``{file name: epoch}`` of every checkpoint in ``folder`` (each must load: none truncated)."""
+    return {p.name: torch.load(p, map_location='cpu', weights_only=False)['epoch'] for p in folder.glob('*.pth.tar')}
+
+
+def assert_same_run(whole, resumed):
+    """The resumed run ends as the uninterrupted one: the same checkpoint files holding the same epochs, bitwise the
+    same final weights and optimizer state, the same per-update losses."""
+    assert checkpoint_epochs(resumed) == checkpoint_epochs(whole)
+    a, b = (torch.load(d / 'last.pth.tar', map_location='cpu', weights_only=False) for d in (whole, resumed))
+    for name, tensor in a['state_dict'].items():
+        assert torch.equal(b['state_dict'][name], tensor), name
+    for key, state in a['optimizer']['state'].items():
+        assert all(torch.equal(b['optimizer']['state'][key][k], v) for k, v in state.items()), key
+    assert (resumed / 'steps.csv').read_text() == (whole / 'steps.csv').read_text()
+
+
+def test_a_kill_while_last_is_replaced_leaves_last_whole(tmp_path, data, monkeypatch):
+    """timm's saver unlinked last.pth.tar before renaming the new checkpoint over it: killed in between, the run
+    folder had no last.pth.tar (--resume: 'not found'; a new run into it was told 'no epoch of it finished ... start
+    it again with --overwrite', which deletes the run). The rename alone replaces it atomically."""
+    argv = [*TINY, '--data-dir', data, '--epochs', 3, '--output', tmp_path]
+    run(*argv, '--experiment', 'whole')
+    replace, renames = os.replace, []
+
+    def killed_renaming_last(src, dst):
+        if os.path.basename(dst) == 'last.pth.tar' and os.path.dirname(dst).endswith('killed'):
+            renames.append(dst)
+            if len(renames) == 2:  # epoch 1's checkpoint
+                raise KeyboardInterrupt('killed while renaming the checkpoint of epoch 1 over last.pth.tar')
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, 'replace', killed_renaming_last)
+    with pytest.raises(KeyboardInterrupt):
+        run(*argv, '--experiment', 'killed')
+    monkeypatch.setattr(os, 'replace', replace)
+    last = tmp_path / 'killed' / 'last.pth.tar'
+    assert torch.load(last, map_location='cpu', weights_only=False)['epoch'] == 0
+    run('--resume', last)
+    assert_same_run(tmp_path / 'whole', tmp_path / 'killed')
+
+
+@pytest.mark.parametrize('killed', ['before the copy', 'during the copy'])
+def test_a_kill_while_the_epoch_copy_of_last_is_made_loses_no_checkpoint(tmp_path, data, monkeypatch, killed):
+    """checkpoint-<epoch>.pth.tar (and model_best) are copies of last.pth.tar made after it is in place. Killed
+    before the copy, the resumed run (which starts after that epoch) never made it: the folder lacked
+    checkpoint-1; killed during the copy (no hard links: a file copy), a truncated checkpoint-1 stayed, kept as a
+    history checkpoint. Copies now appear whole (a temporary file renamed), and a resume makes a missing one."""
+    from timm.utils import checkpoint_saver
+    argv = [*TINY, '--data-dir', data, '--epochs', 3, '--eval-metric', 'loss', '--output', tmp_path]
+    run(*argv, '--experiment', 'whole')
+    if killed == 'before the copy':
+        duplicate = train_script.CheckpointSaver._duplicate
+
+        def kill_before_copy(self, src, dst):
+            if os.path.basename(dst).startswith('checkpoint-1'):
+                raise KeyboardInterrupt('killed before copying last.pth.tar to checkpoint-1')
+            return duplicate(self, src, dst)
+        monkeypatch.setattr(train_script.CheckpointSaver, '_duplicate', kill_before_copy)
+    else:
+        copy2 = checkpoint_saver.shutil.copy2
+
+        def kill_during_copy(src, dst, **kwargs):
+            if os.path.basename(dst).startswith('checkpoint-1'):
+                with open(src, 'rb') as f, open(dst, 'wb') as g:
+                    g.write(f.read(1000))
+                raise KeyboardInterrupt('killed while copying last.pth.tar to checkpoint-1')
+            return copy2(src, dst, **kwargs)
+
+        def no_hard_links(src, dst, **kwargs):
+            raise OSError(1, 'Operation not permitted')
+        monkeypatch.setattr(checkpoint_saver.shutil, 'copy2', kill_during_copy)
+        monkeypatch.setattr(os, 'link', no_hard_links)
+    with pytest.raises(KeyboardInterrupt):
+        run(*argv, '--experiment', 'killed')
+    monkeypatch.undo()
+    last = tmp_path / 'killed' / 'last.pth.tar'
+    assert torch.load(last, map_location='cpu', weights_only=False)['epoch'] == 1
+    run('--resume', last)
+    assert_same_run(tmp_path / 'whole', tmp_path / 'killed')

@@ -4,13 +4,16 @@ A folder holds a run when it has any of :data:`RUN_FILES` or a ``checkpoint-*.pt
 folder is refused unless ``--overwrite`` is given (then those files are removed first, so no stale checkpoint
 survives); ``--resume <folder>/last.pth.tar`` continues the run in it. While a run uses its folder it holds an
 exclusive ``fcntl.flock`` on ``<folder>/.train.lock``: the kernel releases it when the process ends, however it
-ends, so a killed run leaves no lock that blocks its ``--resume``.
+ends, so a killed run leaves no lock that blocks its ``--resume``. Its checkpoints are written by
+:class:`CheckpointSaver`, whose every file appears whole or not at all.
 """
 import fcntl
 import glob
 import os
+import shutil
 from datetime import datetime
 
+import timm.utils
 from timm.models import safe_model_name
 
 from . import ConfigError
@@ -56,6 +59,13 @@ def check_run_dir(args, folder):
                                           '--overwrite, or give a new --experiment name')
         raise ConfigError(f'output: {folder} already holds a run '
                           f'({", ".join(os.path.basename(p) for p in run_files(folder))}); {way_on}')
+    if args.overwrite and not resumes_in(args, folder):
+        removed = {os.path.realpath(p) for p in run_files(folder)}
+        for key in ('initial_checkpoint', 'pretrained_path'):
+            path = getattr(args, key, None)
+            if path and os.path.realpath(path) in removed:
+                raise ConfigError(f'{key}: {path} is a file of the run in {folder}, which --overwrite removes before '
+                                  'it is read; copy it out of the folder first, or give a new --experiment name')
     existing = folder
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -119,3 +129,63 @@ def open_run_dir(args, folder) -> RunLock:
         for path in run_files(folder):
             os.remove(path)
     return lock
+
+
+class CheckpointSaver(timm.utils.CheckpointSaver):
+    """timm's CheckpointSaver, with each file replaced whole or not at all, whenever the process is killed.
+
+    timm unlinks ``last.pth.tar`` before renaming the new checkpoint over it (for Windows), and copies it to
+    ``checkpoint-<epoch>`` / ``model_best`` in place: killed in between, the folder had no ``last.pth.tar``, or a
+    truncated copy. Here a rename replaces each file (atomic on POSIX), copies are made under a temporary name first,
+    and a resume into the folder makes the copies of the checkpoint it resumes that a kill left unmade.
+    """
+    resumed_from = None
+
+    def _replace(self, src, dst):
+        os.replace(src, dst)
+
+    def _duplicate(self, src, dst):
+        tmp = f'{dst}.tmp'
+        try:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)  # left by a killed copy
+            linked = False
+            if self.can_hardlink:
+                try:
+                    os.link(src, tmp)
+                    linked = True
+                except (OSError, NotImplementedError):
+                    self.can_hardlink = False
+            if not linked:
+                shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+            if os.path.lexists(tmp):  # dst was a link to the same file already: rename() leaves both
+                os.unlink(tmp)
+        except BaseException:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def load_state_dict_from_checkpoint(self, checkpoint_path):
+        self.resumed_from = checkpoint_path
+        return super().load_state_dict_from_checkpoint(checkpoint_path)
+
+    def load_state_dict(self, state_dict):
+        """timm's restore of the checkpoint history; then the copies of the resumed checkpoint (its epoch is
+        ``pending``) that the run was killed before making: ``checkpoint-<epoch>`` if it earns a place, as it would
+        have, and ``model_best`` if its metric is the best."""
+        super().load_state_dict(state_dict)
+        epoch, metric = state_dict.get('pending', (None, None))
+        if epoch is None or self.resumed_from is None:
+            return
+        path = self._checkpoint_path(epoch)
+        if path not in [f for f, _ in self.checkpoint_files]:  # timm tracks it when the file is there
+            worst = self.checkpoint_files[-1] if self.checkpoint_files else None
+            if (len(self.checkpoint_files) < self.max_history or worst[1] is None
+                    or (metric is not None and self.cmp(metric, worst[1]))):  # as save_checkpoint decides
+                if len(self.checkpoint_files) >= self.max_history:
+                    self._cleanup_checkpoints(1)
+                self._duplicate(self.resumed_from, path)
+                self._track_checkpoint(path, epoch, metric, update_best_file=False)
+        if self.best_epoch == epoch and state_dict.get('best_epoch') != epoch:  # this checkpoint became the best
+            self._duplicate(self.resumed_from, os.path.join(self.checkpoint_dir, 'model_best' + self.extension))

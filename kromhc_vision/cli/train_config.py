@@ -350,12 +350,18 @@ def given_on_command_line(argv) -> set:
 RESUME_FIXED = {
     'model': 'the weights', 'num_classes': 'the weights', 'img_size': 'the weights', 'input_size': 'the weights',
     'in_chans': 'the weights', 'gp': 'the weights', 'opt': 'the optimizer state',
+    'model_ema': 'the EMA weights (dropped, or begun anew from the weights of the resumed epoch)',
     **{k: 'the learning-rate schedule' for k in (
         'epochs', 'sched', 'sched_on_updates', 'lr', 'lr_base', 'lr_base_size', 'lr_base_scale', 'warmup_epochs',
         'warmup_lr', 'warmup_prefix', 'min_lr', 'cooldown_epochs', 'decay_epochs', 'decay_milestones',
         'decay_rate', 'lr_cycle_mul', 'lr_cycle_decay', 'lr_cycle_limit', 'lr_k_decay', 'lr_noise', 'lr_noise_pct',
         'lr_noise_std', 'patience_epochs')},
 }
+# Restored with the optimizer state (torch's load_state_dict takes the param groups' settings from the checkpoint):
+# a new value would be ignored, or (another layer decay: other groups) fail; free with --no-resume-opt.
+OPTIMIZER_SETTINGS = ('weight_decay', 'momentum', 'opt_eps', 'opt_betas', 'layer_decay', 'layer_decay_min_scale',
+                      'layer_decay_no_opt_scale', 'opt_kwargs')
+RESUME_FIXED.update({k: 'the optimizer state' for k in OPTIMIZER_SETTINGS})
 # model_kwargs that change how a model computes, not what it holds: a resumed run may set them anew.
 RUNTIME_MODEL_KWARGS = ('hc_backend', 'hc_recompute')
 # Not taken from the recorded run: where this invocation reads and writes, and how it starts.
@@ -408,7 +414,7 @@ def restore_run_args(args, given):
             args.model_kwargs = merged
         elif key not in given:
             setattr(args, key, there)
-        elif key in RESUME_FIXED:
+        elif key in RESUME_FIXED and not (key in OPTIMIZER_SETTINGS and args.no_resume_opt):
             same = here.split('.')[0] == there.split('.')[0] if key == 'model' and there else here == there
             if not same and not (key == 'lr' and here is None):
                 differ(key, here, there, RESUME_FIXED[key])
