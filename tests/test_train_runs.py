@@ -397,6 +397,9 @@ def test_model_names_with_a_source_prefix_pass_and_prefixless_paths_are_named(tm
 
 @pytest.mark.parametrize('argv, message', [
     (['--dataset', 'torch/cifar10'], 'dataset: torch/cifar10 needs --data-dir'),  # else a TypeError in torchvision
+    (['--model', 'vit_micro_patch4_32_kromhc', '--img-size', '16'],  # was an AssertionError at the first step
+     'vit_micro_patch4_32_kromhc is built (its default img_size; model_kwargs img_size=... builds it for another) for '
+     '32x32 images but the data are 16x16'),
     (['--model-kwargs', 'depth=1', 'img_size=16'], 'model_kwargs img_size=16 builds the model for 16x16 images but '
                                                    'the data are 32x32'),  # the model's default: give --img-size
 ])

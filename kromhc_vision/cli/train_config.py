@@ -589,20 +589,28 @@ def check_dataset(args):
                               f"not {os.path.splitext(args.class_map)[1] or 'a file without extension'}")
 
 
-def check_model_img_size(args, input_size):
-    """``model_kwargs`` img_size builds the model for one size, the data config (``img_size`` / ``input_size``, else
-    the model's pretrained config) resizes the images to its own: a difference fails at the first step (unless the
-    model takes any size: dynamic_img_size). Refused rather than guessing which one was meant."""
+def check_model_img_size(args, input_size, model=None):
+    """The model is built for one image size (``model_kwargs`` img_size, else its default: a ViT's ``patch_embed``
+    takes that size only), the data config (``img_size`` / ``input_size``, else the model's pretrained config)
+    resizes the images to its own: a difference fails at the first step (unless the model takes any size:
+    dynamic_img_size). Refused rather than guessing which one was meant."""
     size = args.model_kwargs.get('img_size')
-    if size is None or args.model_kwargs.get('dynamic_img_size'):
+    if args.model_kwargs.get('dynamic_img_size'):
         return
-    model_hw = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    if size is None:  # the model's own size, where its patch embedding insists on one
+        patch_embed = getattr(model, 'patch_embed', None)
+        if getattr(patch_embed, 'img_size', None) is None or not getattr(patch_embed, 'strict_img_size', False):
+            return
+    model_hw = (tuple(size) if isinstance(size, (tuple, list)) else (size, size)) if size is not None else \
+        tuple(patch_embed.img_size)
     if model_hw != tuple(input_size[-2:]):
         way = f'--img-size {model_hw[0]}' if model_hw[0] == model_hw[1] else \
             f'--input-size {input_size[0]} {model_hw[0]} {model_hw[1]}'
-        raise ConfigError(f"model_kwargs img_size={size} builds the model for {model_hw[0]}x{model_hw[1]} images but "
-                          f"the data are {input_size[-2]}x{input_size[-1]} (input_size {tuple(input_size)}, from "
-                          f"img_size / input_size or the model's default); give {way}")
+        built = f"model_kwargs img_size={size} builds the model" if size is not None else \
+            f"{args.model} is built (its default img_size; model_kwargs img_size=... builds it for another)"
+        raise ConfigError(f"{built} for {model_hw[0]}x{model_hw[1]} images but the data are "
+                          f"{input_size[-2]}x{input_size[-1]} (input_size {tuple(input_size)}, from img_size / "
+                          f"input_size or the model's default); give {way}")
 
 
 def validate(args) -> str:
@@ -661,7 +669,7 @@ def validate(args) -> str:
             raise ConfigError(f"num_classes: {args.data_dir} has {len(classes)} classes but the model has "
                               f"{model.num_classes} outputs")
     input_size = resolve_data_config(vars(args), model=model)['input_size']
-    check_model_img_size(args, input_size)
+    check_model_img_size(args, input_size, model)
     folder = choose_run_dir(args, input_size)
     check_run_dir(args, folder)
     return folder
