@@ -263,6 +263,12 @@ class HyperConnection(nn.Module):
             )
         if not X.is_floating_point():
             raise ValueError(f"{type(self).__name__} expects a floating-point stream state, got dtype {X.dtype}")
+        if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+            raise RuntimeError(
+                f"{type(self).__name__} cannot run under a torch.func transform (vmap, grad, jacrev, jacfwd, jvp): "
+                "its ops' hand-written backwards have no vmap or forward-mode rules, on every backend. "
+                "torch.func.functional_call with ordinary autograd (torch.autograd.grad, .backward()) works; "
+                "per-sample gradients need a loop over samples")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """Also record the variant in the state dict's metadata (``state_dict._metadata``, kept by ``torch.save``),

@@ -38,8 +38,9 @@ steps only. Hence:
   the previous one, e.g. across a ConvNeXt downsample): a new one starts there, from the state kept there;
 - the session is inactive (no hooks, plain autograd) outside training, without grad, under
   ``torch.compile`` (the compiler's partitioner chooses what to save and recompute), in torch.fx tracing,
-  and inside timm's ``set_grad_checkpointing`` regions (see :func:`suspended`), where
-  ``torch.utils.checkpoint`` already recomputes everything, connections included.
+  and inside timm's ``set_grad_checkpointing`` regions (see :func:`suspended`) and any other region of
+  ``torch.utils.checkpoint`` (a user's ``checkpoint(block, X)``, FSDP's ``checkpoint_wrapper``), which
+  recomputes everything, connections included.
 """
 import contextlib
 import math
@@ -104,6 +105,28 @@ class _Placeholder:
         self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
 
 
+class _Kept:
+    """A tensor a connection's op saved, kept as it is: detached (what the backward needs is the value; no cycle
+    can form), with its version counter's value when saved. Saved-tensor hooks take autograd's own check of that
+    counter away: :func:`_unpack` makes it, so that a tensor changed in place between the forward and the backward
+    pass (a parameter stepped by an optimizer before a second ``backward``) raises as without recomputation,
+    instead of giving gradients computed from the changed values."""
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, t):
+        self.tensor, self.version = t.detach(), t._version
+
+    def unpack(self) -> torch.Tensor:
+        t = self.tensor
+        if t._version != self.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"[{t.type()} {list(t.shape)}] is at version {t._version}; expected version {self.version} instead "
+                "(saved by a hyper-connection under hc_recompute; a parameter changed in place, e.g. by "
+                "optimizer.step(), between the forward pass and this backward pass?)")
+        return t
+
+
 class _Pending:
     """A tensor ``Phi`` saved, held until :meth:`_Segment.form_res_matrix` decides whether ``H_res`` is kept;
     ``value`` is then the tensor kept or its :class:`_Placeholder`."""
@@ -156,9 +179,9 @@ class _Segment:
         self.links.append(_Link(conn, None if key in self.keep else key, X.requires_grad))
         return len(self.links) - 1
 
-    def _kept(self, t: torch.Tensor) -> torch.Tensor:
+    def _kept(self, t: torch.Tensor) -> "_Kept":
         _observe(t)
-        return t.detach()  # what the backward needs is the value; detached, no cycle can form
+        return _Kept(t)
 
     def _kept_anyway(self, t: torch.Tensor) -> bool:
         """Whether ``t`` stays without costing the segment anything: a parameter, or a storage already kept."""
@@ -289,6 +312,8 @@ def _never_unpacked(packed):
 def _unpack(packed):
     if isinstance(packed, _Pending):
         packed = packed.value
+    if isinstance(packed, _Kept):
+        return packed.unpack()
     if not isinstance(packed, _Placeholder):
         return packed
     seg, i = packed.segment, packed.index
@@ -355,12 +380,25 @@ def _stack() -> list:
     return stack
 
 
+def _under_checkpoint() -> bool:
+    """Whether the saved-tensor hooks in force are ``torch.utils.checkpoint``'s (non-reentrant checkpoint, its
+    recomputation, selective checkpointing; a user's ``checkpoint(block, X)``, FSDP's ``checkpoint_wrapper``).
+    A session's hooks inside would take the connections' saves from the checkpoint, whose recomputation (with no
+    session) then saves more tensors than its forward did: a ``CheckpointError``, or the wrong tensors."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
+
+
 def active_session() -> Optional[RecomputeSession]:
-    """The session in force in this thread, or None (always None under torch.compile and torch.fx tracing)."""
+    """The session in force in this thread, or None (always None under torch.compile and torch.fx tracing, and
+    inside a region of ``torch.utils.checkpoint``, which recomputes the connections with everything else)."""
     if torch.compiler.is_compiling() or is_fx_tracing():
         return None
     stack = _stack()
-    return stack[-1] if stack else None
+    if not stack or stack[-1] is None or _under_checkpoint():
+        return None
+    return stack[-1]
 
 
 @contextlib.contextmanager

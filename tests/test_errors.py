@@ -184,6 +184,29 @@ def test_double_backward_raises_a_named_error(backend, variant):
         _penalty(connection, X, backend).backward()
 
 
+@pytest.mark.parametrize('backend', ['torch', 'numba', 'triton'])
+@pytest.mark.parametrize('transform', ['vmap', 'grad', 'jacrev', 'jvp'])
+def test_torch_func_transforms_raise_a_named_error(transform, backend):
+    """A connection (kromhc, n = 4, C = 8) on X (2, 3, 4, 8) under a torch.func transform says that it does not
+    support torch.func (was torch's "an autograd.Function ... must override the setup_context staticmethod", which
+    blames the op's code); functional_call with ordinary autograd gives the parameter gradients of a plain call."""
+    connection = kv.build_connection('kromhc', 4, 8, backend=backend)
+    X = torch.randn(2, 3, 4, 8)
+
+    def f(X):
+        return connection(X, torch.tanh).sum()
+
+    run = {'vmap': lambda: torch.func.vmap(f)(X), 'grad': lambda: torch.func.grad(f)(X),
+           'jacrev': lambda: torch.func.jacrev(f)(X), 'jvp': lambda: torch.func.jvp(f, (X,), (X,))}[transform]
+    with pytest.raises(RuntimeError, match=r'KromHC cannot run under a torch\.func transform.*functional_call'):
+        run()
+    params = {k: v.detach().clone().requires_grad_() for k, v in connection.named_parameters()}
+    torch.func.functional_call(connection, params, (X, torch.tanh)).sum().backward()
+    connection(X, torch.tanh).sum().backward()
+    for k, p in connection.named_parameters():
+        torch.testing.assert_close(params[k].grad, p.grad, rtol=0, atol=0)
+
+
 def test_first_backward_with_create_graph_is_unchanged():
     connection = kv.build_connection('kromhc', 4, 8, backend='torch')
     X = torch.randn(2, 3, 4, 8, requires_grad=True)

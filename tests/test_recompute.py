@@ -193,6 +193,38 @@ def test_composes_with_grad_checkpointing_and_forward_intermediates(family):
     assert_same_grads(expected_inter, step_grads(rec, x, forward=intermediates(rec)))
 
 
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_composes_with_a_users_checkpoint_around_blocks(backend, recompute_calls):
+    """A user's non-reentrant ``torch.utils.checkpoint`` around a block (torch's default, FSDP's
+    ``checkpoint_wrapper``), timm's ``set_grad_checkpointing`` not used: the connections inside run plain (the
+    checkpoint recomputes them; a session's hooks there hid their saves from it, and its recomputation, without a
+    session, saved more tensors: CheckpointError). ViT-Micro at 16 px, 3 blocks (6 connections), block 1
+    checkpointed, float64: gradients equal those without recomputation, and blocks 0 and 2 are still recomputed."""
+    plain, rec = make_pair("vit_micro_patch4_32_kromhc", hc_backend=backend, **VIT)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    expected = step_grads(plain, x)
+    block = rec.blocks[1]
+    forward = block.forward
+    block.forward = lambda X: torch.utils.checkpoint.checkpoint(forward, X, use_reentrant=False)
+    assert_same_grads(expected, step_grads(rec, x))
+    assert recompute_calls == [2, 2], recompute_calls  # blocks 0 and 2: their own segments, the chain broken
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_parameter_changed_in_place_before_the_backward_raises(variant, backend):
+    """Saved-tensor hooks take autograd's version check away; the segments make it: a connection's parameter
+    (``proj_weight (n C, 2n + m)`` of the last block's MLP connection) changed in place between the forward and the
+    backward pass (an optimizer step before a second loss's backward) raises autograd's error, as without
+    recomputation, instead of gradients from the changed weights. ViT-Micro at 16 px, 3 blocks, float64."""
+    for model in make_pair(f"vit_micro_patch4_32_{variant}", hc_backend=backend, **VIT):
+        loss = model(torch.randn(2, 3, 16, 16, dtype=torch.float64)).square().sum()
+        with torch.no_grad():
+            model.blocks[2].hc_mlp.proj_weight.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
 @pytest.mark.parametrize("variant", ["hc", "mhc"])
 def test_second_backward_with_retain_graph_recomputes_again(variant, recompute_calls, monkeypatch):
     """HC: only states are recomputed; mHC with nothing of Phi kept: Phi's saves are placeholders by position

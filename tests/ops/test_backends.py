@@ -38,6 +38,23 @@ def test_connection_matches_torch_backend(variant, n, backend):
     torch.testing.assert_close(values_and_grads(kernel_conn, X, branch), expected, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["torch", *BACKENDS])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_outputs_can_be_changed_in_place(variant, backend):
+    """``u`` (B, N, C), handed to the branch, and ``X_next`` (B, N, n, C), returned, are tensors of their own,
+    not views made inside an autograd Function, which autograd refuses to change in place (the PyTorch backend
+    raised): a branch that starts with ``relu_`` and a forward hook's ``out.mul_(2)`` give the values and
+    gradients (w.r.t. X and every parameter) of ``relu`` and ``out * 2`` on the PyTorch backend, n = 4, float64."""
+    torch_conn, conn = connection_pair(variant, 4, 40, backend)
+    linear = torch.nn.Linear(40, 40).double()
+    X = torch.randn(2, 3, 4, 40, dtype=torch.float64, requires_grad=True)
+    out = conn(X, torch.nn.Sequential(torch.nn.ReLU(inplace=True), linear)).mul_(2)
+    cotangent = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    got = (out, *torch.autograd.grad(out, [X, *conn.parameters(), *linear.parameters()], cotangent))
+    expected = values_and_grads(torch_conn, X, torch.nn.Sequential(torch.nn.ReLU(), linear))
+    torch.testing.assert_close(got, tuple(2 * t for t in expected), rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
     """The custom ops are opaque to Dynamo: no graph break, and the compiled connection matches eager."""

@@ -23,7 +23,9 @@ class StreamPost(torch.autograd.Function):
             out = torch.bmm(h_res.reshape(-1, n, n).to(dtype), X.reshape(-1, n, C).to(dtype))
             out.baddbmm_(h_post.reshape(-1, n, 1).to(dtype), y.reshape(-1, 1, C).to(dtype))
         ctx.save_for_backward(X, y, h_res, h_post)
-        return out.view(X.shape).to(X.dtype)
+        # not a view (an autograd Function's view output cannot be changed in place, as a forward hook's
+        # out.mul_(...) on a block would), without a copy
+        return torch.ops.aten._unsafe_view(out, X.shape).to(X.dtype)
 
     @staticmethod
     @once_differentiable('stream_post')  # double backward raises DoubleBackwardUnsupportedError

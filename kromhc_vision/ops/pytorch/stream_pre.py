@@ -90,9 +90,10 @@ class StreamPre(torch.autograd.Function):
             u, h_pre, h_post, a_res, inv_rms = pre_tokens_forward(x, raw, scale.to(dtype), bias.to(dtype), eps)
         ctx.save_for_backward(X, norm_weight, proj_weight, scale, raw, inv_rms, h_pre, h_post, weight)
         ctx.bias_dtype = bias.dtype
-        # sizes spelled out: T may be 0
-        return (u.view(*lead, C).to(X.dtype), h_pre.view(*lead, n), h_post.view(*lead, n),
-                a_res.reshape(*lead, a_res.shape[1]), X)
+        # sizes spelled out: T may be 0. u reaches the branch: not a view (an autograd Function's view output
+        # cannot be changed in place, as a branch starting with relu_ would), without a copy
+        u = torch.ops.aten._unsafe_view(u, (*lead, C))
+        return (u.to(X.dtype), h_pre.view(*lead, n), h_post.view(*lead, n), a_res.reshape(*lead, a_res.shape[1]), X)
 
     @staticmethod
     @once_differentiable('stream_pre')  # double backward raises DoubleBackwardUnsupportedError
