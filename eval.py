@@ -69,8 +69,11 @@ def main(argv=None):
         check_model_name(args.model)
         device = check_device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         configure_cpu_malloc(args.cpu_malloc, device)
-        data_dir = (torch_dataset_root(args.dataset, args.data_dir, download=args.dataset_download)
-                    or str(digits_folder()))
+        data_dir = torch_dataset_root(args.dataset, args.data_dir, download=args.dataset_download)
+        if data_dir is None and args.dataset.split('/')[0] == 'torch':  # else torchvision would use the digits folder
+            raise ConfigError(f"dataset: {args.dataset} needs --data-dir, the torchvision root folder it is read "
+                              "from (add --dataset-download to let torchvision download it there)")
+        data_dir = data_dir or (str(digits_folder()) if '/' not in args.dataset else None)
         meta = check_checkpoint(args.model, args.checkpoint, args.use_ema) if args.checkpoint else {}
         split_dir = split_folder(data_dir, args.split) if '/' not in args.dataset else None
         model, data_config = load_trained_model(args.model, args.checkpoint, args.use_ema, args.num_classes)

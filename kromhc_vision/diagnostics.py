@@ -19,7 +19,8 @@ ConvNeXt: each downsample halves the grid. It treats all streams alike (shared w
 the batch), so the composite is carried onto the coarser grid by averaging it over the positions each output
 position covers (the 2 x 2 windows of the stride-2 downsample, the last row or column of an odd grid left out as
 the convolution leaves it; adaptive average pooling for any other shrink); a mean of doubly stochastic matrices
-is doubly stochastic, so exactness survives. Any other change of token shape restarts the composite (``composite_restart``).
+is doubly stochastic, so exactness survives. Any other change of token shape restarts the composite
+(``composite_restart``).
 """
 import math
 from typing import Dict, List

@@ -128,12 +128,24 @@ def test_dataset_download_is_taken_as_the_missing_dataset_error_says(trained, tm
 
 @pytest.mark.parametrize('device, message', [
     ('cpux', "device: 'cpux' is not a torch device"),
-    *([('cuda', "device: 'cuda', but CUDA is not available here")] if not torch.cuda.is_available() else []),
+    ('cuda', "device: 'cuda', but CUDA is not available here"),  # CUDA switched off below, on any machine
+    ('cuda:0', "device: 'cuda:0', but CUDA is not available here"),
 ])
-def test_a_device_torch_cannot_use_is_named_before_the_model_is_built(device, message):
+def test_a_device_torch_cannot_use_is_named_before_the_model_is_built(device, message, monkeypatch):
     """Was torch's RuntimeError: at once for 'cpux', after the model was built for 'cuda' without a GPU."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     with pytest.raises(SystemExit, match=f'eval.py: error: {message}'):
         evaluate('--pretrained', '--device', device)
+
+
+def test_a_cuda_device_index_beyond_the_devices_present_is_named(monkeypatch):
+    """``cuda:2`` where two CUDA devices are visible (CUDA faked available): refused naming the count."""
+    from kromhc_vision.cli import ConfigError, check_device
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert check_device('cuda:1') == torch.device('cuda', 1)
+    with pytest.raises(ConfigError, match=r"device: 'cuda:2', but this machine has 2 CUDA device\(s\)"):
+        check_device('cuda:2')
 
 
 @pytest.mark.parametrize('model, message', [
@@ -162,3 +174,10 @@ def test_a_model_saved_to_a_local_dir_is_evaluated_by_its_prefixed_name(trained,
     eval_script.main(['--model', f'local-dir:{tmp_path / "saved"}', '--pretrained', '--workers', '0',
                       '--data-dir', str(data), '--output', str(tmp_path / 'eval')])
     assert 'top1' in json.loads((tmp_path / 'eval' / 'results.json').read_text())
+
+
+def test_a_torchvision_dataset_without_data_dir_is_refused_not_read_from_the_digits_folder(trained):
+    """``--dataset torch/cifar10`` (``--dataset-download`` or not) without ``--data-dir``: torchvision was handed the
+    embedded digits folder as its root (and would download CIFAR-10 into it); refused as train.py refuses it."""
+    with pytest.raises(SystemExit, match='eval.py: error: dataset: torch/cifar10 needs --data-dir'):
+        evaluate('--checkpoint', trained[1], '--dataset', 'torch/cifar10', '--dataset-download')

@@ -362,8 +362,7 @@ def test_extending_a_finished_run_is_refused_with_the_way_on(tmp_path, data, cap
     (['--opt-betas', '0.9'], "opt_betas: optimizer 'adamw' takes 2 betas, got [0.9]"),
     (['--opt', 'adamz'], "opt: unknown optimizer 'adamz' (did you mean 'adam"),  # was 'model ... cannot be built'
     (['--device', 'cpux'], "device: 'cpux' is not a torch device"),  # was torch's RuntimeError, in the run folder
-    *([(['--device', 'cuda'], "device: 'cuda', but CUDA is not available here")] if not torch.cuda.is_available()
-      else []),  # was timm's AssertionError
+    (['--device', 'cuda'], "device: 'cuda', but CUDA is not available here"),  # timm's AssertionError; CUDA off below
     (['--mean', '0.5', '0.5'], 'mean takes 1 value or one per input channel (3), got [0.5, 0.5]'),
     (['--in-chans', '1', '--std', '0.2', '0.2', '0.2'], 'std takes 1 value or one per input channel (1), got'),
     (['--aug-repeats', '3'], 'aug_repeats: 3.0 needs distributed training'),
@@ -373,7 +372,8 @@ def test_extending_a_finished_run_is_refused_with_the_way_on(tmp_path, data, cap
     (['--dataset', 'torch/cifar'], "'cifar' is not one of timm's torchvision datasets ['cifar10', 'cifar100'"),
     (['--dataset', 'hfsd/x'], "dataset: 'hfsd/x': 'hfsd' is not a timm dataset prefix (did you mean 'hfds'"),
 ])
-def test_bad_values_are_named_before_any_work(tmp_path, data, capsys, argv, message):
+def test_bad_values_are_named_before_any_work(tmp_path, data, capsys, argv, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # the same on a machine with a GPU
     code, err = error_of(capsys, *TINY, '--data-dir', data, *argv, '--output', tmp_path, '--experiment', 'x')
     assert code == 2 and message in err
     assert not (tmp_path / 'x').exists()
@@ -602,3 +602,58 @@ def test_a_kill_while_the_epoch_copy_of_last_is_made_loses_no_checkpoint(tmp_pat
     assert torch.load(last, map_location='cpu', weights_only=False)['epoch'] == 1
     run('--resume', last)
     assert_same_run(tmp_path / 'whole', tmp_path / 'killed')
+
+
+def test_a_resume_from_an_older_checkpoint_keeps_the_best_checkpoint_made_since(tmp_path, data, monkeypatch):
+    """Resuming from checkpoint-1 of a run whose later epoch became the best: model_best.pth.tar stays that epoch's
+    (the copies a kill left unmade are made only for the folder's newest checkpoint, last.pth.tar; an older one's
+    model_best was replaced since, and was replaced back by the resume before any training)."""
+    argv = [*TINY, '--data-dir', data, '--epochs', 3, '--eval-metric', 'loss', '--lr', 3e-3, '--checkpoint-hist', 3,
+            '--output', tmp_path, '--experiment', 'run']
+    run(*argv)
+    folder = tmp_path / 'run'
+    best = torch.load(folder / 'model_best.pth.tar', map_location='cpu', weights_only=False)['epoch']
+    saved = torch.load(folder / 'checkpoint-1.pth.tar', map_location='cpu', weights_only=False)['saver']
+    assert best == 2 and saved['best_epoch'] != 1, 'the case needs epoch 2 best and epoch 1 better than epoch 0'
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt('stopped before the resumed run trains')
+    monkeypatch.setattr(train_script, 'train_one_epoch', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run('--resume', folder / 'checkpoint-1.pth.tar')
+    assert torch.load(folder / 'model_best.pth.tar', map_location='cpu', weights_only=False)['epoch'] == 2
+
+
+def test_an_hf_hub_model_whose_config_cannot_be_read_is_named(tmp_path, data, monkeypatch):
+    """``--model hf-hub:<repo>`` offline with an empty cache: validation reads the repo's config.json to build the
+    model on meta; the failure (an OSError: PretrainedWeightsUnavailableError) was a traceback, not a ConfigError."""
+    import huggingface_hub.constants
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hf_cache'))
+    args = parse_args([*TINY, '--data-dir', data, '--output', str(tmp_path), '--experiment', 'x'])[0]
+    args.model, args.model_kwargs = 'hf-hub:someone/vit_micro_patch4_32_kromhc', {}
+    with pytest.raises(ConfigError, match="model 'hf-hub:someone/vit_micro_patch4_32_kromhc': "):
+        validate(args)
+
+
+def test_prefixed_model_names_are_compared_whole_and_tags_are_dropped():
+    from kromhc_vision.cli.train_config import model_arch
+    assert model_arch('vit_small_patch16_224_kromhc.upcycled_augreg') == 'vit_small_patch16_224_kromhc'
+    assert model_arch('local-dir:./a') != model_arch('local-dir:./b')  # were both 'local-dir:'
+    assert model_arch('hf-hub:me/model.v1') == 'hf-hub:me/model.v1'
+
+
+def test_a_setting_the_optimizer_does_not_read_may_change_on_resume(stopped_run):
+    """The digits config trains with adamw, which has no momentum: --momentum on resume changes nothing and is taken
+    (betas, which adamw reads, are refused: test_resume_refuses_what_contradicts_the_run_naming_both_values)."""
+    args, _ = parse_args(['--resume', str(stopped_run / 'last.pth.tar'), '--momentum', '0.5'])
+    assert args.momentum == 0.5 and args.opt == 'adamw'
+
+
+def test_overwrite_also_removes_what_a_kill_mid_write_left(tmp_path):
+    from kromhc_vision.cli.run_folder import run_files
+    for name in ('last.pth.tar', 'tmp.pth.tar', 'checkpoint-3.pth.tar.tmp', 'notes.txt'):
+        (tmp_path / name).write_text('x')
+    assert sorted(os.path.basename(p) for p in run_files(tmp_path)) == [
+        'checkpoint-3.pth.tar.tmp', 'last.pth.tar', 'tmp.pth.tar']

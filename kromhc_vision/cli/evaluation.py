@@ -10,7 +10,7 @@ from timm.models import create_model, load_checkpoint
 from ..data import digits_folder
 from ..models import CheckpointFileError, PretrainedWeightsUnavailableError
 from . import ConfigError, read_checkpoint
-from .train_config import check_model_name, model_kwargs
+from .train_config import check_model_name, model_arch, model_kwargs
 
 
 def progress(iterable, total: int, desc: str, enabled: bool):
@@ -50,7 +50,7 @@ def check_checkpoint(model_name: str, checkpoint, use_ema=False) -> dict:
     weights ``use_ema`` asks for. Reads only metadata (tensors memory-mapped): cheap, before any model is built."""
     meta = read_checkpoint(checkpoint, 'checkpoint')
     train_args = meta.get('args')
-    if train_args is not None and train_args.model.split('.')[0] != model_name.split('.')[0]:
+    if train_args is not None and model_arch(train_args.model) != model_arch(model_name):
         raise ConfigError(f'{checkpoint} was trained as {train_args.model!r}, not {model_name!r}')
     if use_ema and not meta.get('state_dict_ema'):
         raise ConfigError(f'--use-ema: {checkpoint} holds no EMA weights (its run did not use --model-ema); '
@@ -132,8 +132,8 @@ def eval_loader(data_config, data_dir=None, dataset='', split='validation', batc
 
     For a folder dataset the split's subfolder must exist and, given ``class_to_idx`` (a checkpoint's), hold the
     same classes. ``download``: a ``torch/<name>`` dataset may be downloaded by torchvision."""
-    data_dir = data_dir or str(digits_folder())
     folder = '/' not in dataset
+    data_dir = data_dir or (str(digits_folder()) if folder else None)
     if folder:
         split_folder(data_dir, split)
     img_mode = 'L' if data_config['input_size'][0] == 1 else 'RGB'  # a 1-channel model reads grayscale, as trained

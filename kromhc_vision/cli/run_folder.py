@@ -40,7 +40,9 @@ def choose_run_dir(args, input_size) -> str:
 def run_files(folder) -> list:
     """The files of a run in ``folder``."""
     names = [os.path.join(folder, n) for n in RUN_FILES]
-    return [p for p in names if os.path.exists(p)] + sorted(glob.glob(os.path.join(folder, 'checkpoint-*.pth.tar')))
+    temporary = glob.glob(os.path.join(folder, '*.pth.tar.tmp')) + glob.glob(os.path.join(folder, 'tmp.pth.tar'))
+    return ([p for p in names if os.path.exists(p)] + sorted(glob.glob(os.path.join(folder, 'checkpoint-*.pth.tar')))
+            + sorted(temporary))  # what a kill mid-write leaves (the saver's tmp.pth.tar, a copy's .tmp)
 
 
 def resumes_in(args, folder) -> bool:
@@ -176,8 +178,10 @@ class CheckpointSaver(timm.utils.CheckpointSaver):
         have, and ``model_best`` if its metric is the best."""
         super().load_state_dict(state_dict)
         epoch, metric = state_dict.get('pending', (None, None))
-        if epoch is None or self.resumed_from is None:
-            return
+        last = os.path.join(self.checkpoint_dir, 'last' + self.extension)
+        if epoch is None or self.resumed_from is None or not os.path.exists(last) \
+                or not os.path.samefile(self.resumed_from, last):
+            return  # only the newest checkpoint's copies can be missing (an older one's model_best was replaced since)
         path = self._checkpoint_path(epoch)
         if path not in [f for f, _ in self.checkpoint_files]:  # timm tracks it when the file is there
             worst = self.checkpoint_files[-1] if self.checkpoint_files else None

@@ -227,6 +227,16 @@ def _close(key, known):
     return f" (did you mean {', '.join(repr(m) for m in matches)}?)" if matches else ''
 
 
+def model_arch(name: str) -> str:
+    """What names one architecture: a registered name without its pretrained tag (``.augreg_in21k``); a name with a
+    source prefix (``hf-hub:``, ``local-dir:``) whole."""
+    try:
+        prefixed = parse_model_name(name)[0] is not None
+    except ValueError:
+        prefixed = False
+    return name if prefixed else name.split('.')[0]
+
+
 def check_model_name(name: str) -> None:
     """Refuse (:class:`ConfigError`) a model name timm's ``create_model`` cannot resolve, naming the closest
     registered ones; names with a source prefix (``hf-hub:<repo>``, ``local-dir:<folder>``) pass, their files are
@@ -362,6 +372,20 @@ RESUME_FIXED = {
 OPTIMIZER_SETTINGS = ('weight_decay', 'momentum', 'opt_eps', 'opt_betas', 'layer_decay', 'layer_decay_min_scale',
                       'layer_decay_no_opt_scale', 'opt_kwargs')
 RESUME_FIXED.update({k: 'the optimizer state' for k in OPTIMIZER_SETTINGS})
+# Which OptimInfo flag says the optimizer reads a setting (the others are read by every optimizer timm makes).
+_OPTIMIZER_FLAGS = {'momentum': 'has_momentum', 'opt_betas': 'has_betas', 'opt_eps': 'has_eps'}
+
+
+def _optimizer_reads(opt: str, key: str) -> bool:
+    """Whether timm's optimizer ``opt`` (``lookahead_`` prefix allowed) reads setting ``key``: a setting it ignores
+    may change on resume."""
+    try:
+        info = get_optimizer_info(opt.lower().split('_')[-1])
+    except ValueError:
+        return True
+    return getattr(info, _OPTIMIZER_FLAGS.get(key, ''), True)
+
+
 # model_kwargs that change how a model computes, not what it holds: a resumed run may set them anew.
 RUNTIME_MODEL_KWARGS = ('hc_backend', 'hc_recompute')
 # Not taken from the recorded run: where this invocation reads and writes, and how it starts.
@@ -414,8 +438,9 @@ def restore_run_args(args, given):
             args.model_kwargs = merged
         elif key not in given:
             setattr(args, key, there)
-        elif key in RESUME_FIXED and not (key in OPTIMIZER_SETTINGS and args.no_resume_opt):
-            same = here.split('.')[0] == there.split('.')[0] if key == 'model' and there else here == there
+        elif key in RESUME_FIXED and not (key in OPTIMIZER_SETTINGS and (args.no_resume_opt
+                                                                       or not _optimizer_reads(args.opt, key))):
+            same = model_arch(here) == model_arch(there) if key == 'model' and there else here == there
             if not same and not (key == 'lr' and here is None):
                 differ(key, here, there, RESUME_FIXED[key])
     if args.sched_on_updates and args.sched != 'none':  # its position is the update count: the same updates per epoch
@@ -643,6 +668,8 @@ def validate(args) -> str:
             create_optimizer_v2(model, **dict(optimizer_kwargs(cfg=args), lr=args.lr or 0.), **args.opt_kwargs)
     except (ValueError, TypeError, RuntimeError, AssertionError) as e:
         raise ConfigError(f"model {args.model!r} with these settings cannot be built: {e}") from None
+    except OSError as e:  # an hf-hub: / local-dir: model whose config cannot be read (offline, no such repo)
+        raise ConfigError(f"model {args.model!r}: {e}") from None
     try:  # torch/fashion_mnist without --data-dir: prepared from Debian's files (kromhc_vision.data)
         args.data_dir = torch_dataset_root(args.dataset, args.data_dir, args.dataset_download)
     except (DatasetUnavailableError, DatasetIntegrityError) as e:
