@@ -27,6 +27,7 @@ from kromhc_vision.cpu_allocator import CPU_MALLOC_CHOICES, configure_cpu_malloc
 from kromhc_vision.data import DatasetIntegrityError, DatasetUnavailableError, digits_folder, torch_dataset_root
 from kromhc_vision.diagnostics import connection_diagnostics, plot_composite_gain, plot_h_res
 from kromhc_vision.cli import ConfigError, check_device, write_json
+from kromhc_vision.cli.train_config import check_torch_root
 from kromhc_vision.cli.evaluation import (check_checkpoint, check_model_name, checkpoint_classes, eval_loader,
                                          evaluate, load_trained_model, split_folder)
 
@@ -70,9 +71,7 @@ def main(argv=None):
         device = check_device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         configure_cpu_malloc(args.cpu_malloc, device)
         data_dir = torch_dataset_root(args.dataset, args.data_dir, download=args.dataset_download)
-        if data_dir is None and args.dataset.split('/')[0] == 'torch':  # else torchvision would use the digits folder
-            raise ConfigError(f"dataset: {args.dataset} needs --data-dir, the torchvision root folder it is read "
-                              "from (add --dataset-download to let torchvision download it there)")
+        check_torch_root(args.dataset, data_dir)  # else torchvision would be given the digits folder
         data_dir = data_dir or (str(digits_folder()) if '/' not in args.dataset else None)
         meta = check_checkpoint(args.model, args.checkpoint, args.use_ema) if args.checkpoint else {}
         split_dir = split_folder(data_dir, args.split) if '/' not in args.dataset else None

@@ -126,21 +126,24 @@ def profile_step(fn, steps: int, codes):
     return kernel_us, calls / steps
 
 
-class _AtenCounter(TorchDispatchMode):
-    """Counts the ATen operator calls made while it is active, by operator name."""
+class AtenCounter(TorchDispatchMode):
+    """Counts the ATen operator calls made while it is active, by operator name; with ``views=False`` only the
+    computing ones (views, ``func.is_view``, left out)."""
 
-    def __init__(self):
+    def __init__(self, views: bool = True):
         super().__init__()
+        self.views = views
         self.calls = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[func.overloadpacket.__name__] += 1
+        if self.views or not func.is_view:
+            self.calls[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
 
 
 def aten_calls(fn):
     """``(ATen operator calls, detach calls among them)`` of one call of ``fn``."""
-    with _AtenCounter() as counter:
+    with AtenCounter() as counter:
         fn()
     return sum(counter.calls.values()), counter.calls["detach"]
 

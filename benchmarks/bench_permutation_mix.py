@@ -17,18 +17,17 @@ backend replaces by one launch per direction.
 On a GPU: ``--backend triton --tokens 12608 25216`` (ViT-B at batch 64 and 128).
 """
 import argparse
-import collections
 import math
 import os
 import statistics
 import sys
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 if any(a.split("=")[-1] == "triton" for a in sys.argv[1:]) and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (by kromhc_vision.ops.triton)
 
+from bench_connection_cpu import AtenCounter
 from bench_models_cpu import commit, cpu_name, seconds_per_call
 from kromhc_vision.cpu_allocator import CPU_MALLOC_CHOICES, configure_cpu_malloc
 from kromhc_vision.ops import dispatch
@@ -46,24 +45,11 @@ def step(logits, perms, cotangent, backend):
     dispatch.permutation_mix(logits, perms, backend).backward(cotangent)
 
 
-class _ComputingOps(TorchDispatchMode):
-    """Counts the ATen operator calls made while it is active, views (``func.is_view``) left out."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.calls[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def torch_ops(logits, perms, cotangent) -> tuple[int, int]:
     """``(forward, backward)`` computing ATen operator calls of the PyTorch backend's ``permutation_mix``."""
-    with _ComputingOps() as forward:
+    with AtenCounter(views=False) as forward:
         out = dispatch.permutation_mix(logits, perms, "torch")
-    with _ComputingOps() as backward:
+    with AtenCounter(views=False) as backward:
         torch.autograd.grad(out, logits, cotangent)
     return sum(forward.calls.values()), sum(backward.calls.values())
 

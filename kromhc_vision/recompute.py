@@ -384,7 +384,8 @@ def _under_checkpoint() -> bool:
     """Whether the saved-tensor hooks in force are ``torch.utils.checkpoint``'s (non-reentrant checkpoint, its
     recomputation, selective checkpointing; a user's ``checkpoint(block, X)``, FSDP's ``checkpoint_wrapper``).
     A session's hooks inside would take the connections' saves from the checkpoint, whose recomputation (with no
-    session) then saves more tensors than its forward did: a ``CheckpointError``, or the wrong tensors."""
+    session) then saves more tensors than its forward did: a ``CheckpointError``, or the wrong tensors. Only the
+    innermost hooks are seen: a ``save_on_cpu`` opened inside the checkpointed function hides the checkpoint."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     hooks = top(False) if top is not None else None
     return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"

@@ -376,14 +376,18 @@ RESUME_FIXED.update({k: 'the optimizer state' for k in OPTIMIZER_SETTINGS})
 _OPTIMIZER_FLAGS = {'momentum': 'has_momentum', 'opt_betas': 'has_betas', 'opt_eps': 'has_eps'}
 
 
-def _optimizer_reads(opt: str, key: str) -> bool:
-    """Whether timm's optimizer ``opt`` (``lookahead_`` prefix allowed) reads setting ``key``: a setting it ignores
-    may change on resume."""
+def _optimizer_info(opt: str):
+    """timm's ``OptimInfo`` of optimizer ``opt`` (a ``lookahead_`` prefix allowed: lookahead_adamw is adamw), or None
+    for a name timm does not know."""
     try:
-        info = get_optimizer_info(opt.lower().split('_')[-1])
+        return get_optimizer_info(opt.lower().split('_')[-1])
     except ValueError:
-        return True
-    return getattr(info, _OPTIMIZER_FLAGS.get(key, ''), True)
+        return None
+
+
+def _optimizer_reads(opt: str, key: str) -> bool:
+    """Whether timm's optimizer ``opt`` reads setting ``key``: a setting it ignores may change on resume."""
+    return getattr(_optimizer_info(opt), _OPTIMIZER_FLAGS.get(key, ''), True)
 
 
 # model_kwargs that change how a model computes, not what it holds: a resumed run may set them anew.
@@ -544,12 +548,11 @@ def check_ranges(args):
         check_opt_name(args.opt)  # lookahead_projunn*: timm's Lookahead breaks orthogonality
     except ValueError as e:
         raise ConfigError(f"opt: {e}") from None
-    try:  # timm's name for it: lookahead_adamw is adamw
-        opt_info = get_optimizer_info(args.opt.lower().split('_')[-1])
-    except ValueError:  # timm's factory would say only 'not found in registry'
+    opt_info = _optimizer_info(args.opt)
+    if opt_info is None:  # timm's factory would say only 'not found in registry'
         raise ConfigError(f"opt: unknown optimizer {args.opt!r}{_close(args.opt.lower(), list_optimizers())}; "
-                          "timm.optim.list_optimizers() lists them (a 'lookahead_' prefix may precede one)") from None
-    if args.opt_betas is not None and opt_info and opt_info.has_betas and len(args.opt_betas) != opt_info.num_betas:
+                          "timm.optim.list_optimizers() lists them (a 'lookahead_' prefix may precede one)")
+    if args.opt_betas is not None and opt_info.has_betas and len(args.opt_betas) != opt_info.num_betas:
         raise ConfigError(f"opt_betas: optimizer {args.opt!r} takes {opt_info.num_betas} betas, got {args.opt_betas}")
 
 
@@ -575,21 +578,30 @@ def check_data_options(args):
                               f"{list(AUTO_AUGMENT_POLICIES)}[-mstd<x>]") from None
     if args.input_img_mode is not None and args.input_img_mode not in Image.MODES:
         raise ConfigError(f"input_img_mode: {args.input_img_mode!r} is not one of PIL's modes {list(Image.MODES)}")
-    if int(args.aug_repeats) and (int(os.environ.get('WORLD_SIZE', 1)) == 1 or dataset_prefix(args) in ITERABLE):
+    single = int(os.environ.get('WORLD_SIZE', 1)) == 1
+    if int(args.aug_repeats) and (single or dataset_prefix(args.dataset) in ITERABLE):
         raise ConfigError(f"aug_repeats: {args.aug_repeats} needs distributed training (torchrun, several processes) "
                           "on a map-style dataset (folder, torch/...): timm's repeated-augmentation sampler is "
                           "distributed only")
 
 
-def dataset_prefix(args) -> str:
-    """``args.dataset``'s reader prefix as timm reads it (lower case; '' for the folder dataset)."""
-    prefix, sep, _ = (args.dataset or '').partition('/')
+def dataset_prefix(dataset) -> str:
+    """A dataset spec's reader prefix as timm reads it (lower case; '' for the folder dataset)."""
+    prefix, sep, _ = (dataset or '').partition('/')
     return prefix.lower() if sep else ''
+
+
+def check_torch_root(dataset, data_dir):
+    """A ``torch/<name>`` dataset needs its root folder (after :func:`torch_dataset_root`, which supplies Fashion-
+    MNIST's): torchvision would take None (or a default someone passed) as the place to read and download."""
+    if dataset_prefix(dataset) == 'torch' and data_dir is None:
+        raise ConfigError(f"dataset: {dataset} needs --data-dir, the torchvision root folder it is read from "
+                          "(add --dataset-download to let torchvision download it there)")
 
 
 def check_dataset(args):
     """The dataset name, its root and class map, as timm's create_dataset reads them (after torch_dataset_root)."""
-    prefix, name = dataset_prefix(args), (args.dataset or '').partition('/')[2]
+    prefix, name = dataset_prefix(args.dataset), (args.dataset or '').partition('/')[2]
     if prefix and prefix not in DATASET_PREFIXES:
         raise ConfigError(f"dataset: {args.dataset!r}: {prefix!r} is not a timm dataset prefix"
                           f"{_close(prefix, DATASET_PREFIXES)}; expected <prefix>/<name> with a prefix of "
@@ -599,9 +611,7 @@ def check_dataset(args):
         if TORCH_DATASETS and name not in TORCH_DATASETS:
             raise ConfigError(f"dataset: {args.dataset!r}: {name!r} is not one of timm's torchvision datasets "
                               f"{list(TORCH_DATASETS)}{_close(name, TORCH_DATASETS)}")
-        if args.data_dir is None:
-            raise ConfigError(f"dataset: {args.dataset} needs --data-dir, the torchvision root folder it is read from "
-                              "(add --dataset-download to let torchvision download it there)")
+        check_torch_root(args.dataset, args.data_dir)
     if args.class_map:  # timm looks for it as given, then (folder dataset) under each split's folder
         roots = [os.path.join(args.data_dir, split) for split in (args.train_split, args.val_split)
                  ] if args.data_dir is not None and is_folder_dataset(args) else []
@@ -619,19 +629,20 @@ def check_model_img_size(args, input_size, model=None):
     takes that size only), the data config (``img_size`` / ``input_size``, else the model's pretrained config)
     resizes the images to its own: a difference fails at the first step (unless the model takes any size:
     dynamic_img_size). Refused rather than guessing which one was meant."""
-    size = args.model_kwargs.get('img_size')
     if args.model_kwargs.get('dynamic_img_size'):
         return
-    if size is None:  # the model's own size, where its patch embedding insists on one
+    size = args.model_kwargs.get('img_size')
+    from_kwargs = size is not None
+    if not from_kwargs:  # the model's own size, where its patch embedding insists on one
         patch_embed = getattr(model, 'patch_embed', None)
         if getattr(patch_embed, 'img_size', None) is None or not getattr(patch_embed, 'strict_img_size', False):
             return
-    model_hw = (tuple(size) if isinstance(size, (tuple, list)) else (size, size)) if size is not None else \
-        tuple(patch_embed.img_size)
+        size = patch_embed.img_size
+    model_hw = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     if model_hw != tuple(input_size[-2:]):
         way = f'--img-size {model_hw[0]}' if model_hw[0] == model_hw[1] else \
             f'--input-size {input_size[0]} {model_hw[0]} {model_hw[1]}'
-        built = f"model_kwargs img_size={size} builds the model" if size is not None else \
+        built = f"model_kwargs img_size={size} builds the model" if from_kwargs else \
             f"{args.model} is built (its default img_size; model_kwargs img_size=... builds it for another)"
         raise ConfigError(f"{built} for {model_hw[0]}x{model_hw[1]} images but the data are "
                           f"{input_size[-2]}x{input_size[-1]} (input_size {tuple(input_size)}, from img_size / "
