@@ -371,6 +371,10 @@ def test_extending_a_finished_run_is_refused_with_the_way_on(tmp_path, data, cap
                                                    'the data are 16x16 (input_size (3, 16, 16)'),
     (['--dataset', 'torch/cifar'], "'cifar' is not one of timm's torchvision datasets ['cifar10', 'cifar100'"),
     (['--dataset', 'hfsd/x'], "dataset: 'hfsd/x': 'hfsd' is not a timm dataset prefix (did you mean 'hfds'"),
+    # timm's TypeError named the key only: the model's arguments listed
+    (['--model-kwargs', 'hc_recompte=3'], "model_kwargs hc_recompte=3: VisionTransformerHC takes no argument "
+                                          "'hc_recompte' (did you mean 'hc_recompute'?); its arguments: hc_variant, "),
+    (['--drop-block', '0.1'], "drop_block=0.1 (passed as drop_block_rate): VisionTransformerHC takes no argument"),
 ])
 def test_bad_values_are_named_before_any_work(tmp_path, data, capsys, argv, message, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # the same on a machine with a GPU

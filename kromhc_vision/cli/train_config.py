@@ -6,7 +6,9 @@ timm's meanings, so a config runs unchanged under timm's own train.py given ``de
 import argparse
 import difflib
 import importlib
+import inspect
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -225,6 +227,46 @@ def build_parser() -> argparse.ArgumentParser:
 def _close(key, known):
     matches = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
     return f" (did you mean {', '.join(repr(m) for m in matches)}?)" if matches else ''
+
+
+def constructor_keywords(cls) -> list:
+    """The keyword arguments ``cls(...)`` takes: its ``__init__``'s named parameters, and its bases' for as long as
+    each passes ``**kwargs`` on (a VisionTransformerHC's own ``hc_*`` and then timm's VisionTransformer's)."""
+    names = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get('__init__')
+        if init is None or klass is torch.nn.Module:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                  and p.name != 'self' and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+_UNEXPECTED_KEYWORD = re.compile(r"got an unexpected keyword argument '([^']+)'")
+
+
+def unexpected_model_keyword(args, error: Exception) -> str:
+    """For timm's ``... got an unexpected keyword argument 'x'`` from building ``args.model``: what the model takes
+    instead (it is built once more on the meta device without ``x``, to read its class); '' where that fails."""
+    match = _UNEXPECTED_KEYWORD.search(str(error))
+    if not isinstance(error, TypeError) or match is None:
+        return ''
+    key = match.group(1)
+    kwargs = {k: v for k, v in model_kwargs(args).items() if k != key}
+    try:
+        with torch.device('meta'):
+            cls = type(timm.create_model(args.model, pretrained=False, **kwargs))
+    except Exception:  # another problem in the settings, or a model whose config cannot be read: the plain message
+        return ''
+    names = constructor_keywords(cls)
+    option = MODEL_OPTIONS.get(key)
+    source = (f"model_kwargs {key}={args.model_kwargs[key]!r}" if key in args.model_kwargs else
+              f"{option}={getattr(args, option)!r} (passed as {key})" if option else f"argument {key!r}")
+    return (f"{source}: {cls.__name__} takes no argument {key!r}{_close(key, names)}; "
+            f"its arguments: {', '.join(names)}")
 
 
 def model_arch(name: str) -> str:
@@ -510,12 +552,16 @@ def import_device_modules(args):
             raise ConfigError(f"device_modules: cannot import {name!r}: {e}") from None
 
 
+# Options passed to create_model, by the keyword it takes (timm's create_model drops those left None).
+MODEL_OPTIONS = dict(num_classes='num_classes', drop_rate='drop', drop_path_rate='drop_path',
+                     drop_block_rate='drop_block', global_pool='gp', bn_momentum='bn_momentum', bn_eps='bn_eps')
+
+
 def model_kwargs(args) -> dict:
     """``create_model`` keyword arguments, as timm's train.py builds them."""
     in_chans = args.in_chans if args.in_chans is not None else (args.input_size[0] if args.input_size else 3)
-    kwargs = dict(in_chans=in_chans, num_classes=args.num_classes, drop_rate=args.drop,
-                  drop_path_rate=args.drop_path, drop_block_rate=args.drop_block, global_pool=args.gp,
-                  bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, **args.model_kwargs)
+    kwargs = dict(in_chans=in_chans, **{key: getattr(args, option) for key, option in MODEL_OPTIONS.items()},
+                  **args.model_kwargs)
     if args.pretrained_path:
         kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
     return kwargs
@@ -678,7 +724,8 @@ def validate(args) -> str:
             model = timm.create_model(args.model, pretrained=False, **model_kwargs(args))
             create_optimizer_v2(model, **dict(optimizer_kwargs(cfg=args), lr=args.lr or 0.), **args.opt_kwargs)
     except (ValueError, TypeError, RuntimeError, AssertionError) as e:
-        raise ConfigError(f"model {args.model!r} with these settings cannot be built: {e}") from None
+        raise ConfigError(f"model {args.model!r} with these settings cannot be built: "
+                          f"{unexpected_model_keyword(args, e) or e}") from None
     except OSError as e:  # an hf-hub: / local-dir: model whose config cannot be read (offline, no such repo)
         raise ConfigError(f"model {args.model!r}: {e}") from None
     try:  # torch/fashion_mnist without --data-dir: prepared from Debian's files (kromhc_vision.data)
