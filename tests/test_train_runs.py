@@ -372,6 +372,9 @@ def test_extending_a_finished_run_is_refused_with_the_way_on(tmp_path, data, cap
     (['--dataset', 'torch/cifar'], "'cifar' is not one of timm's torchvision datasets ['cifar10', 'cifar100'"),
     (['--dataset', 'hfsd/x'], "dataset: 'hfsd/x': 'hfsd' is not a timm dataset prefix (did you mean 'hfds'"),
     # timm's TypeError named the key only: the model's arguments listed
+    (['--train-num-samples', '100'], "train_num_samples: 100 applies to iterable datasets only (prefixes hfids/, "
+                                     "tfds/, wds/): the length of an image folder is its number of images"),  # ignored
+    (['--dataset', 'torch/cifar10', '--val-num-samples', '10'], "val_num_samples: 10 applies to iterable datasets"),
     (['--model-kwargs', 'hc_recompte=3'], "model_kwargs hc_recompte=3: VisionTransformerHC takes no argument "
                                           "'hc_recompte' (did you mean 'hc_recompute'?); its arguments: hc_variant, "),
     (['--drop-block', '0.1'], "drop_block=0.1 (passed as drop_block_rate): VisionTransformerHC takes no argument"),

@@ -81,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--dataset', default='', help='"<type>/<name>", e.g. hfds/..., torch/cifar10; empty = folder')
     g.add_argument('--train-split', default='train')
     g.add_argument('--val-split', default='validation')
-    g.add_argument('--train-num-samples', type=int, default=None)
-    g.add_argument('--val-num-samples', type=int, default=None)
+    g.add_argument('--train-num-samples', type=int, default=None,
+                   help="samples per epoch of an iterable dataset (hfids/, tfds/, wds/), as timm's")
+    g.add_argument('--val-num-samples', type=int, default=None,
+                   help="samples of an iterable validation dataset (hfids/, tfds/, wds/), as timm's")
     g.add_argument('--dataset-download', **flag)
     g.add_argument('--class-map', default='')
     g.add_argument('--input-img-mode', default=None)
@@ -624,6 +626,13 @@ def check_data_options(args):
                               f"{list(AUTO_AUGMENT_POLICIES)}[-mstd<x>]") from None
     if args.input_img_mode is not None and args.input_img_mode not in Image.MODES:
         raise ConfigError(f"input_img_mode: {args.input_img_mode!r} is not one of PIL's modes {list(Image.MODES)}")
+    for key in ('train_num_samples', 'val_num_samples'):  # timm's create_dataset hands them to iterable readers only
+        value = getattr(args, key)
+        if value is not None and (value < 1 or dataset_prefix(args.dataset) not in ITERABLE):
+            raise ConfigError(f"{key}: {value} " + ("must be >= 1" if value < 1 else
+                              f"applies to iterable datasets only (prefixes {', '.join(p + '/' for p in ITERABLE)}): "
+                              f"the length of {args.dataset or 'an image folder'} is its number of images, and timm "
+                              "would ignore it"))
     single = int(os.environ.get('WORLD_SIZE', 1)) == 1
     if int(args.aug_repeats) and (single or dataset_prefix(args.dataset) in ITERABLE):
         raise ConfigError(f"aug_repeats: {args.aug_repeats} needs distributed training (torchrun, several processes) "
