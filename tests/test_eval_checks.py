@@ -181,3 +181,30 @@ def test_a_torchvision_dataset_without_data_dir_is_refused_not_read_from_the_dig
     embedded digits folder as its root (and would download CIFAR-10 into it); refused as train.py refuses it."""
     with pytest.raises(SystemExit, match='eval.py: error: dataset: torch/cifar10 needs --data-dir'):
         evaluate('--checkpoint', trained[1], '--dataset', 'torch/cifar10', '--dataset-download')
+
+
+def test_a_plain_state_dict_that_does_not_fit_the_model_is_named_with_the_class_count(tmp_path):
+    """A plain state dict (``torch.save(model.state_dict())``) of a 10-class model evaluated without --num-classes,
+    or as another variant: torch's load_state_dict RuntimeError was a traceback of every mismatched key."""
+    import timm
+    torch.save(timm.create_model(MODEL, num_classes=10).state_dict(), tmp_path / 'plain.pth')
+    (tmp_path / 'validation').mkdir()
+    common = ['--checkpoint', str(tmp_path / 'plain.pth'), '--workers', '0', '--data-dir', str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        eval_script.main(['--model', MODEL, *common])
+    assert str(e.value).startswith(f"eval.py: error: {tmp_path / 'plain.pth'} does not fit '{MODEL}' with 1000 "
+                                   "classes (its default): its classifier has 10 outputs (give --num-classes 10): "
+                                   "size mismatch for head.weight")
+    with pytest.raises(SystemExit, match=r"does not fit 'vit_micro_patch4_32_mhc': size mismatch for blocks.0.hc_"):
+        eval_script.main(['--model', 'vit_micro_patch4_32_mhc', '--num-classes', '10', *common])
+
+
+def test_a_local_dir_model_without_its_config_is_named_with_a_checkpoint(tmp_path):
+    """``--model local-dir:<folder>`` with a plain state dict as ``--checkpoint``: a folder without config.json was
+    a traceback."""
+    (tmp_path / 'saved').mkdir()
+    (tmp_path / 'validation').mkdir()
+    torch.save({'head.bias': torch.zeros(10)}, tmp_path / 'plain.pth')
+    with pytest.raises(SystemExit, match=r"eval.py: error: model 'local-dir:.*saved': .*config.json is missing"):
+        eval_script.main(['--model', f'local-dir:{tmp_path / "saved"}', '--checkpoint', str(tmp_path / 'plain.pth'),
+                          '--workers', '0', '--data-dir', str(tmp_path)])

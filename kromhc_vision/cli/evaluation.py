@@ -86,13 +86,34 @@ def load_trained_model(model_name: str, checkpoint=None, use_ema=False, num_clas
     meta = check_checkpoint(model_name, checkpoint, use_ema)
     train_args = meta.get('args')
     data_config = None
-    if train_args is None:
-        model = create_model(model_name, num_classes=num_classes)
-    else:
-        model = create_model(model_name, **model_kwargs(train_args))
-        data_config = (meta.get('task_state') or {}).get('data_config')
-    load_checkpoint(model, checkpoint, use_ema=use_ema)
+    try:
+        if train_args is None:
+            model = create_model(model_name, num_classes=num_classes)
+        else:
+            model = create_model(model_name, **model_kwargs(train_args))
+            data_config = (meta.get('task_state') or {}).get('data_config')
+    except (CheckpointFileError, OSError) as e:  # a local-dir: / hf-hub: model whose config cannot be read
+        raise ConfigError(f'model {model_name!r}: {e}') from None
+    try:
+        load_checkpoint(model, checkpoint, use_ema=use_ema)
+    except RuntimeError as e:  # torch's load_state_dict: every mismatched key, one per line
+        if 'Error(s) in loading state_dict' not in str(e):
+            raise
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        more = f' (and {len(lines) - 3} more)' if len(lines) > 3 else ''
+        raise ConfigError(f"{checkpoint} does not fit {model_name!r}{_head_hint(model, meta, num_classes)}: "
+                          f"{' '.join(lines[:3])}{more}") from None
     return model, data_config or resolve_data_config({}, model=model)
+
+
+def _head_hint(model, state_dict: dict, num_classes) -> str:
+    """For a plain state dict whose classifier has another class count than the model: the --num-classes to give."""
+    classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier')
+    weight = state_dict.get(f'{classifier}.weight') if isinstance(classifier, str) else None
+    if not isinstance(weight, torch.Tensor) or weight.shape[0] == getattr(model, 'num_classes', weight.shape[0]):
+        return ''
+    given = f'--num-classes {num_classes}' if num_classes is not None else f'{model.num_classes} classes (its default)'
+    return f' with {given}: its classifier has {weight.shape[0]} outputs (give --num-classes {weight.shape[0]})'
 
 
 # timm's create_dataset looks for these folder names too (and, failing all, reads the whole root folder)
