@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config
+from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
 from timm.layers import convert_sync_batchnorm
 from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -55,7 +55,7 @@ from timm.utils import (NativeScaler, dispatch_clip_grad, distribute_bn,
 from kromhc_vision.cli import ConfigError, write_json
 from kromhc_vision.cli.evaluation import evaluate, progress
 from kromhc_vision.cli.run_folder import CheckpointSaver, open_run_dir, resumes_in, write_run_file
-from kromhc_vision.cli.train_config import is_folder_dataset, model_kwargs, parse_args, validate
+from kromhc_vision.cli.train_config import create_dataset, is_folder_dataset, model_kwargs, parse_args, validate
 from kromhc_vision.cli.sampling import PerSampleSeeded, set_epoch_order
 from kromhc_vision.cli.train_state import StepLog, TrainTask, seed_epoch
 from kromhc_vision.cpu_allocator import configure_cpu_malloc
@@ -519,6 +519,9 @@ def main(argv=None):
     except ConfigError as e:
         sys.stderr.write(f'train.py: error: {e}\n')
         exit_with = 2
+        if lock is not None:
+            lock.release_unused()
+            lock = None
     except (NonFiniteLoss, CheckpointWriteError) as e:
         exit_with = f'train.py: error: {e}'  # printed, exit status 1
     except BaseException as e:  # a bug or Ctrl-C: it propagates as it came, without its frames' locals

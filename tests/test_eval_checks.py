@@ -208,3 +208,10 @@ def test_a_local_dir_model_without_its_config_is_named_with_a_checkpoint(tmp_pat
     with pytest.raises(SystemExit, match=r"eval.py: error: model 'local-dir:.*saved': .*config.json is missing"):
         eval_script.main(['--model', f'local-dir:{tmp_path / "saved"}', '--checkpoint', str(tmp_path / 'plain.pth'),
                           '--workers', '0', '--data-dir', str(tmp_path)])
+
+
+def test_a_torchvision_dataset_missing_from_its_folder_is_named(trained, tmp_path):
+    """torchvision's RuntimeError ('Dataset not found or corrupted. You can use download=True') was a traceback."""
+    with pytest.raises(SystemExit, match=r"eval.py: error: dataset: torchvision finds no intact cifar10 files in .*; "
+                                         "give the --data-dir that holds them, or add --dataset-download"):
+        evaluate('--checkpoint', trained[1], '--dataset', 'torch/cifar10', '--data-dir', tmp_path)

@@ -416,6 +416,17 @@ def test_settings_missing_an_option_are_named_before_any_work(tmp_path, capsys, 
     assert not (tmp_path / 'x').exists()
 
 
+def test_a_torchvision_dataset_missing_from_its_folder_is_named_and_leaves_no_run_folder(tmp_path, capsys):
+    """--dataset torch/cifar10 --data-dir <a folder without it>: torchvision's RuntimeError was a traceback after
+    the run folder was made (it stayed behind, empty but for the lock)."""
+    (tmp_path / 'data').mkdir()
+    code, err = error_of(capsys, *TINY, '--dataset', 'torch/cifar10', '--data-dir', tmp_path / 'data',
+                         '--output', tmp_path / 'out', '--experiment', 'x')
+    assert code == 2 and f"dataset: torchvision finds no intact cifar10 files in {tmp_path / 'data'}" in err
+    assert 'add --dataset-download to download them there' in err
+    assert not (tmp_path / 'out' / 'x').exists()
+
+
 @pytest.mark.parametrize('text, message', [
     ('sched: foo\n', "sched: 'foo' is not one of ['cosine'"),
     ('model: [unclosed\n', 'not valid YAML'),
@@ -433,7 +444,7 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_the_first_step(t
     code, err = error_of(capsys, *TINY, '--data-dir', data, '--batch-size', 64, '--epochs', 1, '--output', tmp_path,
                          '--experiment', 'x')
     assert code == 2 and 'batch_size: 64 is more than the 30 training images' in err and '--batch-size 30' in err
-    assert [p.name for p in (tmp_path / 'x').iterdir()] == ['.train.lock']  # no args.yaml, summary, checkpoint
+    assert not (tmp_path / 'x').exists()  # no args.yaml, summary, checkpoint: the folder it made is removed
 
 
 def test_an_empty_data_folder_is_named(tmp_path, capsys):

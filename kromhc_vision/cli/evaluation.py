@@ -4,13 +4,13 @@ import sys
 import time
 
 import torch
-from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.data import create_loader, resolve_data_config
 from timm.models import create_model, load_checkpoint
 
 from ..data import digits_folder
 from ..models import CheckpointFileError, PretrainedWeightsUnavailableError
 from . import ConfigError, read_checkpoint
-from .train_config import check_model_name, model_arch, model_kwargs
+from .train_config import check_model_name, create_dataset, model_arch, model_kwargs
 
 
 def progress(iterable, total: int, desc: str, enabled: bool):

@@ -96,7 +96,8 @@ class RunLock:
     """An exclusive lock on a run folder for the life of this process (or until :meth:`release`)."""
 
     def __init__(self, folder):
-        self.path = os.path.join(folder, LOCK_FILE)
+        self.folder, self.path = folder, os.path.join(folder, LOCK_FILE)
+        self.made_folder = not os.path.isdir(folder)
         try:  # what access() could not tell (e.g. a pseudo file system that takes no folders)
             os.makedirs(folder, exist_ok=True)
             self.file = open(self.path, 'a+')
@@ -116,6 +117,14 @@ class RunLock:
 
     def release(self):
         self.file.close()
+
+    def release_unused(self):
+        """Release the lock, and remove the folder if this lock made it and nothing was written in it since (a run
+        refused after the lock was taken, e.g. for data that is not there, leaves no empty folder behind)."""
+        if self.made_folder and os.listdir(self.folder) == [LOCK_FILE]:
+            os.unlink(self.path)
+            os.rmdir(self.folder)
+        self.release()
 
 
 def open_run_dir(args, folder) -> RunLock:

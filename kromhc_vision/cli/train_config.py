@@ -654,6 +654,19 @@ def check_torch_root(dataset, data_dir):
                           "(add --dataset-download to let torchvision download it there)")
 
 
+def create_dataset(name, root=None, download=False, **kwargs):
+    """timm's ``create_dataset``; a ``torch/<name>`` dataset that torchvision does not find in ``root`` (and may not
+    download) is a :class:`ConfigError` naming the folder and ``--dataset-download`` (torchvision's RuntimeError
+    suggested ``download=True``)."""
+    try:
+        return timm_datasets.create_dataset(name, root=root, download=download, **kwargs)
+    except (RuntimeError, OSError) as e:
+        if dataset_prefix(name) != 'torch' or download:
+            raise
+        raise ConfigError(f"dataset: torchvision finds no intact {name.partition('/')[2]} files in {root} ({e}); give "
+                          "the --data-dir that holds them, or add --dataset-download to download them there") from None
+
+
 def check_dataset(args):
     """The dataset name, its root and class map, as timm's create_dataset reads them (after torch_dataset_root)."""
     prefix, name = dataset_prefix(args.dataset), (args.dataset or '').partition('/')[2]
