@@ -210,6 +210,14 @@ def test_without_its_optimizer_state_a_resume_may_change_the_optimizer_settings(
     assert args.weight_decay == 0.5
 
 
+def test_without_its_optimizer_state_a_resume_may_change_the_optimizer(stopped_run):
+    """--no-resume-opt --opt sgd: the run goes on with a fresh SGD (was refused as 'the optimizer state')."""
+    run('--resume', stopped_run / 'last.pth.tar', '--no-resume-opt', '--opt', 'sgd', '--momentum', '0.8')
+    checkpoint = torch.load(stopped_run / 'last.pth.tar', weights_only=False)
+    assert checkpoint['args'].opt == 'sgd' and checkpoint['epoch'] == checkpoint['args'].epochs - 1
+    assert checkpoint['optimizer']['param_groups'][0]['momentum'] == 0.8
+
+
 def test_resume_may_change_runtime_settings(stopped_run):
     # the digits config sets hc_recompute false; the resumed run turns it on
     run('--resume', stopped_run / 'last.pth.tar', '--model-kwargs', 'hc_backend=torch', 'hc_recompute=True',

@@ -412,7 +412,7 @@ RESUME_FIXED = {
         'lr_noise_std', 'patience_epochs')},
 }
 # Restored with the optimizer state (torch's load_state_dict takes the param groups' settings from the checkpoint):
-# a new value would be ignored, or (another layer decay: other groups) fail; free with --no-resume-opt.
+# a new value would be ignored, or (another layer decay: other groups) fail; free with --no-resume-opt, as is `opt`.
 OPTIMIZER_SETTINGS = ('weight_decay', 'momentum', 'opt_eps', 'opt_betas', 'layer_decay', 'layer_decay_min_scale',
                       'layer_decay_no_opt_scale', 'opt_kwargs')
 RESUME_FIXED.update({k: 'the optimizer state' for k in OPTIMIZER_SETTINGS})
@@ -486,8 +486,8 @@ def restore_run_args(args, given):
             args.model_kwargs = merged
         elif key not in given:
             setattr(args, key, there)
-        elif key in RESUME_FIXED and not (key in OPTIMIZER_SETTINGS and (args.no_resume_opt
-                                                                       or not _optimizer_reads(args.opt, key))):
+        elif key in RESUME_FIXED and not (key == 'opt' and args.no_resume_opt) and not (
+                key in OPTIMIZER_SETTINGS and (args.no_resume_opt or not _optimizer_reads(args.opt, key))):
             same = model_arch(here) == model_arch(there) if key == 'model' and there else here == there
             if not same and not (key == 'lr' and here is None):
                 differ(key, here, there, RESUME_FIXED[key])
