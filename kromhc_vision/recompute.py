@@ -36,6 +36,10 @@ steps only. Hence:
 - the branches and everything outside the connections (patch embedding, downsamples, head) save as usual;
 - a segment ends where the chain of connections breaks (the input of a connection is not the output of
   the previous one, e.g. across a ConvNeXt downsample): a new one starts there, from the state kept there;
+- what a segment holds until the backward pass (the tensors kept above and the parameters the ops save) goes
+  through the saved-tensor hooks in force outside the connection, if any (``torch.autograd.graph.save_on_cpu``,
+  a user's offloading or compression hooks), packed when kept and unpacked when used, as without recomputation;
+  the placeholders hold no tensor and what the backward recomputes is not packed (see :class:`_Kept`);
 - the session is inactive (no hooks, plain autograd) outside training, without grad, under
   ``torch.compile`` (the compiler's partitioner chooses what to save and recompute), in torch.fx tracing,
   and inside timm's ``set_grad_checkpointing`` regions (see :func:`suspended`) and any other region of
@@ -106,18 +110,30 @@ class _Placeholder:
 
 
 class _Kept:
-    """A tensor a connection's op saved, kept as it is: detached (what the backward needs is the value; no cycle
-    can form), with its version counter's value when saved. Saved-tensor hooks take autograd's own check of that
-    counter away: :func:`_unpack` makes it, so that a tensor changed in place between the forward and the backward
-    pass (a parameter stepped by an optimizer before a second ``backward``) raises as without recomputation,
-    instead of giving gradients computed from the changed values."""
-    __slots__ = ("tensor", "version")
+    """A tensor a segment holds until the backward pass (one a connection's op saved, or one the recomputation
+    starts from), detached (what the backward needs is the value; no cycle can form). Under the saved-tensor hooks
+    ``outer`` (``(pack, unpack)``: those in force outside the connection, e.g. ``save_on_cpu``) ``value`` is what
+    their pack hook made of it, and :meth:`unpack` gives what their unpack hook makes of that, as autograd does
+    without recomputation; nothing of the tensor is held here (it may be offloaded).
 
-    def __init__(self, t):
-        self.tensor, self.version = t.detach(), t._version
+    Without outer hooks it is kept as it is, with its version counter's value when saved. Saved-tensor hooks take
+    autograd's own check of that counter away: :meth:`unpack` makes it, so that a tensor changed in place between
+    the forward and the backward pass (a parameter stepped by an optimizer before a second ``backward``) raises as
+    without recomputation, instead of giving gradients computed from the changed values. Under outer hooks it is
+    not made, as autograd makes it for no tensor that hooks packed (the counter would hold the tensor)."""
+    __slots__ = ("value", "version", "outer_unpack")
+
+    def __init__(self, t, outer=None):
+        t = t.detach()
+        if outer is None:
+            self.value, self.version, self.outer_unpack = t, t._version, None
+        else:
+            self.value, self.version, self.outer_unpack = outer[0](t), None, outer[1]
 
     def unpack(self) -> torch.Tensor:
-        t = self.tensor
+        if self.outer_unpack is not None:
+            return self.outer_unpack(self.value)
+        t = self.value
         if t._version != self.version:
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an inplace operation: "
@@ -154,12 +170,13 @@ class _Segment:
     """Up to ``L_r`` chained connections (:class:`_Link` each) and the start state, from which the
     recomputation rebuilds the states and what the post steps saved."""
 
-    def __init__(self, start: torch.Tensor, post: Callable):
+    def __init__(self, start: torch.Tensor, post: Callable, outer=None):
+        # the saved-tensor hooks outside the connection running now (None: none), which what it keeps goes through
+        self.outer, self.post = outer, post
         # detached (same storage): a tensor with its grad_fn here would make a cycle through the autograd graph
         # (graph -> placeholder -> segment -> tensor -> graph) that Python's collector cannot see, leaking a
         # graph whose backward never runs
-        self.start, self.post = start.detach(), post
-        _observe(start)
+        self.start = self._kept(start)
         self.keep = {_storage_key(start)}  # storages kept as they are: the start, branch outputs, coefficients
         self.links: List[_Link] = []
         device = start.device.type
@@ -181,7 +198,7 @@ class _Segment:
 
     def _kept(self, t: torch.Tensor) -> "_Kept":
         _observe(t)
-        return _Kept(t)
+        return _Kept(t, self.outer)
 
     def _kept_anyway(self, t: torch.Tensor) -> bool:
         """Whether ``t`` stays without costing the segment anything: a parameter, or a storage already kept."""
@@ -263,7 +280,7 @@ class _Segment:
         runs without grad)."""
         runs = self.posts_to_run()
         states, saved = [], []
-        X = self.start
+        X = self.start.unpack()
         autocast = contextlib.nullcontext() if self.autocast is None else torch.autocast(
             self.autocast[0], dtype=self.autocast[2], enabled=self.autocast[1])
         with autocast:
@@ -273,8 +290,9 @@ class _Segment:
                     saved.append(None)
                     continue
                 got = []
+                kept = [None if c is None else (c[0].unpack(), c[1]) for c in (link.y, *link.coefs)]
                 if not link.positional:  # only the next state is needed
-                    (y, _), (h_post, a_res, h_res) = link.y, (None if c is None else c[0] for c in link.coefs)
+                    y, h_post, a_res, h_res = (None if c is None else c[0] for c in kept)
                     with torch.no_grad():
                         out = self.post(link.conn, (y, None, h_post, a_res, X), y, h_res)
                 else:
@@ -284,7 +302,7 @@ class _Segment:
                         got.append(t.detach())
 
                     X_, y, h_post, a_res, h_res = (None if c is None else c[0].detach().requires_grad_(c[1])
-                                                   for c in ((X, link.x_grad), link.y, *link.coefs))
+                                                   for c in ((X, link.x_grad), *kept))
                     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked):
                         # y stands in for u, which the post step only checks the shape of
                         out = self.post(link.conn, (y, None, h_post, a_res, X_), y, h_res)
@@ -342,6 +360,7 @@ class RecomputeSession:
         self._segment: Optional[_Segment] = None
         self._last: Optional[torch.Tensor] = None
         self._last_version = -1  # _last's version counter when its post step returned it
+        self.outer = None  # the saved-tensor hooks in force outside, as active_session() last saw them
 
     def connect(self, conn, X: torch.Tensor, branch: Callable, pre: Callable, res_matrix: Callable,
                 post: Callable) -> torch.Tensor:
@@ -353,7 +372,8 @@ class RecomputeSession:
         # a new segment unless X is the previous connection's output as it returned it: one changed in place
         # since (a forward hook's out.mul_(...)) cannot be rebuilt by running the post steps again
         if seg is None or X is not self._last or X._version != self._last_version or len(seg.links) >= self.length:
-            seg = self._segment = _Segment(X, post)
+            seg = self._segment = _Segment(X, post, self.outer)
+        seg.outer = self.outer  # what this connection keeps goes through the hooks in force around it
         i = seg.add(conn, X)
         with seg.pre_hooks(i):
             p = pre(conn, X)
@@ -362,11 +382,9 @@ class RecomputeSession:
         h_res, kept = seg.form_res_matrix(i, res_matrix, p[3], y)
         link = seg.links[i]
         # what the post step is recomputed from: y, h_post and H_res, or a_res where H_res is not kept
-        link.y = (y.detach(), y.requires_grad)
-        link.coefs = [None if t is None else (t.detach(), t.requires_grad)
+        link.y = (seg._kept(y), y.requires_grad)
+        link.coefs = [None if t is None else (seg._kept(t), t.requires_grad)
                       for t in (p[2], None if kept else p[3], h_res if kept else None)]
-        for t in (y, *(c[0] for c in link.coefs if c is not None)):  # held until the backward: counted
-            _observe(t)
         with seg.post_hooks(i):
             out = post(conn, p, y, h_res)  # a kept H_res's storage is kept; otherwise its save is a placeholder
         self._last, self._last_version = out, out._version
@@ -380,25 +398,37 @@ def _stack() -> list:
     return stack
 
 
-def _under_checkpoint() -> bool:
-    """Whether the saved-tensor hooks in force are ``torch.utils.checkpoint``'s (non-reentrant checkpoint, its
-    recomputation, selective checkpointing; a user's ``checkpoint(block, X)``, FSDP's ``checkpoint_wrapper``).
-    A session's hooks inside would take the connections' saves from the checkpoint, whose recomputation (with no
-    session) then saves more tensors than its forward did: a ``CheckpointError``, or the wrong tensors. Only the
-    innermost hooks are seen: a ``save_on_cpu`` opened inside the checkpointed function hides the checkpoint."""
+def _top_hooks():
+    """The saved-tensor hooks in force (the innermost ``(pack, unpack)``), or None: none, or a torch without the
+    private query (then a session neither sees a checkpoint nor packs into outer hooks)."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    hooks = top(False) if top is not None else None
+    return top(False) if top is not None else None
+
+
+def _under_checkpoint(hooks) -> bool:
+    """Whether the saved-tensor hooks in force, ``hooks`` (:func:`_top_hooks`), are ``torch.utils.checkpoint``'s
+    (non-reentrant checkpoint, its recomputation, selective checkpointing; a user's ``checkpoint(block, X)``,
+    FSDP's ``checkpoint_wrapper``). A session's hooks inside would take the connections' saves from the
+    checkpoint, whose recomputation (with no session) then saves more tensors than its forward did: a
+    ``CheckpointError``, or the wrong tensors. Only the innermost hooks are seen: a ``save_on_cpu`` opened inside
+    the checkpointed function hides the checkpoint."""
     return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
 
 
 def active_session() -> Optional[RecomputeSession]:
     """The session in force in this thread, or None (always None under torch.compile and torch.fx tracing, and
-    inside a region of ``torch.utils.checkpoint``, which recomputes the connections with everything else)."""
+    inside a region of ``torch.utils.checkpoint``, which recomputes the connections with everything else). The
+    saved-tensor hooks in force are recorded on it (one look per connection): the next :meth:`connect` passes
+    what it keeps through them."""
     if torch.compiler.is_compiling() or is_fx_tracing():
         return None
     stack = _stack()
-    if not stack or stack[-1] is None or _under_checkpoint():
+    if not stack or stack[-1] is None:
         return None
+    hooks = _top_hooks()
+    if _under_checkpoint(hooks):
+        return None
+    stack[-1].outer = hooks
     return stack[-1]
 
 

@@ -211,6 +211,50 @@ def test_composes_with_a_users_checkpoint_around_blocks(backend, recompute_calls
 
 
 @pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_what_segments_keep_goes_through_a_users_saved_tensor_hooks(backend, recompute_calls, monkeypatch):
+    """A user's saved-tensor hooks around the forward pass (``save_on_cpu``, offloading, compression) get what the
+    segments keep, as they get every save without recomputation: the session's hooks, innermost, took the branch
+    outputs, start states and coefficients from them (left on the GPU under ``save_on_cpu``). ViT-Micro at 16 px,
+    3 blocks, float64: hooks that pack a copy in a box see every branch output (the attention's and MLP's outputs)
+    and every tensor a segment holds, the backward unpacks only their boxes, and the gradients equal those
+    without hooks and without recomputation; under ``save_on_cpu`` on CPU they are the same bitwise."""
+    observed = set()
+    monkeypatch.setattr(recompute, "_keep_observers", [lambda t: observed.add(t.untyped_storage().data_ptr())])
+    plain, rec = make_pair("vit_micro_patch4_32_kromhc", hc_backend=backend, **VIT)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    expected, without_hooks = step_grads(plain, x), step_grads(rec, x)
+    branch_outputs, packed, unpacked = set(), set(), []
+    for block in rec.blocks:
+        for branch in (block.attn, block.mlp):  # y itself: no layer scale, no drop-path
+            branch.register_forward_hook(lambda m, a, out: branch_outputs.add(out.untyped_storage().data_ptr()))
+
+    def pack(t):
+        packed.add(t.untyped_storage().data_ptr())
+        return ["box", t.clone()]
+
+    def unpack(box):
+        assert box[0] == "box"
+        unpacked.append(box)
+        return box[1]
+
+    def under(hooks):
+        def forward(x):
+            with hooks():
+                return rec(x)
+        return forward
+
+    observed.clear()
+    assert_same_grads(expected, step_grads(rec, x, forward=under(lambda: torch.autograd.graph.saved_tensors_hooks(
+        pack, unpack))))
+    assert len(branch_outputs) == 6 and branch_outputs <= packed, "a branch output bypassed the outer hooks"
+    assert observed and observed <= packed, "a tensor a segment keeps bypassed the outer hooks"
+    assert unpacked and recompute_calls
+    save_on_cpu = under(lambda: torch.autograd.graph.save_on_cpu(pin_memory=False))
+    assert_same_grads(without_hooks, step_grads(rec, x, forward=save_on_cpu), atol=0)
+    assert_same_grads(expected, step_grads(rec, x, forward=save_on_cpu))
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_a_parameter_changed_in_place_before_the_backward_raises(variant, backend):
     """Saved-tensor hooks take autograd's version check away; the segments make it: a connection's parameter
@@ -314,8 +358,8 @@ def test_what_segments_hold_is_counted_as_saved(variant, backend, monkeypatch):
     model = timm.create_model(f"vit_micro_patch4_32_{variant}", hc_backend=backend, hc_recompute=2, **VIT)
     assert saved_activation_bytes(model, torch.randn(2, 3, 16, 16)) > 0
     held = {t.untyped_storage().data_ptr() for seg in segments
-            for t in [seg.start] + [link.y[0] for link in seg.links]
-            + [c[0] for link in seg.links for c in link.coefs if c is not None]}
+            for t in [seg.start.value] + [link.y[0].value for link in seg.links]
+            + [c[0].value for link in seg.links for c in link.coefs if c is not None]}
     assert len(segments) == 3 and held <= observed
 
 
