@@ -14,6 +14,9 @@ Every backend package (``pytorch``, ``triton``, ``numba``) provides ``stream_pre
 - ``triton``, ``numba``: those kernels, or an error saying why they cannot run;
 - ``torch``: the PyTorch backend everywhere.
 
+While ``torch.onnx.export`` traces a model, ``auto`` runs PyTorch's ops, which ONNX translates (the kernel
+backends' custom ops have no ONNX translation).
+
 With ``TRITON_INTERPRET=1`` (set before triton is imported) ``triton`` runs the Triton kernels on CPU
 tensors in Triton's interpreter, which is how the tests check them without a GPU.
 """
@@ -112,6 +115,8 @@ def backend_for(backend, device: torch.device, op: str = "stream_pre", num_strea
     asked for: ``auto``'s rules, or the named backend (an error saying why, if it cannot run).
     ``coefficients``: stream_pre's ``2n + m`` per token."""
     name = resolve_backend(backend)
+    if name == "auto" and torch.onnx.is_in_onnx_export():  # the kernels' custom ops have no ONNX translation
+        return "torch"
     if name == "auto":
         preferred = {"cuda": "triton", "cpu": "numba"}.get(device.type)
         usable = (preferred is not None and unavailable_reason(preferred, device) is None
