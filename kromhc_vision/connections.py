@@ -118,6 +118,8 @@ class HyperConnection(nn.Module):
         super().__init__()
         self.check(num_streams, dim, init=init, backend=backend, **options)
         _check_int("layer_index", layer_index, 0)  # picks the published init's stream (layer_index mod n)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype (its parameters are trained), got {dtype!r}")
         self.num_streams, self.dim, self.layer_index, self.init, self.eps = num_streams, dim, layer_index, init, eps
         self.backend = dispatch.resolve_backend(backend)
         for name, default in self.OPTIONS.items():

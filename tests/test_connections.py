@@ -40,11 +40,20 @@ def test_variant_listing_and_unknown_name():
     (dict(num_streams=1), "num_streams >= 2"),
     (dict(layer_index="0"), r"layer_index must be an int, got '0' \(str\)"),  # was a TypeError from '%'
     (dict(layer_index=-1), "layer_index must be >= 0, got -1"),
+    (dict(dtype=torch.int32), "dtype must be a floating-point torch.dtype.*got torch.int32"),  # was torch's message
+    (dict(dtype="float32"), "dtype must be a floating-point torch.dtype.*got 'float32'"),  # about requires_grad
 ])
 def test_bad_arguments_name_value_and_choices(bad, match):
     args = dict(num_streams=4, dim=8) | bad
     with pytest.raises(ValueError, match=match):
         kv.build_connection("kromhc", **args)
+
+
+@pytest.mark.parametrize("num_streams", ["4", 0, 2.0])
+def test_expand_streams_names_a_bad_stream_count(num_streams):
+    """'4' was a TypeError from the comparison, 2.0 one from expand."""
+    with pytest.raises(ValueError, match=f"num_streams must be an int >= 1, got {num_streams!r}"):
+        kv.expand_streams(torch.randn(2, 8), num_streams)
 
 
 def test_wrong_stream_shape_is_rejected():
