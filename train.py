@@ -433,6 +433,9 @@ def train(args, args_text, run_dir):
         out = RunOutputs(run_dir, args, args_text, model, task, optimizer, loss_scaler, start_epoch)
         _logger.info(f'Output: {out.dir}; {num_epochs - start_epoch} epochs of {updates_per_epoch} updates, '
                      f'{len(data.dataset_train)} train / {len(data.dataset_eval)} eval images')
+        if start_epoch >= num_epochs and out.saver.made_copies:  # validate lets a finished run resume for this
+            print(f'the run in {out.dir} had finished; made the copies of its last checkpoint that a kill left '
+                  f"unmade: {', '.join(os.path.basename(p) for p in out.saver.made_copies)}", flush=True)
 
     def run_eval(ema):
         evaluator = task.create_evaluator(max_samples=evaluation_sample_limit(data.loader_eval))

@@ -630,6 +630,37 @@ def test_a_kill_while_the_epoch_copy_of_last_is_made_loses_no_checkpoint(tmp_pat
     assert_same_run(tmp_path / 'whole', tmp_path / 'killed')
 
 
+def test_a_kill_before_the_copies_of_the_final_epoch_is_repaired_by_a_resume(tmp_path, data, monkeypatch, capsys):
+    """Killed in the last epoch after last.pth.tar was written, before its copies (checkpoint-2, model_best): the
+    resume was refused as a finished run, and the folder kept no checkpoint-2 and an older model_best. Now the resume
+    makes the copies, trains nothing, and the folder is the uninterrupted run's; a resume after that is refused."""
+    argv = [*TINY, '--data-dir', data, '--epochs', 3, '--eval-metric', 'loss', '--output', tmp_path]
+    run(*argv, '--experiment', 'whole')
+    assert torch.load(tmp_path / 'whole' / 'model_best.pth.tar', weights_only=False)['epoch'] == 2, 'case needs it'
+    duplicate = train_script.CheckpointSaver._duplicate
+
+    def kill_before_copy(self, src, dst):
+        if os.path.basename(dst).startswith('checkpoint-2'):
+            raise KeyboardInterrupt('killed before copying last.pth.tar to checkpoint-2')
+        return duplicate(self, src, dst)
+    monkeypatch.setattr(train_script.CheckpointSaver, '_duplicate', kill_before_copy)
+    with pytest.raises(KeyboardInterrupt):
+        run(*argv, '--experiment', 'killed')
+    monkeypatch.undo()
+    folder = tmp_path / 'killed'
+    assert not (folder / 'checkpoint-2.pth.tar').exists()
+    run('--resume', folder / 'last.pth.tar')
+    assert 'made the copies of its last checkpoint that a kill left unmade: checkpoint-2.pth.tar, model_best.pth.tar' \
+        in capsys.readouterr().out
+    for name in ('checkpoint-2.pth.tar', 'model_best.pth.tar'):
+        assert torch.load(folder / name, weights_only=False)['epoch'] == 2, name
+    assert_same_run(tmp_path / 'whole', folder)
+    assert sorted(p.name for p in folder.glob('*.pth.tar')) == sorted(p.name for p in (tmp_path / 'whole').glob(
+        '*.pth.tar'))
+    code, err = error_of(capsys, '--resume', folder / 'last.pth.tar')
+    assert code == 2 and 'finished run (3 of 3 epochs)' in err
+
+
 def test_a_resume_from_an_older_checkpoint_keeps_the_best_checkpoint_made_since(tmp_path, data, monkeypatch):
     """Resuming from checkpoint-1 of a run whose later epoch became the best: model_best.pth.tar stays that epoch's
     (the copies a kill left unmade are made only for the folder's newest checkpoint, last.pth.tar; an older one's

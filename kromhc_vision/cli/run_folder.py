@@ -16,7 +16,7 @@ from datetime import datetime
 import timm.utils
 from timm.models import safe_model_name
 
-from . import ConfigError
+from . import ConfigError, read_checkpoint
 
 RUN_FILES = ('args.yaml', 'summary.csv', 'summary.json', 'steps.csv', 'last.pth.tar', 'model_best.pth.tar')
 LOCK_FILE = '.train.lock'
@@ -151,6 +151,7 @@ class CheckpointSaver(timm.utils.CheckpointSaver):
     and a resume into the folder makes the copies of the checkpoint it resumes that a kill left unmade.
     """
     resumed_from = None
+    made_copies = ()  # what the resume made (see load_state_dict)
 
     def _replace(self, src, dst):
         os.replace(src, dst)
@@ -181,24 +182,54 @@ class CheckpointSaver(timm.utils.CheckpointSaver):
         self.resumed_from = checkpoint_path
         return super().load_state_dict_from_checkpoint(checkpoint_path)
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict, make: bool = True) -> list:
         """timm's restore of the checkpoint history; then the copies of the resumed checkpoint (its epoch is
         ``pending``) that the run was killed before making: ``checkpoint-<epoch>`` if it earns a place, as it would
-        have, and ``model_best`` if its metric is the best."""
+        have, and ``model_best`` if its metric is the best. Returns their paths (``make=False``: the copies are
+        not made, only named; the history kept here is then not the folder's)."""
         super().load_state_dict(state_dict)
         epoch, metric = state_dict.get('pending', (None, None))
         last = os.path.join(self.checkpoint_dir, 'last' + self.extension)
         if epoch is None or self.resumed_from is None or not os.path.exists(last) \
                 or not os.path.samefile(self.resumed_from, last):
-            return  # only the newest checkpoint's copies can be missing (an older one's model_best was replaced since)
+            return []  # only the newest checkpoint's copies can be missing (an older one's model_best was replaced)
+        copies = []
         path = self._checkpoint_path(epoch)
         if path not in [f for f, _ in self.checkpoint_files]:  # timm tracks it when the file is there
             worst = self.checkpoint_files[-1] if self.checkpoint_files else None
             if (len(self.checkpoint_files) < self.max_history or worst[1] is None
                     or (metric is not None and self.cmp(metric, worst[1]))):  # as save_checkpoint decides
-                if len(self.checkpoint_files) >= self.max_history:
-                    self._cleanup_checkpoints(1)
-                self._duplicate(self.resumed_from, path)
+                if make:
+                    if len(self.checkpoint_files) >= self.max_history:
+                        self._cleanup_checkpoints(1)
+                    self._duplicate(self.resumed_from, path)
                 self._track_checkpoint(path, epoch, metric, update_best_file=False)
-        if self.best_epoch == epoch and state_dict.get('best_epoch') != epoch:  # this checkpoint became the best
-            self._duplicate(self.resumed_from, os.path.join(self.checkpoint_dir, 'model_best' + self.extension))
+                copies.append(path)
+        best = os.path.join(self.checkpoint_dir, 'model_best' + self.extension)
+        if self.best_epoch == epoch and state_dict.get('best_epoch') != epoch \
+                and not _same_file(best, self.resumed_from):  # this checkpoint became the best
+            if make:
+                self._duplicate(self.resumed_from, best)
+            copies.append(best)
+        if make:
+            self.made_copies = copies
+        return copies
+
+
+def _same_file(path, other) -> bool:
+    """Whether ``path`` is ``other`` or a copy of it as :meth:`CheckpointSaver._duplicate` makes one: a hard link,
+    or a file copy with its size and modification time (``shutil.copy2`` keeps them)."""
+    if not os.path.exists(path):
+        return False
+    a, b = os.stat(path), os.stat(other)
+    return os.path.samefile(path, other) or (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns)
+
+
+def unmade_copies(checkpoint, max_history: int, decreasing: bool) -> list:
+    """The copies of ``checkpoint`` (``checkpoint-<epoch>``, ``model_best``) that a kill after it was written
+    left unmade in its folder, for a saver of these settings; none unless it is the folder's last.pth.tar."""
+    saver = CheckpointSaver(model=None, optimizer=None, checkpoint_dir=os.path.dirname(os.path.abspath(checkpoint)),
+                            decreasing=decreasing, max_history=max_history)
+    saver.resumed_from = checkpoint
+    state = read_checkpoint(checkpoint, 'resume').get('saver')
+    return saver.load_state_dict(state, make=False) if state is not None else []

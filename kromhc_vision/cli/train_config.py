@@ -28,7 +28,7 @@ from ..cpu_allocator import CPU_MALLOC_CHOICES
 from ..data import DatasetIntegrityError, DatasetUnavailableError, torch_dataset_root
 from ..optim import check_opt_name
 from . import ConfigError, check_device, read_checkpoint
-from .run_folder import check_run_dir, choose_run_dir
+from .run_folder import check_run_dir, choose_run_dir, resumes_in, unmade_copies
 
 # timm train.py options this train.py does not implement; named as such instead of "unknown key".
 TIMM_UNSUPPORTED = (
@@ -530,14 +530,17 @@ def probe_schedule(args) -> int:
     return num_epochs
 
 
-def check_resume(args, num_epochs: int):
+def check_resume(args, num_epochs: int, folder):
     """Only a train.py checkpoint resumes; a finished run (``num_epochs``: the run's length,
-    :func:`probe_schedule`) has nothing left to resume: say so, and how to train longer."""
+    :func:`probe_schedule`) has nothing left to resume: say so, and how to train longer. Unless the run continues
+    in ``folder`` and was killed in its last epoch after writing last.pth.tar, before its copies: the resume makes
+    them, and trains no epoch."""
     checkpoint = read_resume_checkpoint(args.resume)
     if args.start_epoch is not None:
         return
     next_epoch = checkpoint['epoch'] + (1 if checkpoint.get('version', 1) > 1 else 0)
-    if next_epoch >= num_epochs:
+    if next_epoch >= num_epochs and not (resumes_in(args, folder) and unmade_copies(
+            args.resume, args.checkpoint_hist, decreasing=args.eval_metric == 'loss')):
         raise ConfigError(
             f'resume: {args.resume} is the end of a finished run ({next_epoch} of {num_epochs} epochs); '
             'its schedule is spent (a longer --epochs cannot extend it: the epochs so far followed the recorded '
@@ -739,8 +742,6 @@ def validate(args) -> str:
         if getattr(args, key):
             read_checkpoint(getattr(args, key), key)
     num_epochs = probe_schedule(args)
-    if args.resume:
-        check_resume(args, num_epochs)
     try:
         with torch.device('meta'):
             model = timm.create_model(args.model, pretrained=False, **model_kwargs(args))
@@ -778,6 +779,8 @@ def validate(args) -> str:
     input_size = resolve_data_config(vars(args), model=model)['input_size']
     check_model_img_size(args, input_size, model)
     folder = choose_run_dir(args, input_size)
+    if args.resume:
+        check_resume(args, num_epochs, folder)
     check_run_dir(args, folder)
     return folder
 
