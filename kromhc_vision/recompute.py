@@ -54,6 +54,7 @@ from typing import Callable, List, Optional
 
 import torch
 from torch.fx import _symbolic_trace
+from torch.multiprocessing.reductions import StorageWeakRef
 
 # True while torch.fx symbolically traces (torch >= 2.8 names it is_fx_symbolic_tracing; is_fx_tracing also
 # answers True under torch.export, and warns)
@@ -124,11 +125,12 @@ class _Kept:
     __slots__ = ("value", "version", "outer_unpack")
 
     def __init__(self, t, outer=None):
-        t = t.detach()
         if outer is None:
+            t = t.detach()
             self.value, self.version, self.outer_unpack = t, t._version, None
-        else:
-            self.value, self.version, self.outer_unpack = outer[0](t), None, outer[1]
+        else:  # a leaf as it is (no grad_fn: no cycle), so that hooks see a parameter as one (and may skip it)
+            self.value = outer[0](t if t.grad_fn is None else t.detach())
+            self.version, self.outer_unpack = None, outer[1]
 
     def unpack(self) -> torch.Tensor:
         if self.outer_unpack is not None:
@@ -177,7 +179,11 @@ class _Segment:
         # (graph -> placeholder -> segment -> tensor -> graph) that Python's collector cannot see, leaking a
         # graph whose backward never runs
         self.start = self._kept(start)
-        self.keep = {_storage_key(start)}  # storages kept as they are: the start, branch outputs, coefficients
+        # storages kept as they are (the start, branch outputs, coefficients), by key, each with a weak reference:
+        # under outer hooks that copy (save_on_cpu) a kept tensor's storage is freed, and its address may be reused
+        # by a tensor that is not kept
+        self.keep = {}
+        self.keep_storages(start)
         self.links: List[_Link] = []
         device = start.device.type
         self.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) \
@@ -193,7 +199,7 @@ class _Segment:
     def add(self, conn, X: torch.Tensor) -> int:
         """Connection ``conn`` on state ``X`` joins the segment; returns its index."""
         key = _storage_key(X)
-        self.links.append(_Link(conn, None if key in self.keep else key, X.requires_grad))
+        self.links.append(_Link(conn, None if self.keeps(key) else key, X.requires_grad))
         return len(self.links) - 1
 
     def _kept(self, t: torch.Tensor) -> "_Kept":
@@ -202,7 +208,16 @@ class _Segment:
 
     def _kept_anyway(self, t: torch.Tensor) -> bool:
         """Whether ``t`` stays without costing the segment anything: a parameter, or a storage already kept."""
-        return (t.requires_grad and t.grad_fn is None) or _storage_key(t) in self.keep
+        return (t.requires_grad and t.grad_fn is None) or self.keeps(_storage_key(t))
+
+    def keep_storages(self, *tensors) -> None:
+        for t in tensors:
+            self.keep[_storage_key(t)] = StorageWeakRef(t.untyped_storage())
+
+    def keeps(self, key) -> bool:
+        """Whether the storage at ``key`` is one kept (alive: not a later one at a freed kept one's address)."""
+        ref = self.keep.get(key)
+        return ref is not None and not ref.expired()
 
     def _pack(self, index: int, t: torch.Tensor, position: Optional[int]):
         """The state's views become placeholders; of the rest, with ``position`` (a post step's saves) all but the
@@ -255,7 +270,7 @@ class _Segment:
         new = {_storage_key(t): t.untyped_storage().nbytes() for t in candidates}
         kept = sum(new.values()) * RES_KEEP_WIDTH_RATIO <= y.numel() * y.element_size()
         if kept:
-            self.keep.add(_storage_key(h_res))
+            self.keep_storages(h_res)
         for p in pending:
             p.value = self._kept(p.value) if kept else self._pack(index, p.value, p.position)
         if not kept:  # the post step's first saves, when it runs Phi itself
@@ -378,7 +393,7 @@ class RecomputeSession:
         with seg.pre_hooks(i):
             p = pre(conn, X)
         y = branch(p[0])
-        seg.keep.update(_storage_key(t) for t in (y, *p[1:4]))
+        seg.keep_storages(y, *p[1:4])
         h_res, kept = seg.form_res_matrix(i, res_matrix, p[3], y)
         link = seg.links[i]
         # what the post step is recomputed from: y, h_post and H_res, or a_res where H_res is not kept

@@ -197,6 +197,10 @@ def test_a_plain_state_dict_that_does_not_fit_the_model_is_named_with_the_class_
                                    "size mismatch for head.weight")
     with pytest.raises(SystemExit, match=r"does not fit 'vit_micro_patch4_32_mhc': size mismatch for blocks.0.hc_"):
         eval_script.main(['--model', 'vit_micro_patch4_32_mhc', '--num-classes', '10', *common])
+    state_dict = torch.load(tmp_path / 'plain.pth')  # wrapped as timm reads it, saved from DataParallel
+    torch.save({'state_dict': {f'module.{k}': v for k, v in state_dict.items()}}, tmp_path / 'plain.pth')
+    with pytest.raises(SystemExit, match=r"its classifier has 10 outputs \(give --num-classes 10\)"):
+        eval_script.main(['--model', MODEL, *common])
 
 
 def test_a_local_dir_model_without_its_config_is_named_with_a_checkpoint(tmp_path):

@@ -255,6 +255,50 @@ def test_what_segments_keep_goes_through_a_users_saved_tensor_hooks(backend, rec
 
 
 @pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_outer_hooks_see_the_parameters_a_segment_keeps_as_parameters(backend):
+    """Offloading hooks skip parameters (torchtune's: ``isinstance(t, nn.Parameter)``); what a segment kept reached
+    them detached, plain tensors, so that they copied every connection's weights. They see the same parameters as
+    without recomputation."""
+    plain, rec = make_pair("vit_micro_patch4_32_kromhc", hc_backend=backend, **VIT)
+
+    def parameters_packed(model):
+        seen = set()
+
+        def pack(t):
+            if isinstance(t, torch.nn.Parameter):
+                seen.add(id(t))
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.randn(2, 3, 16, 16, dtype=torch.float64)).sum().backward()
+        return {name for name, p in model.named_parameters() if id(p) in seen}
+
+    assert parameters_packed(rec) == parameters_packed(plain) and any('hc_' in n for n in parameters_packed(rec))
+
+
+def test_outer_hooks_that_copy_pack_no_more_than_hooks_that_keep():
+    """Hooks that copy what they pack (save_on_cpu on a GPU, a user's offloading) free the tensors a segment keeps:
+    a later tensor at a freed one's address was taken for a kept one (packed, not recomputed: more offloaded). The
+    tensors packed are those that hooks keeping the tensors (no address reused) see, for several batch sizes."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_micro_patch4_32_kromhc", hc_backend="torch", hc_recompute=12, img_size=16, depth=6)
+
+    def packed(batch, copy):
+        shapes = []
+
+        def pack(t):
+            shapes.append((tuple(t.shape), t.dtype))
+            return t.clone() if copy else t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(torch.randn(batch, 3, 16, 16))
+        out.sum().backward()
+        return sorted(shapes, key=str)
+
+    for batch in range(1, 5):
+        assert packed(batch, copy=True) == packed(batch, copy=False), batch
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_a_parameter_changed_in_place_before_the_backward_raises(variant, backend):
     """Saved-tensor hooks take autograd's version check away; the segments make it: a connection's parameter

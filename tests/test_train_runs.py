@@ -218,6 +218,17 @@ def test_without_its_optimizer_state_a_resume_may_change_the_optimizer(stopped_r
     assert checkpoint['optimizer']['param_groups'][0]['momentum'] == 0.8
 
 
+def test_a_run_recorded_with_num_samples_on_a_folder_dataset_resumes(stopped_run):
+    """--train-num-samples on an image folder, which timm ignored, is refused since; a run recorded with it (before
+    the refusal) resumes, as it ran (it was refused as if the resume had given it)."""
+    checkpoint = torch.load(stopped_run / 'last.pth.tar', weights_only=False)
+    checkpoint['args'].train_num_samples = 100
+    torch.save(checkpoint, stopped_run / 'last.pth.tar')
+    run('--resume', stopped_run / 'last.pth.tar')
+    checkpoint = torch.load(stopped_run / 'last.pth.tar', weights_only=False)
+    assert checkpoint['epoch'] == checkpoint['args'].epochs - 1 and checkpoint['args'].train_num_samples is None
+
+
 def test_resume_may_change_runtime_settings(stopped_run):
     # the digits config sets hc_recompute false; the resumed run turns it on
     run('--resume', stopped_run / 'last.pth.tar', '--model-kwargs', 'hc_backend=torch', 'hc_recompute=True',
@@ -386,6 +397,9 @@ def test_extending_a_finished_run_is_refused_with_the_way_on(tmp_path, data, cap
     (['--model-kwargs', 'hc_recompte=3'], "model_kwargs hc_recompte=3: VisionTransformerHC takes no argument "
                                           "'hc_recompte' (did you mean 'hc_recompute'?); its arguments: hc_variant, "),
     (['--drop-block', '0.1'], "drop_block=0.1 (passed as drop_block_rate): VisionTransformerHC takes no argument"),
+    # an optimizer's unknown keyword is the optimizer's, not the model's
+    (['--opt', 'sgd', '--opt-kwargs', 'amsgrad=True'], "cannot be built: SGD.__init__() got an unexpected keyword "
+                                                       "argument 'amsgrad'"),
 ])
 def test_bad_values_are_named_before_any_work(tmp_path, data, capsys, argv, message, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # the same on a machine with a GPU
@@ -432,6 +446,20 @@ def test_a_torchvision_dataset_missing_from_its_folder_is_named_and_leaves_no_ru
                          '--output', tmp_path / 'out', '--experiment', 'x')
     assert code == 2 and f"dataset: torchvision finds no intact cifar10 files in {tmp_path / 'data'}" in err
     assert 'add --dataset-download to download them there' in err
+    assert not (tmp_path / 'out' / 'x').exists()
+
+
+@pytest.mark.parametrize('dataset', ['torch/imagenet', 'torch/image_folder'])
+@pytest.mark.parametrize('download', [[], ['--dataset-download']])
+def test_a_torchvision_dataset_that_is_not_downloaded_is_named_without_dataset_download(tmp_path, capsys, dataset,
+                                                                                         download):
+    """torch/imagenet and torch/image_folder take no download (timm drops it): the message does not suggest
+    --dataset-download, and with it the run is refused the same (it was a traceback)."""
+    (tmp_path / 'data').mkdir()
+    code, err = error_of(capsys, *TINY, '--dataset', dataset, '--data-dir', tmp_path / 'data', *download,
+                         '--output', tmp_path / 'out', '--experiment', 'x')
+    assert code == 2 and f"dataset: torchvision finds no intact {dataset[6:]} files in {tmp_path / 'data'}" in err
+    assert '--dataset-download to' not in err and 'torchvision does not download' in err
     assert not (tmp_path / 'out' / 'x').exists()
 
 

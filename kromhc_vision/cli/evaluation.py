@@ -109,7 +109,12 @@ def load_trained_model(model_name: str, checkpoint=None, use_ema=False, num_clas
 def _head_hint(model, state_dict: dict, num_classes) -> str:
     """For a plain state dict whose classifier has another class count than the model: the --num-classes to give."""
     classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier')
-    weight = state_dict.get(f'{classifier}.weight') if isinstance(classifier, str) else None
+    for key in ('state_dict', 'model'):  # where timm's load_checkpoint looks, and DataParallel's 'module.' prefix
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    weight = next((state_dict.get(f'{prefix}{classifier}.weight') for prefix in ('', 'module.')
+                   if f'{prefix}{classifier}.weight' in state_dict), None) if isinstance(classifier, str) else None
     if not isinstance(weight, torch.Tensor) or weight.shape[0] == getattr(model, 'num_classes', weight.shape[0]):
         return ''
     given = f'--num-classes {num_classes}' if num_classes is not None else f'{model.num_classes} classes (its default)'

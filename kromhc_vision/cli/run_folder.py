@@ -121,9 +121,12 @@ class RunLock:
     def release_unused(self):
         """Release the lock, and remove the folder if this lock made it and nothing was written in it since (a run
         refused after the lock was taken, e.g. for data that is not there, leaves no empty folder behind)."""
-        if self.made_folder and os.listdir(self.folder) == [LOCK_FILE]:
-            os.unlink(self.path)
-            os.rmdir(self.folder)
+        try:
+            if self.made_folder and os.listdir(self.folder) == [LOCK_FILE]:
+                os.unlink(self.path)
+                os.rmdir(self.folder)
+        except OSError:  # another run began to use the folder meanwhile: it stays
+            pass
         self.release()
 
 

@@ -59,6 +59,7 @@ _TORCH_BASIC_DATASETS = getattr(timm_datasets, '_TORCH_BASIC_DS', None)  # priva
 TORCH_DATASETS = (*_TORCH_BASIC_DATASETS, 'inaturalist', 'inat', 'places365', 'qmnist', 'imagenet', 'image_folder',
                   'folder') if _TORCH_BASIC_DATASETS else ()
 ITERABLE = ('hfids', 'tfds', 'wds')  # prefixes of timm's iterable datasets
+NOT_DOWNLOADED = ('imagenet', 'image_folder', 'folder')  # torch/ datasets timm builds without torchvision's download
 # Options of two values (min, max); argparse's nargs='+' takes any number.
 PAIRS = ('scale', 'ratio', 'cutmix_minmax')
 FRACTIONS = ('smoothing', 'drop', 'drop_path', 'drop_block', 'reprob', 'hflip', 'vflip', 'mixup_prob',
@@ -485,6 +486,9 @@ def restore_run_args(args, given):
                 merged[k] = v
             args.model_kwargs = merged
         elif key not in given:
+            if key in ('train_num_samples', 'val_num_samples') and dataset_prefix(recorded.get('dataset')) \
+                    not in ITERABLE:
+                there = None  # ignored by timm in that run (a map-style dataset; refused since): not restored
             setattr(args, key, there)
         elif key in RESUME_FIXED and not (key == 'opt' and args.no_resume_opt) and not (
                 key in OPTIMIZER_SETTINGS and (args.no_resume_opt or not _optimizer_reads(args.opt, key))):
@@ -664,10 +668,14 @@ def create_dataset(name, root=None, download=False, **kwargs):
     try:
         return timm_datasets.create_dataset(name, root=root, download=download, **kwargs)
     except (RuntimeError, OSError) as e:
-        if dataset_prefix(name) != 'torch' or download:
+        torch_name = name.split('/')[-1].lower()  # as timm reads it
+        downloads = torch_name not in NOT_DOWNLOADED
+        if dataset_prefix(name) != 'torch' or (download and downloads):
             raise
+        how = 'or add --dataset-download to download them there' if downloads else \
+            f'torchvision does not download {torch_name} (timm passes it no download)'
         raise ConfigError(f"dataset: torchvision finds no intact {name.partition('/')[2]} files in {root} ({e}); give "
-                          "the --data-dir that holds them, or add --dataset-download to download them there") from None
+                          f"the --data-dir that holds them, {how}") from None
 
 
 def check_dataset(args):
@@ -742,11 +750,15 @@ def validate(args) -> str:
         if getattr(args, key):
             read_checkpoint(getattr(args, key), key)
     num_epochs = probe_schedule(args)
+    model = None
     try:
         with torch.device('meta'):
             model = timm.create_model(args.model, pretrained=False, **model_kwargs(args))
             create_optimizer_v2(model, **dict(optimizer_kwargs(cfg=args), lr=args.lr or 0.), **args.opt_kwargs)
     except (ValueError, TypeError, RuntimeError, AssertionError) as e:
+        if model is not None:  # the optimizer's (SGD with opt_kwargs amsgrad=True)
+            raise ConfigError(f"opt {args.opt!r} with these settings (opt_kwargs {args.opt_kwargs}) cannot be built: "
+                              f"{e}") from None
         raise ConfigError(f"model {args.model!r} with these settings cannot be built: "
                           f"{unexpected_model_keyword(args, e) or e}") from None
     except OSError as e:  # an hf-hub: / local-dir: model whose config cannot be read (offline, no such repo)
