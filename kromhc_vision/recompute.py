@@ -175,6 +175,7 @@ class _Segment:
     def __init__(self, start: torch.Tensor, post: Callable, outer=None):
         # the saved-tensor hooks outside the connection running now (None: none), which what it keeps goes through
         self.outer, self.post = outer, post
+        self.packed = {}  # under outer hooks: what was kept, by tensor (see _kept)
         # detached (same storage): a tensor with its grad_fn here would make a cycle through the autograd graph
         # (graph -> placeholder -> segment -> tensor -> graph) that Python's collector cannot see, leaking a
         # graph whose backward never runs
@@ -203,8 +204,20 @@ class _Segment:
         return len(self.links) - 1
 
     def _kept(self, t: torch.Tensor) -> "_Kept":
+        """``t`` kept until the backward pass. Under outer hooks packed once per segment: a tensor kept again while
+        alive and unchanged (a branch output the post step saves, a parameter two ops save) shares its
+        :class:`_Kept`, so that ``save_on_cpu`` copies it once (its unpack runs once per use, as for any saved
+        tensor a backward uses twice)."""
         _observe(t)
-        return _Kept(t, self.outer)
+        if self.outer is None:
+            return _Kept(t)
+        key = (_storage_key(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version, self.outer)
+        hit = self.packed.get(key)
+        if hit is not None and not hit[1].expired():
+            return hit[0]
+        kept = _Kept(t, self.outer)
+        self.packed[key] = (kept, StorageWeakRef(t.untyped_storage()))
+        return kept
 
     def _kept_anyway(self, t: torch.Tensor) -> bool:
         """Whether ``t`` stays without costing the segment anything: a parameter, or a storage already kept."""

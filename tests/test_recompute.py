@@ -1,6 +1,7 @@
 """hc_recompute: the connections' saved tensors recomputed in the backward pass give the gradients of plain
 autograd (every variant, the torch / numba / Triton-interpreter backends, ViT and ConvNeXt, drop-path, timm's
 grad checkpointing, forward_intermediates, torch.compile, DDP), keep less, and bad values are refused."""
+import collections
 import os
 import sys
 import textwrap
@@ -273,6 +274,35 @@ def test_outer_hooks_see_the_parameters_a_segment_keeps_as_parameters(backend):
         return {name for name, p in model.named_parameters() if id(p) in seen}
 
     assert parameters_packed(rec) == parameters_packed(plain) and any('hc_' in n for n in parameters_packed(rec))
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_outer_hooks_pack_what_a_segment_keeps_once(backend):
+    """Under outer hooks a branch output was packed twice (kept for the recomputation, and saved by the post step)
+    and so were parameters two ops save: ``save_on_cpu`` copied each twice. Each branch output and each connection
+    parameter is packed once now; the gradients stay those without recomputation."""
+    plain, rec = make_pair("vit_micro_patch4_32_kromhc", hc_backend=backend, **VIT)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    expected = step_grads(plain, x)
+    outputs, packs = [], collections.Counter()  # the outputs held: no other tensor takes their addresses
+    for block in rec.blocks:
+        for branch in (block.attn, block.mlp):
+            branch.register_forward_hook(lambda m, a, out: outputs.append(out))
+    connection_parameters = {p.untyped_storage().data_ptr() for n, p in rec.named_parameters() if '.hc_' in n}
+
+    held = []  # what was packed, held: no address is reused during the forward pass, counts are per tensor
+
+    def pack(t):
+        held.append(t)
+        packs[t.untyped_storage().data_ptr()] += 1
+        return t.clone()
+
+    def forward(x):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return rec(x)
+    assert_same_grads(expected, step_grads(rec, x, forward=forward))
+    assert len(outputs) == 6 and [packs[y.untyped_storage().data_ptr()] for y in outputs] == [1] * 6
+    assert {packs[k] for k in connection_parameters} <= {0, 1}  # (scale and bias: only their gathered copies)
 
 
 def test_outer_hooks_that_copy_pack_no_more_than_hooks_that_keep():
