@@ -618,6 +618,17 @@ def test_a_kill_while_last_is_replaced_leaves_last_whole(tmp_path, data, monkeyp
     assert_same_run(tmp_path / 'whole', tmp_path / 'killed')
 
 
+def kill_before_copying(monkeypatch, name):
+    """Make the next run die (as if killed) before the saver copies last.pth.tar to ``<name>.pth.tar``."""
+    duplicate = train_script.CheckpointSaver._duplicate
+
+    def kill_before_copy(self, src, dst):
+        if os.path.basename(dst).startswith(name):
+            raise KeyboardInterrupt(f'killed before copying last.pth.tar to {name}')
+        return duplicate(self, src, dst)
+    monkeypatch.setattr(train_script.CheckpointSaver, '_duplicate', kill_before_copy)
+
+
 @pytest.mark.parametrize('killed', ['before the copy', 'during the copy'])
 def test_a_kill_while_the_epoch_copy_of_last_is_made_loses_no_checkpoint(tmp_path, data, monkeypatch, killed):
     """checkpoint-<epoch>.pth.tar (and model_best) are copies of last.pth.tar made after it is in place. Killed
@@ -628,13 +639,7 @@ def test_a_kill_while_the_epoch_copy_of_last_is_made_loses_no_checkpoint(tmp_pat
     argv = [*TINY, '--data-dir', data, '--epochs', 3, '--eval-metric', 'loss', '--output', tmp_path]
     run(*argv, '--experiment', 'whole')
     if killed == 'before the copy':
-        duplicate = train_script.CheckpointSaver._duplicate
-
-        def kill_before_copy(self, src, dst):
-            if os.path.basename(dst).startswith('checkpoint-1'):
-                raise KeyboardInterrupt('killed before copying last.pth.tar to checkpoint-1')
-            return duplicate(self, src, dst)
-        monkeypatch.setattr(train_script.CheckpointSaver, '_duplicate', kill_before_copy)
+        kill_before_copying(monkeypatch, 'checkpoint-1')
     else:
         copy2 = checkpoint_saver.shutil.copy2
 
@@ -665,13 +670,7 @@ def test_a_kill_before_the_copies_of_the_final_epoch_is_repaired_by_a_resume(tmp
     argv = [*TINY, '--data-dir', data, '--epochs', 3, '--eval-metric', 'loss', '--output', tmp_path]
     run(*argv, '--experiment', 'whole')
     assert torch.load(tmp_path / 'whole' / 'model_best.pth.tar', weights_only=False)['epoch'] == 2, 'case needs it'
-    duplicate = train_script.CheckpointSaver._duplicate
-
-    def kill_before_copy(self, src, dst):
-        if os.path.basename(dst).startswith('checkpoint-2'):
-            raise KeyboardInterrupt('killed before copying last.pth.tar to checkpoint-2')
-        return duplicate(self, src, dst)
-    monkeypatch.setattr(train_script.CheckpointSaver, '_duplicate', kill_before_copy)
+    kill_before_copying(monkeypatch, 'checkpoint-2')
     with pytest.raises(KeyboardInterrupt):
         run(*argv, '--experiment', 'killed')
     monkeypatch.undo()
