@@ -86,3 +86,22 @@ def test_stream_post_first_call_after_autotuning(monkeypatch):
     dz = torch.randn_like(expected)
     for a, e in zip(torch.autograd.grad(out, inputs, dz), torch.autograd.grad(expected, inputs, dz)):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-11)
+
+
+def test_configs_are_chosen_per_device_kind(monkeypatch):
+    """Triton keys the configs it chose by the launch's sizes and dtypes only: in a process with two kinds of GPU
+    a config chosen on one (pruned for its shared memory) was launched on the other. Chosen per kind of device now:
+    a second kind tunes again, and the first kind's choice is used again when it comes back."""
+    from kromhc_vision.ops.triton import _common
+    calls = _replay(monkeypatch, _stream_post_fwd_kernel, POST_CONFIGS)
+    kind = ["gpu A"]
+    monkeypatch.setattr(_common, "device_kind", lambda device: kind[0], raising=False)
+    monkeypatch.setattr(_common, "_chosen", {}, raising=False)
+    n, C, T = 3, 40, 13
+    inputs = [torch.randn(T, n, C, dtype=torch.float64), torch.randn(T, C, dtype=torch.float64),
+              torch.randn(T, n, n, dtype=torch.float64), torch.randn(T, n, dtype=torch.float64)]
+    counts = []
+    for kind[0] in ("gpu A", "gpu A", "gpu B", "gpu A", "gpu B"):
+        torch.testing.assert_close(stream_post(*inputs), stream_post_reference(*inputs), rtol=1e-10, atol=1e-12)
+        counts.append(len(calls))
+    assert counts == [len(POST_CONFIGS)] * 2 + [2 * len(POST_CONFIGS)] * 3  # tuned once per kind

@@ -96,6 +96,40 @@ def prune_by_resources(estimate):
     return {"early_config_prune": prune}
 
 
+AUTOTUNED = []  # the kernels made by autotune() below
+_chosen = {}  # (id of an autotuned kernel, device kind) -> its cache of chosen configs on that kind of device
+_kind_in_use = [None]
+
+
+def autotune(*args, **kwargs):
+    """``triton.autotune``, the kernel registered in :data:`AUTOTUNED` (see :func:`use_configs_of`)."""
+    def register(fn):
+        kernel = triton.autotune(*args, **kwargs)(fn)
+        AUTOTUNED.append(kernel)
+        return kernel
+    return register
+
+
+@functools.lru_cache(maxsize=None)
+def device_kind(device: torch.device):
+    """What the configs chosen for a launch depend on: the GPU's name, architecture and shared memory per block
+    (what the pruners read); the device type elsewhere (the interpreter's CPU tensors)."""
+    if device.type != "cuda":
+        return device.type
+    props = torch.cuda.get_device_properties(device)
+    return props.name, props.major, props.minor, props.shared_memory_per_block_optin
+
+
+def use_configs_of(kind) -> None:
+    """Point each autotuned kernel's cache of chosen configs at the one for device ``kind``. Triton keys that cache
+    by the launch's size arguments and dtypes only, so that in a process with two kinds of GPU a config chosen on one
+    (and pruned for its shared memory) would be launched on the other. One comparison when the kind does not change."""
+    if kind != _kind_in_use[0]:
+        for kernel in AUTOTUNED:
+            kernel.cache = _chosen.setdefault((id(kernel), kind), {})
+        _kind_in_use[0] = kind
+
+
 # Device type -> the context that makes a device current. Triton launches a kernel on the *current* CUDA device, in
 # its current stream, whatever device the pointers it is given belong to; neither a custom op nor the eager path sets
 # it (PyTorch's own ops have a device guard, these do not). The interpreter's CPU tensors need nothing.
@@ -105,7 +139,9 @@ _DEVICE_GUARDS = {"cuda": torch.cuda.device}
 def on_device(tensor: torch.Tensor):
     """A context making ``tensor``'s device current around the launches on it: without it a model on ``cuda:1`` in a
     process whose current device is ``cuda:0`` (``eval.py --device cuda:1``, no ``set_device``) has its kernels run
-    on ``cuda:0``, in ``cuda:0``'s stream, with pointers into ``cuda:1``'s memory."""
+    on ``cuda:0``, in ``cuda:0``'s stream, with pointers into ``cuda:1``'s memory. The autotuned kernels use the
+    configs chosen on this kind of device (:func:`use_configs_of`)."""
+    use_configs_of(device_kind(tensor.device))
     guard = _DEVICE_GUARDS.get(tensor.device.type)
     return contextlib.nullcontext() if guard is None else guard(tensor.device)
 

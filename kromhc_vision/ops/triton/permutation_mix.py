@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ...permutations import mixture_tables
 from .. import pytorch
-from ._common import configs, on_device, prune_by_resources
+from ._common import autotune, configs, on_device, prune_by_resources
 
 MAX_STREAMS = 16  # n^2 <= 256 entries of H per token in the tile
 MAX_LOGITS = 128  # m: mHC-lite up to n = 5 (120), KromHC's factorisations up to n = 16
@@ -92,7 +92,7 @@ def _logits_block(LOGITS, T, m: tl.constexpr, MP: tl.constexpr, BLOCK_T: tl.cons
     return rows, row_ok, cols, a
 
 
-@triton.autotune(_CONFIGS, key=["m", "R", "N2"], prune_configs_by=_PRUNE)
+@autotune(_CONFIGS, key=["m", "R", "N2"], prune_configs_by=_PRUNE)
 @triton.jit
 def _permutation_mix_fwd_kernel(LOGITS, IDX, STARTS, MIX, OUT, T, m: tl.constexpr, R: tl.constexpr,
                                 NFAC: tl.constexpr, KP: tl.constexpr, N2: tl.constexpr, MP: tl.constexpr,
@@ -109,7 +109,7 @@ def _permutation_mix_fwd_kernel(LOGITS, IDX, STARTS, MIX, OUT, T, m: tl.constexp
              mask=row_ok[:, None] & (e < N2)[None, :])
 
 
-@triton.autotune(_CONFIGS, key=["m", "R", "N2"], prune_configs_by=_PRUNE)
+@autotune(_CONFIGS, key=["m", "R", "N2"], prune_configs_by=_PRUNE)
 @triton.jit
 def _permutation_mix_bwd_kernel(LOGITS, IDX, STARTS, MIX, SEL, DOUT, DLOGITS, T, m: tl.constexpr, R: tl.constexpr,
                                 NFAC: tl.constexpr, KP: tl.constexpr, N2: tl.constexpr, MP: tl.constexpr,

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import TRITON_SINKHORN_MAX_STREAMS as MAX_N
-from ._common import configs, nbytes, on_device, prune_by_resources
+from ._common import autotune, configs, nbytes, on_device, prune_by_resources
 
 
 _CONFIGS = configs([(dict(), 1), (dict(), 2), (dict(), 4)], dict())
@@ -56,7 +56,7 @@ def _block(T, n: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr):
     return offs, valid, padding
 
 
-@triton.autotune(_CONFIGS, key=["n"], prune_configs_by=_PRUNE)
+@autotune(_CONFIGS, key=["n"], prune_configs_by=_PRUNE)
 @triton.jit
 def _sinkhorn_fwd_kernel(LOGITS, OUT, T, num_iters, n: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr):
     offs, valid, padding = _block(T, n, NP, BLOCK_T)
@@ -64,7 +64,7 @@ def _sinkhorn_fwd_kernel(LOGITS, OUT, T, num_iters, n: tl.constexpr, NP: tl.cons
     tl.store(OUT + offs, tl.exp(_iterate(L, valid, padding, num_iters)), mask=valid)
 
 
-@triton.autotune(_CONFIGS, key=["n"], prune_configs_by=_PRUNE)
+@autotune(_CONFIGS, key=["n"], prune_configs_by=_PRUNE)
 @triton.jit
 def _sinkhorn_bwd_kernel(LOGITS, DOUT, DLOGITS, T, num_iters, n: tl.constexpr, NP: tl.constexpr,
                          BLOCK_T: tl.constexpr):

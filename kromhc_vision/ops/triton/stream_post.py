@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .._custom_ops import custom_op, register_stream_post
 from ..reference import compute_dtype
-from ._common import configs, nbytes, on_device, prune_by_resources, tl_dtype
+from ._common import autotune, configs, nbytes, on_device, prune_by_resources, tl_dtype
 
 _CONFIGS = configs(
     [(dict(BLOCK_T=4, BLOCK_C=256), 4), (dict(BLOCK_T=8, BLOCK_C=128), 4), (dict(BLOCK_T=16, BLOCK_C=128), 8),
@@ -35,7 +35,7 @@ def _post_resources(backward: bool):
 
 
 
-@triton.autotune(_CONFIGS, key=["n", "C"], prune_configs_by=_post_resources(False))
+@autotune(_CONFIGS, key=["n", "C"], prune_configs_by=_post_resources(False))
 @triton.jit
 def _stream_post_fwd_kernel(X, Y, H, HP, OUT, T, n: tl.constexpr, C: tl.constexpr, NP: tl.constexpr,
                             CD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -59,7 +59,7 @@ def _stream_post_fwd_kernel(X, Y, H, HP, OUT, T, n: tl.constexpr, C: tl.constexp
         tl.store(ptr, acc.to(OUT.dtype.element_ty), mask=hm[:, :, None] & m[:, None, :])
 
 
-@triton.autotune(_CONFIGS, key=["n", "C"], prune_configs_by=_post_resources(True))
+@autotune(_CONFIGS, key=["n", "C"], prune_configs_by=_post_resources(True))
 @triton.jit
 def _stream_post_bwd_kernel(X, Y, H, HP, DZ, DX, DY, DH, DHP, T, n: tl.constexpr, C: tl.constexpr,
                             NP: tl.constexpr, CD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ..reference import check_stream_pre_shapes, compute_dtype
-from ._common import configs, dot_precision, nbytes, num_programs_hint, on_device, prune_by_resources, tl_dtype
+from ._common import (autotune, configs, dot_precision, nbytes, num_programs_hint, on_device, prune_by_resources,
+                      tl_dtype)
 
 MIN_BLOCK_T = 16  # tl.dot needs M >= 16; the per-program partial buffers are sized for it
 
@@ -101,7 +102,7 @@ def _coefficients(r, ss, S, B, cols, eps, n: tl.constexpr, C: tl.constexpr, K: t
     return rho, s, sig, coef
 
 
-@triton.autotune(_CONFIGS, key=["n", "C", "K"], prune_configs_by=_pre_resources(False))
+@autotune(_CONFIGS, key=["n", "C", "K"], prune_configs_by=_pre_resources(False))
 @triton.jit
 def _stream_pre_fwd_kernel(X, G, W, S, B, U, COEF, T, eps, n: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
                            KP: tl.constexpr, CD: tl.constexpr, PREC: tl.constexpr,
@@ -127,7 +128,7 @@ def _stream_pre_fwd_kernel(X, G, W, S, B, U, COEF, T, eps, n: tl.constexpr, C: t
 # PART has a row per program of the smallest BLOCK_T; a larger block writes fewer rows and the launcher sums
 # them all. The autotuner's benchmark runs of other configs write the other rows, so it zeroes PART before
 # each of them and again before the launch of the winner (reset_to_zero).
-@triton.autotune(_CONFIGS, key=["n", "C", "K"], prune_configs_by=_pre_resources(True),
+@autotune(_CONFIGS, key=["n", "C", "K"], prune_configs_by=_pre_resources(True),
                  reset_to_zero=["PART"])
 @triton.jit
 def _stream_pre_bwd_kernel(X, G, W, S, B, DU, DCOEF, DX, DR, PART, T, eps, n: tl.constexpr, C: tl.constexpr,
@@ -167,7 +168,7 @@ def _stream_pre_bwd_kernel(X, G, W, S, B, DU, DCOEF, DX, DR, PART, T, eps, n: tl
             tl.store(DX + rows[:, None] * (n * C) + d[None, :], dx.to(DX.dtype.element_ty), mask=m)
 
 
-@triton.autotune(configs([(dict(BLOCK_T=32, BLOCK_D=64), 4), (dict(BLOCK_T=64, BLOCK_D=64), 4),
+@autotune(configs([(dict(BLOCK_T=32, BLOCK_D=64), 4), (dict(BLOCK_T=64, BLOCK_D=64), 4),
                           (dict(BLOCK_T=64, BLOCK_D=128), 8), (dict(BLOCK_T=32, BLOCK_D=16), 8),
                           (dict(BLOCK_T=16, BLOCK_D=64), 4), (dict(BLOCK_T=16, BLOCK_D=32), 4, 1),
                           (dict(BLOCK_T=16, BLOCK_D=16), 4, 1), (dict(BLOCK_T=16, BLOCK_D=32), 8, 1)],
