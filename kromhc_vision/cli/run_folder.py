@@ -16,7 +16,7 @@ from datetime import datetime
 import timm.utils
 from timm.models import safe_model_name
 
-from . import ConfigError, read_checkpoint
+from . import ConfigError
 
 RUN_FILES = ('args.yaml', 'summary.csv', 'summary.json', 'steps.csv', 'last.pth.tar', 'model_best.pth.tar')
 LOCK_FILE = '.train.lock'
@@ -228,11 +228,11 @@ def _same_file(path, other) -> bool:
     return os.path.samefile(path, other) or (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns)
 
 
-def unmade_copies(checkpoint, max_history: int, decreasing: bool) -> list:
+def unmade_copies(checkpoint, saver_state, max_history: int, decreasing: bool) -> list:
     """The copies of ``checkpoint`` (``checkpoint-<epoch>``, ``model_best``) that a kill after it was written
-    left unmade in its folder, for a saver of these settings; none unless it is the folder's last.pth.tar."""
+    left unmade in its folder, for a saver of these settings; none unless it is the folder's last.pth.tar.
+    ``saver_state``: the checkpoint's ``saver`` entry (None: none recorded)."""
     saver = CheckpointSaver(model=None, optimizer=None, checkpoint_dir=os.path.dirname(os.path.abspath(checkpoint)),
                             decreasing=decreasing, max_history=max_history)
     saver.resumed_from = checkpoint
-    state = read_checkpoint(checkpoint, 'resume').get('saver')
-    return saver.load_state_dict(state, make=False) if state is not None else []
+    return saver.load_state_dict(saver_state, make=False) if saver_state is not None else []

@@ -435,6 +435,13 @@ def _optimizer_reads(opt: str, key: str) -> bool:
     return getattr(_optimizer_info(opt), _OPTIMIZER_FLAGS.get(key, ''), True)
 
 
+def _free_on_resume(args, key: str) -> bool:
+    """Whether a resume may change ``key`` of :data:`RESUME_FIXED`: the optimizer and its settings with
+    --no-resume-opt (a fresh optimizer), and a setting the optimizer does not read."""
+    return (args.no_resume_opt and key in ('opt', *OPTIMIZER_SETTINGS)) or (
+        key in OPTIMIZER_SETTINGS and not _optimizer_reads(args.opt, key))
+
+
 # model_kwargs that change how a model computes, not what it holds: a resumed run may set them anew.
 RUNTIME_MODEL_KWARGS = ('hc_backend', 'hc_recompute')
 # Not taken from the recorded run: where this invocation reads and writes, and how it starts.
@@ -490,8 +497,7 @@ def restore_run_args(args, given):
                     not in ITERABLE:
                 there = None  # ignored by timm in that run (a map-style dataset; refused since): not restored
             setattr(args, key, there)
-        elif key in RESUME_FIXED and not (key == 'opt' and args.no_resume_opt) and not (
-                key in OPTIMIZER_SETTINGS and (args.no_resume_opt or not _optimizer_reads(args.opt, key))):
+        elif key in RESUME_FIXED and not _free_on_resume(args, key):
             same = model_arch(here) == model_arch(there) if key == 'model' and there else here == there
             if not same and not (key == 'lr' and here is None):
                 differ(key, here, there, RESUME_FIXED[key])
@@ -544,7 +550,7 @@ def check_resume(args, num_epochs: int, folder):
         return
     next_epoch = checkpoint['epoch'] + (1 if checkpoint.get('version', 1) > 1 else 0)
     if next_epoch >= num_epochs and not (resumes_in(args, folder) and unmade_copies(
-            args.resume, args.checkpoint_hist, decreasing=args.eval_metric == 'loss')):
+            args.resume, checkpoint.get('saver'), args.checkpoint_hist, decreasing=args.eval_metric == 'loss')):
         raise ConfigError(
             f'resume: {args.resume} is the end of a finished run ({next_epoch} of {num_epochs} epochs); '
             'its schedule is spent (a longer --epochs cannot extend it: the epochs so far followed the recorded '

@@ -115,9 +115,9 @@ def backend_for(backend, device: torch.device, op: str = "stream_pre", num_strea
     asked for: ``auto``'s rules, or the named backend (an error saying why, if it cannot run).
     ``coefficients``: stream_pre's ``2n + m`` per token."""
     name = resolve_backend(backend)
-    if name == "auto" and torch.onnx.is_in_onnx_export():  # the kernels' custom ops have no ONNX translation
-        return "torch"
     if name == "auto":
+        if torch.onnx.is_in_onnx_export():  # the kernels' custom ops have no ONNX translation
+            return "torch"
         preferred = {"cuda": "triton", "cpu": "numba"}.get(device.type)
         usable = (preferred is not None and unavailable_reason(preferred, device) is None
                   and unsupported_reason(preferred, op, num_streams) is None
