@@ -67,13 +67,13 @@ class ConvNeXtBlockHC(nn.Module):
 
 def _fold_streams(x: torch.Tensor) -> torch.Tensor:
     """Streams ``(B, H, W, n, C)`` -> ``(B*n, C, H, W)`` in channels-last memory (a copy): the streams as images."""
-    B, H, W, n, C = x.shape
-    return x.permute(0, 3, 1, 2, 4).reshape(B * n, H, W, C).permute(0, 3, 1, 2)
+    return x.permute(0, 3, 1, 2, 4).flatten(0, 1).permute(0, 3, 1, 2)  # no size arithmetic: ONNX's tracer keeps B
 
 
 def _unfold_streams(x: torch.Tensor, num_streams: int) -> torch.Tensor:
     """``(B*n, C, H, W)`` -> streams ``(B, H, W, n, C)``, contiguous: :func:`_fold_streams` undone."""
-    return x.permute(0, 2, 3, 1).unflatten(0, (-1, num_streams)).permute(0, 2, 3, 1, 4).contiguous()
+    x = x.permute(0, 2, 3, 1)  # sizes read one by one (torch.fx) and no unflatten (ONNX's tracer keeps B dynamic)
+    return x.reshape(-1, num_streams, x.shape[1], x.shape[2], x.shape[3]).permute(0, 2, 3, 1, 4).contiguous()
 
 
 def _fold_then_downsample(downsample: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,10 @@ Every backend package (``pytorch``, ``triton``, ``numba``) provides ``stream_pre
 - ``triton``, ``numba``: those kernels, or an error saying why they cannot run;
 - ``torch``: the PyTorch backend everywhere.
 
-While ``torch.onnx.export`` traces a model, ``auto`` runs PyTorch's ops, which ONNX translates (the kernel
-backends' custom ops have no ONNX translation).
+While ``torch.onnx.export`` traces a model, every backend setting runs the definitions of
+:mod:`kromhc_vision.ops.reference` (plain PyTorch operators, which both of torch's ONNX exporters translate): an
+ONNX graph holds standard operators only, and ONNX Runtime, not a backend, runs it. The kernel backends' custom
+ops have no ONNX translation, and the TorchScript exporter cannot inline the PyTorch backend's autograd Functions.
 
 With ``TRITON_INTERPRET=1`` (set before triton is imported) ``triton`` runs the Triton kernels on CPU
 tensors in Triton's interpreter, which is how the tests check them without a GPU.
@@ -24,6 +26,9 @@ import os
 import warnings
 
 import torch
+
+from ..residual_maps import kronecker_birkhoff
+from . import reference
 
 BACKENDS = ("auto", "triton", "numba", "torch")
 OPS = ("stream_pre", "stream_post", "sinkhorn", "permutation_mix")
@@ -34,6 +39,9 @@ TRITON_SINKHORN_MAX_STREAMS = 16
 # (HC / mHC at n = 16, mHC-lite at n = 6); 'triton' still runs them.
 TRITON_STREAM_PRE_MAX_COEFFICIENTS = 256
 
+# What ONNX export traces, whatever the backend: the plain PyTorch definitions.
+_DEFINITIONS = dict(stream_pre=reference.stream_pre, stream_post=reference.stream_post, sinkhorn=reference.sinkhorn,
+                    permutation_mix=kronecker_birkhoff)
 _import_errors = {}  # backend -> None once imported, or the reason it cannot be
 _failed_kernels = {}  # (op, shape key) -> reason, for kernels that failed under 'auto'
 
@@ -116,8 +124,6 @@ def backend_for(backend, device: torch.device, op: str = "stream_pre", num_strea
     ``coefficients``: stream_pre's ``2n + m`` per token."""
     name = resolve_backend(backend)
     if name == "auto":
-        if torch.onnx.is_in_onnx_export():  # the kernels' custom ops have no ONNX translation
-            return "torch"
         preferred = {"cuda": "triton", "cpu": "numba"}.get(device.type)
         usable = (preferred is not None and unavailable_reason(preferred, device) is None
                   and unsupported_reason(preferred, op, num_streams) is None
@@ -134,6 +140,8 @@ def _shape_key(tensors):
 
 
 def _run(op: str, backend, num_streams: int, *args):
+    if torch.onnx.is_in_onnx_export():  # see the module's docstring
+        return _DEFINITIONS[op](*args)
     device = args[0].device
     coefficients = args[2].shape[1] if op == "stream_pre" else 0  # what auto's rules read: 2n + m
     name = backend_for(backend, device, op, num_streams, coefficients)
