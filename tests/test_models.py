@@ -483,3 +483,87 @@ def test_another_variants_state_dict_of_the_same_shapes_is_refused(tmp_path):
     again = timm.create_model('vit_micro_patch4_32_hc', num_streams=2, depth=2)
     again.load_state_dict(saved)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in saved.items())
+
+
+@pytest.mark.parametrize('name', ['vit_micro_patch4_32_kromhc', 'convnext_micro_mhc'])
+def test_pretrained_strict_false_loads_what_matches(tmp_path, name):
+    """timm's ``pretrained_strict=False``: a checkpoint with keys the model lacks and without some of the model's keys
+    loads what matches, both for the model's own weights and for residual weights upcycled (the filter refused
+    both before, whatever ``pretrained_strict`` said). Keys of another shape are still refused, as torch refuses
+    them with ``strict=False``; the default stays strict."""
+    own = randomize(create(name, hc_init='identity', depth=2) if name.startswith('vit_') else create(name))
+    residual = randomize(create(name.rsplit('_', 1)[0] + '_residual', **({'depth': 2} if 'vit' in name else {})))
+    for source, file in ((own, 'own'), (residual, 'residual')):
+        state = dict(source.state_dict(), extra_weight=torch.zeros(3))
+        dropped = next(k for k in state if k.endswith(('blocks.0.norm1.weight', 'blocks.0.conv_dw.bias')))
+        del state[dropped]
+        save_file(state, tmp_path / f'{file}.safetensors')
+        kwargs = dict(hc_init='identity', pretrained=True, **({'depth': 2} if name.startswith('vit_') else {}),
+                      pretrained_cfg_overlay=dict(file=str(tmp_path / f'{file}.safetensors')))
+        with pytest.raises(kv.CheckpointMismatchError, match=rf'missing keys \(1\): {dropped}.*extra_weight'):
+            timm.create_model(name, **kwargs)
+        model = timm.create_model(name, pretrained_strict=False, **kwargs)
+        loaded = model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in state.items() if k in loaded)
+        assert not torch.equal(loaded[dropped], source.state_dict()[dropped])  # the model's own init
+    state = dict(own.state_dict())
+    key = next(k for k in state if k.endswith('hc_attn.bias') or k.endswith('hc.bias'))
+    state[key] = state[key][:-1]
+    save_file(state, tmp_path / 'shape.safetensors')
+    with pytest.raises(kv.CheckpointMismatchError, match=rf'shape mismatches \(1\): {key}: checkpoint'):
+        timm.create_model(name, hc_init='identity', pretrained=True, pretrained_strict=False,
+                          **({'depth': 2} if name.startswith('vit_') else {}),
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'shape.safetensors')))
+
+
+def save_jax_vit_npz(model, path):
+    """Write a timm ViT (class token, no register tokens) in the original JAX ViT ``.npz`` layout, the one timm's
+    ``VisionTransformer.load_pretrained`` (``custom_load=True``) reads."""
+    import numpy as np
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    C, H = model.embed_dim, model.blocks[0].attn.num_heads
+    w = {'embedding/kernel': sd['patch_embed.proj.weight'].transpose(2, 3, 1, 0),
+         'embedding/bias': sd['patch_embed.proj.bias'], 'cls': sd['cls_token'],
+         'Transformer/posembed_input/pos_embedding': sd['pos_embed'],
+         'Transformer/encoder_norm/scale': sd['norm.weight'], 'Transformer/encoder_norm/bias': sd['norm.bias'],
+         'head/kernel': sd['head.weight'].T, 'head/bias': sd['head.bias']}
+    for i in range(len(model.blocks)):
+        p, b = f'Transformer/encoderblock_{i}/', f'blocks.{i}.'
+        mha = f'{p}MultiHeadDotProductAttention_1/'
+        for jax_ln, ln in (('LayerNorm_0', 'norm1'), ('LayerNorm_2', 'norm2')):
+            w[f'{p}{jax_ln}/scale'], w[f'{p}{jax_ln}/bias'] = sd[f'{b}{ln}.weight'], sd[f'{b}{ln}.bias']
+        for j, n in enumerate(('query', 'key', 'value')):
+            w[f'{mha}{n}/kernel'] = sd[f'{b}attn.qkv.weight'][j * C:(j + 1) * C].T.reshape(C, H, C // H)
+            w[f'{mha}{n}/bias'] = sd[f'{b}attn.qkv.bias'][j * C:(j + 1) * C].reshape(H, C // H)
+        w[f'{mha}out/kernel'] = sd[f'{b}attn.proj.weight'].reshape(C, H, C // H).transpose(1, 2, 0)
+        w[f'{mha}out/bias'] = sd[f'{b}attn.proj.bias']
+        for r in range(2):
+            w[f'{p}MlpBlock_3/Dense_{r}/kernel'] = sd[f'{b}mlp.fc{r + 1}.weight'].T
+            w[f'{p}MlpBlock_3/Dense_{r}/bias'] = sd[f'{b}mlp.fc{r + 1}.bias']
+    np.savez(path, **w)
+
+
+@pytest.mark.parametrize('variant', ['residual', 'kromhc'])
+def test_jax_npz_checkpoint_upcycles_with_custom_load(tmp_path, variant):
+    """timm's way to load an original JAX ViT ``.npz`` (``pretrained_cfg_overlay=dict(file=..., custom_load=True)``,
+    read by ``VisionTransformer.load_pretrained``) upcycles it: the model computes what the residual ViT does. The
+    pre-load file check refused every ``.npz`` as 'not a complete torch checkpoint ... truncated?'. Without
+    ``custom_load`` an ``.npz`` is refused naming it; a connection not built for upcycling is refused up front
+    (timm's loader fills the blocks and leaves the connections alone)."""
+    ref = randomize(timm.models.VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)).eval()
+    save_jax_vit_npz(ref, tmp_path / 'vit.npz')
+    name, file = f'vit_micro_patch4_32_{variant}', str(tmp_path / 'vit.npz')
+    model = timm.create_model(name, depth=2, hc_init='identity', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=file, custom_load=True)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close_rel(model(x), ref(x), rtol=1e-5)
+    with pytest.raises(kv.CheckpointFileError, match=r'vit.npz is a NumPy \.npz archive.*custom_load=True'):
+        timm.create_model(name, depth=2, hc_init='identity', pretrained=True, pretrained_cfg_overlay=dict(file=file))
+    (tmp_path / 'cut.npz').write_bytes((tmp_path / 'vit.npz').read_bytes()[:1000])
+    with pytest.raises(kv.CheckpointFileError, match=r'cut.npz is not a complete \.npz archive'):
+        timm.create_model(name, depth=2, hc_init='identity', pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'cut.npz'), custom_load=True))
+    if variant != 'residual':
+        with pytest.raises(ValueError, match=r"custom_load=True .* needs hc_init='identity', got 'published'"):
+            timm.create_model(name, depth=2, pretrained=True, pretrained_cfg_overlay=dict(file=file, custom_load=True))

@@ -205,17 +205,19 @@ def _same_but_input_channels(a: torch.Size, b: torch.Size) -> bool:
 
 
 def _mismatch_report(state_dict: Mapping[str, torch.Tensor], model: nn.Module, optional=(), ignore=(),
-                     adapt_input_conv: bool = False) -> None:
+                     adapt_input_conv: bool = False, strict: bool = True) -> None:
     """Raise :class:`CheckpointMismatchError` unless ``state_dict`` covers the model by name and shape.
 
     ``optional``: model keys the checkpoint may lack; ``ignore``: keys not compared at all;
     ``adapt_input_conv``: the first convolution's weight may differ in its input channels (timm's
-    ``load_pretrained`` adapts it to ``in_chans`` after the filter has run).
+    ``load_pretrained`` adapts it to ``in_chans`` after the filter has run); ``strict=False``: only the shapes of
+    the keys both have are compared (missing and unexpected keys pass, as ``load_state_dict(strict=False)`` lets
+    them; it refuses other shapes).
     """
     own = {k: v for k, v in model.state_dict().items() if k not in ignore}
     given = {k: v for k, v in state_dict.items() if k not in ignore}
-    missing = sorted(k for k in own if k not in given and k not in optional)
-    unexpected = sorted(k for k in given if k not in own)
+    missing = sorted(k for k in own if k not in given and k not in optional) if strict else []
+    unexpected = sorted(k for k in given if k not in own) if strict else []
     input_conv = _input_conv_key(model) if adapt_input_conv else None
     shapes = sorted(
         f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
@@ -236,15 +238,16 @@ def _classifier_keys(model: nn.Module):
 
 
 def upcycle_residual_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
-                                ignore_classifier: bool = False,
-                                adapt_input_conv: bool = False) -> Dict[str, torch.Tensor]:
+                                ignore_classifier: bool = False, adapt_input_conv: bool = False,
+                                strict: bool = True) -> Dict[str, torch.Tensor]:
     """Map a timm residual checkpoint onto a hyper-connected ``model`` built with ``hc_init='identity'``.
 
     Every checkpoint key maps by name; the connection parameters keep the model's identity init, so the
     result computes what the residual network computes. ``ignore_classifier``: head keys of another shape
     (class count) are not errors; the model keeps its own head for them. ``adapt_input_conv``: the first
     convolution's weight may have other input channels (see :func:`_mismatch_report`). Raises
-    :class:`CheckpointMismatchError` listing missing, unexpected and mis-shaped keys.
+    :class:`CheckpointMismatchError` listing missing, unexpected and mis-shaped keys (``strict=False``: only
+    mis-shaped ones; the rest is left to ``load_state_dict(strict=False)``).
     """
     prefixes = _connection_prefixes(model)
     not_identity = [p for p in prefixes if getattr(model.get_submodule(p), 'init', 'identity') != 'identity']
@@ -255,7 +258,7 @@ def upcycle_residual_state_dict(state_dict: Mapping[str, torch.Tensor], model: n
     own = model.state_dict()
     ignore = _classifier_keys(model) if ignore_classifier else ()
     _mismatch_report(state_dict, model, optional={k for k in own if _under(k, prefixes)}, ignore=ignore,
-                     adapt_input_conv=adapt_input_conv)
+                     adapt_input_conv=adapt_input_conv, strict=strict)
     out = {k: v for k, v in own.items() if _under(k, prefixes) or k in ignore}
     out.update({k: v for k, v in state_dict.items() if k not in ignore or (k in own and v.shape == own[k].shape)})
     return out
@@ -278,16 +281,18 @@ def load_residual_weights(model: nn.Module, source: Union[nn.Module, Mapping, st
     return model
 
 
-def _hc_filter_fn(state_dict, model, base_filter: Callable):
+def _hc_filter_fn(state_dict, model, base_filter: Callable, strict: bool = True):
     """``pretrained_filter_fn``: timm's family filter, then upcycling if the checkpoint has no connection keys.
     The first convolution's weight passes with other input channels than the model's: timm's ``load_pretrained``
-    adapts it to ``in_chans`` after this filter."""
+    adapts it to ``in_chans`` after this filter. ``strict``: timm's ``pretrained_strict`` (False: missing and
+    unexpected keys pass, other shapes are still refused)."""
     state_dict = base_filter(state_dict, model)
     prefixes = _connection_prefixes(model)
     own_hc = [k for k in model.state_dict() if _under(k, prefixes)]
     if own_hc and not any(_under(k, prefixes) for k in state_dict):
-        return upcycle_residual_state_dict(state_dict, model, ignore_classifier=True, adapt_input_conv=True)
-    _mismatch_report(state_dict, model, ignore=_classifier_keys(model), adapt_input_conv=True)
+        return upcycle_residual_state_dict(state_dict, model, ignore_classifier=True, adapt_input_conv=True,
+                                           strict=strict)
+    _mismatch_report(state_dict, model, ignore=_classifier_keys(model), adapt_input_conv=True, strict=strict)
     return state_dict
 
 
@@ -332,9 +337,10 @@ _LOCAL_OPTIONS = (
 def check_weights_file(path: Union[str, Path]) -> Path:
     """Raise :class:`CheckpointFileError` unless ``path`` is a complete weights file, without reading its tensors.
 
-    safetensors: its header and length agree. Anything else is read as a torch checkpoint: the zip format of
-    ``torch.save`` must have its central directory (at the end of the file: a truncated file has none) and a
-    ``data.pkl``; the legacy format must start as a pickle does.
+    safetensors: its header and length agree. ``.npz`` (a JAX checkpoint, which timm reads with ``custom_load=True``):
+    a zip archive with its central directory and ``.npy`` members. Anything else is read as a torch checkpoint: the
+    zip format of ``torch.save`` must have its central directory (at the end of the file: a truncated file has none)
+    and a ``data.pkl``; the legacy format must start as a pickle does.
     """
     path = Path(path)
     if not path.is_file():
@@ -349,6 +355,16 @@ def check_weights_file(path: Union[str, Path]) -> Path:
         except Exception as e:  # SafetensorError: garbage, truncated
             raise CheckpointFileError(f'weights file {path} is not a complete safetensors file '
                                       f'(garbage or truncated; {size} bytes): {e}') from e
+        return path
+    if path.suffix == '.npz':
+        try:
+            with zipfile.ZipFile(path) as archive:
+                complete = any(n.endswith('.npy') for n in archive.namelist())
+        except (zipfile.BadZipFile, OSError):
+            complete = False
+        if not complete:
+            raise CheckpointFileError(f'weights file {path} is not a complete .npz archive (no zip directory or no '
+                                      f'.npy arrays: garbage or truncated? {size} bytes)')
         return path
     with open(path, 'rb') as f:
         head = f.read(4)
@@ -481,6 +497,10 @@ def _check_pretrained_source(name: str, cfg, cache_dir=None) -> None:
     cfg_dict = cfg.to_dict()
     load_from, location = _resolve_pretrained_source(cfg_dict)
     if load_from == 'file':
+        if Path(location).suffix == '.npz' and not cfg.custom_load:
+            raise CheckpointFileError(
+                f"weights file {location} is a NumPy .npz archive (a JAX checkpoint), which timm reads with the "
+                f"model's load_pretrained only: pass pretrained_cfg_overlay=dict(file=..., custom_load=True)")
         check_weights_file(location)
     elif load_from == 'local-dir':
         check_local_dir(location)
@@ -517,6 +537,11 @@ def create_hc_model(model_cls, base: str, variant: str, pretrained: bool, base_f
     if pretrained:
         cfg = resolve_pretrained_cfg(name, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
         _check_pretrained_source(name, cfg, kwargs.get('cache_dir'))
+        hc_init = kwargs.get('hc_init', 'published')
+        if cfg.custom_load and variant != 'residual' and hc_init != 'identity':
+            # timm's load_custom_pretrained (e.g. a JAX .npz) fills the blocks, not the connections: upcycling
+            raise ValueError(f"{name} with custom_load=True loads residual weights through the model's "
+                             f"load_pretrained and needs hc_init='identity', got {hc_init!r}")
         from_timm_hub = not (cfg.file or cfg.state_dict or cfg.source)  # no local file / own Hub repo override
         if (cfg.tag or '').startswith(UPCYCLED_TAG_PREFIX) and from_timm_hub:
             if kwargs.get('hc_init', 'identity') != 'identity':
@@ -525,7 +550,8 @@ def create_hc_model(model_cls, base: str, variant: str, pretrained: bool, base_f
             kwargs['hc_init'] = 'identity'
     return build_model_with_cfg(
         model_cls, name, pretrained,
-        pretrained_filter_fn=partial(_hc_filter_fn, base_filter=base_filter),
+        pretrained_filter_fn=partial(_hc_filter_fn, base_filter=base_filter,
+                                     strict=kwargs.get('pretrained_strict', True)),
         feature_cfg=dict(feature_cfg, feature_cls='getter'),
         hc_variant=variant,
         **dict(base_args, **kwargs),
