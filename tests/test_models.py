@@ -567,3 +567,12 @@ def test_jax_npz_checkpoint_upcycles_with_custom_load(tmp_path, variant):
     if variant != 'residual':
         with pytest.raises(ValueError, match=r"custom_load=True .* needs hc_init='identity', got 'published'"):
             timm.create_model(name, depth=2, pretrained=True, pretrained_cfg_overlay=dict(file=file, custom_load=True))
+
+
+def test_another_architectures_checkpoint_is_named_as_a_mismatch(tmp_path):
+    """A ConvNeXt checkpoint given to a ViT has no connection keys for the ViT, as a residual checkpoint has none:
+    it is refused naming the keys, not taken for residual weights (the error asked for hc_init='identity')."""
+    save_file(create('convnext_micro_mhc').state_dict(), tmp_path / 'convnext.safetensors')
+    with pytest.raises(kv.CheckpointMismatchError, match=r'missing keys .*unexpected keys .*stem'):
+        timm.create_model('vit_micro_patch4_32_mhc', depth=2, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'convnext.safetensors')))

@@ -250,15 +250,16 @@ def upcycle_residual_state_dict(state_dict: Mapping[str, torch.Tensor], model: n
     mis-shaped ones; the rest is left to ``load_state_dict(strict=False)``).
     """
     prefixes = _connection_prefixes(model)
+    own = model.state_dict()
+    ignore = _classifier_keys(model) if ignore_classifier else ()
+    # first: another architecture's checkpoint (it has no connection keys either) is named as a mismatch
+    _mismatch_report(state_dict, model, optional={k for k in own if _under(k, prefixes)}, ignore=ignore,
+                     adapt_input_conv=adapt_input_conv, strict=strict)
     not_identity = [p for p in prefixes if getattr(model.get_submodule(p), 'init', 'identity') != 'identity']
     if not_identity:
         raise ValueError(
             "upcycling residual weights needs a model built with hc_init='identity' (got "
             f"{model.get_submodule(not_identity[0]).init!r} in {', '.join(not_identity[:3])}...)")
-    own = model.state_dict()
-    ignore = _classifier_keys(model) if ignore_classifier else ()
-    _mismatch_report(state_dict, model, optional={k for k in own if _under(k, prefixes)}, ignore=ignore,
-                     adapt_input_conv=adapt_input_conv, strict=strict)
     out = {k: v for k, v in own.items() if _under(k, prefixes) or k in ignore}
     out.update({k: v for k, v in state_dict.items() if k not in ignore or (k in own and v.shape == own[k].shape)})
     return out
