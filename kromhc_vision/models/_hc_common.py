@@ -2,7 +2,7 @@
 
 A hyper-connected model is named ``{base}_{variant}`` (variant one of :data:`VARIANTS`) and takes
 the model arguments ``num_streams`` (default 4, 1 for ``residual``), ``hc_init``
-(``'published'`` | ``'identity'``), ``hc_backend`` (None | ``'auto'`` | ``'triton'`` | ``'torch'``)
+(``'published'`` | ``'identity'``), ``hc_backend`` (None | ``'auto'`` | ``'triton'`` | ``'numba'`` | ``'torch'``)
 ``hc_kwargs`` (extra connection arguments, e.g. ``{'sinkhorn_iters': 10}``) and ``hc_recompute``
 (``False`` | ``True`` | an int ``L_r``: recompute the connections' saved tensors in the backward pass, keeping
 the stream state every ``L_r`` connections; see :mod:`kromhc_vision.recompute`). ``hc_backend`` and
