@@ -23,16 +23,24 @@ class _Permute(torch.autograd.Function):
         return grad.permute(ctx.inverse).contiguous(), None
 
 
+def _permute(x: torch.Tensor, dims) -> torch.Tensor:
+    """:class:`_Permute`, or its plain ops while ``torch.jit.trace`` records (a TorchScript module cannot keep a
+    Python autograd Function: it would not save)."""
+    if torch.jit.is_tracing():
+        return x.permute(dims).contiguous()
+    return _Permute.apply(x, dims)
+
+
 def tokens_last(x: torch.Tensor, trailing: int) -> torch.Tensor:
     """``(..., *s)`` with ``len(s) = trailing`` -> ``(*s, T)``, tokens flattened onto the last axis."""
     flat = x.reshape(-1, *x.shape[x.dim() - trailing:])
-    return _Permute.apply(flat, (*range(1, trailing + 1), 0))
+    return _permute(flat, (*range(1, trailing + 1), 0))
 
 
 def tokens_first(x: torch.Tensor, lead) -> torch.Tensor:
     """``(*s, T)`` -> ``(*lead, *s)`` with ``T = prod(lead)``, contiguous."""
     k = x.dim() - 1
-    return _Permute.apply(x, (k, *range(k))).view(*lead, *x.shape[:-1])
+    return _permute(x, (k, *range(k))).view(*lead, *x.shape[:-1])
 
 
 def birkhoff_tokens_last(logits: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:

@@ -576,3 +576,24 @@ def test_another_architectures_checkpoint_is_named_as_a_mismatch(tmp_path):
     with pytest.raises(kv.CheckpointMismatchError, match=r'missing keys .*unexpected keys .*stem'):
         timm.create_model('vit_micro_patch4_32_mhc', depth=2, pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(tmp_path / 'convnext.safetensors')))
+
+
+@pytest.mark.parametrize('name, kwargs', [
+    ('vit_micro_patch4_32_kromhc', dict(depth=2)),  # the numba kernels under auto
+    ('vit_micro_patch4_32_mhc', dict(depth=2, hc_backend='torch')),  # the PyTorch backend's autograd Functions
+    ('convnext_micro_mhclite', dict(depths=(1, 1, 1, 1))),  # the streams folded through the downsamples
+])
+def test_torch_jit_trace_records_the_model_and_saves(name, kwargs, tmp_path):
+    """``torch.jit.trace`` (TorchScript by tracing, as opposed to ``torch.jit.script``, which is refused) records
+    the plain PyTorch definitions of the ops, whatever the backend: the traced module computes what the model
+    computes at another batch size, and saves and loads. Before, tracing failed inside numba (the kernels were
+    handed the tracer's sizes), and a PyTorch Function in the graph could not be saved."""
+    model = randomize(timm.create_model(name, num_classes=10, **kwargs), std=0.05).eval()
+    traced = torch.jit.trace(model, torch.randn(2, 3, 32, 32))
+    torch.jit.save(traced, str(tmp_path / 'traced.pt'))
+    loaded = torch.jit.load(str(tmp_path / 'traced.pt'))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.allclose(traced(x), expected, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(loaded(x), expected, rtol=1e-4, atol=1e-5)

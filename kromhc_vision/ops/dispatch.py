@@ -14,10 +14,12 @@ Every backend package (``pytorch``, ``triton``, ``numba``) provides ``stream_pre
 - ``triton``, ``numba``: those kernels, or an error saying why they cannot run;
 - ``torch``: the PyTorch backend everywhere.
 
-While ``torch.onnx.export`` traces a model, every backend setting runs the definitions of
-:mod:`kromhc_vision.ops.reference` (plain PyTorch operators, which both of torch's ONNX exporters translate): an
-ONNX graph holds standard operators only, and ONNX Runtime, not a backend, runs it. The kernel backends' custom
-ops have no ONNX translation, and the TorchScript exporter cannot inline the PyTorch backend's autograd Functions.
+While ``torch.onnx.export`` or ``torch.jit.trace`` traces a model, every backend setting runs the definitions of
+:mod:`kromhc_vision.ops.reference` (plain PyTorch operators, which both of torch's ONNX exporters translate and
+TorchScript records): an ONNX graph holds standard operators only, and ONNX Runtime, not a backend, runs it. The
+kernel backends' custom ops have no ONNX translation, the TorchScript tracer cannot see into the numba kernels
+(they read tensors by address), and the TorchScript exporter cannot inline the PyTorch backend's autograd
+Functions.
 
 With ``TRITON_INTERPRET=1`` (set before triton is imported) ``triton`` runs the Triton kernels on CPU
 tensors in Triton's interpreter, which is how the tests check them without a GPU.
@@ -39,7 +41,7 @@ TRITON_SINKHORN_MAX_STREAMS = 16
 # (HC / mHC at n = 16, mHC-lite at n = 6); 'triton' still runs them.
 TRITON_STREAM_PRE_MAX_COEFFICIENTS = 256
 
-# What ONNX export traces, whatever the backend: the plain PyTorch definitions.
+# What ONNX export and torch.jit.trace trace, whatever the backend: the plain PyTorch definitions.
 _DEFINITIONS = dict(stream_pre=reference.stream_pre, stream_post=reference.stream_post, sinkhorn=reference.sinkhorn,
                     permutation_mix=kronecker_birkhoff)
 _import_errors = {}  # backend -> None once imported, or the reason it cannot be
@@ -140,7 +142,7 @@ def _shape_key(tensors):
 
 
 def _run(op: str, backend, num_streams: int, *args):
-    if torch.onnx.is_in_onnx_export():  # see the module's docstring
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # see the module's docstring
         return _DEFINITIONS[op](*args)
     device = args[0].device
     coefficients = args[2].shape[1] if op == "stream_pre" else 0  # what auto's rules read: 2n + m
