@@ -284,3 +284,15 @@ def test_torchscript_refused_with_the_alternatives_and_export_works():
     x = torch.randn(2, 3, 32, 32)
     exported = torch.export.export(model, (x,)).module()
     torch.testing.assert_close(exported(x), model(x))
+
+
+def test_torch_jit_trace_takes_another_batch_size_and_saves(tmp_path):
+    """``torch.jit.trace``: the per-sample depthwise convolution is recorded without ``groups = B C`` (which the
+    trace kept as a constant: the traced module refused any other batch size, 'expected weight to be divisible by
+    6'); the traced module saves, loads and computes the model's outputs."""
+    model = randomize(create('terminator_micro')).eval()
+    traced = torch.jit.trace(model, torch.randn(2, 3, 32, 32))
+    torch.jit.save(traced, str(tmp_path / 'traced.pt'))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(tmp_path / 'traced.pt'))(x), model(x))

@@ -43,8 +43,8 @@ channel-repeated outputs of all earlier blocks; here each block concatenates its
 sequence (``features_only``, ``checkpoint_seq``). The kernel sizes, widths, ``ω₀`` and the context projection
 are this implementation's choices where the paper and spec leave them open.
 
-Not supported: TorchScript (``torch.jit.script`` raises :class:`TorchScriptUnsupportedError`, naming
-``torch.compile`` and ``torch.export``, which work: export is tested). With grad checkpointing, a
+Not supported: ``torch.jit.script`` (raises :class:`TorchScriptUnsupportedError`, naming ``torch.compile`` and
+``torch.export``, which work: export is tested); ``torch.jit.trace`` works. With grad checkpointing, a
 recomputed block updates BatchNorm's running statistics a second time (as any BatchNorm network in timm).
 Parameter names: ``blocks.i.{global_slow, local_slow, ...}``, ``head.fc``.
 """
@@ -101,6 +101,10 @@ def dynamic_depthwise_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tenso
     -> ``(B, C, H, W)``, zero padding, one group per (sample, channel)."""
     B, C, H, W = x.shape
     k = kernel.shape[-1]
+    if torch.jit.is_tracing():  # groups=B*C would be recorded as a constant, the batch size of the trace
+        k = int(k)  # a fixed size (the tracer hands sizes as tensors, which unfold does not take)
+        columns = F.unfold(x, k, padding=k // 2).view(B, C, k * k, H * W)
+        return (columns * kernel.reshape(B, C, k * k, 1)).sum(2).view(B, C, H, W)
     out = F.conv2d(x.reshape(1, B * C, H, W), kernel.reshape(B * C, 1, k, k), padding=k // 2, groups=B * C)
     return out.reshape(B, C, H, W)
 
