@@ -1,6 +1,7 @@
 """projUNN optimizer: exactness against the dense formulas, the samplers, rank deficiency, stacks, timm's factory,
 determinism across ranks, projection at start, EMA re-projection, state_dict resume, bad input."""
 import copy
+import re
 
 import pytest
 import timm
@@ -125,6 +126,16 @@ def test_square_blocks_layout_and_refusals():
     for bad in [(5, 3), (4,), (2, 3, 4)]:
         with pytest.raises(ValueError, match='orthogonal weight'):
             square_blocks(torch.zeros(bad))
+
+
+def test_blocks_of_one_element_are_refused():
+    """A 1x1 convolution weight (C, C, 1, 1), or an (N, 1) column, is a stack of 1x1 blocks by shape, whose
+    polar factors are ±1: the weight would silently become a sign pattern."""
+    for bad in [(4, 4, 1, 1), (3, 1), (1, 5), (1, 1)]:
+        with pytest.raises(ValueError, match=r'1x1 blocks.*' + re.escape(str(bad))):
+            square_blocks(torch.zeros(bad))
+    with pytest.raises(ValueError, match='1x1 blocks'):
+        orthogonal_param_groups(nn.Sequential(nn.Conv2d(4, 4, 1)), modules=(nn.Conv2d,))
 
 
 @pytest.mark.parametrize('sampler', SAMPLERS)
@@ -358,7 +369,8 @@ def test_bad_input_is_refused_before_any_work():
     for kwargs, match in [(dict(mode='geodesic'), "mode 'geodesic'"), (dict(sampler='svd'), "sampler 'svd'"),
                           (dict(rank=0), 'rank must be'), (dict(rank=2.0), 'rank must be'),
                           (dict(base='adamx'), "base 'adamx' is not a timm optimizer name; valid: .*adamw"),
-                          (dict(reorthogonalize_every=-1), 'reorthogonalize_every')]:
+                          (dict(reorthogonalize_every=-1), 'reorthogonalize_every'),
+                          (dict(seed=None), 'seed must be an int, got None')]:
         with pytest.raises(ValueError, match=match):
             ProjUNN([w], **kwargs)
     with pytest.raises(ValueError, match='orthogonal weight'):
@@ -440,3 +452,32 @@ def test_step_hooks_run_from_the_first_step(monkeypatch):
     linear(torch.randn(2, 8)).sum().backward()
     opt.step()
     assert calls == ['pre', 'post']
+
+
+def test_base_name_brings_its_timm_defaults():
+    """``base`` names a timm optimizer with its defaults (what tells 'cadamw' from 'adamw', 'nesterov' from
+    'momentum'), under the caller's kwargs; timm's factory-wide momentum=0.9 is not added (pass momentum)."""
+    w = nn.Parameter(torch.eye(4))
+    assert ProjUNN([w], base='cadamw', lr=1e-3).base.defaults['caution']
+    assert ProjUNN([w], base='lambc', lr=1e-3).base.defaults['trust_clip']
+    assert not ProjUNN([w], base='lambc', lr=1e-3, trust_clip=False).base.defaults['trust_clip']
+    assert ProjUNN([w], base='radamw', lr=1e-3).base.defaults['decoupled_weight_decay']
+    assert ProjUNN([w], base='nesterov', lr=1e-3, momentum=0.9).base.defaults['nesterov']
+    assert not ProjUNN([w], base='momentum', lr=1e-3, momentum=0.9).base.defaults['nesterov']
+    plain = ProjUNN([w], base='sgd', lr=1e-3).base.defaults  # no momentum: plain SGD (Nesterov needs one)
+    assert plain['momentum'] == 0 and not plain['nesterov']
+
+
+def test_state_dict_hooks_run():
+    """torch's ``register_(load_)state_dict_{pre,post}_hook`` work on ProjUNN (it skips ``Optimizer.__init__``,
+    which creates their dicts) and run around its ``state_dict`` / ``load_state_dict``."""
+    linear = nn.Linear(4, 4)
+    mark_orthogonal(linear)
+    opt = ProjUNN(linear.parameters(), base='sgd', lr=0.1)
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append('sd pre'))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append(('sd post', sd['projunn']['step'])))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append(('load pre', sd['projunn']['step'])))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append('load post'))
+    opt.load_state_dict(opt.state_dict())
+    assert calls == ['sd pre', ('sd post', 0), ('load pre', 0), 'load post']

@@ -59,12 +59,17 @@ def square_blocks(weight: torch.Tensor) -> torch.Tensor:
     """The square blocks of an orthogonal-tagged weight as a ``(B, N, N)`` view (writing into it writes the weight).
 
     ``(N, N)`` → 1 block; ``(..., N, N)`` → the stack; 2-D ``(m·N, N)`` → ``m`` row blocks ``W[jN:(j+1)N]``;
-    2-D ``(N, m·N)`` → ``m`` column blocks ``W[:, jN:(j+1)N]``. Anything else raises ``ValueError``.
+    2-D ``(N, m·N)`` → ``m`` column blocks ``W[:, jN:(j+1)N]``. Anything else, and blocks of one element (N = 1:
+    a 1x1 convolution weight ``(C_out, C_in, 1, 1)`` is such a stack by shape), raises ``ValueError``.
     """
     shape = tuple(weight.shape)
     if weight.ndim < 2:
         raise ValueError(f'an orthogonal weight needs at least 2 dims, got shape {shape}')
     rows, cols = shape[-2:]
+    if min(rows, cols) == 1:  # an orthogonal 1x1 block is ±1: a 1x1 conv weight or a column would become signs
+        raise ValueError(f'an orthogonal weight of 1x1 blocks is a sign pattern (polar factor ±1 entrywise), not a '
+                         f'stack of orthogonal matrices; a (C_out, C_in, 1, 1) convolution weight is not one: '
+                         f'got shape {shape}')
     if rows == cols:
         return weight.reshape(-1, rows, cols) if weight.is_contiguous() else weight.view(-1, rows, cols)
     if weight.ndim == 2 and rows % cols == 0:
@@ -276,15 +281,18 @@ def lookahead_refusal(opt: str, plain: Sequence[str]) -> str:
             f"12 steps), so it cannot wrap projUNN; use a plain projunn name: {', '.join(plain)}")
 
 
-def _base_class(base: Union[str, Callable]) -> Tuple[Callable, str]:
+def _base_class(base: Union[str, Callable]) -> Tuple[Callable, str, Dict[str, Any]]:
+    """``(class, name, defaults)``: for a timm name, the registry's defaults of that name (``'cadamw'`` →
+    ``caution=True``, ``'nesterov'`` → ``nesterov=True``: what tells the name from its class's other names)."""
     if callable(base):
-        return base, getattr(base, '__name__', repr(base))
+        return base, getattr(base, '__name__', repr(base)), {}
     from timm.optim import list_optimizers
     from timm.optim._optim_factory import default_registry
     names = [n for n in list_optimizers() if not n.startswith('projunn')]
     if not isinstance(base, str) or base.lower() not in names:
         raise ValueError(f'base {base!r} is not a timm optimizer name; valid: {", ".join(names)}')
-    return default_registry.get_optimizer_class(base.lower(), bind_defaults=False), base.lower()
+    defaults = dict(default_registry.get_optimizer_info(base.lower()).defaults or {})
+    return default_registry.get_optimizer_class(base.lower(), bind_defaults=False), base.lower(), defaults
 
 
 class ProjUNN(torch.optim.Optimizer):
@@ -296,11 +304,13 @@ class ProjUNN(torch.optim.Optimizer):
             split: parameters tagged with :func:`mark_orthogonal` (as ``vit_*_orthogonal`` models do) go to an
             orthogonal copy of the group with ``weight_decay=0``, the rest stay.
         base: a timm optimizer name (``"sgd"``, ``"adamw"``, ``"rmsprop"``, ...) or an optimizer class; it
-            computes every step ``Δ``; non-orthogonal parameters get ``Δ`` added as usual.
+            computes every step ``Δ``; non-orthogonal parameters get ``Δ`` added as usual. A name brings timm's
+            defaults for it (``"cadamw"``: ``caution=True``), under ``base_kwargs``; not timm's factory-wide
+            ``momentum=0.9`` (pass ``momentum``), and a default ``nesterov=True`` only with a momentum.
         mode: ``"tangent"`` (projUNN-T) or ``"direct"`` (projUNN-D).
         rank: ``k`` of the low-rank approximation.
         sampler: ``"lsi"`` or ``"column"``.
-        seed: the random projections are drawn from a generator seeded from ``(seed, step, batch index)`` (the
+        seed: an int; the random projections are drawn from a generator seeded from ``(seed, step, batch index)`` (the
             blocks of all orthogonal weights of one size are stepped as one batch), so every DDP rank draws the
             same ones and the global RNG is untouched.
         reorthogonalize_every: every that many steps, replace the orthogonal weights by their polar factor
@@ -324,11 +334,21 @@ class ProjUNN(torch.optim.Optimizer):
         if isinstance(reorthogonalize_every, bool) or not isinstance(reorthogonalize_every, int) \
                 or reorthogonalize_every < 0:
             raise ValueError(f'reorthogonalize_every must be an int >= 0, got {reorthogonalize_every!r}')
-        base_cls, base_name = _base_class(base)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f'seed must be an int, got {seed!r}')
+        base_cls, base_name, name_defaults = _base_class(base)
+        kwargs = dict(name_defaults, **base_kwargs)
+        if 'nesterov' not in base_kwargs and kwargs.get('nesterov') and not kwargs.get('momentum'):
+            kwargs.pop('nesterov')  # timm's 'sgd' is Nesterov at its factory's momentum 0.9; without one: plain
+        base_kwargs = kwargs
         groups = self._split_groups(params)
         # NOTE super().__init__() not called on purpose (as timm's Lookahead): the groups are the base's
         self._optimizer_step_pre_hooks: Dict[int, Callable] = OrderedDict()
         self._optimizer_step_post_hooks: Dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: Dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: Dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: Dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: Dict[int, Callable] = OrderedDict()
         self.base = base_cls(groups, **base_kwargs)
         self.param_groups = self.base.param_groups
         self.state = self.base.state
@@ -399,17 +419,28 @@ class ProjUNN(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
+        """The base optimizer's ``state_dict`` plus ``{'projunn': {'step': n}}``; runs torch's state-dict hooks."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         state = self.base.state_dict()
         state['projunn'] = {'step': self.projunn_step}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            state = state if result is None else result
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            state_dict = state_dict if result is None else dict(result)
         extra = state_dict.pop('projunn', {'step': 0})
         self.base.load_state_dict(state_dict)
         self.param_groups = self.base.param_groups
         self.state = self.base.state
         self.projunn_step = int(extra['step'])
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     @property
     def is_second_order(self) -> bool:
