@@ -69,6 +69,15 @@ def test_use_ema_without_ema_weights_is_refused(trained, tmp_path):
     assert not (tmp_path / 'results.json').exists()
 
 
+def test_num_classes_that_contradict_a_train_checkpoint_are_refused(trained, tmp_path):
+    """--num-classes 5 on a checkpoint of 10 classes was ignored (its run's settings build the model)."""
+    data, checkpoint = trained
+    with pytest.raises(SystemExit, match=r'--num-classes 5: .* is a train.py checkpoint of 10 classes'):
+        evaluate('--checkpoint', checkpoint, '--data-dir', data, '--num-classes', 5, '--output', tmp_path)
+    assert not (tmp_path / 'results.json').exists()
+    evaluate('--checkpoint', checkpoint, '--data-dir', data, '--num-classes', 10, '--output', tmp_path)  # agrees
+
+
 @pytest.mark.parametrize('content', [b'', b'garbage, not a checkpoint', 'truncated'])
 def test_an_unreadable_checkpoint_is_named(trained, tmp_path, content):
     data, checkpoint = trained

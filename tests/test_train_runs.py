@@ -196,6 +196,8 @@ def test_resume_alone_continues_the_digits_config_run_with_its_settings(stopped_
     (['--opt-betas', '0.5', '0.6'], ['opt_betas is [0.5, 0.6]', 'None', 'the optimizer state']),
     (['--layer-decay', '0.75'], ['layer_decay is 0.75', 'the optimizer state']),
     (['--model-ema'], ['model_ema is True', 'False', 'the EMA weights']),  # was accepted: an EMA begun mid-run
+    # was accepted: model_best and the checkpoint history compared the new metric with the recorded one's values
+    (['--eval-metric', 'loss'], ["eval_metric is 'loss'", "'top1'", 'the best checkpoint']),
 ])
 def test_resume_refuses_what_contradicts_the_run_naming_both_values(stopped_run, capsys, argv, names):
     code, err = error_of(capsys, '--resume', stopped_run / 'last.pth.tar', *argv)
@@ -400,6 +402,18 @@ def test_extending_a_finished_run_is_refused_with_the_way_on(tmp_path, data, cap
     # an optimizer's unknown keyword is the optimizer's, not the model's
     (['--opt', 'sgd', '--opt-kwargs', 'amsgrad=True'], "cannot be built: SGD.__init__() got an unexpected keyword "
                                                        "argument 'amsgrad'"),
+    # timm's create_dataset hands repeats to iterable readers only: an image folder's epoch was not repeated
+    (['--epoch-repeats', '2', '--epochs', '1'], "epoch_repeats: 2.0 applies to iterable datasets only (prefixes "
+                                                "hfids/, tfds/, wds/)"),
+    # timm reads pretrained_path only with --pretrained: the run began from random weights
+    (['--pretrained-path', ROOT / 'README.md', '--epochs', '1'], 'pretrained_path: read only with --pretrained'),
+    # torch.compile's errors came as tracebacks once the model and data were built, in the run folder
+    (['--torchcompile', 'inductr'], "torchcompile: 'inductr' is not a torch.compile backend (did you mean 'inductor'"),
+    (['--torchcompile', '--torchcompile-mode', 'fast'], "torchcompile_mode: Unrecognized mode=fast"),
+    # images read with another channel count than the model's: a RuntimeError at the first step, in the run folder
+    (['--in-chans', '2'], "in_chans: the model takes 2-channel images but input_img_mode 'L' (the default for 2) "
+                          "reads 1"),
+    (['--input-img-mode', 'L'], "in_chans: the model takes 3-channel images but input_img_mode 'L' reads 1"),
 ])
 def test_bad_values_are_named_before_any_work(tmp_path, data, capsys, argv, message, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # the same on a machine with a GPU
@@ -466,6 +480,10 @@ def test_a_torchvision_dataset_that_is_not_downloaded_is_named_without_dataset_d
 @pytest.mark.parametrize('text, message', [
     ('sched: foo\n', "sched: 'foo' is not one of ['cosine'"),
     ('model: [unclosed\n', 'not valid YAML'),
+    # an empty value (YAML null) for an option that has a value: tracebacks in validate or mid-run
+    ('mixup:\n', 'mixup: expected a number, got None'),
+    ('batch_size: null\n', 'batch_size: expected an integer, got None'),
+    ('model: null\n', 'model: expected a string, got None'),
 ])
 def test_bad_config_files_are_named(tmp_path, text, message):
     cfg = tmp_path / 'c.yaml'

@@ -94,6 +94,10 @@ def load_trained_model(model_name: str, checkpoint=None, use_ema=False, num_clas
             data_config = (meta.get('task_state') or {}).get('data_config')
     except (CheckpointFileError, OSError) as e:  # a local-dir: / hf-hub: model whose config cannot be read
         raise ConfigError(f'model {model_name!r}: {e}') from None
+    if train_args is not None and num_classes is not None and num_classes != model.num_classes:
+        raise ConfigError(f'--num-classes {num_classes}: {checkpoint} is a train.py checkpoint of '
+                          f'{model.num_classes} classes (the model is built with its run\'s settings; --num-classes is '
+                          'for plain state dicts): leave it out')
     try:
         load_checkpoint(model, checkpoint, use_ema=use_ema)
     except RuntimeError as e:  # torch's load_state_dict: every mismatched key, one per line

@@ -312,7 +312,7 @@ def _check_value(action: argparse.Action, key: str, value, where: str):
                 pass
         return ConfigError(f"{where}: {key}: expected {expected}, got {value!r} ({type(value).__name__}){hint}")
 
-    if value is None:
+    if value is None and action.default is None:  # the option's "not set"; null (`key:`) for another is refused below
         return
     if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
         if not isinstance(value, bool):
@@ -406,6 +406,7 @@ RESUME_FIXED = {
     'model': 'the weights', 'num_classes': 'the weights', 'img_size': 'the weights', 'input_size': 'the weights',
     'in_chans': 'the weights', 'gp': 'the weights', 'opt': 'the optimizer state',
     'model_ema': 'the EMA weights (dropped, or begun anew from the weights of the resumed epoch)',
+    'eval_metric': 'the best checkpoint, the checkpoint history and a plateau schedule, ranked by the metric',
     **{k: 'the learning-rate schedule' for k in (
         'epochs', 'sched', 'sched_on_updates', 'lr', 'lr_base', 'lr_base_size', 'lr_base_scale', 'warmup_epochs',
         'warmup_lr', 'warmup_prefix', 'min_lr', 'cooldown_epochs', 'decay_epochs', 'decay_milestones',
@@ -493,9 +494,9 @@ def restore_run_args(args, given):
                 merged[k] = v
             args.model_kwargs = merged
         elif key not in given:
-            if key in ('train_num_samples', 'val_num_samples') and dataset_prefix(recorded.get('dataset')) \
-                    not in ITERABLE:
-                there = None  # ignored by timm in that run (a map-style dataset; refused since): not restored
+            if key in ('train_num_samples', 'val_num_samples', 'epoch_repeats') \
+                    and dataset_prefix(recorded.get('dataset')) not in ITERABLE:
+                there = getattr(args, key)  # ignored by timm in that run (a map-style dataset; refused since)
             setattr(args, key, there)
         elif key in RESUME_FIXED and not _free_on_resume(args, key):
             same = model_arch(here) == model_arch(there) if key == 'model' and there else here == there
@@ -646,11 +647,46 @@ def check_data_options(args):
                               f"applies to iterable datasets only (prefixes {', '.join(p + '/' for p in ITERABLE)}): "
                               f"the length of {args.dataset or 'an image folder'} is its number of images, and timm "
                               "would ignore it"))
+    if args.epoch_repeats and dataset_prefix(args.dataset) not in ITERABLE:  # also handed to iterable readers only
+        raise ConfigError(f"epoch_repeats: {args.epoch_repeats} applies to iterable datasets only (prefixes "
+                          f"{', '.join(p + '/' for p in ITERABLE)}): timm would ignore it for "
+                          f"{args.dataset or 'an image folder'}, whose epoch is each image once")
     single = int(os.environ.get('WORLD_SIZE', 1)) == 1
     if int(args.aug_repeats) and (single or dataset_prefix(args.dataset) in ITERABLE):
         raise ConfigError(f"aug_repeats: {args.aug_repeats} needs distributed training (torchrun, several processes) "
                           "on a map-style dataset (folder, torch/...): timm's repeated-augmentation sampler is "
                           "distributed only")
+
+
+def check_torchcompile(backend, mode):
+    """torch.compile's backend and mode, which torch checks when the model is compiled, after it and the data are
+    built (a traceback in the run folder)."""
+    import torch._dynamo  # noqa: F401 (slow to import: only for --torchcompile)
+    try:
+        torch.compile(torch.nn.Identity(), backend=backend, mode=mode)  # lazy: looks up the backend, reads the mode
+    except RuntimeError as e:
+        if isinstance(e, torch._dynamo.exc.InvalidBackend):
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            raise ConfigError(f"torchcompile: {backend!r} is not a torch.compile backend{_close(backend, backends)}; "
+                              f"torch._dynamo.list_backends() lists the usual ones: "
+                              f"{torch._dynamo.list_backends()}") from None
+        raise ConfigError(f"torchcompile_mode: {e}") from None
+
+
+def check_image_mode(args, channels: int):
+    """The images timm reads (``input_img_mode``, else 'RGB' for a 3-channel model and 'L' for any other) must have
+    the model's channel count: another fails at the first step. torchvision datasets (torch/) take no image mode."""
+    if dataset_prefix(args.dataset) == 'torch':
+        return
+    mode = args.input_img_mode or ('RGB' if channels == 3 else 'L')
+    bands = Image.getmodebands(mode)
+    if bands != channels:
+        how = f"input_img_mode {mode!r} reads {bands}" if args.input_img_mode else \
+            f"input_img_mode {mode!r} (the default for {channels}) reads {bands}"
+        modes = [m for m in Image.MODES if Image.getmodebands(m) == channels]
+        raise ConfigError(f"in_chans: the model takes {channels}-channel images but {how} (in_chans / input_size, "
+                          f"input_img_mode); give --input-img-mode of {channels} channels"
+                          + (f" ({', '.join(modes)})" if modes else ' (PIL has none: a model of fewer channels)'))
 
 
 def dataset_prefix(dataset) -> str:
@@ -749,6 +785,12 @@ def validate(args) -> str:
             raise ConfigError(f"{key} must be >= 1, got {getattr(args, key)}")
     check_ranges(args)
     check_data_options(args)
+    if args.pretrained_path and not args.pretrained:  # timm's create_model reads it as the pretrained weights' file
+        raise ConfigError(f"pretrained_path: read only with --pretrained (timm loads {args.pretrained_path} as the "
+                          "model's pretrained weights, adapting the classifier); without it the run would start "
+                          "from random weights. Add --pretrained, or load the file as it is with --initial-checkpoint")
+    if args.torchcompile:
+        check_torchcompile(args.torchcompile, args.torchcompile_mode)
     for key in ('resume', 'initial_checkpoint', 'pretrained_path'):
         if getattr(args, key) and not os.path.isfile(getattr(args, key)):
             raise ConfigError(f"{key}: checkpoint file not found: {getattr(args, key)}")
@@ -796,6 +838,7 @@ def validate(args) -> str:
                               f"{model.num_classes} outputs")
     input_size = resolve_data_config(vars(args), model=model)['input_size']
     check_model_img_size(args, input_size, model)
+    check_image_mode(args, input_size[0])
     folder = choose_run_dir(args, input_size)
     if args.resume:
         check_resume(args, num_epochs, folder)
