@@ -228,3 +228,17 @@ def test_a_torchvision_dataset_missing_from_its_folder_is_named(trained, tmp_pat
     with pytest.raises(SystemExit, match=r"eval.py: error: dataset: torchvision finds no intact cifar10 files in .*; "
                                          "give the --data-dir that holds them, or add --dataset-download"):
         evaluate('--checkpoint', trained[1], '--dataset', 'torch/cifar10', '--data-dir', tmp_path)
+
+
+def test_a_run_trained_on_rgba_images_is_evaluated_on_rgba_images(tmp_path):
+    """eval.py reads the images as the run did (--input-img-mode RGBA for a 4-channel model): it read them as RGB,
+    and the model's first convolution refused 3 channels."""
+    data = write_digits_folder(tmp_path / 'digits', per_class=3)
+    train_script.main([
+        '--data-dir', str(data), '--model', MODEL, '--model-kwargs', 'depth=1', 'img_size=16', '--img-size', '16',
+        '--in-chans', '4', '--input-img-mode', 'RGBA', '--mean', '0.5', '0.5', '0.5', '0.5', '--std', '0.5', '0.5',
+        '0.5', '0.5', '--num-classes', '10', '--batch-size', '8', '--epochs', '1', '--warmup-epochs', '0',
+        '--workers', '0', '--output', str(tmp_path), '--experiment', 'run'])
+    evaluate('--checkpoint', tmp_path / 'run' / 'last.pth.tar', '--data-dir', data, '--output', tmp_path / 'eval')
+    results = json.loads((tmp_path / 'eval' / 'results.json').read_text())
+    assert results['data_config']['input_img_mode'] == 'RGBA' and results['num_images'] == 30

@@ -92,6 +92,9 @@ def load_trained_model(model_name: str, checkpoint=None, use_ema=False, num_clas
         else:
             model = create_model(model_name, **model_kwargs(train_args))
             data_config = (meta.get('task_state') or {}).get('data_config')
+            img_mode = getattr(train_args, 'input_img_mode', None)
+            if data_config is not None and img_mode:  # the images as the run read them
+                data_config = dict(data_config, input_img_mode=img_mode)
     except (CheckpointFileError, OSError) as e:  # a local-dir: / hf-hub: model whose config cannot be read
         raise ConfigError(f'model {model_name!r}: {e}') from None
     if train_args is not None and num_classes is not None and num_classes != model.num_classes:
@@ -166,7 +169,8 @@ def eval_loader(data_config, data_dir=None, dataset='', split='validation', batc
     data_dir = data_dir or (str(digits_folder()) if folder else None)
     if folder:
         split_folder(data_dir, split)
-    img_mode = 'L' if data_config['input_size'][0] == 1 else 'RGB'  # a 1-channel model reads grayscale, as trained
+    # a train.py run's --input-img-mode (RGBA, LA, ...), else as train.py reads by default: grayscale for 1 channel
+    img_mode = data_config.get('input_img_mode') or ('L' if data_config['input_size'][0] == 1 else 'RGB')
     ds = create_dataset(dataset, root=data_dir, split=split, input_img_mode=img_mode, download=download)
     if folder and class_to_idx is not None:
         check_classes(ds, class_to_idx, f'{split_folder(data_dir, split)}')
