@@ -242,3 +242,10 @@ def test_a_run_trained_on_rgba_images_is_evaluated_on_rgba_images(tmp_path):
     evaluate('--checkpoint', tmp_path / 'run' / 'last.pth.tar', '--data-dir', data, '--output', tmp_path / 'eval')
     results = json.loads((tmp_path / 'eval' / 'results.json').read_text())
     assert results['data_config']['input_img_mode'] == 'RGBA' and results['num_images'] == 30
+
+
+def test_a_run_folder_given_as_checkpoint_names_its_checkpoint(trained, tmp_path):
+    data, checkpoint = trained
+    with pytest.raises(SystemExit, match=rf'{checkpoint.parent} is a folder, not a checkpoint file; its last '
+                                         rf'checkpoint is {checkpoint}'):
+        evaluate('--checkpoint', checkpoint.parent, '--data-dir', data, '--output', tmp_path)

@@ -77,6 +77,15 @@ def test_invalid_settings_are_named_before_any_work(tmp_path, data, yaml_text, a
     assert message in str(e.value)
 
 
+def test_a_run_folder_given_as_checkpoint_names_its_checkpoint(tmp_path, data):
+    """``--resume <run folder>`` (was 'checkpoint file not found') names the folder's last.pth.tar."""
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'last.pth.tar').touch()
+    with pytest.raises(ConfigError, match=rf"resume: {tmp_path / 'run'} is a folder, not a checkpoint file; its "
+                                          rf"last checkpoint is {tmp_path / 'run' / 'last.pth.tar'}"):
+        validate(parse_args(['--data-dir', data, '--num-classes', '10', '--resume', str(tmp_path / 'run')])[0])
+
+
 def test_main_refuses_an_invalid_config_before_creating_outputs(tmp_path, data, capsys):
     with pytest.raises(SystemExit) as e:
         run(*TINY, '--data-dir', data, '--model', 'vit_micro_patch4_32_mhclite', '--model-kwargs', 'num_streams=8',

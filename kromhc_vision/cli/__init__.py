@@ -41,10 +41,19 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def checkpoint_not_found(path, what: str) -> ConfigError:
+    """The error for a checkpoint path that is no file; for a run folder, naming the checkpoint in it."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, 'last.pth.tar')
+        hint = f'; its last checkpoint is {inside}' if os.path.isfile(inside) else ''
+        return ConfigError(f'{what}: {path} is a folder, not a checkpoint file{hint}')
+    return ConfigError(f'{what}: checkpoint file not found: {path}')
+
+
 def read_checkpoint(path, what: str) -> dict:
     """A checkpoint's entries (tensors memory-mapped, ``weights_only``), or a :class:`ConfigError` naming the file."""
     if not os.path.isfile(path):
-        raise ConfigError(f'{what}: checkpoint file not found: {path}')
+        raise checkpoint_not_found(path, what)
     try:
         checkpoint = load_checkpoint_metadata(path)
     except Exception as e:  # empty, truncated, not a torch file, or pickled objects weights_only refuses

@@ -27,7 +27,7 @@ from timm.utils import ParseKwargs
 from ..cpu_allocator import CPU_MALLOC_CHOICES
 from ..data import DatasetIntegrityError, DatasetUnavailableError, torch_dataset_root
 from ..optim import check_opt_name
-from . import ConfigError, check_device, read_checkpoint
+from . import ConfigError, check_device, checkpoint_not_found, read_checkpoint
 from .run_folder import check_run_dir, choose_run_dir, resumes_in, unmade_copies
 
 # timm train.py options this train.py does not implement; named as such instead of "unknown key".
@@ -793,7 +793,7 @@ def validate(args) -> str:
         check_torchcompile(args.torchcompile, args.torchcompile_mode)
     for key in ('resume', 'initial_checkpoint', 'pretrained_path'):
         if getattr(args, key) and not os.path.isfile(getattr(args, key)):
-            raise ConfigError(f"{key}: checkpoint file not found: {getattr(args, key)}")
+            raise checkpoint_not_found(getattr(args, key), key)
     for key in ('resume', 'initial_checkpoint'):
         if getattr(args, key):
             read_checkpoint(getattr(args, key), key)
