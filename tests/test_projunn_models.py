@@ -119,3 +119,19 @@ def test_train_py_with_projunn_and_ema(tmp_path):
     for key in ('state_dict', 'state_dict_ema'):
         model.load_state_dict(ckpt[key])
         assert max(orthogonality_error(p) for p in model.parameters() if is_orthogonal(p)) < 1e-5, key
+
+
+def test_copies_and_materialised_models_keep_their_orthogonal_weights():
+    """A deep copy, an unpickled model and a model built on the meta device and materialised with ``to_empty``
+    have new Parameters: their OrthogonalLinear weights are tagged again (they were not, and ProjUNN silently
+    stepped them as ordinary weights, with weight decay)."""
+    import copy
+    import pickle
+    model = timm.create_model('vit_micro_patch4_32_orthogonal', depth=1)
+    count = sum(map(is_orthogonal, model.parameters()))
+    meta = timm.create_model('vit_micro_patch4_32_orthogonal', depth=1, device='meta').to_empty(device='cpu')
+    meta.load_state_dict(model.state_dict())  # the meta-device recipe: weights loaded into the empty model
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), meta):
+        assert sum(map(is_orthogonal, other.parameters())) == count > 0
+        opt = create_optimizer_v2(other, 'projunnadamw', lr=1e-3, weight_decay=0.05)
+        assert sum(len(g['params']) for g in opt.param_groups if g.get('orthogonal')) == count

@@ -56,6 +56,15 @@ class OrthogonalLinear(nn.Linear):
         if init:
             orthogonal_init_(self)
 
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        mark_orthogonal(self, 'weight')  # to_empty (from meta) makes a new Parameter, without the tag
+        return module
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        mark_orthogonal(self, 'weight')  # a deep copy's Parameter is new too
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) if self.scale == 1.0 else \
             F.linear(x * self.scale, self.weight, self.bias)

@@ -98,7 +98,9 @@ def polar(a: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ tags
 def mark_orthogonal(module: nn.Module, name: str = 'weight') -> nn.Parameter:
     """Tag ``module.<name>`` as orthogonal: ProjUNN steps it on the orthogonal group (no weight decay), and
-    :func:`project_orthogonal_` projects it, also in deep copies of ``module`` (a model EMA). Checks the shape."""
+    :func:`project_orthogonal_` projects it, also in deep copies of ``module`` (a model EMA). Checks the shape.
+    ProjUNN reads the tag on the Parameter, which a deep copy or ``to_empty`` replaces: tag a copy of a module you
+    tagged yourself again (:class:`~kromhc_vision.models.OrthogonalLinear` does so itself)."""
     param = getattr(module, name)
     if not isinstance(param, nn.Parameter):
         raise ValueError(f'{type(module).__name__}.{name} is not a Parameter')
