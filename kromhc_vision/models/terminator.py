@@ -101,7 +101,8 @@ def dynamic_depthwise_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tenso
     -> ``(B, C, H, W)``, zero padding, one group per (sample, channel)."""
     B, C, H, W = x.shape
     k = kernel.shape[-1]
-    if torch.jit.is_tracing():  # groups=B*C would be recorded as a constant, the batch size of the trace
+    # groups=B*C: torch.jit.trace records it as a constant (the batch size of the trace), ONNX has no symbolic one
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         k = int(k)  # a fixed size (the tracer hands sizes as tensors, which unfold does not take)
         columns = F.unfold(x, k, padding=k // 2).view(B, C, k * k, H * W)
         return (columns * kernel.reshape(B, C, k * k, 1)).sum(2).view(B, C, H, W)
