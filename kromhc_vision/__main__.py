@@ -7,6 +7,7 @@ import argparse
 import math
 
 from .connections import CONNECTIONS, connection_num_params
+from .permutations import MAX_PERMUTATION_SIZE
 
 GUARANTEES = {
     "residual": ("1 stream", "trivially"),
@@ -24,10 +25,12 @@ def parameter_table(dim: int, streams: list) -> str:
     for variant in CONNECTIONS:
         cells = []
         for n in (1,) * len(streams) if variant == "residual" else streams:
-            try:
+            factors_of = getattr(CONNECTIONS[variant], "factors_of", None)  # mhclite: (n,); kromhc: n's primes
+            k = max(factors_of(n)) if factors_of is not None else 0
+            if k > MAX_PERMUTATION_SIZE:  # any other ValueError (a bad $KROMHC_BACKEND, ...) is raised, not tabled
+                cells.append(f"refused ({k}! = {math.factorial(k):,} logits)")
+            else:
                 cells.append(f"{connection_num_params(variant, n, dim):,}")
-            except ValueError:
-                cells.append(f"refused ({n}! = {math.factorial(n):,} logits)")
         how, exact = GUARANTEES[variant]
         rows.append(f"| {variant} | {how} | {exact} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -59,7 +62,11 @@ def main(argv=None):
         from .ops.triton.check import run
         raise SystemExit(run(args))
     print(f"Parameters of one connection at C = {args.dim} (`python -m kromhc_vision table --dim {args.dim}`):\n")
-    print(parameter_table(args.dim, args.streams))
+    try:
+        table = parameter_table(args.dim, args.streams)
+    except ValueError as e:  # e.g. an unknown $KROMHC_BACKEND
+        parser.error(str(e))
+    print(table)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,12 @@ def _check_common(dim, init, names: Mapping[str, str]) -> None:
         raise ValueError(f"unknown {names['init']} {init!r}; valid choices: {', '.join(INITS)}")
 
 
+def _check_dim_given(dim) -> None:
+    """``dim=None`` lets :meth:`HyperConnection.check` skip the width; building or counting needs one."""
+    if dim is None:
+        raise ValueError("dim must be an int >= 1 (the channels per stream), got None")
+
+
 def _check_stream_count(variant: str, num_streams) -> None:
     if not _is_int(num_streams):
         raise ValueError(f"variant '{variant}' cannot take num_streams={num_streams!r}: num_streams must be an "
@@ -60,9 +66,9 @@ class ResidualConnection(nn.Module):
     variant = "residual"
 
     def __init__(self, num_streams: int = 1, dim: Optional[int] = None, layer_index: int = 0,
-                 init: str = "published", backend=None, device=None, dtype=None):
+                 init: str = "published", backend=None, device=None, dtype=None, **options):
         super().__init__()
-        self.check(num_streams, dim, init=init, backend=backend)
+        self.check(num_streams, dim, init=init, backend=backend, **options)
         self.num_streams = 1
         self.dim = dim
 
@@ -94,7 +100,26 @@ class ResidualConnection(nn.Module):
         return ones, ones, ones.unsqueeze(-1)
 
     def forward(self, X, branch):
-        return X + branch(X.squeeze(-2)).unsqueeze(-2).to(X.dtype)
+        """``X (..., 1, C)`` and ``branch: (..., C) -> (..., C)`` -> ``X + F(X)`` of shape ``(..., 1, C)``.
+
+        The checks are skipped while torch.fx traces (symbolic shapes): timm's FX feature extraction traces it whole.
+        """
+        if not isinstance(X, torch.fx.Proxy):
+            self._check_input(X)
+        x = X.squeeze(-2)
+        y = branch(x)
+        if not isinstance(y, torch.fx.Proxy) and (not isinstance(y, torch.Tensor) or y.shape != x.shape):
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"the branch of ResidualConnection returned shape {got}; it must return its input's "
+                             f"shape {tuple(x.shape)}")  # X + y would broadcast another shape silently
+        return X + y.unsqueeze(-2).to(X.dtype)
+
+    def _check_input(self, X):
+        if X.dim() < 2 or X.shape[-2] != 1 or (self.dim is not None and X.shape[-1] != self.dim):
+            width = "C" if self.dim is None else self.dim
+            raise ValueError(f"ResidualConnection expects streams of shape (..., 1, {width}), got {tuple(X.shape)}")
+        if not X.is_floating_point():
+            raise ValueError(f"ResidualConnection expects a floating-point stream state, got dtype {X.dtype}")
 
 
 class HyperConnection(nn.Module):
@@ -117,6 +142,7 @@ class HyperConnection(nn.Module):
                  backend=None, device=None, dtype=None, **options):
         super().__init__()
         self.check(num_streams, dim, init=init, backend=backend, **options)
+        _check_dim_given(dim)
         _check_int("layer_index", layer_index, 0)  # picks the published init's stream (layer_index mod n)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating-point torch.dtype (its parameters are trained), got {dtype!r}")
@@ -198,13 +224,14 @@ class HyperConnection(nn.Module):
         self.proj_weight.zero_()
         self.scale.fill_(0.01)
         if self.init == "identity":
-            pre = torch.full((n,), -math.log(n - 1))  # sigmoid(-log(n-1)) = 1/n
-            post = torch.zeros(n)  # 2 sigmoid(0) = 1
+            # sigmoid(-log(n-1)) = 1/n; float64, rounded once to the bias's dtype (exact in float64 parameters)
+            pre = torch.full((n,), -math.log(n - 1), dtype=torch.float64)
+            post = torch.zeros(n, dtype=torch.float64)  # 2 sigmoid(0) = 1
         else:
-            pre = torch.full((n,), -1.0)
+            pre = torch.full((n,), -1.0, dtype=torch.float64)
             pre[self.layer_index % n] = 1.0
             post = pre.clone()
-        self.bias.copy_(torch.cat([pre, post, self.res_bias()]))
+        self.bias.copy_(torch.cat([pre, post, self.res_bias().double()]))
 
     def _scale_index(self, device=None) -> torch.Tensor:
         """Which of ``scale (3)`` scales each of the ``2n + m`` coefficients: ``s_pre, s_post, s_res``."""
@@ -221,7 +248,8 @@ class HyperConnection(nn.Module):
     def _pre(self, X):
         self._check_input(X)
         scale = self.scale[self.scale_index]
-        return dispatch.stream_pre(X, self.norm_weight, self.proj_weight, scale, self.bias, self.eps, self.backend)
+        return dispatch.stream_pre(X, self.norm_weight, self.proj_weight, scale, self.bias, self.eps, self.backend,
+                                   checked=False)  # X checked above, the parameters are the connection's
 
     def _prepare_ops(self) -> None:
         """Make what the ops keep per device ahead of the first forward pass (see
@@ -337,7 +365,7 @@ class MHC(HyperConnection):
 
     def res_matrix(self, a_res):
         logits = a_res.unflatten(-1, (self.num_streams, self.num_streams))
-        return dispatch.sinkhorn(logits, self.sinkhorn_iters, self.backend)
+        return dispatch.sinkhorn(logits, self.sinkhorn_iters, self.backend, checked=False)
 
 
 def _permutation_bias(k: int) -> torch.Tensor:
@@ -383,7 +411,8 @@ class _BirkhoffMixConnection(HyperConnection):
         return torch.cat([_permutation_bias(k) for k in self.factors_of(self.num_streams)])
 
     def res_matrix(self, a_res):
-        return dispatch.permutation_mix(a_res, [getattr(self, f"perms{k}") for k in self.factors], self.backend)
+        return dispatch.permutation_mix(a_res, [getattr(self, f"perms{k}") for k in self.factors], self.backend,
+                                        checked=False)
 
 
 class MHCLite(_BirkhoffMixConnection):
@@ -443,7 +472,7 @@ def connection_post(conn: HyperConnection, pre, y, h_res=None):
         raise ValueError(f"the branch of {type(conn).__name__} returned shape {tuple(y.shape)}; "
                          f"it must return its input's shape {tuple(u.shape)} (width {conn.dim})")
     h_res = connection_res_matrix(conn, a_res) if h_res is None else h_res
-    return dispatch.stream_post(X, y, h_res, h_post, conn.backend)
+    return dispatch.stream_post(X, y, h_res, h_post, conn.backend, checked=False)  # checked above
 
 
 for _fn in (connection_pre, connection_post):
@@ -471,4 +500,6 @@ def connection_num_params(variant: str, num_streams: int, dim: int) -> int:
     """Parameters of one connection of ``variant`` without building it (validated as the constructor does)."""
     cls = connection_class(variant)
     cls.check(num_streams, dim)
+    if cls is not ResidualConnection:
+        _check_dim_given(dim)
     return cls.num_params(num_streams, dim)

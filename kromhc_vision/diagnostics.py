@@ -33,6 +33,13 @@ from .extras import pyplot
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
+def _max(values) -> float:
+    """The largest of ``values``, NaN if any is NaN (Python's ``max`` keeps or drops a NaN by its position: a
+    diverged layer's NaN gain would vanish from the summary behind a finite one)."""
+    values = list(values)
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
 def _carry(composite: torch.Tensor, shape) -> torch.Tensor:
     """The running composite ``(..., n, n)`` on a new token shape, or None when it cannot be carried."""
     n = composite.shape[-1]
@@ -97,11 +104,11 @@ def connection_diagnostics(model: torch.nn.Module, images: torch.Tensor) -> Dict
         num_images=int(images.shape[0]),
         num_connections=len(layers),
         summary=dict(
-            max_row_error=max(layer['row_error'] for layer in layers),
-            max_col_error=max(layer['col_error'] for layer in layers),
+            max_row_error=_max(layer['row_error'] for layer in layers),
+            max_col_error=_max(layer['col_error'] for layer in layers),
             final_gain_row=layers[-1]['gain_row'],
             final_gain_col=layers[-1]['gain_col'],
-            max_gain_deviation=max(abs(layer[k] - 1) for layer in layers for k in ('gain_row', 'gain_col')),
+            max_gain_deviation=_max(abs(layer[k] - 1) for layer in layers for k in ('gain_row', 'gain_col')),
         ),
         layers=layers,
     )

@@ -92,7 +92,9 @@ def kronecker_birkhoff(logits: torch.Tensor, perms: list, factor_mix=None) -> to
 
 
 def stochasticity_error(h_res: torch.Tensor) -> torch.Tensor:
-    """Largest ``|row sum - 1|`` or ``|column sum - 1|`` of ``(..., n, n)``, as a 0-d tensor."""
+    """Largest ``|row sum - 1|`` or ``|column sum - 1|`` of ``(..., n, n)``, as a 0-d tensor (0 for no tokens)."""
+    if h_res.numel() == 0:  # amax has no identity to reduce an empty tensor to
+        return h_res.new_zeros(())
     rows = (h_res.sum(-1) - 1).abs().amax()
     cols = (h_res.sum(-2) - 1).abs().amax()
     return torch.maximum(rows, cols)

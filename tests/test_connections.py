@@ -385,3 +385,53 @@ def test_branch_of_the_wrong_width_is_named():
     conn = kv.build_connection("kromhc", num_streams=4, dim=8)
     with pytest.raises(ValueError, match=r"branch of KromHC returned shape \(2, 5\); it must return .*\(2, 8\)"):
         conn(torch.randn(2, 4, 8), lambda u: u[..., :5])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_stochasticity_error_of_no_tokens_is_zero(variant):
+    """A batch of no tokens has no row or column off 1 (was amax's error on an empty tensor)."""
+    conn = kv.build_connection(variant, num_streams=4, dim=8)
+    assert conn.stochasticity_error(torch.randn(0, 4, 8)).item() == 0
+    assert kv.stochasticity_error(torch.empty(0, 3, 3)).item() == 0
+
+
+def test_a_connection_needs_a_width():
+    """dim=None (which check() takes, to skip the width) was a TypeError from the parameter shapes / the count."""
+    with pytest.raises(ValueError, match="dim must be an int >= 1.*got None"):
+        kv.build_connection("kromhc", num_streams=4, dim=None)
+    with pytest.raises(ValueError, match="dim must be an int >= 1.*got None"):
+        kv.connection_num_params("hc", 4, None)
+
+
+def test_residual_connection_refuses_what_the_others_refuse():
+    """A wrong stream axis or width, an integer state, a branch of another shape (X + y broadcast them silently:
+    (4, 8) streams became (4, 4, 8)) and an unknown option (a TypeError) are ValueErrors naming the value."""
+    conn = kv.build_connection("residual", num_streams=1, dim=8)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 1, 8\), got \(4, 8\)"):
+        conn(torch.randn(4, 8), lambda u: u)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 1, 8\), got \(2, 1, 5\)"):
+        conn(torch.randn(2, 1, 5), lambda u: u)
+    with pytest.raises(ValueError, match="floating-point stream state, got dtype torch.int64"):
+        conn(torch.ones(2, 1, 8, dtype=torch.int64), lambda u: u)
+    for bad in (lambda u: u[0], lambda u: u[:, :1]):
+        with pytest.raises(ValueError, match=r"branch of ResidualConnection returned shape .*must return .*\(2, 8\)"):
+            conn(torch.randn(2, 1, 8), bad)
+    with pytest.raises(ValueError, match=r"\{'sinkhorn_iters': 3\} not accepted by the 'residual' connection"):
+        kv.build_connection("residual", num_streams=1, dim=8, sinkhorn_iters=3)
+
+
+@pytest.mark.parametrize("variant, n", [("hc", 3), ("mhclite", 3), ("kromhc", 8)])
+def test_identity_init_in_float64_equals_residual_to_float64_rounding(variant, n):
+    """b_pre = -log(n - 1) was rounded to float32 before the float64 parameters took it: H_pre = 1/n to 3e-8 only,
+    and the stack off its residual counterpart by 1e-9 .. 1e-7."""
+    torch.manual_seed(0)
+    weights = [torch.randn(6, 6, dtype=torch.float64) * 0.5 for _ in range(4)]
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    ref, X = x, kv.expand_streams(x, n)
+    for i, w in enumerate(weights):
+        ref = ref + torch.tanh(ref @ w)
+        conn = kv.build_connection(variant, n, 6, i, init="identity", dtype=torch.float64, backend="torch")
+        X = conn(X, lambda u, w=w: torch.tanh(u @ w))
+    assert (kv.reduce_streams(X) - ref).abs().max().item() < 1e-12
+    torch.testing.assert_close(conn.coefficients(X)[0], torch.full((3, 5, n), 1 / n, dtype=torch.float64),
+                               rtol=1e-15, atol=0)

@@ -164,25 +164,38 @@ def _run(op: str, backend, num_streams: int, *args):
     return getattr(backend_module("torch"), op)(*args)
 
 
-def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float, backend=None):
+def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float, backend=None, checked: bool = True):
     """``u (..., C), h_pre (..., n), h_post (..., n), a_res (..., m)`` and the stream state to hand to
-    :func:`stream_post`, on the backend in force (see :func:`kromhc_vision.ops.reference.stream_pre`)."""
+    :func:`stream_post`, on the backend in force (see :func:`kromhc_vision.ops.reference.stream_pre`);
+    ``checked`` as in :func:`stream_post` (each backend checks the shapes again, as it is also called alone)."""
+    if checked:
+        reference.check_stream_pre_shapes(X, norm_weight, proj_weight, scale, bias)
     return _run("stream_pre", backend, X.shape[-2], X, norm_weight, proj_weight, scale, bias, eps)
 
 
-def stream_post(X, y, h_res, h_post, backend=None):
-    """``X_next = H_res X + H_post^T y`` on the backend in force (see :func:`.reference.stream_post`)."""
+def stream_post(X, y, h_res, h_post, backend=None, checked: bool = True):
+    """``X_next = H_res X + H_post^T y`` on the backend in force (see :func:`.reference.stream_post`).
+    ``checked=False`` skips the argument checks (the connections, whose arguments are theirs by construction: a few
+    microseconds a call, which small widths feel)."""
+    if checked:
+        reference.check_stream_post_shapes(X, y, h_res, h_post)
     return _run("stream_post", backend, X.shape[-2], X, y, h_res, h_post)
 
 
-def sinkhorn(logits, num_iters: int, backend=None):
-    """mHC's ``H_res`` from ``(..., n, n)`` logits on the backend in force (see :func:`.reference.sinkhorn`)."""
+def sinkhorn(logits, num_iters: int, backend=None, checked: bool = True):
+    """mHC's ``H_res`` from ``(..., n, n)`` logits on the backend in force (see :func:`.reference.sinkhorn`);
+    ``checked`` as in :func:`stream_post`."""
+    if checked:
+        reference.check_sinkhorn_args(logits, num_iters)
     return _run("sinkhorn", backend, logits.shape[-1], logits, num_iters)
 
 
-def permutation_mix(logits, perms, backend=None):
+def permutation_mix(logits, perms, backend=None, checked: bool = True):
     """mHC-lite's / KromHC's ``H_res (..., n, n)`` from ``(..., sum_k i_k!)`` logits and ``perms[k] =
-    permutation_matrices(i_k)`` on the backend in force (see :func:`kromhc_vision.residual_maps.kronecker_birkhoff`)."""
+    permutation_matrices(i_k)`` on the backend in force (see :func:`kromhc_vision.residual_maps.kronecker_birkhoff`);
+    ``checked`` as in :func:`stream_post`."""
+    if checked:
+        reference.check_permutation_mix_args(logits, perms)
     n = 1
     for p in perms:  # a loop, which torch.compile(fullgraph=True) traces, where math.prod over a generator breaks
         n *= p.shape[-1]

@@ -16,6 +16,7 @@ Coefficients and accumulation run in :func:`compute_dtype` (float32, float64 if 
 with autocast off; ``u`` and ``X_next`` come back in the stream dtype. Every backend computes the same.
 """
 import contextlib
+import numbers
 
 import torch
 
@@ -36,9 +37,21 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def check_floating(op: str, **tensors) -> None:
+    """Raise ``ValueError`` naming ``op`` and the tensor unless every one of ``tensors`` is a floating-point tensor
+    (an integer one would be truncated on the way out: ``u``, ``H_res`` of zeros and ones)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{op}: {name} must be a floating-point tensor, got {got}")
+
+
 def check_stream_pre_shapes(X, norm_weight, proj_weight, scale, bias) -> None:
     """Raise ``ValueError`` naming the tensor and the shape it must have unless the parameters fit ``X (..., n, C)``
     and hold ``k >= 2n`` coefficients (the numba kernels, which read them by address, check sizes themselves)."""
+    check_floating("stream_pre", X=X, norm_weight=norm_weight, proj_weight=proj_weight, scale=scale, bias=bias)
+    if X.dim() < 2:
+        raise ValueError(f"stream_pre expects a stream state X of shape (..., n, C), got {tuple(X.shape)}")
     n, C = X.shape[-2:]
     k = proj_weight.shape[-1]
     if proj_weight.dim() != 2 or k < 2 * n:
@@ -49,6 +62,49 @@ def check_stream_pre_shapes(X, norm_weight, proj_weight, scale, bias) -> None:
         if tuple(t.shape) != shape:
             raise ValueError(f"stream_pre: {name} has shape {tuple(t.shape)}; for X (..., {n}, {C}) and {k} "
                              f"coefficients it must be {shape}")
+
+
+def check_stream_post_shapes(X, y, h_res, h_post) -> None:
+    """Raise ``ValueError`` naming the tensor and the shape it must have unless, for ``X (..., n, C)``, ``y`` is
+    ``(..., C)``, ``h_res`` ``(..., n, n)`` and ``h_post`` ``(..., n)`` with ``X``'s leading dims, all floating."""
+    check_floating("stream_post", X=X, y=y, h_res=h_res, h_post=h_post)
+    if X.dim() < 2:
+        raise ValueError(f"stream_post expects a stream state X of shape (..., n, C), got {tuple(X.shape)}")
+    lead, (n, C) = tuple(X.shape[:-2]), X.shape[-2:]
+    for name, t, shape in (("y", y, lead + (C,)), ("h_res", h_res, lead + (n, n)), ("h_post", h_post, lead + (n,))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"stream_post: {name} has shape {tuple(t.shape)}; for X {tuple(X.shape)} it must be "
+                             f"{shape}")
+
+
+def check_sinkhorn_args(logits, num_iters) -> None:
+    """Raise ``ValueError`` naming the value unless ``logits`` is floating ``(..., n, n)`` and ``num_iters`` an
+    int >= 1 (0 iterations would return ``exp(logits)``, not normalised at all)."""
+    check_floating("sinkhorn", logits=logits)
+    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
+        raise ValueError(f"sinkhorn expects logits of shape (..., n, n), got {tuple(logits.shape)}")
+    if not isinstance(num_iters, numbers.Integral) or isinstance(num_iters, bool) or num_iters < 1:
+        raise ValueError(f"sinkhorn: num_iters must be an int >= 1, got {num_iters!r}")
+
+
+def check_permutation_mix_args(logits, perms) -> None:
+    """Raise ``ValueError`` naming the value unless ``perms`` is a non-empty list of ``(i_k!, i_k, i_k)`` tensors and
+    ``logits`` floating ``(..., sum_k i_k!)``. Loops, not generators: torch.compile(fullgraph=True) traces them."""
+    check_floating("permutation_mix", logits=logits)
+    valid = isinstance(perms, (list, tuple)) and len(perms) > 0
+    m, factors = 0, []
+    for p in perms if valid else ():
+        if not isinstance(p, torch.Tensor) or p.dim() != 3 or p.shape[1] != p.shape[2]:
+            valid = False
+            break
+        m += p.shape[0]
+        factors.append(p.shape[-1])
+    if not valid:
+        raise ValueError("permutation_mix expects perms = [permutation_matrices(i_k), ...], a non-empty list of "
+                         f"(i_k!, i_k, i_k) tensors, got {perms!r:.200}")
+    if logits.dim() < 1 or logits.shape[-1] != m:
+        raise ValueError(f"permutation_mix with factors {factors} expects logits of shape (..., {m}), got "
+                         f"{tuple(logits.shape)}")
 
 
 def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):

@@ -90,3 +90,34 @@ def test_stream_pre_hands_auto_its_coefficient_count(monkeypatch):
         X = torch.randn(3, n, C)
         dispatch.stream_pre(X, torch.ones(n * C), torch.randn(n * C, k), torch.ones(k), torch.zeros(k), 1e-6, "auto")
     assert chosen == ["torch", "triton"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_ops_refuse_bad_input_by_name_on_every_backend(backend):
+    """The ops check their inputs once, before any backend runs: on the PyTorch backend a non-square Sinkhorn, 0
+    iterations or integer logits ran (exp(logits), truncated H_res), stream_post's wrong shapes were reshape errors;
+    on every backend an integer state gave an integer u, and 2.5 iterations a numba typing error."""
+    from kromhc_vision import ops
+    from kromhc_vision.permutations import permutation_matrices
+    X, n, C = torch.randn(3, 4, 8), 4, 8
+    params = (torch.ones(n * C), torch.zeros(n * C, 12), torch.ones(12), torch.zeros(12))
+    y, h_res, h_post = torch.randn(3, C), torch.rand(3, n, n), torch.rand(3, n)
+    perms = [permutation_matrices(2)] * 2
+    cases = [
+        (lambda: ops.stream_pre(X.long(), *params, 1e-6, backend), "stream_pre: X must be a floating-point tensor"),
+        (lambda: ops.stream_pre(torch.randn(8), *params, 1e-6, backend), r"X of shape \(\.\.\., n, C\), got \(8,\)"),
+        (lambda: ops.stream_post(X, torch.randn(2, C), h_res, h_post, backend),
+         r"stream_post: y has shape \(2, 8\); for X \(3, 4, 8\) it must be \(3, 8\)"),
+        (lambda: ops.stream_post(X, y, h_res[:, :3, :3], h_post, backend), r"h_res has shape \(3, 3, 3\)"),
+        (lambda: ops.stream_post(X.long(), y, h_res, h_post, backend), "X must be a floating-point tensor"),
+        (lambda: ops.sinkhorn(torch.randn(3, 4, 5), 3, backend), r"\(\.\.\., n, n\), got \(3, 4, 5\)"),
+        (lambda: ops.sinkhorn(torch.randn(3, 4, 4), 0, backend), "num_iters must be an int >= 1, got 0"),
+        (lambda: ops.sinkhorn(torch.randn(3, 4, 4), 2.5, backend), "num_iters must be an int >= 1, got 2.5"),
+        (lambda: ops.sinkhorn(torch.ones(3, 4, 4, dtype=torch.long), 3, backend), "logits must be a floating-point"),
+        (lambda: ops.permutation_mix(torch.randn(3, 5), perms, backend), r"factors \[2, 2\] .*\(\.\.\., 4\), got"),
+        (lambda: ops.permutation_mix(torch.ones(3, 4, dtype=torch.long), perms, backend), "floating-point"),
+        (lambda: ops.permutation_mix(torch.randn(3, 4), [], backend), "a non-empty list of"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
