@@ -19,6 +19,7 @@ images of every class (file order; the test set is always whole), for a budget r
 import contextlib
 import gzip
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -63,6 +64,8 @@ def atomic_folder(final: Path):
 def write_digits_folder(root: Union[str, Path], per_class: Optional[int] = None) -> Path:
     """Write the digits folder to ``root`` unless it exists; ``per_class`` keeps the first k images per class and split.
 
+    The folder records its image count per split (``manifest.json``); an existing folder whose count differs (images
+    deleted or added since) raises :class:`DatasetIntegrityError` naming it, instead of being read as it is.
     Returns ``root``.
     """
     from PIL import Image
@@ -75,6 +78,7 @@ def write_digits_folder(root: Union[str, Path], per_class: Optional[int] = None)
         raise ValueError(f'per_class must be a positive int or None, got {per_class!r}')  # 0: an empty folder
     root = Path(root)
     if root.is_dir():
+        check_digits_folder(root)
         return root
     digits = load_digits()
     index = np.arange(len(digits.target))
@@ -93,7 +97,30 @@ def write_digits_folder(root: Union[str, Path], per_class: Optional[int] = None)
                 pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)  # values 0..16
                 image = Image.fromarray(pixels, mode='L').resize((DIGITS_SIZE, DIGITS_SIZE), Image.BICUBIC)
                 image.convert('RGB').save(folder / f'{i:04d}.png')
+        counts = {split: _count_images(tmp / split) for split in ('train', 'validation')}
+        (tmp / DIGITS_MANIFEST).write_text(json.dumps(counts))
     return root
+
+
+DIGITS_MANIFEST = 'manifest.json'
+
+
+def _count_images(folder: Path) -> int:
+    return sum(len([f for f in files if f.endswith('.png')]) for _, _, files in os.walk(folder))
+
+
+def check_digits_folder(root: Path) -> None:
+    """Raise :class:`DatasetIntegrityError` unless each split of the digits folder ``root`` holds the images its
+    manifest counts (a folder written before manifests were, without one, is taken as it is)."""
+    manifest = root / DIGITS_MANIFEST
+    if not manifest.is_file():
+        return
+    for split, expected in json.loads(manifest.read_text()).items():
+        found = _count_images(root / split)
+        if found != expected:
+            raise DatasetIntegrityError(f'digits folder {root}: {split} holds {found} images, its manifest '
+                                        f'{expected}: changed since it was written; remove the folder and it is '
+                                        'written again')
 
 
 def digits_folder() -> Path:

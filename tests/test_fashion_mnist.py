@@ -271,3 +271,14 @@ def test_idx_sizes_past_int64_and_empty_digits_folders_are_refused(tmp_path):
         with pytest.raises(ValueError, match='per_class must be a positive int or None'):
             write_digits_folder(tmp_path / 'digits', per_class=bad)
     assert not (tmp_path / 'digits').exists()
+
+
+def test_a_changed_digits_folder_is_refused(tmp_path):
+    """A digits folder (the cache under ~/.cache) with images deleted since it was written was read as it was: a
+    smaller training set, silently. Its manifest's counts are checked when it is reused."""
+    from kromhc_vision.data import DatasetIntegrityError, write_digits_folder
+    root = write_digits_folder(tmp_path / 'digits', per_class=2)
+    assert write_digits_folder(root, per_class=2) == root  # intact: reused
+    next((root / 'train' / '3').iterdir()).unlink()
+    with pytest.raises(DatasetIntegrityError, match=r'train holds 19 images, its manifest 20: changed since'):
+        write_digits_folder(root, per_class=2)

@@ -86,6 +86,16 @@ def test_a_run_folder_given_as_checkpoint_names_its_checkpoint(tmp_path, data):
         validate(parse_args(['--data-dir', data, '--num-classes', '10', '--resume', str(tmp_path / 'run')])[0])
 
 
+def test_a_changed_digits_cache_is_named_before_any_work(tmp_path, monkeypatch):
+    """The default data (the digits cache) is checked by validate: images deleted from it were a smaller training
+    set, silently (see tests/test_fashion_mnist.py)."""
+    monkeypatch.setenv('KROMHC_CACHE', str(tmp_path))
+    root = write_digits_folder(tmp_path / 'digits', per_class=2)  # the cache, reused as it is
+    next((root / 'validation' / '0').iterdir()).unlink()
+    with pytest.raises(ConfigError, match=r'digits folder .* validation holds 19 images, its manifest 20'):
+        validate(parse_args(['--num-classes', '10'])[0])
+
+
 def test_main_refuses_an_invalid_config_before_creating_outputs(tmp_path, data, capsys):
     with pytest.raises(SystemExit) as e:
         run(*TINY, '--data-dir', data, '--model', 'vit_micro_patch4_32_mhclite', '--model-kwargs', 'num_streams=8',

@@ -25,7 +25,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ParseKwargs
 
 from ..cpu_allocator import CPU_MALLOC_CHOICES
-from ..data import DatasetIntegrityError, DatasetUnavailableError, torch_dataset_root
+from ..data import DatasetIntegrityError, DatasetUnavailableError, digits_folder, torch_dataset_root
 from ..optim import check_opt_name
 from . import ConfigError, check_device, checkpoint_not_found, read_checkpoint
 from .run_folder import check_run_dir, choose_run_dir, resumes_in, unmade_copies
@@ -813,6 +813,8 @@ def validate(args) -> str:
         raise ConfigError(f"model {args.model!r}: {e}") from None
     try:  # torch/fashion_mnist without --data-dir: prepared from Debian's files (kromhc_vision.data)
         args.data_dir = torch_dataset_root(args.dataset, args.data_dir, args.dataset_download)
+        if args.data_dir is None and is_folder_dataset(args):
+            digits_folder()  # the default data, written now or checked (train() reads it)
     except (DatasetUnavailableError, DatasetIntegrityError) as e:
         raise ConfigError(str(e)) from None
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
