@@ -133,7 +133,6 @@ def test_diagnostics_values_of_known_matrices():
     assert first['h_res_mean'] == A.tolist() and first['h_pre_mean'] == [0.5, 0.5] and first['h_post_mean'] == [1, 1]
 
 
-
 def test_diagnostics_summary_keeps_a_diverged_layers_nan():
     """A layer whose H_res is NaN (a diverged HC model's overflowed state) makes the summary NaN: Python's max kept
     the finite values after a finite first one, reporting the deviations of the layers before it."""
@@ -141,6 +140,7 @@ def test_diagnostics_summary_keeps_a_diverged_layers_nan():
     diag = connection_diagnostics(torch.nn.Sequential(_FixedConnection(A), _FixedConnection(bad)),
                                   torch.randn(1, 3, 2, 4))
     assert all(math.isnan(v) for v in diag['summary'].values())
+
 
 def test_diagnostics_carry_the_composite_over_convnext_downsamples():
     diag = connection_diagnostics(_perturbed('convnext_micro_kromhc'), torch.randn(2, 3, 32, 32))

@@ -481,3 +481,15 @@ def test_state_dict_hooks_run():
     opt.register_load_state_dict_post_hook(lambda o: calls.append('load post'))
     opt.load_state_dict(opt.state_dict())
     assert calls == ['sd pre', ('sd post', 0), ('load pre', 0), 'load post']
+
+
+
+@pytest.mark.parametrize('base', ['adamp', 'cadamp', 'nmuon'])
+def test_base_name_keeps_a_nesterov_that_needs_no_momentum_argument(base):
+    """A default ``nesterov=True`` is dropped only where the base is left without momentum (SGD without
+    ``momentum``): AdamP's Nesterov is its own and Muon's momentum defaults to 0.95, so both keep timm's
+    ``nesterov=True`` for the name (they lost it)."""
+    w = nn.Parameter(torch.eye(4))
+    assert timm.optim.create_optimizer_v2([nn.Parameter(torch.eye(4))], base, lr=1e-3).defaults['nesterov']
+    assert ProjUNN([w], base=base, lr=1e-3).base.defaults['nesterov']
+    assert not ProjUNN([w], base='nesterov', lr=1e-3).base.defaults['nesterov']  # SGD, no momentum: plain

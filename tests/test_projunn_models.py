@@ -135,3 +135,14 @@ def test_copies_and_materialised_models_keep_their_orthogonal_weights():
         assert sum(map(is_orthogonal, other.parameters())) == count > 0
         opt = create_optimizer_v2(other, 'projunnadamw', lr=1e-3, weight_decay=0.05)
         assert sum(len(g['params']) for g in opt.param_groups if g.get('orthogonal')) == count
+
+
+def test_a_pruned_orthogonal_linear_still_moves():
+    """Re-tagging after ``_apply`` skips a weight that is no longer a Parameter: ``torch.nn.utils.prune`` makes it
+    a plain attribute, and ``.to()`` of a pruned model raised 'OrthogonalLinear.weight is not a Parameter'."""
+    from torch.nn.utils import prune
+    layer = OrthogonalLinear(8, 8)
+    prune.l1_unstructured(layer, 'weight', amount=0.25)
+    assert layer.to(torch.float64).weight_orig.dtype == torch.float64  # the pruned weight: at the next forward
+    prune.remove(layer, 'weight')  # the weight a Parameter again: tagged at the next move
+    assert is_orthogonal(layer.to(torch.float32).weight)

@@ -413,7 +413,7 @@ def test_extending_a_finished_run_is_refused_with_the_way_on(tmp_path, data, cap
     # images read with another channel count than the model's: a RuntimeError at the first step, in the run folder
     (['--in-chans', '2'], "in_chans: the model takes 2-channel images but input_img_mode 'L' (the default for 2) "
                           "reads 1"),
-    (['--input-img-mode', 'L'], "in_chans: the model takes 3-channel images but input_img_mode 'L' reads 1"),
+    (['--input-img-mode', 'L'], "input_img_mode: the model takes 3-channel images but input_img_mode 'L' reads 1"),
 ])
 def test_bad_values_are_named_before_any_work(tmp_path, data, capsys, argv, message, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # the same on a machine with a GPU

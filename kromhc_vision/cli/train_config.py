@@ -684,7 +684,8 @@ def check_image_mode(args, channels: int):
         how = f"input_img_mode {mode!r} reads {bands}" if args.input_img_mode else \
             f"input_img_mode {mode!r} (the default for {channels}) reads {bands}"
         modes = [m for m in Image.MODES if Image.getmodebands(m) == channels]
-        raise ConfigError(f"in_chans: the model takes {channels}-channel images but {how} (in_chans / input_size, "
+        key = 'input_img_mode' if args.input_img_mode else 'in_chans'
+        raise ConfigError(f"{key}: the model takes {channels}-channel images but {how} (in_chans / input_size, "
                           f"input_img_mode); give --input-img-mode of {channels} channels"
                           + (f" ({', '.join(modes)})" if modes else ' (PIL has none: a model of fewer channels)'))
 

@@ -49,7 +49,6 @@ recomputed block updates BatchNorm's running statistics a second time (as any Ba
 Parameter names: ``blocks.i.{global_slow, local_slow, ...}``, ``head.fc``.
 """
 import math
-from functools import partial
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -60,6 +59,7 @@ from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, genera
     register_notrace_function, register_notrace_module
 from timm.models._features import feature_take_indices  # no public name in timm 1.0.31
 
+from ..ops.dispatch import recording_for_export
 from ._hc_common import TorchScriptUnsupportedError
 
 __all__ = ['Terminator', 'SFNEBlock', 'SlowNet', 'Standardize', 'global_hyper_conv', 'dynamic_depthwise_conv',
@@ -102,7 +102,7 @@ def dynamic_depthwise_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tenso
     B, C, H, W = x.shape
     k = kernel.shape[-1]
     # groups=B*C: torch.jit.trace records it as a constant (the batch size of the trace), ONNX has no symbolic one
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if recording_for_export():
         k = int(k)  # a fixed size (the tracer hands sizes as tensors, which unfold does not take)
         columns = F.unfold(x, k, padding=k // 2).view(B, C, k * k, H * W)
         return (columns * kernel.reshape(B, C, k * k, 1)).sum(2).view(B, C, H, W)

@@ -58,12 +58,18 @@ class OrthogonalLinear(nn.Linear):
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
-        mark_orthogonal(self, 'weight')  # to_empty (from meta) makes a new Parameter, without the tag
+        self._tag_weight()  # to_empty (from meta) makes a new Parameter, without the tag
         return module
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        mark_orthogonal(self, 'weight')  # a deep copy's Parameter is new too
+        self._tag_weight()  # a deep copy's Parameter is new too
+
+    def _tag_weight(self) -> None:
+        """Tag ``weight`` for ProjUNN again where it is a Parameter; one that is no longer (torch's pruning and
+        old ``weight_norm`` make it a plain attribute computed from others) is left alone, as ``.to()`` did."""
+        if isinstance(self._parameters.get('weight'), nn.Parameter):
+            mark_orthogonal(self, 'weight')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) if self.scale == 1.0 else \

@@ -141,8 +141,15 @@ def _shape_key(tensors):
     return tuple((tuple(t.shape[-2:]), t.dtype, t.device.type) for t in tensors)
 
 
+def recording_for_export() -> bool:
+    """Whether ``torch.jit.trace`` or an ONNX exporter (the TorchScript one traces; torch's default one runs
+    torch.export, under which the compiler flag is set) records the ops: a fraction of a microsecond in eager mode,
+    where ``torch.onnx.is_in_onnx_export`` alone costs more (two imports a call)."""
+    return torch.jit.is_tracing() or (torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export())
+
+
 def _run(op: str, backend, num_streams: int, *args):
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # see the module's docstring
+    if recording_for_export():  # see the module's docstring
         return _DEFINITIONS[op](*args)
     device = args[0].device
     coefficients = args[2].shape[1] if op == "stream_pre" else 0  # what auto's rules read: 2n + m
@@ -169,7 +176,7 @@ def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float, backend=Non
     :func:`stream_post`, on the backend in force (see :func:`kromhc_vision.ops.reference.stream_pre`);
     ``checked`` as in :func:`stream_post` (each backend checks the shapes again, as it is also called alone)."""
     if checked:
-        reference.check_stream_pre_shapes(X, norm_weight, proj_weight, scale, bias)
+        reference.check_stream_pre_args(X, norm_weight, proj_weight, scale, bias)
     return _run("stream_pre", backend, X.shape[-2], X, norm_weight, proj_weight, scale, bias, eps)
 
 

@@ -46,12 +46,18 @@ def check_floating(op: str, **tensors) -> None:
             raise ValueError(f"{op}: {name} must be a floating-point tensor, got {got}")
 
 
-def check_stream_pre_shapes(X, norm_weight, proj_weight, scale, bias) -> None:
-    """Raise ``ValueError`` naming the tensor and the shape it must have unless the parameters fit ``X (..., n, C)``
-    and hold ``k >= 2n`` coefficients (the numba kernels, which read them by address, check sizes themselves)."""
+def check_stream_pre_args(X, norm_weight, proj_weight, scale, bias) -> None:
+    """:func:`check_stream_pre_shapes`, and every tensor floating-point with ``X`` at least 2-d: what the public op
+    checks once (each backend checks the shapes, as it is also called alone)."""
     check_floating("stream_pre", X=X, norm_weight=norm_weight, proj_weight=proj_weight, scale=scale, bias=bias)
     if X.dim() < 2:
         raise ValueError(f"stream_pre expects a stream state X of shape (..., n, C), got {tuple(X.shape)}")
+    check_stream_pre_shapes(X, norm_weight, proj_weight, scale, bias)
+
+
+def check_stream_pre_shapes(X, norm_weight, proj_weight, scale, bias) -> None:
+    """Raise ``ValueError`` naming the tensor and the shape it must have unless the parameters fit ``X (..., n, C)``
+    and hold ``k >= 2n`` coefficients (the numba kernels, which read them by address, check sizes themselves)."""
     n, C = X.shape[-2:]
     k = proj_weight.shape[-1]
     if proj_weight.dim() != 2 or k < 2 * n:
@@ -88,8 +94,8 @@ def check_sinkhorn_args(logits, num_iters) -> None:
 
 
 def check_permutation_mix_args(logits, perms) -> None:
-    """Raise ``ValueError`` naming the value unless ``perms`` is a non-empty list of ``(i_k!, i_k, i_k)`` tensors and
-    ``logits`` floating ``(..., sum_k i_k!)``. Loops, not generators: torch.compile(fullgraph=True) traces them."""
+    """Raise ``ValueError`` naming the value unless ``perms`` is a non-empty list of ``(m_k, i_k, i_k)`` tensors
+    (``permutation_matrices(i_k)``: ``m_k = i_k!``, not checked) and ``logits`` floating ``(..., sum_k m_k)``. Loops, not generators: torch.compile(fullgraph=True) traces them."""
     check_floating("permutation_mix", logits=logits)
     valid = isinstance(perms, (list, tuple)) and len(perms) > 0
     m, factors = 0, []
@@ -114,7 +120,7 @@ def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float):
     The fifth output is the stream state to hand to ``stream_post`` (here ``X`` itself; a backend may
     return an alias of ``X`` that routes the post step's gradient through its own backward).
     """
-    check_stream_pre_shapes(X, norm_weight, proj_weight, scale, bias)
+    check_stream_pre_args(X, norm_weight, proj_weight, scale, bias)
     n = X.shape[-2]
     dtype = compute_dtype(X, proj_weight)
     with autocast_off(X.device):

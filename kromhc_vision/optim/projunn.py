@@ -35,6 +35,7 @@ weight, which is treated as ``m`` square N×N blocks stacked along rows / column
 """
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -297,6 +298,20 @@ def _base_class(base: Union[str, Callable]) -> Tuple[Callable, str, Dict[str, An
     return default_registry.get_optimizer_class(base.lower(), bind_defaults=False), base.lower(), defaults
 
 
+def _without_momentum(base_cls: Callable, kwargs: Dict[str, Any]) -> bool:
+    """Whether ``base_cls`` takes a ``momentum`` that ``kwargs`` (else the class's default) leave at 0: its
+    ``nesterov`` then has no momentum to act on (torch's SGD refuses it). A class without ``momentum`` (AdamP: its
+    own Nesterov) or with a default one (Muon: 0.95) keeps a default ``nesterov=True``."""
+    try:
+        param = inspect.signature(base_cls).parameters.get('momentum')
+    except (TypeError, ValueError):  # no signature to read: the kwargs alone
+        return not kwargs.get('momentum')
+    if param is None:
+        return False
+    default = None if param.default is inspect.Parameter.empty else param.default
+    return not kwargs.get('momentum', default)
+
+
 class ProjUNN(torch.optim.Optimizer):
     """A timm/torch base optimizer whose steps of orthogonal weights go through the projUNN projection.
 
@@ -308,7 +323,8 @@ class ProjUNN(torch.optim.Optimizer):
         base: a timm optimizer name (``"sgd"``, ``"adamw"``, ``"rmsprop"``, ...) or an optimizer class; it
             computes every step ``Δ``; non-orthogonal parameters get ``Δ`` added as usual. A name brings timm's
             defaults for it (``"cadamw"``: ``caution=True``), under ``base_kwargs``; not timm's factory-wide
-            ``momentum=0.9`` (pass ``momentum``), and a default ``nesterov=True`` only with a momentum.
+            ``momentum=0.9`` (pass ``momentum``), and a default ``nesterov=True`` of an SGD-like base only with a
+            momentum (AdamP's and Muon's stay).
         mode: ``"tangent"`` (projUNN-T) or ``"direct"`` (projUNN-D).
         rank: ``k`` of the low-rank approximation.
         sampler: ``"lsi"`` or ``"column"``.
@@ -340,7 +356,7 @@ class ProjUNN(torch.optim.Optimizer):
             raise ValueError(f'seed must be an int, got {seed!r}')
         base_cls, base_name, name_defaults = _base_class(base)
         kwargs = dict(name_defaults, **base_kwargs)
-        if 'nesterov' not in base_kwargs and kwargs.get('nesterov') and not kwargs.get('momentum'):
+        if 'nesterov' not in base_kwargs and kwargs.get('nesterov') and _without_momentum(base_cls, kwargs):
             kwargs.pop('nesterov')  # timm's 'sgd' is Nesterov at its factory's momentum 0.9; without one: plain
         base_kwargs = kwargs
         groups = self._split_groups(params)
