@@ -55,7 +55,8 @@ from timm.utils import (NativeScaler, dispatch_clip_grad, distribute_bn,
 from kromhc_vision.cli import ConfigError, write_json
 from kromhc_vision.cli.evaluation import evaluate, progress
 from kromhc_vision.cli.run_folder import CheckpointSaver, open_run_dir, resumes_in, write_run_file
-from kromhc_vision.cli.train_config import create_dataset, is_folder_dataset, model_kwargs, parse_args, validate
+from kromhc_vision.cli.train_config import (create_dataset, image_mode, is_folder_dataset, model_kwargs, parse_args,
+                                            validate)
 from kromhc_vision.cli.sampling import PerSampleSeeded, set_epoch_order
 from kromhc_vision.cli.train_state import StepLog, TrainTask, seed_epoch
 from kromhc_vision.cpu_allocator import configure_cpu_malloc
@@ -167,7 +168,7 @@ def create_data(args, data_config, device) -> TrainData:
         else:
             mixup_fn = Mixup(**mixup_args)
 
-    img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
+    img_mode = image_mode(args.input_img_mode, data_config['input_size'][0])
     dataset_kwargs = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
                           seed=args.seed, input_img_mode=img_mode, input_key=args.input_key,
                           target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)

@@ -10,7 +10,7 @@ from timm.models import create_model, load_checkpoint
 from ..data import digits_folder
 from ..models import CheckpointFileError, PretrainedWeightsUnavailableError
 from . import ConfigError, read_checkpoint
-from .train_config import check_model_name, create_dataset, model_arch, model_kwargs
+from .train_config import check_model_name, create_dataset, image_mode, model_arch, model_kwargs
 
 
 def progress(iterable, total: int, desc: str, enabled: bool):
@@ -169,8 +169,7 @@ def eval_loader(data_config, data_dir=None, dataset='', split='validation', batc
     data_dir = data_dir or (str(digits_folder()) if folder else None)
     if folder:
         split_folder(data_dir, split)
-    # a train.py run's --input-img-mode (RGBA, LA, ...), else as train.py reads by default: grayscale for 1 channel
-    img_mode = data_config.get('input_img_mode') or ('L' if data_config['input_size'][0] == 1 else 'RGB')
+    img_mode = image_mode(data_config.get('input_img_mode'), data_config['input_size'][0])  # as train.py read them
     ds = create_dataset(dataset, root=data_dir, split=split, input_img_mode=img_mode, download=download)
     if folder and class_to_idx is not None:
         check_classes(ds, class_to_idx, f'{split_folder(data_dir, split)}')

@@ -673,12 +673,18 @@ def check_torchcompile(backend, mode):
         raise ConfigError(f"torchcompile_mode: {e}") from None
 
 
+def image_mode(input_img_mode, channels: int) -> str:
+    """The PIL mode images are read in (timm's train.py rule): ``input_img_mode``, else 'RGB' for a 3-channel model
+    and 'L' for any other."""
+    return input_img_mode or ('RGB' if channels == 3 else 'L')
+
+
 def check_image_mode(args, channels: int):
     """The images timm reads (``input_img_mode``, else 'RGB' for a 3-channel model and 'L' for any other) must have
     the model's channel count: another fails at the first step. torchvision datasets (torch/) take no image mode."""
     if dataset_prefix(args.dataset) == 'torch':
         return
-    mode = args.input_img_mode or ('RGB' if channels == 3 else 'L')
+    mode = image_mode(args.input_img_mode, channels)
     bands = Image.getmodebands(mode)
     if bands != channels:
         how = f"input_img_mode {mode!r} reads {bands}" if args.input_img_mode else \
