@@ -305,13 +305,15 @@ class _Segment:
         """Run the post steps again from the start state, with the kept branch outputs and coefficients (the pre
         steps, the branches and a kept ``H_res``'s ``Phi`` are not run), as far as :meth:`posts_to_run`, and
         collect the states and what the post steps save from them (a post step with no placeholder by position
-        runs without grad)."""
+        runs without grad), outside inference mode whatever the backward pass runs in."""
         runs = self.posts_to_run()
         states, saved = [], []
         X = self.start.unpack()
         autocast = contextlib.nullcontext() if self.autocast is None else torch.autocast(
             self.autocast[0], dtype=self.autocast[2], enabled=self.autocast[1])
-        with autocast:
+        # not in inference mode, where a backward may run (plain autograd's does): the post steps would make
+        # inference tensors, which cannot be saved for backward
+        with torch.inference_mode(False), autocast:
             for i, link in enumerate(self.links):
                 states.append(X if i <= runs else None)
                 if i >= runs:

@@ -127,9 +127,9 @@ def test_what_the_backward_runs_again(variant, keep_res, monkeypatch):
     res_matrix, stream_post = cls.res_matrix, kv.ops.dispatch.stream_post
 
     def count(name, fn):
-        def counted(*args):
+        def counted(*args, **kwargs):  # stream_post takes checked=
             calls[name] += 1
-            return fn(*args)
+            return fn(*args, **kwargs)
         return counted
 
     monkeypatch.setattr(cls, "res_matrix", count("phi", res_matrix))
@@ -148,7 +148,7 @@ def test_state_copies_a_post_step_saves_are_recomputed(monkeypatch):
     float32 copy) gets it back by recomputation, with grad: the gradients equal plain autograd's bit for bit."""
     from kromhc_vision.ops import reference
     monkeypatch.setattr(recompute, "RES_KEEP_WIDTH_RATIO", 0)  # H_res kept: only the state's copy is recomputed
-    monkeypatch.setattr(kv.ops.dispatch, "stream_post", lambda X, y, h_res, h_post, backend=None:
+    monkeypatch.setattr(kv.ops.dispatch, "stream_post", lambda X, y, h_res, h_post, backend=None, checked=True:
                         reference.stream_post(X, y, h_res, h_post))
     plain, rec = make_pair("vit_micro_patch4_32_mhc", torch.bfloat16, **VIT)
     x = torch.randn(2, 3, 16, 16, dtype=torch.bfloat16)
@@ -359,6 +359,23 @@ def test_second_backward_with_retain_graph_recomputes_again(variant, recompute_c
     assert_same_grads({k: p.grad for k, p in plain.named_parameters()},
                       {k: p.grad for k, p in rec.named_parameters()})
     assert recompute_calls == [2, 2, 2] * 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_a_backward_in_inference_mode_recomputes(backend, recompute_calls, monkeypatch):
+    """A backward pass run under ``torch.inference_mode()`` (plain autograd's runs there) recomputes outside it: its
+    post steps with placeholders by position (H_res not kept) saved inference tensors, which autograd refuses."""
+    monkeypatch.setattr(recompute, "RES_KEEP_WIDTH_RATIO", 10 ** 9)
+    plain, rec = make_pair("vit_micro_patch4_32_kromhc", hc_backend=backend, **VIT)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    for model in (plain, rec):
+        model.zero_grad(set_to_none=True)
+        loss = model(x).square().sum()
+        with torch.inference_mode():
+            loss.backward()
+    assert_same_grads({k: p.grad for k, p in plain.named_parameters()},
+                      {k: p.grad for k, p in rec.named_parameters()})
+    assert recompute_calls == [2, 2, 2]
 
 
 @pytest.mark.slow  # a minute of compiling on 2 busy cores
@@ -598,6 +615,23 @@ def test_a_forward_without_backward_frees_its_graph(monkeypatch):
     del out
     gc.collect()
     assert [ref() for ref in segments] == [None] * 3
+
+
+@pytest.mark.parametrize("recompute_value", [False, True])
+def test_gradients_of_later_parameters_only_free_the_graph(recompute_value):
+    """``torch.autograd.grad`` with respect to the last block's parameters only (the numba pre steps' backwards do
+    not run): the numba post steps' link to their pre steps held the graph in a cycle through C++ (the saved
+    ``H_res`` with its grad_fn), which leaked the input and every activation of each such call."""
+    import gc
+    import weakref
+    model = timm.create_model("vit_micro_patch4_32_kromhc", hc_backend="numba", hc_recompute=recompute_value, **VIT)
+    params = [p for name, p in model.named_parameters() if name.startswith("blocks.2.mlp.")]
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    torch.autograd.grad(model(x).square().sum(), params)
+    ref = weakref.ref(x)
+    del x
+    gc.collect()
+    assert ref() is None
 
 
 def test_training_steps_do_not_accumulate_tensors():

@@ -175,8 +175,12 @@ class PostGradLink:
         return True
 
     def put(self, dZ: torch.Tensor, h_res: torch.Tensor) -> None:
-        """In the claiming post step's backward: its ``dX_next`` and ``H_res`` (``dX = H_res^T dZ``)."""
-        self.task, self.dZ, self.h_res = torch._C._current_graph_task_id(), dZ, h_res
+        """In the claiming post step's backward: its ``dX_next`` and ``H_res`` (``dX = H_res^T dZ``), detached.
+        The saved ``H_res`` comes unpacked with its ``grad_fn``, whose graph leads back to the pre step's node, which
+        holds this link: a cycle through C++ that Python's collector cannot see, leaking the whole graph (the input,
+        every activation) wherever the pre step's backward does not :meth:`take` it (``torch.autograd.grad`` with
+        respect to later parameters only, a backward that raised in between)."""
+        self.task, self.dZ, self.h_res = torch._C._current_graph_task_id(), dZ.detach(), h_res.detach()
 
     def take(self):
         """``(dZ, H_res)`` put in this backward pass, or None; empty after either way."""
