@@ -16,6 +16,7 @@ Coefficients and accumulation run in :func:`compute_dtype` (float32, float64 if 
 with autocast off; ``u`` and ``X_next`` come back in the stream dtype. Every backend computes the same.
 """
 import contextlib
+import math
 import numbers
 
 import torch
@@ -94,13 +95,15 @@ def check_sinkhorn_args(logits, num_iters) -> None:
 
 
 def check_permutation_mix_args(logits, perms) -> None:
-    """Raise ``ValueError`` naming the value unless ``perms`` is a non-empty list of ``(m_k, i_k, i_k)`` tensors
-    (``permutation_matrices(i_k)``: ``m_k = i_k!``, not checked) and ``logits`` floating ``(..., sum_k m_k)``. Loops, not generators: torch.compile(fullgraph=True) traces them."""
+    """Raise ``ValueError`` naming the value unless ``perms`` is a non-empty list of ``(i_k!, i_k, i_k)`` tensors
+    (``permutation_matrices(i_k)``: the kernel backends use their own tables of all ``i_k!``) and ``logits``
+    floating ``(..., sum_k i_k!)``. Loops, not generators: torch.compile(fullgraph=True) traces them."""
     check_floating("permutation_mix", logits=logits)
     valid = isinstance(perms, (list, tuple)) and len(perms) > 0
     m, factors = 0, []
     for p in perms if valid else ():
-        if not isinstance(p, torch.Tensor) or p.dim() != 3 or p.shape[1] != p.shape[2]:
+        if not isinstance(p, torch.Tensor) or p.dim() != 3 or p.shape[1] != p.shape[2] \
+                or p.shape[0] != math.factorial(p.shape[1]):
             valid = False
             break
         m += p.shape[0]

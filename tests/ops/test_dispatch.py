@@ -117,6 +117,8 @@ def test_ops_refuse_bad_input_by_name_on_every_backend(backend):
         (lambda: ops.permutation_mix(torch.randn(3, 5), perms, backend), r"factors \[2, 2\] .*\(\.\.\., 4\), got"),
         (lambda: ops.permutation_mix(torch.ones(3, 4, dtype=torch.long), perms, backend), "floating-point"),
         (lambda: ops.permutation_mix(torch.randn(3, 4), [], backend), "a non-empty list of"),
+        (lambda: ops.permutation_mix(torch.randn(3, 5), [permutation_matrices(3)[:5]], backend),
+         r"\(i_k!, i_k, i_k\) tensors"),  # not every permutation: the kernel backends' tables hold all
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
