@@ -8,7 +8,6 @@ with per-token coefficients from ``X`` (see :mod:`kromhc_vision.ops.reference`).
 in ``Phi``, the map from the residual logits ``a_res (..., m)`` to ``H_res (..., n, n)``.
 """
 import math
-import numbers
 from typing import Any, Mapping, Optional
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 from . import recompute
 from .ops import dispatch
-from .ops.reference import autocast_off
+from .ops.reference import autocast_off, is_int
 from .permutations import check_permutation_size, kronecker_factors, permutation_matrices
 from .residual_maps import stochasticity_error
 
@@ -30,12 +29,8 @@ OFF_IDENTITY_LOGIT = -8.0
 CONNECTION_ARGUMENT_NAMES = {"init": "init", "backend": "backend", "options": "keyword arguments"}
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_int(name: str, value, minimum: int) -> None:
-    if not _is_int(value):
+    if not is_int(value):
         raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
@@ -55,7 +50,7 @@ def _check_dim_given(dim) -> None:
 
 
 def _check_stream_count(variant: str, num_streams) -> None:
-    if not _is_int(num_streams):
+    if not is_int(num_streams):
         raise ValueError(f"variant '{variant}' cannot take num_streams={num_streams!r}: num_streams must be an "
                          f"int, got {type(num_streams).__name__}")
 

@@ -4,9 +4,9 @@ Layout everywhere is ``(..., n, C)``: streams on the second-to-last axis, channe
 contiguous, so one token's ``n x C`` block is one contiguous run of memory; the one exception is the expanded
 input state, a broadcast view (see :func:`expand_streams`).
 """
-import numbers
-
 import torch
+
+from .ops.reference import is_int
 
 
 def expand_streams(x: torch.Tensor, num_streams: int) -> torch.Tensor:
@@ -16,7 +16,7 @@ def expand_streams(x: torch.Tensor, num_streams: int) -> torch.Tensor:
     its backward pass (under ``hc_recompute``, the first segment's start) is then ``C`` values per token, not
     ``n C``; every op takes strided states (the kernels copy the view into their layout as they read it).
     """
-    if not isinstance(num_streams, numbers.Integral) or isinstance(num_streams, bool) or num_streams < 1:
+    if not is_int(num_streams) or num_streams < 1:
         raise ValueError(f"num_streams must be an int >= 1, got {num_streams!r}")
     return x.unsqueeze(-2).expand(x.shape[:-1] + (num_streams, x.shape[-1]))  # shape arithmetic torch.fx traces
 

@@ -680,8 +680,8 @@ def image_mode(input_img_mode, channels: int) -> str:
 
 
 def check_image_mode(args, channels: int):
-    """The images timm reads (``input_img_mode``, else 'RGB' for a 3-channel model and 'L' for any other) must have
-    the model's channel count: another fails at the first step. torchvision datasets (torch/) take no image mode."""
+    """The images timm reads (:func:`image_mode`) must have the model's channel count: another fails at the first
+    step. torchvision datasets (torch/) take no image mode."""
     if dataset_prefix(args.dataset) == 'torch':
         return
     mode = image_mode(args.input_img_mode, channels)

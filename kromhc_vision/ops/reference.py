@@ -38,6 +38,11 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def is_int(value) -> bool:
+    """Whether ``value`` is an integer (Python's or NumPy's), not a bool: what the argument checks take as a count."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_floating(op: str, **tensors) -> None:
     """Raise ``ValueError`` naming ``op`` and the tensor unless every one of ``tensors`` is a floating-point tensor
     (an integer one would be truncated on the way out: ``u``, ``H_res`` of zeros and ones)."""
@@ -90,7 +95,7 @@ def check_sinkhorn_args(logits, num_iters) -> None:
     check_floating("sinkhorn", logits=logits)
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"sinkhorn expects logits of shape (..., n, n), got {tuple(logits.shape)}")
-    if not isinstance(num_iters, numbers.Integral) or isinstance(num_iters, bool) or num_iters < 1:
+    if not is_int(num_iters) or num_iters < 1:
         raise ValueError(f"sinkhorn: num_iters must be an int >= 1, got {num_iters!r}")
 
 
