@@ -7,7 +7,7 @@ import argparse
 import math
 
 from .connections import CONNECTIONS, connection_num_params
-from .permutations import MAX_PERMUTATION_SIZE
+from .permutations import PermutationSizeError
 
 GUARANTEES = {
     "residual": ("1 stream", "trivially"),
@@ -25,12 +25,10 @@ def parameter_table(dim: int, streams: list) -> str:
     for variant in CONNECTIONS:
         cells = []
         for n in (1,) * len(streams) if variant == "residual" else streams:
-            factors_of = getattr(CONNECTIONS[variant], "factors_of", None)  # mhclite: (n,); kromhc: n's primes
-            k = max(factors_of(n)) if factors_of is not None else 0
-            if k > MAX_PERMUTATION_SIZE:  # any other ValueError (a bad $KROMHC_BACKEND, ...) is raised, not tabled
-                cells.append(f"refused ({k}! = {math.factorial(k):,} logits)")
-            else:
+            try:
                 cells.append(f"{connection_num_params(variant, n, dim):,}")
+            except PermutationSizeError as e:  # any other error (a bad $KROMHC_BACKEND, ...) is raised, not tabled
+                cells.append(f"refused ({e.size}! = {math.factorial(e.size):,} logits)")
         how, exact = GUARANTEES[variant]
         rows.append(f"| {variant} | {how} | {exact} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

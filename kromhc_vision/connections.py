@@ -18,7 +18,7 @@ from torch import nn
 from . import recompute
 from .ops import dispatch
 from .ops.reference import autocast_off, is_int
-from .permutations import check_permutation_size, kronecker_factors, permutation_matrices
+from .permutations import PermutationSizeError, check_permutation_size, kronecker_factors, permutation_matrices
 from .residual_maps import stochasticity_error
 
 INITS = ("published", "identity")
@@ -47,6 +47,16 @@ def _check_dim_given(dim) -> None:
     """``dim=None`` lets :meth:`HyperConnection.check` skip the width; building or counting needs one."""
     if dim is None:
         raise ValueError("dim must be an int >= 1 (the channels per stream), got None")
+
+
+def _check_state(owner: str, X, num_streams: int, dim: Optional[int]) -> None:
+    """Raise ``ValueError`` naming ``X``'s shape or dtype unless it is a floating-point stream state
+    ``(..., num_streams, dim)`` (``dim=None``: any width)."""
+    if X.dim() < 2 or X.shape[-2] != num_streams or (dim is not None and X.shape[-1] != dim):
+        width = "C" if dim is None else dim
+        raise ValueError(f"{owner} expects streams of shape (..., {num_streams}, {width}), got {tuple(X.shape)}")
+    if not X.is_floating_point():
+        raise ValueError(f"{owner} expects a floating-point stream state, got dtype {X.dtype}")
 
 
 def _check_stream_count(variant: str, num_streams) -> None:
@@ -110,11 +120,7 @@ class ResidualConnection(nn.Module):
         return X + y.unsqueeze(-2).to(X.dtype)
 
     def _check_input(self, X):
-        if X.dim() < 2 or X.shape[-2] != 1 or (self.dim is not None and X.shape[-1] != self.dim):
-            width = "C" if self.dim is None else self.dim
-            raise ValueError(f"ResidualConnection expects streams of shape (..., 1, {width}), got {tuple(X.shape)}")
-        if not X.is_floating_point():
-            raise ValueError(f"ResidualConnection expects a floating-point stream state, got dtype {X.dtype}")
+        _check_state("ResidualConnection", X, 1, self.dim)
 
 
 class HyperConnection(nn.Module):
@@ -168,6 +174,9 @@ class HyperConnection(nn.Module):
                              "num_streams >= 2 (use 'residual' for one stream)")
         try:
             cls._check_variant(num_streams)
+        except PermutationSizeError as e:  # its type kept: the parameter table tells it from other errors
+            raise PermutationSizeError(f"variant '{cls.variant}' cannot take num_streams={num_streams}: {e}",
+                                       e.size) from None
         except ValueError as e:
             raise ValueError(f"variant '{cls.variant}' cannot take num_streams={num_streams}: {e}") from None
         _check_common(dim, init, names)
@@ -281,13 +290,7 @@ class HyperConnection(nn.Module):
         return connection_post(self, pre, branch(pre[0]))
 
     def _check_input(self, X):
-        if X.shape[-2:] != (self.num_streams, self.dim):
-            raise ValueError(
-                f"{type(self).__name__} expects streams of shape (..., {self.num_streams}, {self.dim}), "
-                f"got {tuple(X.shape)}"
-            )
-        if not X.is_floating_point():
-            raise ValueError(f"{type(self).__name__} expects a floating-point stream state, got dtype {X.dtype}")
+        _check_state(type(self).__name__, X, self.num_streams, self.dim)
         if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
             raise RuntimeError(
                 f"{type(self).__name__} cannot run under a torch.func transform (vmap, grad, jacrev, jacfwd, jvp): "

@@ -27,14 +27,22 @@ def permutation_matrices(k: int, dtype=torch.float32, device=None) -> torch.Tens
     return out
 
 
+class PermutationSizeError(ValueError):
+    """A map that needs all ``k!`` permutations of a size ``k`` above :data:`MAX_PERMUTATION_SIZE`; ``size`` is
+    ``k``."""
+
+    def __init__(self, message: str, size: int):
+        super().__init__(message)
+        self.size = size
+
+
 def check_permutation_size(k: int, what: str) -> None:
-    """Raise a clear error when ``k!`` coefficients would be unreasonable."""
+    """Raise :class:`PermutationSizeError` (a ``ValueError``) when ``k!`` coefficients would be unreasonable."""
     if k > MAX_PERMUTATION_SIZE:
-        raise ValueError(
+        raise PermutationSizeError(
             f"{what} needs all {k}! = {math.factorial(k)} permutations of size {k}, more than "
             f"the limit of size {MAX_PERMUTATION_SIZE}. Use 'kromhc' with a stream count whose "
-            f"prime factors are all <= {MAX_PERMUTATION_SIZE} (e.g. 4, 6, 8, 12, 16), or 'mhc'."
-        )
+            f"prime factors are all <= {MAX_PERMUTATION_SIZE} (e.g. 4, 6, 8, 12, 16), or 'mhc'.", k)
 
 
 def prime_factors(n: int) -> tuple:

@@ -89,12 +89,18 @@ def check_stream_post_shapes(X, y, h_res, h_post) -> None:
                              f"{shape}")
 
 
+def check_square_logits(logits) -> None:
+    """Raise ``ValueError`` naming the shape unless ``logits`` is ``(..., n, n)`` (the Sinkhorn backends check this
+    too, as they are also called alone)."""
+    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
+        raise ValueError(f"sinkhorn expects logits of shape (..., n, n), got {tuple(logits.shape)}")
+
+
 def check_sinkhorn_args(logits, num_iters) -> None:
     """Raise ``ValueError`` naming the value unless ``logits`` is floating ``(..., n, n)`` and ``num_iters`` an
     int >= 1 (0 iterations would return ``exp(logits)``, not normalised at all)."""
     check_floating("sinkhorn", logits=logits)
-    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
-        raise ValueError(f"sinkhorn expects logits of shape (..., n, n), got {tuple(logits.shape)}")
+    check_square_logits(logits)
     if not is_int(num_iters) or num_iters < 1:
         raise ValueError(f"sinkhorn: num_iters must be an int >= 1, got {num_iters!r}")
 

@@ -30,7 +30,7 @@ import torch
 from numba.core import errors, types
 from numba.extending import overload
 
-from ..reference import compute_dtype
+from ..reference import check_square_logits, compute_dtype
 from .._custom_ops import custom_op, register_logits_op
 from ._common import (KERNEL_TYPES, as_dtype, kernel_tensor, match_torch_threads, sized_kernel_tensor,
                       token_array)
@@ -412,14 +412,9 @@ def _run(make_body, n, dtype, T, num_iters, addresses):
            (T, num_iters, _SPAN_BITS[dtype], workers, *addresses))
 
 
-def _check_square(logits):
-    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
-        raise ValueError(f"sinkhorn expects logits of shape (..., n, n), got {tuple(logits.shape)}")
-
-
 def _logits(logits, dtype):
     """``logits (..., n, n)`` in ``dtype``, C-contiguous, and its token count."""
-    _check_square(logits)
+    check_square_logits(logits)
     n = logits.shape[-1]
     return kernel_tensor(logits, dtype), logits.numel() // (n * n)
 
@@ -458,7 +453,7 @@ _sinkhorn = register_logits_op(_sinkhorn_fwd, _sinkhorn_bwd)
 
 def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
     """``(..., n, n)`` logits -> ``(..., n, n)``; same values as :func:`kromhc_vision.ops.reference.sinkhorn`."""
-    _check_square(logits)
+    check_square_logits(logits)
     if num_iters < 1:
         raise ValueError(f"num_iters must be >= 1, got {num_iters}")
     return _sinkhorn(logits, num_iters)
