@@ -10,7 +10,10 @@ Every backend package (``pytorch``, ``triton``, ``numba``) provides ``stream_pre
 - ``auto``: Triton on CUDA tensors, the numba kernels on CPU tensors, PyTorch where the package is
   missing or the kernel does not take the shape (Triton's Sinkhorn: n <= 16). If a Triton kernel fails
   to compile or launch, ``auto`` warns once for that op and shape and runs the PyTorch path instead
-  (in eager mode; under ``torch.compile`` the error is raised);
+  (in eager mode; under ``torch.compile`` the error is raised). That holds for the backward kernels too, which
+  would first compile and launch in the first backward pass: the first call of an op and shape that records
+  grad runs its backward once on zero gradients right away (:func:`_probe_backward`), so that a failure there
+  also sends the op to the PyTorch path in both directions;
 - ``triton``, ``numba``: those kernels, or an error saying why they cannot run;
 - ``torch``: the PyTorch backend everywhere.
 
@@ -46,6 +49,7 @@ _DEFINITIONS = dict(stream_pre=reference.stream_pre, stream_post=reference.strea
                     permutation_mix=kronecker_birkhoff)
 _import_errors = {}  # backend -> None once imported, or the reason it cannot be
 _failed_kernels = {}  # (op, shape key) -> reason, for kernels that failed under 'auto'
+_verified_backwards = set()  # (op, shape key) whose Triton backward has run under 'auto' (_probe_backward)
 
 
 def resolve_backend(backend=None) -> str:
@@ -160,6 +164,9 @@ def _run(op: str, backend, num_streams: int, *args):
     key = (op, _shape_key([a for a in args if isinstance(a, torch.Tensor)]))
     if key not in _failed_kernels:
         try:
+            if key not in _verified_backwards and _records_grad(args) and not _capturing(args):
+                _probe_backward(run, args)  # once per op and shape
+                _verified_backwards.add(key)
             return run(*args)
         except torch.OutOfMemoryError:
             raise
@@ -169,6 +176,40 @@ def _run(op: str, backend, num_streams: int, *args):
                           "backend 'auto' runs the PyTorch path for this op and shape from now on "
                           "(backend 'triton' would raise)", RuntimeWarning, stacklevel=3)
     return getattr(backend_module("torch"), op)(*args)
+
+
+def _capturing(args) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (a probe would be recorded into it)."""
+    return args[0].is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _records_grad(args) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return True
+    return False
+
+
+def _same(t):
+    return t
+
+
+def _probe_backward(run, args) -> None:
+    """Run the op's backward kernels once, now: ``run`` on detached copies of ``args`` (same storage) and
+    ``torch.autograd.grad`` of its outputs with zero gradients, under saved-tensor hooks of its own (not
+    ``hc_recompute``'s or a checkpoint's), everything dropped after. A backward kernel that does not compile or
+    launch raises here, in the forward, where ``auto`` can still take the PyTorch path for the op in both
+    directions; the real backward pass keeps nothing more than it would."""
+    leaves = [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+    wanted = [a for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        out = run(*leaves)
+        outs = [o for o in ((out,) if isinstance(out, torch.Tensor) else out)
+                if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+        if outs:
+            torch.autograd.grad(outs, wanted, [torch.zeros_like(o) for o in outs], allow_unused=True)
 
 
 def stream_pre(X, norm_weight, proj_weight, scale, bias, eps: float, backend=None, checked: bool = True):

@@ -123,3 +123,68 @@ def test_ops_refuse_bad_input_by_name_on_every_backend(backend):
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def _triton_submodule(name):
+    import sys
+    dispatch.backend_module("triton")
+    return sys.modules[f"kromhc_vision.ops.triton.{name}"]
+
+
+def test_auto_runs_pytorch_once_a_triton_backward_kernel_fails(monkeypatch):
+    """The backward kernels compile and launch at the first backward pass, after the forward succeeded: under
+    ``auto`` the first call of an op and shape runs them once on zero gradients, and a failure there warns and
+    gives PyTorch's op in both directions (it used to raise out of ``loss.backward()``); ``triton`` raises."""
+    from kromhc_vision.ops import _custom_ops
+
+    def failing(*args):
+        raise RuntimeError("out of resources (test backward)")
+
+    post, pre = _triton_submodule("stream_post"), _triton_submodule("stream_pre")
+    monkeypatch.setattr(dispatch, "backend_for", lambda *args, **kwargs: "triton")
+    monkeypatch.setattr(dispatch, "_failed_kernels", {})
+    monkeypatch.setattr(dispatch, "_verified_backwards", set(), raising=False)
+    monkeypatch.setitem(_custom_ops._IMPLEMENTATIONS, post._stream_post_bwd, failing)
+    monkeypatch.setattr(pre, "_stream_pre_bwd", failing)
+    torch_ops = dispatch.backend_module("torch")
+    n, C, k = 3, 8, 15
+    post_args = (torch.randn(3, n, C), torch.randn(3, C), torch.rand(3, n, n), torch.rand(3, n))
+    pre_args = (torch.randn(2, 3, n, C), 1 + 0.1 * torch.randn(n * C), 0.2 * torch.randn(n * C, k), torch.randn(k),
+                torch.randn(k))
+
+    def grads(fn, args, *extra):
+        leaves = [a.clone().requires_grad_() for a in args]
+        out = fn(*leaves, *extra)
+        out = (out,) if isinstance(out, torch.Tensor) else out
+        loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in out)
+        return torch.autograd.grad(loss, leaves)
+
+    for op, args, extra in (("stream_post", post_args, ()), ("stream_pre", pre_args, (1e-6,))):
+        expected = grads(getattr(torch_ops, op), args, *extra)
+        with pytest.warns(RuntimeWarning, match=rf"Triton kernel for {op} failed .*out of resources \(test backward\)"):
+            got = grads(lambda *a: getattr(dispatch, op)(*a, backend="auto"), args, *extra)
+        torch.testing.assert_close(got, expected)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per op and shape: PyTorch's path from now on
+            torch.testing.assert_close(grads(lambda *a: getattr(dispatch, op)(*a, backend="auto"), args, *extra),
+                                       expected)
+        with pytest.raises(RuntimeError, match=r"out of resources \(test backward\)"):
+            grads(lambda *a: getattr(dispatch, op)(*a, backend="triton"), args, *extra)
+
+
+def test_auto_triton_backward_that_runs_is_used_and_trusted_after(monkeypatch):
+    """Under ``auto`` a Triton backward that works gives the kernels' gradients, without a warning; it is probed
+    once per op and shape, and what the probe ran is not what the call returns (its graph is the op's own)."""
+    monkeypatch.setattr(dispatch, "backend_for", lambda *args, **kwargs: "triton")
+    monkeypatch.setattr(dispatch, "_failed_kernels", {})
+    monkeypatch.setattr(dispatch, "_verified_backwards", set(), raising=False)
+    X, y, h, hp = (t.double().requires_grad_() for t in (torch.randn(3, 4, 8), torch.randn(3, 8),
+                                                         torch.rand(3, 4, 4), torch.rand(3, 4)))
+    expected = torch.autograd.grad(dispatch.backend_module("torch").stream_post(X, y, h, hp).sum(), (X, y, h, hp))
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = dispatch.stream_post(X, y, h, hp, "auto")
+            torch.testing.assert_close(torch.autograd.grad(out.sum(), (X, y, h, hp)), expected)
+    assert len(dispatch._verified_backwards) == 1
+    assert type(out.grad_fn).__name__ == type(dispatch.backend_module("triton").stream_post(X, y, h, hp).grad_fn).__name__

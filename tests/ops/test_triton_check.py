@@ -83,3 +83,17 @@ def test_mhclite_six_streams_fits(arch):
         sys.exit(check.run_check(launches, jobs=2))
     """)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mhclite_six_streams_forward_fits_a_101_kb_gpu():
+    """sm_86 / sm_89 / sm_120 (101,376 B per block): no config of the mHC-lite n = 6 forward fits by the estimate,
+    and the pruner's fallback, least estimated shared memory, was a tie (BLOCK_C = 32 and 16 at 1 stage) that the
+    first config won: 131,072 B, which does not fit, where BLOCK_C = 16 takes 65,536 B. Ties go to fewer registers."""
+    proc = _run_uninterpreted("""
+        import sys
+        from kromhc_vision.ops.triton import check
+        la = check.Launch("stream_pre_fwd", 6, 768, 732, "bf16", "fp32", False, "mhclite", 86)
+        assert [c.kwargs["BLOCK_C"] for c in check.surviving_configs(la)] == [16], check.surviving_configs(la)
+        sys.exit(check.run_check([la], jobs=1))
+    """)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

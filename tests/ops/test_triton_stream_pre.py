@@ -63,3 +63,14 @@ def test_opcheck():
     assert not X_t.is_contiguous() and not W_t.is_contiguous()
     torch.library.opcheck(torch.ops.kromhc_vision.stream_pre_bwd.default,
                           (X_t, detached[1], W_t, *detached[3:], 1e-6, *grads))
+
+
+def test_zero_eps_gradients_of_a_partial_token_block():
+    """eps = 0 with a token count not a multiple of BLOCK_T: the block's padding rows (x = 0) must not put
+    rsqrt(0) = inf, then 0 * inf = NaN, into the per-program sums of the scale and bias gradients."""
+    inputs = make_inputs(2, 24, 2, (3,))
+    outs = [f(*inputs, 0.0)[:4] for f in (stream_pre, stream_pre_reference)]
+    cotangents = [torch.randn_like(t) for t in outs[0]]
+    grads = [torch.autograd.grad(out, inputs, cotangents) for out in outs]
+    assert all(g.isfinite().all() for g in grads[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-11)

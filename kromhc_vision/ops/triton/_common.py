@@ -77,7 +77,7 @@ def prune_by_resources(estimate):
     ``estimate(args, num_warps, num_stages)`` gets the kernel arguments merged with the config's
     meta-parameters and returns ``(shared memory bytes per block, 32-bit registers per thread for tiles)``.
     Kept: the configs within the shared memory limit and ``REGISTER_BUDGET``; if none, the one of least
-    registers among those within the shared memory limit, else the one of least shared memory (which
+    registers among those within the shared memory limit, else the one of least shared memory, then registers (which
     ``check-kernels`` then reports as a launch that does not fit).
     """
     def prune(configs, named_args, **kwargs):
@@ -92,7 +92,7 @@ def prune_by_resources(estimate):
         fitting = [c for c in configs if costs[c][0] <= limit]
         if fitting:
             return [min(fitting, key=lambda c: costs[c][1])]
-        return [min(configs, key=lambda c: costs[c][0])]
+        return [min(configs, key=lambda c: costs[c])]  # ties in shared memory: fewer registers (smaller tiles)
     return {"early_config_prune": prune}
 
 

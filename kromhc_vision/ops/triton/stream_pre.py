@@ -141,6 +141,8 @@ def _stream_pre_bwd_kernel(X, G, W, S, B, DU, DCOEF, DX, DR, PART, T, eps, n: tl
     rows = rows.to(tl.int64)
     cols = tl.arange(0, KP)
     r, ss, xdu = _project(X, G, W, rows, row_mask, cols, DU, n, C, K, KP, CD, PREC, True, BLOCK_T, BLOCK_C)
+    # padding rows (x = 0): a finite rho, else eps = 0 gives 0 * inf = NaN in their da, which PART sums over
+    ss = tl.where(row_mask, ss, n * C)
     rho, s, sig, coef = _coefficients(r, ss, S, B, cols, eps, n, C, K, CD)
     dcoef = tl.load(DCOEF + rows[:, None] * K + cols[None, :], mask=row_mask[:, None] & (cols[None, :] < K),
                     other=0).to(CD)
