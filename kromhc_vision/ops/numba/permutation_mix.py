@@ -84,10 +84,12 @@ def _softmax_block(logits, t0, nt, starts, w, top, total):
                 e = exp_nonpositive(row[q] - top[q])
                 row[q] = e
                 total[q] += e
+        for q in range(TOKEN_BLOCK):  # one division per token (the loops over q compile to scalar divisions)
+            total[q] = 1.0 / total[q]
         for j in range(starts[k], starts[k + 1]):
             row = w[j]
             for q in range(TOKEN_BLOCK):
-                row[q] /= total[q]
+                row[q] *= total[q]
 
 
 # The bodies' int64 arguments (:mod:`._launch`), by position; the tables (int64, C-contiguous) by their addresses
