@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument('--data-dir', default=None, help='ImageNet-style folder (default: the embedded digits)')
     p.add_argument('--dataset', default='', help="timm dataset spec, e.g. hfds/NAME (default: folder)")
     p.add_argument('--dataset-download', action='store_true',
-                   help='torch/<name> datasets: let torchvision download them (into --data-dir)')
+                   help='torch/<name> datasets: let torchvision download them (into --data-dir, else '
+                        '~/.cache/kromhc_vision/<name>_download)')
     p.add_argument('--split', default='validation',
                    help='a subfolder of --data-dir for folder data, else the dataset\'s split name')
     p.add_argument('--num-classes', type=int, default=None, help='for checkpoints without train.py args')

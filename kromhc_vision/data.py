@@ -193,7 +193,7 @@ def _read_source(source: Path, name: str) -> bytes:
     raise DatasetUnavailableError(
         f'Fashion-MNIST: {source / (name + ".gz")} not found. Install Debian\'s copy with `{FASHION_MNIST_APT}` '
         f'(files under {FASHION_MNIST_DEBIAN}), or let torchvision download it with --dataset-download '
-        '(into --data-dir)')
+        f'(into --data-dir, else {cache_dir() / "fashion_mnist_download"})')
 
 
 def check_fashion_mnist(files: Dict[str, bytes], checksums: Optional[Dict[str, str]] = FASHION_MNIST_SHA256,

@@ -152,7 +152,8 @@ def plot_composite_gain(runs: Dict[str, Dict], path) -> None:
     """Per-layer stochasticity error and composite gain deviation ``|gain - 1|`` vs depth, one line per run.
 
     ``runs``: label -> :func:`connection_diagnostics` result (one model, or several to compare variants).
-    Log scale; the dashed line is float32 rounding (eps), the floor of an exactly doubly stochastic map.
+    The first two panels log scale; the dotted line is float32 rounding (eps), the floor of an exactly doubly
+    stochastic map.
     """
     plt = pyplot()
 

@@ -4,9 +4,15 @@ Layout everywhere is ``(..., n, C)``: streams on the second-to-last axis, channe
 contiguous, so one token's ``n x C`` block is one contiguous run of memory; the one exception is the expanded
 input state, a broadcast view (see :func:`expand_streams`).
 """
+import numbers
+
 import torch
 
-from .ops.reference import is_int
+
+def is_int(value) -> bool:
+    """Whether ``value`` is an integer (Python's or NumPy's), not a bool: what the argument checks take as a count
+    (here for the maths layer, which imports nothing below it; :mod:`kromhc_vision.ops.reference` re-exports it)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def expand_streams(x: torch.Tensor, num_streams: int) -> torch.Tensor:

@@ -38,6 +38,15 @@ def test_a_split_that_does_not_exist_is_refused_naming_the_ones_that_do(trained,
     assert not (tmp_path / 'results.json').exists()
 
 
+def test_a_split_without_images_is_refused_naming_it(trained, tmp_path):
+    _, checkpoint = trained
+    for c in range(10):
+        (tmp_path / 'data' / 'validation' / str(c)).mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"eval.py: error: data: Found 0 images in subfolders of .*validation"):
+        evaluate('--checkpoint', checkpoint, '--data-dir', tmp_path / 'data', '--output', tmp_path / 'out')
+    assert not (tmp_path / 'out' / 'results.json').exists()
+
+
 def test_the_split_evaluated_is_recorded(trained, tmp_path):
     data, checkpoint = trained
     evaluate('--checkpoint', checkpoint, '--data-dir', data, '--split', 'train', '--output', tmp_path)

@@ -40,6 +40,19 @@ def run(*argv):
     train_script.main([str(a) for a in argv])
 
 
+def test_a_data_folder_without_images_is_named_and_leaves_no_run_folder(tmp_path, capsys):
+    # class folders but no images: timm's reader raises when the dataset is built, after the run folder is locked
+    for split in ('train', 'validation'):
+        for c in range(10):
+            (tmp_path / 'data' / split / str(c)).mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        run(*TINY, '--data-dir', tmp_path / 'data', '--epochs', '1', '--output', tmp_path / 'out', '--experiment', 'x')
+    assert e.value.code == 2
+    assert f"train.py: error: data: Found 0 images in subfolders of {tmp_path / 'data' / 'train'}" in \
+        capsys.readouterr().err
+    assert not (tmp_path / 'out' / 'x').exists()  # released unused, as for any refused run
+
+
 def test_command_line_overrides_config(tmp_path):
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('model: vit_micro_patch4_32_hc\nlr: 1.0e-3\nmodel_kwargs: {depth: 2, img_size: 28}\nno_aug: true\n')

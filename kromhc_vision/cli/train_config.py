@@ -713,10 +713,12 @@ def check_torch_root(dataset, data_dir):
 def create_dataset(name, root=None, download=False, **kwargs):
     """timm's ``create_dataset``; a ``torch/<name>`` dataset that torchvision does not find in ``root`` (and may not
     download) is a :class:`ConfigError` naming the folder and ``--dataset-download`` (torchvision's RuntimeError
-    suggested ``download=True``)."""
+    suggested ``download=True``), and so is an image folder split without images (timm's RuntimeError names it)."""
     try:
         return timm_datasets.create_dataset(name, root=root, download=download, **kwargs)
     except (RuntimeError, OSError) as e:
+        if not dataset_prefix(name) and isinstance(e, RuntimeError):  # timm's image folder reader: no images in it
+            raise ConfigError(f"data: {e}") from None
         torch_name = name.split('/')[-1].lower()  # as timm reads it
         downloads = torch_name not in NOT_DOWNLOADED
         if dataset_prefix(name) != 'torch' or (download and downloads):

@@ -135,7 +135,8 @@ class ConvNeXtHC(HcModelMixin, ConvNeXt):
         self._init_hc(hc)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Image ``(B, C_in, H, W)`` -> streams ``(B, H/4, W/4, n, C)``."""
+        """Image ``(B, C_in, H, W)`` -> streams ``(B, H/p, W/p, n, C)``, ``p`` the stem's patch size (4; 1 for
+        convnext_micro)."""
         return expand_streams(self.stem(x).permute(0, 2, 3, 1), self.num_streams)
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +144,7 @@ class ConvNeXtHC(HcModelMixin, ConvNeXt):
         return reduce_streams(x).permute(0, 3, 1, 2)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C_in, H, W) -> (B, C, H/32, W/32)``, as timm's."""
+        """``(B, C_in, H, W) -> (B, C, H/s, W/s)``, as timm's: ``s`` the total stride (32; 8 for convnext_micro)."""
         x = self._embed(x)
         with self._hc_session():
             for stage in self.stages:
@@ -208,7 +209,7 @@ def _create(base: str, variant: str, pretrained: bool = False, **kwargs) -> Conv
 
 @register_model
 def convnext_micro_residual(pretrained: bool = False, **kwargs) -> ConvNeXtHC:
-    """ConvNeXt-Micro (1x1 stem, stride 32 -> 4x4 at 32px, 32-256 wide), plain residual (one stream)."""
+    """ConvNeXt-Micro (1x1 stem, total stride 8 -> 4x4 at 32px, 32-256 wide), plain residual (one stream)."""
     return _create('convnext_micro', 'residual', pretrained, **kwargs)
 
 

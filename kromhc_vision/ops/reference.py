@@ -17,9 +17,10 @@ with autocast off; ``u`` and ``X_next`` come back in the stream dtype. Every bac
 """
 import contextlib
 import math
-import numbers
 
 import torch
+
+from ..streams import is_int  # the one integer check, defined in the maths layer (README Layout)
 
 
 def autocast_off(device: torch.device):
@@ -36,11 +37,6 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
-
-
-def is_int(value) -> bool:
-    """Whether ``value`` is an integer (Python's or NumPy's), not a bool: what the argument checks take as a count."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_floating(op: str, **tensors) -> None:
