@@ -3,9 +3,15 @@ VENV ?= .venv
 # The versions this project is developed and tested with; pyproject.toml keeps ranges.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-all table bench results projunn results-fashion
+.PHONY: demo test test-all table bench results projunn results-fashion FORCE
 
-$(VENV)/.installed: pyproject.toml
+# The pins the venv was installed with: rewritten (so re-installing) only when TORCH_PINS changes, in this file
+# or on the command line; pyproject.toml's changes re-install through its own timestamp.
+$(VENV)/.pins: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH_PINS)' | cmp -s - $@ || echo '$(TORCH_PINS)' > $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.pins
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install $(TORCH_PINS) -e ".[test]"
 	touch $@

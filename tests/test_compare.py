@@ -118,3 +118,81 @@ def test_model_facts_count_the_model_as_the_run_builds_it():
         return saved_activation_bytes(model, torch.randn(4, 3, 16, 16))
 
     assert facts["activation_bytes"] == count(False) > count(True)
+
+
+@pytest.mark.parametrize('bad', [['--streams', '2', '2'], ['--variants', 'residual', 'kromhc', 'kromhc'],
+                                 ['--sizes', 'micro', 'micro'], ['--bench-streams', '4', '4']])
+def test_a_repeated_value_is_refused(bad, capsys):
+    """A repeat ran the same configuration twice (the second reused) and counted both as seeds: kromhc n=2 with
+    ``--streams 2 2 --seeds 2`` was reported over 8 "seeds", its standard error halved."""
+    with pytest.raises(SystemExit):
+        compare.parse_args(bad)
+    assert f'{bad[0]}: [' in capsys.readouterr().err
+
+
+def _record(variant, n, seed, top1):
+    return dict(size='micro', variant=variant, n=n, seed=seed, reused=False, wall_s=1.0,
+                epochs=[dict(eval_top1=top1, train_img_per_sec=100.0, train_peak_memory_mb=1.0, train_loss=1.0)],
+                diagnostics=[dict(max_row_error=0.0, max_col_error=0.0)],
+                final_diagnostics=dict(layers=[dict(gain_row=1.0, gain_col=1.0)]))
+
+
+def test_the_difference_standard_error_is_the_textbook_one():
+    """s.e. of a difference of two independent means: sqrt(s1²/n1 + s2²/n2), each mean with its own count (it
+    divided both variances by the hyper-connected row's count)."""
+    import math
+    from kromhc_vision.cli.compare.stats import diff_se, summarize
+    assert diff_se(2.0, 3, 3.0, 2) == pytest.approx(math.sqrt(4 / 3 + 9 / 2))
+    assert diff_se(2.0, 1, 3.0, 2) is None and diff_se(float('nan'), 3, 1.0, 3) is None
+    records = [_record('residual', 1, s, t) for s, t in enumerate((90.0, 92.0, 94.0))]  # mean 92, s = 2
+    records += [_record('kromhc', 2, s, t) for s, t in enumerate((91.0, 95.0))]  # mean 93, s = 2.83
+    facts = {('micro', 'residual', 1): dict(params=10, activation_bytes=1),
+             ('micro', 'kromhc', 2): dict(params=12, activation_bytes=2)}
+    row = next(r for r in summarize(records, facts, 'micro') if r['variant'] == 'kromhc')
+    assert row['top1_diff'] == pytest.approx(1.0)
+    assert row['top1_se'] == pytest.approx(math.sqrt(statistics.variance([90, 92, 94]) / 3
+                                                     + statistics.variance([91, 95]) / 2))
+
+
+def test_a_stored_run_of_another_device_is_not_reused(tmp_path, monkeypatch):
+    """Reused runs' throughput is reported as this device's: a run made on another machine (or with another
+    thread count) trains again."""
+    from kromhc_vision.cli.compare import runs
+    args = compare.parse_args(['--variants', 'residual', '--seeds', '1', '--epochs', '1', '--output', str(tmp_path)])
+    command = runs.train_command('micro', 'residual', 1, 0, 1, tmp_path, 'micro_residual_n1_s0')
+    settings = runs.run_settings(command, runs.digits_config('residual'), args.diag_images)
+    (tmp_path / 'micro_residual_n1_s0').mkdir()
+    (tmp_path / 'micro_residual_n1_s0' / 'run.json').write_text(json.dumps(dict(
+        _record('residual', 1, 0, 90.0), settings=settings, commit='abc', device='CPU: A, 64 cores')))
+    assert runs.train_run(args, 'micro', 'residual', 1, 0, 'def', 'CPU: A, 64 cores')['reused']
+
+    class Trained(Exception):
+        pass
+
+    def run_logged(*a):
+        raise Trained
+    monkeypatch.setattr(runs, 'run_logged', run_logged)
+    with pytest.raises(Trained):
+        runs.train_run(args, 'micro', 'residual', 1, 0, 'def', 'CPU: B, 2 cores')
+
+
+def test_benchmarks_and_results_name_the_commit_and_device_of_reused_runs(tmp_path):
+    """BENCHMARKS.md's throughput table named only this call's commit, and RESULTS.md said "measured in this run",
+    when every run had been reused from an earlier commit."""
+    from kromhc_vision.cli.compare import report
+    records = [dict(_record('residual', 1, 0, 90.0), reused=True, commit='old1234', device='CPU: Old, 2 cores'),
+               dict(_record('kromhc', 2, 0, 91.0), reused=True, commit='old1234', device='CPU: Old, 2 cores')]
+    facts = {('micro', 'residual', 1): dict(params=10, activation_bytes=1),
+             ('micro', 'kromhc', 2): dict(params=12, activation_bytes=2)}
+    args = compare.parse_args(['--variants', 'residual', 'kromhc', '--streams', '2', '--seeds', '1'])
+    tables = {'micro': compare.summarize(records, facts, 'micro')}
+    prov = dict(command='python compare.py', commit='new5678', date='today', device='CPU: Old, 2 cores',
+                torch='t', timm='t', python='p')
+    path = tmp_path / 'BENCHMARKS.md'
+    report.write_benchmarks(path, prov, [], tables, args, records)
+    text = path.read_text()
+    throughput = text[text.index('## Training throughput'):]
+    assert '`old1234`' in throughput and 'CPU: Old, 2 cores' in throughput and '2 reused' in throughput
+    cost = next(s for s in report.reading(tables['micro'], args, dict(train=10, validation=10), 'micro', reused=2)
+                if s.startswith('**Cost.**'))
+    assert 'measured in this run' not in cost

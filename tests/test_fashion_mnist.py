@@ -173,7 +173,9 @@ def test_results_sections_keep_each_other_in_order(tmp_path):
     path = tmp_path / 'RESULTS.md'
     path.write_text('# Results\n\nold unmarked digits text\n\n<!-- other:begin -->\nkept\n<!-- other:end -->\n')
     report.write_results_section(path, '## Digits\n\ndigits v1')
-    assert 'old unmarked' not in path.read_text() and '<!-- other:begin -->\nkept' in path.read_text()
+    # text outside the sections is kept (it was dropped, with any section whose name has a '-', when the file had
+    # no digits section yet)
+    assert 'old unmarked' in path.read_text() and '<!-- other:begin -->\nkept' in path.read_text()
     fashion.write_results_section(path, '## Fashion-MNIST\n\nfashion v1')
     text = path.read_text()
     assert text.startswith('# Results') and text.index('fashion v1') < text.index('digits v1')
@@ -282,3 +284,34 @@ def test_a_changed_digits_folder_is_refused(tmp_path):
     next((root / 'train' / '3').iterdir()).unlink()
     with pytest.raises(DatasetIntegrityError, match=r'train holds 19 images, its manifest 20: changed since'):
         write_digits_folder(root, per_class=2)
+
+
+def test_hand_written_text_and_other_sections_survive_a_new_digits_section(tmp_path):
+    from kromhc_vision.cli.compare import report
+    path = tmp_path / 'RESULTS.md'
+    path.write_text('# Results\n\nHow to read these tables.\n\n<!-- bench-x:begin -->\nX\n<!-- bench-x:end -->\n')
+    report.write_results_section(path, '## Digits\n\ndigits v1')
+    text = path.read_text()
+    assert 'How to read these tables.' in text and '<!-- bench-x:begin -->\nX\n<!-- bench-x:end -->' in text
+    assert text.startswith('# Results') and 'digits v1' in text
+
+
+def test_grid_standard_error_counts_only_the_finite_seeds():
+    """The grid's standard deviation is over the runs that did not diverge; its standard error divided by every
+    run, diverged ones included (and by the smaller count for both rows): here 2.00 instead of sqrt(4/3 + 8/2) =
+    2.31, which called a +4.30 difference "beyond 2 s.e.\""""
+    import math
+    from kromhc_vision.cli.compare import fashion
+
+    def rec(row, seed, acc):
+        return dict(row=row, depth=6, n=1 if row == 'residual' else 4, seed=seed, losses=[], diagnostics=None,
+                    grad_norms=None, nonfinite=None if acc is not None else 'non-finite loss',
+                    epochs=[dict(eval_top1=acc, train_img_per_sec=1.0)])
+    records = [rec('residual', 0, 80.0), rec('residual', 1, 82.0), rec('residual', 2, 84.0),
+               rec('kromhc', 0, 84.3), rec('kromhc', 1, None), rec('kromhc', 2, 88.3)]
+    facts = {('residual', 6, 1): dict(params=1, activation_bytes=1),
+             ('kromhc', 6, 4): dict(params=2, activation_bytes=1)}
+    table = fashion.grid_rows(records, facts, ['residual', 'kromhc'], 6, 4)
+    row = table[1]
+    assert row['diff'] == pytest.approx(4.3) and row['se'] == pytest.approx(math.sqrt(4 / 3 + 8 / 2))
+    assert '+4.30 (noise)' in fashion.grid_table(table, [])

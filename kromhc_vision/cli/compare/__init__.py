@@ -71,6 +71,11 @@ def parse_args(argv=None):
                    help='also time the kernel ops: Triton with CUDA, numba on CPU')
     p.add_argument('--diag-images', type=int, default=128, help='validation images for the diagnostics')
     args = p.parse_args(argv)
+    for key in ('variants', 'streams', 'sizes', 'bench_streams'):  # a repeat would run, and count, a run twice
+        values = getattr(args, key)
+        if values is not None and len(set(values)) < len(values):
+            p.error(f'--{key.replace("_", "-")}: {sorted({v for v in values if values.count(v) > 1})} given more '
+                    f'than once ({" ".join(map(str, values))})')
     if args.sizes is None:
         args.sizes = ['micro', 'tiny'] if torch.cuda.is_available() else ['micro']
     for key in ('seeds', 'epochs', 'bench_rounds', 'bench_batch', 'diag_images'):  # before any benchmark or run
@@ -110,7 +115,7 @@ def main(argv=None):
     total = len(runnable) * args.seeds
     for seed in range(args.seeds):
         for size, variant, n in runnable:
-            record = train_run(args, size, variant, n, seed, prov['commit'])
+            record = train_run(args, size, variant, n, seed, prov['commit'], prov['device'])
             records.append(record)
             print(f"[{len(records)}/{total}] {size} {variant} n={n} seed {seed}: top-1 "
                   f"{record['epochs'][-1]['eval_top1']:.2f}%, {throughput(record):.0f} img/s", flush=True)
@@ -120,5 +125,5 @@ def main(argv=None):
     results, benchmarks = Path(args.results), Path(args.benchmarks)
     tables = {size: summarize(records, facts, size) for size in args.sizes}
     write_results(results, args, prov, records, tables, refused, counts, wall, recipe)
-    write_benchmarks(benchmarks, prov, outputs, tables, args)
+    write_benchmarks(benchmarks, prov, outputs, tables, args, records)
     print(f'wrote {results}, {results.parent / "results"}/ and {benchmarks} in {wall / 60:.1f} min')

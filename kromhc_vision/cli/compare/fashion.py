@@ -49,7 +49,7 @@ from ..evaluation import eval_loader, load_trained_model
 from ..sections import markers, replace_section
 from .report import provenance
 from .runs import ROOT, run_failed, run_logged
-from .stats import mean_std
+from .stats import diff_se, mean_std
 
 # The rows of each part (configs/fashion_mnist_<row>.yaml); the command-line options --*-rows replace them.
 GRID_ROWS = ['residual', 'hc', 'mhc', 'mhclite', 'kromhc', 'terminator']  # terminator: issue 20, fixed depth
@@ -353,7 +353,8 @@ def grid_rows(records, facts, rows, depth, n, ref=None):
         accs = [top1(r) for r in runs]
         finite = [a for a in accs if a is not None]
         speeds = [s for s in (img_per_sec(r) for r in runs) if s]
-        out.append(dict(row=row, n=k, seeds=len(runs), top1=mean_std(finite) if finite else (None, None),
+        out.append(dict(row=row, n=k, seeds=len(runs), finite=len(finite),
+                        top1=mean_std(finite) if finite else (None, None),
                         top1_all=accs, img_per_sec=statistics.fmean(speeds) if speeds else None,
                         facts=facts[(row, depth, k)], diverged=sum(a is None for a in accs),
                         ds_error=max((ds_error(r) for r in runs if ds_error(r) is not None), default=None),
@@ -369,8 +370,8 @@ def grid_rows(records, facts, rows, depth, n, ref=None):
             r['speed_ratio'] = r['img_per_sec'] / ref['img_per_sec']
         if r['row'] != 'residual' and r['top1'][0] is not None and ref['top1'][0] is not None:
             r['diff'] = r['top1'][0] - ref['top1'][0]
-            sd = [x for x in (r['top1'][1], ref['top1'][1]) if x is not None and not math.isnan(x)]
-            r['se'] = math.sqrt(sum(x * x for x in sd) / min(r['seeds'], ref['seeds'])) if len(sd) == 2 else None
+            # the standard deviations are over the finite runs only, so each mean's count is theirs
+            r['se'] = diff_se(r['top1'][1], r['finite'], ref['top1'][1], ref['finite'])
     return out
 
 

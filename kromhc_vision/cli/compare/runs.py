@@ -106,8 +106,10 @@ def run_settings(command, config: Path, diag_images: int) -> dict:
                 diag_images=diag_images)
 
 
-def train_run(args, size, variant, n, seed, commit) -> dict:
-    """One training run (or the stored one when its settings match), with its diagnostics; ``reused`` says which."""
+def train_run(args, size, variant, n, seed, commit, device=None) -> dict:
+    """One training run (or the stored one when its settings match and it was made on ``device``, the
+    provenance's device string: its throughput is reported as this device's), with its diagnostics; ``reused``
+    says which."""
     name = f'{size}_{variant}_n{n}_s{seed}'
     out = Path(args.output)
     run_dir = out / name
@@ -116,7 +118,7 @@ def train_run(args, size, variant, n, seed, commit) -> dict:
     record_path = run_dir / 'run.json'
     if record_path.exists():
         record = json.loads(record_path.read_text())
-        if record['settings'] == settings:
+        if record['settings'] == settings and record.get('device') == device:
             return dict(record, reused=True)
     rc, log, wall = run_logged(command, out, name)
     if rc:
@@ -127,7 +129,8 @@ def train_run(args, size, variant, n, seed, commit) -> dict:
         run_dir, model_name, args.epochs, args.diag_images)
     for path in [*run_dir.glob('checkpoint-*.pth.tar'), run_dir / 'model_best.pth.tar']:
         path.unlink(missing_ok=True)  # keep last.pth.tar only
-    record = dict(settings=settings, commit=commit, size=size, variant=variant, n=n, seed=seed, wall_s=wall,
+    record = dict(settings=settings, commit=commit, device=device, size=size, variant=variant, n=n, seed=seed,
+                  wall_s=wall,
                   epochs=rows,
                   diagnostics=per_epoch, final_diagnostics=final)
     write_json(record_path, record)

@@ -7,6 +7,14 @@ def mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float('nan'))
 
 
+def diff_se(std_a, n_a, std_b, n_b):
+    """Standard error of the difference of two means of independent samples, sqrt(s_a²/n_a + s_b²/n_b) (each
+    sample's own size); None where a standard deviation is missing (fewer than two values)."""
+    if any(s is None or math.isnan(s) for s in (std_a, std_b)) or min(n_a, n_b) < 2:
+        return None
+    return math.sqrt(std_a ** 2 / n_a + std_b ** 2 / n_b)
+
+
 def throughput(record) -> float:
     """Median training images/s over the epochs after the first (the first includes warm-up)."""
     rates = [r['train_img_per_sec'] for r in record['epochs']]
@@ -46,7 +54,7 @@ def summarize(records, facts, size) -> list:
         row['activation_ratio'] = row['activation_bytes'] / ref['activation_bytes']
         row['extra_params'] = row['params'] - ref['params']
         diff = row['top1'][0] - ref['top1'][0]
-        se = math.sqrt((row['top1'][1] ** 2 + ref['top1'][1] ** 2) / row['seeds']) if row['seeds'] > 1 else None
+        se = diff_se(row['top1'][1], row['seeds'], ref['top1'][1], ref['seeds'])
         row['top1_diff'], row['top1_se'] = diff, se
     return rows
 
