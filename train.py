@@ -61,7 +61,7 @@ from kromhc_vision.cli.sampling import PerSampleSeeded, set_epoch_order
 from kromhc_vision.cli.train_state import StepLog, TrainTask, seed_epoch
 from kromhc_vision.cpu_allocator import configure_cpu_malloc
 from kromhc_vision.data import digits_folder
-from kromhc_vision.models import CheckpointFileError, PretrainedWeightsUnavailableError
+from kromhc_vision.models import CheckpointFileError, CheckpointMismatchError, PretrainedWeightsUnavailableError
 from kromhc_vision.optim import project_orthogonal_
 
 _logger = logging.getLogger('train')
@@ -104,6 +104,17 @@ def create_train_model(args, device, primary):
                              **model_kwargs(args))
     except (PretrainedWeightsUnavailableError, CheckpointFileError) as e:  # raised before the model is built
         raise ConfigError(f'pretrained weights of {args.model}: {e}') from None
+    except CheckpointMismatchError as e:  # --pretrained weights of other keys or shapes
+        raise ConfigError(f'pretrained weights of {args.model}: {e}') from None
+    except RuntimeError as e:  # torch's load_state_dict: other keys, shapes or another variant's connections
+        if 'Error(s) in loading state_dict' not in str(e):
+            raise
+        source = (f'initial_checkpoint: {args.initial_checkpoint}' if args.initial_checkpoint
+                  else f'pretrained weights of {args.model}')
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        more = f' (and {len(lines) - 3} more)' if len(lines) > 3 else ''
+        raise ConfigError(f"{source} does not fit {args.model!r} with these model settings "
+                          f"({model_kwargs(args)}): {' '.join(lines[:3])}{more}") from None
     if args.head_init_scale is not None:
         with torch.no_grad():
             model.get_classifier().weight.mul_(args.head_init_scale)

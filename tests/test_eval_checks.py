@@ -213,7 +213,8 @@ def test_a_plain_state_dict_that_does_not_fit_the_model_is_named_with_the_class_
     assert str(e.value).startswith(f"eval.py: error: {tmp_path / 'plain.pth'} does not fit '{MODEL}' with 1000 "
                                    "classes (its default): its classifier has 10 outputs (give --num-classes 10): "
                                    "size mismatch for head.weight")
-    with pytest.raises(SystemExit, match=r"does not fit 'vit_micro_patch4_32_mhc': size mismatch for blocks.0.hc_"):
+    with pytest.raises(SystemExit, match=r"does not fit 'vit_micro_patch4_32_mhc': blocks.0.hc_attn: the state dict "
+                       r"was saved by a 'kromhc' connection and this is a 'mhc' one.* size mismatch for blocks.0.hc_"):
         eval_script.main(['--model', 'vit_micro_patch4_32_mhc', '--num-classes', '10', *common])
     state_dict = torch.load(tmp_path / 'plain.pth')  # wrapped as timm reads it, saved from DataParallel
     torch.save({'state_dict': {f'module.{k}': v for k, v in state_dict.items()}}, tmp_path / 'plain.pth')

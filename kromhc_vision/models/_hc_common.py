@@ -11,6 +11,7 @@ the stream state every ``L_r`` connections; see :mod:`kromhc_vision.recompute`).
 import contextlib
 import json
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial, wraps
 from pathlib import Path
@@ -19,7 +20,9 @@ from typing import Any, Callable, Dict, Mapping, Optional, Set, Union
 import huggingface_hub
 import huggingface_hub.constants
 import safetensors
+import timm.models
 import timm.models._factory
+import timm.models._helpers
 import torch
 from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, load_state_dict, \
@@ -282,12 +285,59 @@ def load_residual_weights(model: nn.Module, source: Union[nn.Module, Mapping, st
     return model
 
 
+def _with_metadata(state_dict, metadata):
+    """``state_dict`` carrying the ``_metadata`` of the dict it was made from (where each connection records its
+    variant, which :meth:`HyperConnection._load_from_state_dict` checks); ``state_dict`` itself without any."""
+    if metadata is None or getattr(state_dict, '_metadata', None) is not None:
+        return state_dict
+    out = OrderedDict(state_dict)  # a plain dict takes no attributes
+    out._metadata = metadata
+    return out
+
+
+_WRAPPER_PREFIXES = ('_orig_mod.', 'module.')  # what timm's clean_state_dict strips (DDP, torch.compile)
+
+
+def _keep_metadata(clean):
+    """timm's ``clean_state_dict`` keeping the state dict's ``_metadata`` (its keys stripped of the same wrapper
+    prefixes), which it dropped: every timm loader of a torch file (``load_checkpoint``, ``create_model(
+    checkpoint_path=...)``, ``pretrained=True`` from a file or a ``local-dir:``) passed another variant's weights of
+    the same shapes (HC and mHC) into a model, where ``load_state_dict`` on ``torch.load``'s result refuses them."""
+    if getattr(clean, '_kromhc_checked', False):
+        return clean
+
+    @wraps(clean)
+    def cleaned(state_dict):
+        out = clean(state_dict)
+        metadata = getattr(state_dict, '_metadata', None)
+        if metadata is None:
+            return out
+        kept = OrderedDict()
+        for key, value in metadata.items():
+            while key.startswith(_WRAPPER_PREFIXES) or key in ('module', '_orig_mod'):
+                key = '' if key in ('module', '_orig_mod') else key.split('.', 1)[1]
+            kept.setdefault(key, value)
+        return _with_metadata(out, kept)
+
+    cleaned._kromhc_checked = True
+    return cleaned
+
+
+# timm's load_state_dict (and so load_checkpoint, create_model's checkpoint_path and load_pretrained) calls it by name;
+# a timm without it (a later private layout) keeps its own, and only direct load_state_dict calls see the variants
+if callable(getattr(timm.models._helpers, 'clean_state_dict', None)):
+    timm.models._helpers.clean_state_dict = _keep_metadata(timm.models._helpers.clean_state_dict)
+    if hasattr(timm.models, 'clean_state_dict'):
+        timm.models.clean_state_dict = timm.models._helpers.clean_state_dict
+
+
 def _hc_filter_fn(state_dict, model, base_filter: Callable, strict: bool = True):
     """``pretrained_filter_fn``: timm's family filter, then upcycling if the checkpoint has no connection keys.
     The first convolution's weight passes with other input channels than the model's: timm's ``load_pretrained``
     adapts it to ``in_chans`` after this filter. ``strict``: timm's ``pretrained_strict`` (False: missing and
     unexpected keys pass, other shapes are still refused)."""
-    state_dict = base_filter(state_dict, model)
+    metadata = getattr(state_dict, '_metadata', None)  # the connections' variants (the family filter drops it)
+    state_dict = _with_metadata(base_filter(state_dict, model), metadata)
     prefixes = _connection_prefixes(model)
     own_hc = [k for k in model.state_dict() if _under(k, prefixes)]
     if own_hc and not any(_under(k, prefixes) for k in state_dict):
