@@ -145,8 +145,19 @@ def open_run_dir(args, folder) -> RunLock:
     return lock
 
 
+def _fsync_path(path) -> None:
+    """Flush ``path`` (a file, or a folder: its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class CheckpointSaver(timm.utils.CheckpointSaver):
-    """timm's CheckpointSaver, with each file replaced whole or not at all, whenever the process is killed.
+    """timm's CheckpointSaver, with each file replaced whole or not at all, whenever the process is killed (and
+    flushed to disk before and after its rename, so that a crash of the machine does not leave an empty file where
+    filesystems may reorder a rename before the data: XFS, ext4 without ``auto_da_alloc``).
 
     timm unlinks ``last.pth.tar`` before renaming the new checkpoint over it (for Windows), and copies it to
     ``checkpoint-<epoch>`` / ``model_best`` in place: killed in between, the folder had no ``last.pth.tar``, or a
@@ -157,7 +168,9 @@ class CheckpointSaver(timm.utils.CheckpointSaver):
     made_copies = ()  # what the resume made (see load_state_dict)
 
     def _replace(self, src, dst):
+        _fsync_path(src)  # the data on disk before the name points at it (a crash may not reorder the two)
         os.replace(src, dst)
+        _fsync_path(os.path.dirname(dst) or '.')  # the rename itself
 
     def _duplicate(self, src, dst):
         tmp = f'{dst}.tmp'
@@ -173,9 +186,11 @@ class CheckpointSaver(timm.utils.CheckpointSaver):
                     self.can_hardlink = False
             if not linked:
                 shutil.copy2(src, tmp)
+                _fsync_path(tmp)
             os.replace(tmp, dst)
             if os.path.lexists(tmp):  # dst was a link to the same file already: rename() leaves both
                 os.unlink(tmp)
+            _fsync_path(os.path.dirname(dst) or '.')
         except BaseException:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
