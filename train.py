@@ -102,9 +102,8 @@ def create_train_model(args, device, primary):
     try:
         model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.initial_checkpoint,
                              **model_kwargs(args))
-    except (PretrainedWeightsUnavailableError, CheckpointFileError) as e:  # raised before the model is built
-        raise ConfigError(f'pretrained weights of {args.model}: {e}') from None
-    except CheckpointMismatchError as e:  # --pretrained weights of other keys or shapes
+    # unavailable or unreadable (raised before the model is built), or --pretrained weights of other keys or shapes
+    except (PretrainedWeightsUnavailableError, CheckpointFileError, CheckpointMismatchError) as e:
         raise ConfigError(f'pretrained weights of {args.model}: {e}') from None
     except RuntimeError as e:  # torch's load_state_dict: other keys, shapes or another variant's connections
         if 'Error(s) in loading state_dict' not in str(e):

@@ -452,8 +452,7 @@ _sinkhorn = register_logits_op(_sinkhorn_fwd, _sinkhorn_bwd)
 
 
 def sinkhorn(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
-    """``(..., n, n)`` logits -> ``(..., n, n)``; same values as :func:`kromhc_vision.ops.reference.sinkhorn`."""
-    check_square_logits(logits)
-    if num_iters < 1:
-        raise ValueError(f"num_iters must be >= 1, got {num_iters}")
+    """``(..., n, n)`` logits -> ``(..., n, n)``; same values as :func:`kromhc_vision.ops.reference.sinkhorn`.
+    The ops check the logits' shape and ``num_iters`` (:func:`_logits`, :func:`_run`), as they are also called
+    alone."""
     return _sinkhorn(logits, num_iters)
