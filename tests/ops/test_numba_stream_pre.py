@@ -116,6 +116,19 @@ def test_extreme_inputs_stay_finite(stream_pre_inputs):
     assert all(d.isfinite().all() for d in grads)
 
 
+def test_sigmoids_round_the_exact_value(stream_pre_inputs):
+    """The forward's sigmoids (arithmetic ``exp(-|a|)``, not libm's ``expf``) are the float64 sigmoid of the float32
+    logit rounded to float32, to an ulp, for logits from -90 to 90 (zero scale: the logits are the bias)."""
+    X, g, W, s, _ = stream_pre_inputs((6,), 8, 4, 2, torch.float32)
+    s = torch.zeros_like(s)
+    for logits in torch.linspace(-90.0, 90.0, 16 * 40).split(16):
+        b = torch.cat([logits, torch.zeros(2)])
+        _, h_pre, h_post, _, _ = numba_pre.stream_pre(X, g, W, s, b, EPS)
+        exact = torch.sigmoid(logits.double())
+        torch.testing.assert_close(h_pre, exact[:8].float().expand_as(h_pre), rtol=1.2e-7, atol=1e-45)
+        torch.testing.assert_close(h_post, (2 * exact[8:]).float().expand_as(h_post), rtol=1.2e-7, atol=1e-45)
+
+
 @pytest.mark.parametrize("lead", [(5,), (2, 3)])
 def test_opcheck(lead, stream_pre_inputs):
     """The ops read any leading dimensions as tokens; their fakes give the real outputs' shapes and dtypes."""

@@ -1,4 +1,4 @@
-"""``exp`` on ``x <= 0`` as arithmetic that LLVM vectorises, for the softmaxes of the CPU kernels.
+"""``exp`` on ``x <= 0`` as arithmetic that LLVM vectorises, for the softmaxes and sigmoids of the CPU kernels.
 
 numba compiles ``math.exp`` to a call of the C library's ``exp`` (``expf`` in float32), one scalar call per value
 inside loops that are otherwise vectorised. :func:`exp_nonpositive` computes the same function with
@@ -8,7 +8,8 @@ from its bits, in float64: within an ulp of libm's ``exp`` (``tests/ops/test_num
 result rounded from it is as close as ``expf``'s or closer.
 
 numba's disk cache does not see edits to this file in the kernels that inline it (``permutation_mix``,
-``sinkhorn``): after changing it, touch those files (or clear their ``__pycache__``) so that they compile again.
+``sinkhorn``, ``stream_pre``): after changing it, touch those files (or clear their ``__pycache__``) so that they
+compile again.
 """
 import numba
 import numpy as np

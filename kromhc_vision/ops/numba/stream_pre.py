@@ -20,11 +20,13 @@ once per four for the four rows of ``dr W_g^T`` (four rows of ``W_g^T`` per pass
 padded to a multiple of four for it: with a loop bound of ``k - k % 4`` the vectorised loop was compiled but not
 run, its runtime overlap check of the four rows, hoisted out of the coefficient loop, failing). The tokens are
 split into one chunk per thread, each accumulating its own ``dW_g``, ``ds``, ``db``, summed at the end in a fixed
-order (the values depend on the thread count, not on scheduling). What each thread runs is a C function
-(:func:`_forward_body`, :mod:`._launch`) that a small parallel kernel, the same for every stream count, calls by
-address: compiled and optimised once, where a ``prange`` loop with these bodies took numba three times as long to
-compile (BENCHMARKS.md ``compile_time``). BLAS would run the three projections as three more
-passes over the state (``T x nC`` floats each) and PyTorch the small reductions as a dozen more ops
+order (the values depend on the thread count, not on scheduling). A block's sigmoids are one vectorised loop of
+:func:`~._exp.exp_nonpositive` of ``-|a|`` (libm's ``expf``, a scalar call per coefficient, took 15 % of the
+forward; BENCHMARKS.md ``pre_sigmoids``), and the backward's per-token coefficient loop has no branches. What
+each thread runs is a C function (:func:`_forward_body`, :mod:`._launch`) that a small parallel kernel, the same for
+every stream count, calls by address: compiled and optimised once, where a ``prange`` loop with these bodies took
+numba three times as long to compile (BENCHMARKS.md ``compile_time``). BLAS would run the three projections as
+three more passes over the state (``T x nC`` floats each) and PyTorch the small reductions as a dozen more ops
 (:mod:`kromhc_vision.ops.pytorch.stream_pre`, which this replaces on CPU; BENCHMARKS.md ``stream_pre_fused``).
 
 Reference: :func:`kromhc_vision.ops.reference.stream_pre`.
@@ -42,6 +44,7 @@ from ..reference import autocast_off, check_stream_pre_shapes, compute_dtype
 from ._common import (KERNEL_SCALARS, LINK_ATTRIBUTE, PostGradLink, as_dtype, kernel_tensor, match_torch_threads,
                       prefer_vector_width, sized_kernel_tensor, token_array, vector_width)
 from ._launch import BODY_SIGNATURE, float_from_bits, run_on_threads
+from ._exp import exp_nonpositive
 from ._prefetch import prefetch_part
 
 _FLAGS = dict(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
@@ -100,6 +103,7 @@ def _forward_body(num_streams: int, width: int, dtype):
         xf = x.reshape((T, NC))
         wt = gained_transposed(g, W)
         blocks = (T + TOKEN_BLOCK - 1) // TOKEN_BLOCK
+        gate = np.empty(TOKEN_BLOCK * 2 * N, np.float64)  # a block's sigmoids
         for b in range(min(p * per, blocks), min((p + 1) * per, blocks)):
             t0 = b * TOKEN_BLOCK
             if t0 + TOKEN_BLOCK <= T:  # rows as 1-d views, four coefficients per pass: 16 sums in registers
@@ -170,25 +174,43 @@ def _forward_body(num_streams: int, width: int, dtype):
                         for c in range(NC):
                             r += xf[t, c] * wt[i, c]
                         raw[t, i] = r
-            for t in range(t0, min(t0 + TOKEN_BLOCK, T)):
+            t1 = min(t0 + TOKEN_BLOCK, T)
+            for t in range(t0, t1):
+                xt, rt = xf[t], raw[t]
                 s = dt(0)
                 for c in range(NC):
-                    s += xf[t, c] * xf[t, c]
+                    s += xt[c] * xt[c]
                 rho = dt(1.0 / math.sqrt(s / NC + eps))
                 inv_rms[t, 0] = rho
-                for i in range(k):
-                    a = bias[i] + scale[i] * (raw[t, i] * rho)
-                    if i < N:
-                        h_pre[t, i] = 1.0 / (1.0 + math.exp(-a))
-                    elif i < 2 * N:
-                        h_post[t, i - N] = 2.0 / (1.0 + math.exp(-a))
-                    else:
-                        a_res[t, i - 2 * N] = a
-                for c in range(C):
-                    v = h_pre[t, 0] * x[t, 0, c]
+                for i in range(2 * N):
+                    gate[(t - t0) * 2 * N + i] = bias[i] + scale[i] * (rt[i] * rho)
+            # the block's sigmoids in one loop LLVM vectorises: exp(-|a|) <= 1 as arithmetic, not libm calls
+            for j in range((t1 - t0) * 2 * N):
+                a = gate[j]
+                e = exp_nonpositive(-abs(a))
+                gate[j] = (1.0 if a >= 0 else e) / (1.0 + e)
+            for t in range(t0, t1):
+                xt, rt, hp, hq, ut = xf[t], raw[t], h_pre[t], h_post[t], u[t]
+                rho = inv_rms[t, 0]
+                for i in range(N):
+                    hp[i] = gate[(t - t0) * 2 * N + i]
+                    hq[i] = 2.0 * gate[(t - t0) * 2 * N + N + i]
+                ar = a_res[t]
+                for i in range(2 * N, k):
+                    ar[i - 2 * N] = bias[i] + scale[i] * (rt[i] * rho)
+                if N == 4:  # every coefficient a scalar: one vectorised pass
+                    p0, p1, p2, p3 = hp[0], hp[1], hp[2], hp[3]
+                    s0, s1, s2, s3 = x[t, 0], x[t, 1], x[t, 2], x[t, 3]
+                    for c in range(C):
+                        ut[c] = p0 * s0[c] + p1 * s1[c] + p2 * s2[c] + p3 * s3[c]
+                else:
+                    p0, s0 = hp[0], x[t, 0]
+                    for c in range(C):
+                        ut[c] = p0 * s0[c]
                     for j in range(1, N):
-                        v += h_pre[t, j] * x[t, j, c]
-                    u[t, c] = v
+                        pj, sj = hp[j], x[t, j]
+                        for c in range(C):
+                            ut[c] += pj * sj[c]
         return 1
 
     return forward
@@ -230,6 +252,8 @@ def _backward_body(num_streams: int, width: int, dtype):
         acc[:, :] = 0.0
         sb = sb_parts[p]
         sb[:, :] = 0.0
+        sb0, sb1 = sb[0], sb[1]
+        da = np.empty(k, x.dtype)  # a token's gradients of the coefficients a
         dr = np.zeros((2 * TOKEN_BLOCK, kp), x.dtype)  # dr of two blocks: dW_g takes a pair of blocks a pass
         pending = False  # the previous block's dW_g term is not added yet (its dr in rows 0-3)
         hi = min(T, (p + 1) * per)
@@ -239,25 +263,49 @@ def _backward_body(num_streams: int, width: int, dtype):
             for q in range(nt):
                 t = t0 + q
                 rho = inv_rms[t, 0]
-                qs = dt(0)
-                for i in range(k):
-                    if i < N:
-                        s = dh_pre[t, i] if has_dh_pre else dt(0)
-                        if has_du:
-                            for c in range(C):
-                                s += du[t, c] * x[t, i, c]
-                        h = h_pre[t, i]
-                        d = s * h * (1.0 - h)
-                    elif i < 2 * N:
-                        h = h_post[t, i - N]
-                        d = dh_post[t, i - N] * h * (1.0 - 0.5 * h)
+                for i in range(N):  # da of H_pre: dH_pre = dh_pre + <du, x_i>
+                    da[i] = dh_pre[t, i] if has_dh_pre else dt(0)
+                if has_du:
+                    ut = du[t]
+                    if N == 4:  # the four dot products in one pass over du
+                        x0, x1, x2, x3 = x[t, 0], x[t, 1], x[t, 2], x[t, 3]
+                        s0 = dt(0)
+                        s1 = dt(0)
+                        s2 = dt(0)
+                        s3 = dt(0)
+                        for c in range(C):
+                            v = ut[c]
+                            s0 += v * x0[c]
+                            s1 += v * x1[c]
+                            s2 += v * x2[c]
+                            s3 += v * x3[c]
+                        da[0] += s0
+                        da[1] += s1
+                        da[2] += s2
+                        da[3] += s3
                     else:
-                        d = da_res[t, i - 2 * N]
-                    sb[0, i] += d * raw[t, i] * rho
-                    sb[1, i] += d
+                        for i in range(N):
+                            xi = x[t, i]
+                            s = dt(0)
+                            for c in range(C):
+                                s += ut[c] * xi[c]
+                            da[i] += s
+                for i in range(N):
+                    h = h_pre[t, i]
+                    da[i] = da[i] * h * (dt(1) - h)
+                    h = h_post[t, i]
+                    da[N + i] = dh_post[t, i] * h * (dt(1) - dt(0.5) * h)
+                for i in range(2 * N, k):
+                    da[i] = da_res[t, i - 2 * N]
+                rt, drq = raw[t], dr[r0 + q]
+                qs = dt(0)
+                for i in range(k):  # no branches: vectorised
+                    d = da[i]
+                    sb0[i] += d * rt[i] * rho
+                    sb1[i] += d
                     d = d * scale[i]
-                    dr[r0 + q, i] = d * rho
-                    qs += d * raw[t, i]
+                    drq[i] = d * rho
+                    qs += d * rt[i]
                 coef = dt(-qs * rho * rho * rho / NC)
                 if has_mix and has_du and not has_post:  # the linked post step's case: one pass over dx
                     ut = du[t]
