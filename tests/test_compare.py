@@ -196,3 +196,24 @@ def test_benchmarks_and_results_name_the_commit_and_device_of_reused_runs(tmp_pa
     cost = next(s for s in report.reading(tables['micro'], args, dict(train=10, validation=10), 'micro', reused=2)
                 if s.startswith('**Cost.**'))
     assert 'measured in this run' not in cost
+
+
+def test_provenance_quotes_the_command_and_one_epoch_throughput_says_so(tmp_path):
+    """The command line is written as a shell would take it again (an argument with a space was split in two), and
+    with one epoch per run the throughput text names the only epoch, warm-up included (it claimed "the epochs
+    after the first")."""
+    from kromhc_vision.cli.compare import report
+    assert report.provenance(['--output', 'my runs'])['command'] == "python compare.py --output 'my runs'"
+    records = [dict(_record('residual', 1, 0, 90.0), reused=False, commit='c', device='CPU: X, 2 cores'),
+               dict(_record('kromhc', 2, 0, 91.0), reused=False, commit='c', device='CPU: X, 2 cores')]
+    facts = {('micro', 'residual', 1): dict(params=10, activation_bytes=1),
+             ('micro', 'kromhc', 2): dict(params=12, activation_bytes=2)}
+    prov = dict(command='python compare.py', commit='c', date='today', device='CPU: X, 2 cores', torch='t',
+                timm='t', python='p')
+    for epochs, words in ((1, 'the only epoch (its rate includes the warm-up)'), (2, 'the epochs after the first')):
+        args = compare.parse_args(['--variants', 'residual', 'kromhc', '--streams', '2', '--seeds', '1',
+                                   '--epochs', str(epochs)])
+        tables = {'micro': compare.summarize(records, facts, 'micro')}
+        path = tmp_path / f'BENCHMARKS{epochs}.md'
+        report.write_benchmarks(path, prov, [], tables, args, records)
+        assert f'median images/s over {words}, mean over seeds' in path.read_text()

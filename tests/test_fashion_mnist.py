@@ -207,6 +207,7 @@ def test_fashion_comparison_runs_reuses_and_reports(tmp_path, monkeypatch):
     row = next(line for line in text.splitlines() if line.startswith('| kromhc | 4 |'))
     assert f"{summary[-1]['eval_top1']:.2f}" in row
     assert '2 of ' in text and 'reused' not in text.split('###')[0]
+    assert record['device'] and f"` on {record['device']}" in text.split('###')[0]  # the runs' own device
     assert '`residual_d6_n1_s1`' in text  # the grid, not run, is listed
     assert (tmp_path / 'results' / 'fashion_depth.png').read_bytes()[:4] == b'\x89PNG'
     logs = {p: p.stat().st_mtime_ns for p in out.glob('*.log')}

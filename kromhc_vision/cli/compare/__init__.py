@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument('--variants', nargs='+', default=list(kv.CONNECTIONS), choices=list(kv.CONNECTIONS))
     p.add_argument('--streams', nargs='+', type=int, default=[2, 4, 8], help='stream counts n (residual: 1)')
     p.add_argument('--seeds', type=int, default=3, help='seeds 0 .. seeds-1')
-    p.add_argument('--epochs', type=int, default=10, help='epochs per run (the configs say 30)')
+    p.add_argument('--epochs', type=int, default=10, help='epochs per run (default: 10; the configs say 30)')
     p.add_argument('--sizes', nargs='+', choices=sorted(SIZES), default=None,
                    help="default: micro, and tiny with CUDA")
     p.add_argument('--output', default='output/compare', help='run folders (reused when the settings match)')

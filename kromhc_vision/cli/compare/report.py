@@ -2,6 +2,7 @@
 import math
 import os
 import platform
+import shlex
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +16,7 @@ from ..sections import replace_section, write_section
 from .benchmarks import KERNEL_BENCHMARKS, default_backend
 from .figures import plot_curves, plot_params
 from .runs import ROOT, SIZES
+from .stats import throughput_epochs
 
 GENERATED = ('RESULTS.md', 'BENCHMARKS.md', 'results')
 SECTION = 'compare'  # compare.py's section of BENCHMARKS.md and RESULTS.md (digits)
@@ -43,7 +45,7 @@ def provenance(argv) -> dict:
             pass
         device = f'CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads'
     return dict(commit=commit, device=device, date=datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-                command=' '.join(['python', 'compare.py', *argv]), torch=torch.__version__, timm=timm.__version__,
+                command=shlex.join(['python', 'compare.py', *argv]), torch=torch.__version__, timm=timm.__version__,
                 python=platform.python_version())
 
 
@@ -180,7 +182,7 @@ def write_results(path: Path, args, prov, records, tables, refused, counts, wall
              f'with `--epochs {args.epochs}`, `--seed` 0 … {args.seeds - 1} and `--model-kwargs num_streams=n`; '
              'the configs differ only in the model. Top-1: last epoch, mean ± standard deviation over seeds.',
              '- Extra params: over the residual model of the same size. Throughput: median training images/s '
-             'of the epochs after the first, mean over seeds, ratio to residual in this run. Peak memory: '
+             f'of {throughput_epochs(args.epochs)}, mean over seeds, ratio to residual in this run. Peak memory: '
              '`train.py`\'s peak (CUDA max allocated; on CPU the process RSS, mostly libraries). Activations: '
              'bytes autograd keeps for the backward pass of one training batch (`kromhc_vision.memory`), of the '
              'model as the runs build it (the configs\' `model_kwargs`, '
@@ -240,8 +242,8 @@ def write_benchmarks(path: Path, prov, outputs, tables, args, records):
     for size in args.sizes:
         rows = tables[size]
         lines += [f"## Training throughput, {SIZES[size]['model'].format(variant='<variant>')}", '',
-                  'From the runs of RESULTS.md (same command): median images/s over the epochs after the first, '
-                  'mean over seeds. ' + runs_provenance([r for r in records if r['size'] == size]), '',
+                  'From the runs of RESULTS.md (same command): median images/s over '
+                  f'{throughput_epochs(args.epochs)}, mean over seeds. ' + runs_provenance([r for r in records if r['size'] == size]), '',
                   '| variant | n | train img/s | ×residual | peak memory MiB | activations MiB |',
                   '|---|---|---|---|---|---|']
         for row in rows:

@@ -16,9 +16,15 @@ def diff_se(std_a, n_a, std_b, n_b):
 
 
 def throughput(record) -> float:
-    """Median training images/s over the epochs after the first (the first includes warm-up)."""
+    """Median training images/s over the epochs after the first (the first includes warm-up), or the only one's
+    (:func:`throughput_epochs` says which in the reports)."""
     rates = [r['train_img_per_sec'] for r in record['epochs']]
     return statistics.median(rates[1:] or rates)
+
+
+def throughput_epochs(epochs: int) -> str:
+    """Which epochs :func:`throughput` takes from runs of ``epochs`` epochs, as the reports say it."""
+    return 'the epochs after the first' if epochs > 1 else 'the only epoch (its rate includes the warm-up)'
 
 
 def summarize(records, facts, size) -> list:
