@@ -62,6 +62,23 @@ def gained_transposed(g, W):
     return wt
 
 
+@numba.njit(inline="always")
+def dots4(zero, v, a, b, c, d):
+    """``(<v, a>, <v, b>, <v, c>, <v, d>)`` over ``v``'s length, summed from ``zero`` (its type the sums'), in one
+    pass over ``v``: four sums in registers."""
+    s0 = zero
+    s1 = zero
+    s2 = zero
+    s3 = zero
+    for i in range(v.shape[0]):
+        w = v[i]
+        s0 += a[i] * w
+        s1 += b[i] * w
+        s2 += c[i] * w
+        s3 += d[i] * w
+    return s0, s1, s2, s3
+
+
 # The bodies' int64 arguments (:mod:`._launch`), by position
 FORWARD_ARGS = ("T", "C", "k", "blocks_per_thread", "eps_bits", "x", "g", "W", "scale", "bias", "u", "h_pre", "h_post",
                 "a_res", "raw", "inv_rms")
@@ -155,18 +172,7 @@ def _forward_body(num_streams: int, width: int, dtype):
                     raw[t0, i + 2], raw[t0 + 1, i + 2], raw[t0 + 2, i + 2], raw[t0 + 3, i + 2] = c0, c1, c2, c3
                     raw[t0, i + 3], raw[t0 + 1, i + 3], raw[t0 + 2, i + 3], raw[t0 + 3, i + 3] = d0, d1, d2, d3
                 for i in range(k4, k):
-                    w = wt[i]
-                    r0 = dt(0)
-                    r1 = dt(0)
-                    r2 = dt(0)
-                    r3 = dt(0)
-                    for c in range(NC):
-                        wi = w[c]
-                        r0 += x0[c] * wi
-                        r1 += x1[c] * wi
-                        r2 += x2[c] * wi
-                        r3 += x3[c] * wi
-                    raw[t0, i], raw[t0 + 1, i], raw[t0 + 2, i], raw[t0 + 3, i] = r0, r1, r2, r3
+                    raw[t0, i], raw[t0 + 1, i], raw[t0 + 2, i], raw[t0 + 3, i] = dots4(dt(0), wt[i], x0, x1, x2, x3)
             else:
                 for t in range(t0, T):
                     for i in range(k):
@@ -184,20 +190,19 @@ def _forward_body(num_streams: int, width: int, dtype):
                 inv_rms[t, 0] = rho
                 for i in range(2 * N):
                     gate[(t - t0) * 2 * N + i] = bias[i] + scale[i] * (rt[i] * rho)
+                ar = a_res[t]
+                for i in range(2 * N, k):
+                    ar[i - 2 * N] = bias[i] + scale[i] * (rt[i] * rho)
             # the block's sigmoids in one loop LLVM vectorises: exp(-|a|) <= 1 as arithmetic, not libm calls
             for j in range((t1 - t0) * 2 * N):
                 a = gate[j]
                 e = exp_nonpositive(-abs(a))
                 gate[j] = (1.0 if a >= 0 else e) / (1.0 + e)
             for t in range(t0, t1):
-                xt, rt, hp, hq, ut = xf[t], raw[t], h_pre[t], h_post[t], u[t]
-                rho = inv_rms[t, 0]
+                hp, hq, ut = h_pre[t], h_post[t], u[t]
                 for i in range(N):
                     hp[i] = gate[(t - t0) * 2 * N + i]
                     hq[i] = 2.0 * gate[(t - t0) * 2 * N + N + i]
-                ar = a_res[t]
-                for i in range(2 * N, k):
-                    ar[i - 2 * N] = bias[i] + scale[i] * (rt[i] * rho)
                 if N == 4:  # every coefficient a scalar: one vectorised pass
                     p0, p1, p2, p3 = hp[0], hp[1], hp[2], hp[3]
                     s0, s1, s2, s3 = x[t, 0], x[t, 1], x[t, 2], x[t, 3]
@@ -268,17 +273,7 @@ def _backward_body(num_streams: int, width: int, dtype):
                 if has_du:
                     ut = du[t]
                     if N == 4:  # the four dot products in one pass over du
-                        x0, x1, x2, x3 = x[t, 0], x[t, 1], x[t, 2], x[t, 3]
-                        s0 = dt(0)
-                        s1 = dt(0)
-                        s2 = dt(0)
-                        s3 = dt(0)
-                        for c in range(C):
-                            v = ut[c]
-                            s0 += v * x0[c]
-                            s1 += v * x1[c]
-                            s2 += v * x2[c]
-                            s3 += v * x3[c]
+                        s0, s1, s2, s3 = dots4(dt(0), ut, x[t, 0], x[t, 1], x[t, 2], x[t, 3])
                         da[0] += s0
                         da[1] += s1
                         da[2] += s2
