@@ -152,14 +152,19 @@ def reading(rows, args, counts, size, reused=0) -> list:
     return out
 
 
-def runs_provenance(records) -> str:
-    """The runs' own commits and devices: reused runs were made by an earlier call, maybe at another commit."""
+def made_at(records) -> str:
+    """``made at commit `a`, `b` on <device>; <device>``: the runs' own commits and devices (reused runs were made
+    by an earlier call, maybe at another commit, on another machine)."""
     commits = sorted({r.get('commit', 'unknown') for r in records})
     devices = sorted({r.get('device') or 'device not recorded' for r in records})
+    return 'made at commit ' + ', '.join(f'`{c}`' for c in commits) + ' on ' + '; '.join(devices)
+
+
+def runs_provenance(records) -> str:
+    """How many runs, their minutes, :func:`made_at`, how many reused."""
     reused = sum(r['reused'] for r in records)
     minutes = sum(r['wall_s'] for r in records) / 60
-    return (f"The {len(records)} training runs took {minutes:.1f} min, made at commit "
-            + ', '.join(f'`{c}`' for c in commits) + ' on ' + '; '.join(devices)
+    return (f"The {len(records)} training runs took {minutes:.1f} min, {made_at(records)}"
             + (f' ({reused} reused from an earlier call).' if reused else '.'))
 
 
